@@ -1,0 +1,79 @@
+"""pytest-benchmark harness shared by every benchmark file.
+
+Modes: ``--bench-mode quick`` (default: small sizes, 3 timed rounds, seconds in all) and
+``--bench-mode full`` (every size, 10 rounds); ``REC2PM_BENCH_MODE`` sets the default.
+With ``--benchmark-disable`` every case runs once, untimed (a smoke test).
+
+Each case calls the ``measure`` fixture with its group and whether it is the group's
+baseline; at the end the run prints one ratio table per group and stores every result
+with the machine, device and versions in ``benchmarks/results/run-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from .harness.measure import peak_memory_bytes, synchronized
+from .harness.record import Result, ratio_tables, run_metadata, save_run
+
+RESULTS_DIR = Path(__file__).parent / "results"
+ROUNDS = {"quick": 3, "full": 10}
+_results: list[Result] = []
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("rec2pm benchmarks")
+    group.addoption("--bench-mode", choices=sorted(ROUNDS), default=os.environ.get("REC2PM_BENCH_MODE", "quick"),
+                    help="quick: small sizes, few rounds (default); full: every size")
+    group.addoption("--bench-results", default=str(RESULTS_DIR), help="folder for the run's JSON record")
+
+
+@pytest.fixture(scope="session")
+def bench_mode(request) -> str:
+    return request.config.getoption("--bench-mode")
+
+
+@pytest.fixture
+def measure(benchmark, bench_mode, request):
+    """``measure(fn, group=..., name=..., device=..., baseline=False, flops=None, params=None)``.
+
+    Times ``fn`` (synchronised on CUDA) with pytest-benchmark, then takes its peak memory
+    in one more call, and records the result for the ratio tables.
+    """
+    disabled = request.config.getoption("benchmark_disable", False)
+
+    def run(fn, *, group: str, name: str, device: torch.device, baseline: bool = False,
+            flops: float | None = None, params: dict | None = None):
+        call = synchronized(fn, device)
+        benchmark.group = group
+        benchmark.extra_info.update(case=name, baseline=baseline, flops=flops, **(params or {}))
+        benchmark.pedantic(call, rounds=ROUNDS[bench_mode], warmup_rounds=1, iterations=1)
+        stats = getattr(benchmark, "stats", None)
+        median = None if disabled or stats is None else stats.stats.median
+        peak = None if disabled else peak_memory_bytes(call, device)
+        _results.append(Result(group=group, name=name, baseline=baseline, device=str(device), median_s=median,
+                               rounds=0 if median is None else ROUNDS[bench_mode], flops=flops,
+                               peak_bytes=peak, params=params or {}))
+
+    return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(rec2pm=run_metadata())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _results:
+        return
+    meta = run_metadata()
+    meta["bench_mode"] = config.getoption("--bench-mode")
+    terminalreporter.section("rec2pm: time relative to each group's baseline")
+    terminalreporter.write_line(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+                                f"{meta['torch_threads']} threads | mode {meta['bench_mode']} | rev {meta['git_revision']}")
+    terminalreporter.write_line(ratio_tables(_results))
+    path = save_run(_results, meta, Path(config.getoption("--bench-results")))
+    terminalreporter.write_line(f"\nsaved {path}")

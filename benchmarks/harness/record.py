@@ -1,0 +1,102 @@
+"""Run metadata, result rows, the ratio tables and the saved JSON."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Result:
+    group: str
+    name: str
+    baseline: bool
+    device: str
+    median_s: float | None  # None when timing is disabled (--benchmark-disable)
+    rounds: int
+    flops: float | None
+    peak_bytes: int | None
+    params: dict
+
+    @property
+    def tflops(self) -> float | None:
+        if self.median_s is None or not self.flops:
+            return None
+        return self.flops / self.median_s / 1e12
+
+
+def run_metadata() -> dict:
+    """Machine, device and versions, stored with every run."""
+    meta = {
+        "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    try:
+        meta["git_revision"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        meta["git_revision"] = None
+    return meta
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds * 1e3:.3f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def ratio_tables(results: list[Result]) -> str:
+    """One table per group: each case's median time, its ratio to the baseline, TFLOP/s, memory."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.group, []).append(r)
+    lines = []
+    for group, rows in groups.items():
+        base = next((r for r in rows if r.baseline), None)
+        lines.append(f"\n{group}  (baseline: {base.name if base else 'none'})")
+        header = f"  {'case':<34} {'median':>12} {'x baseline':>11} {'TFLOP/s':>9} {'peak mem':>12}"
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        for r in sorted(rows, key=lambda r: (not r.baseline, r.name)):
+            ratio = "n/a"
+            if base is not None and base.median_s and r.median_s is not None:
+                ratio = f"{r.median_s / base.median_s:.2f}x"
+            tflops = "n/a" if r.tflops is None else f"{r.tflops:.4f}"
+            lines.append(f"  {r.name:<34} {_fmt_time(r.median_s):>12} {ratio:>11} {tflops:>9} "
+                         f"{_fmt_bytes(r.peak_bytes):>12}")
+    return "\n".join(lines)
+
+
+def save_run(results: list[Result], meta: dict, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = meta["time_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = directory / f"run-{stamp}.json"
+    rows = [dict(asdict(r), tflops=r.tflops) for r in results]
+    path.write_text(json.dumps({"metadata": meta, "results": rows}, indent=2))
+    return path

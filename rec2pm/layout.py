@@ -1,0 +1,311 @@
+"""Packing ragged histories into the token streams of Rec2PM, and back.
+
+A history of ``L >= 1`` items has ``K = (L - 1) // S`` archived segments and a tail of
+``L - K*S`` items (1..S).  The streams (SPEC section 1):
+
+* **Stage 1** (``stage1_layout``), one sequence per user, attended with ``pattern="global"``::
+
+      [S_0 w  S_1 w  ...  S_{K-1} w  tail]
+
+  Positions are the ``global`` λ: item ``j`` of the history has position ``j``; write
+  token ``c`` after segment ``h`` has ``(h + 1) * S + c``.
+* **Stage 2** (``stage2_layout``), ``K + 1`` blocks per user, each attended with
+  ``pattern="causal"``::
+
+      [S_0 w] [m_0 S_1 w] ... [m_{K-1} tail]        (mode="overwrite")
+      [S_0 w] [m_0 S_1 w] ... [m_0..m_{K-1} tail]   (mode="append")
+
+  where ``m_h`` are the C reference memories that Stage 1 wrote after segment ``h``.
+* **Memory update** (``update_layout``): ``[M ; S_h ; w]`` per user.
+* **Serving** (``serving_layout``): ``[M ; recent items]`` per user.
+
+**Positions inside blocks** (Stage 2, update, serving) are offsets from the block start:
+memory tokens ``0..m-1``, then items, then write tokens.  So an item gets the same
+position in a Stage 2 block and in the update (or serving) block that reproduces it,
+whenever both carry the same number of memory tokens (C in overwrite mode from segment 1
+on, ``h*C`` in append mode).  These are also the λ that ``causal`` attention biases use.
+
+Every layout is a ``PackedLayout``: per-token index tensors (all ``int64``, ``-1`` where a
+field does not apply) plus ``cu_seqlens`` / ``max_seqlen`` for the kernels.  Item inputs are
+*packed histories*: the items of all users back to back, user ``u`` owning rows
+``[items_cu[u], items_cu[u + 1])``; ``item_index`` and ``target_index`` index those rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+ITEM, WRITE, MEMORY = 0, 1, 2
+MODES = ("overwrite", "append")
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Per-token bookkeeping of one packed stream; ``T`` tokens in ``num_sequences`` sequences.
+
+    Attributes:
+        cu_seqlens: ``(num_sequences + 1,)`` int32 offsets, for the kernels.
+        max_seqlen: the longest sequence.
+        role: ``(T,)`` ``ITEM``, ``WRITE`` or ``MEMORY``.
+        user: ``(T,)`` the batch row (user) the token belongs to.
+        segment: ``(T,)`` items and write tokens: the history segment ``h``; memory tokens
+            in Stage 2: the segment they summarise.  ``-1`` in update and serving blocks,
+            which do not know the absolute segment.
+        slot: ``(T,)`` write and memory tokens: ``c`` in ``[0, C)``, else ``-1``.
+        position: ``(T,)`` the positions λ (Stage 1: ``global`` λ; blocks: offset in block).
+        item_index: ``(T,)`` items: row in the packed histories, else ``-1``.
+        target_index: ``(T,)`` items: row of the next item of the same history that this
+            position predicts, ``-1`` if none in this layout.
+        memory_index: ``(T,)`` memory tokens: row of the memory bank the token reads (Stage 2:
+            the Stage 1 stream row of the write token that wrote it; update and serving: the
+            row of the packed memories passed in), else ``-1``.
+        reference_index: ``(T,)`` Stage 2 write tokens: the Stage 1 stream row of the write
+            token with the same (user, segment, slot), whose output is the reference memory
+            that ``L_con`` compares with; else ``-1``.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    role: torch.Tensor
+    user: torch.Tensor
+    segment: torch.Tensor
+    slot: torch.Tensor
+    position: torch.Tensor
+    item_index: torch.Tensor
+    target_index: torch.Tensor
+    memory_index: torch.Tensor
+    reference_index: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.role.numel()
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def rows(self, role: int) -> torch.Tensor:
+        """Stream rows holding tokens of ``role``, in stream order."""
+        return torch.nonzero(self.role == role).flatten()
+
+    @property
+    def last_rows(self) -> torch.Tensor:
+        """The last row of every sequence (serving scores the next item from it)."""
+        return self.cu_seqlens[1:].long() - 1
+
+    def embed(self, items: torch.Tensor, write_tokens: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings of the stream, ``(T, d)``.
+
+        Args:
+            items: ``(total_items, d)`` embeddings of the packed histories.
+            write_tokens: ``(C, d)`` the learned write-token embeddings.
+            memory: ``(bank_rows, d)`` the memory bank ``memory_index`` points into.
+        """
+        out = items.new_zeros((self.num_tokens, items.shape[-1]))
+        rows = self.rows(ITEM)
+        out = out.index_put((rows,), items[self.item_index[rows]])
+        rows = self.rows(WRITE)
+        if rows.numel():
+            out = out.index_put((rows,), write_tokens[self.slot[rows]].to(out.dtype))
+        rows = self.rows(MEMORY)
+        if rows.numel():
+            if memory is None:
+                raise ValueError("memory is required: this layout has memory tokens")
+            out = out.index_put((rows,), memory[self.memory_index[rows]].to(out.dtype))
+        return out
+
+    def to_history(self, outputs: torch.Tensor, total_items: int) -> torch.Tensor:
+        """Item rows of ``outputs`` (``(T, ...)``) put back in packed-history order.
+
+        Rows of history items absent from this layout are zero.
+        """
+        rows = self.rows(ITEM)
+        back = outputs.new_zeros((total_items, *outputs.shape[1:]))
+        return back.index_put((self.item_index[rows],), outputs[rows])
+
+    def to(self, device) -> PackedLayout:
+        return PackedLayout(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                               for f in fields(self)})
+
+
+def _as_counts(name: str, values, minimum: int) -> torch.Tensor:
+    t = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.cpu())
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of ints, got shape {tuple(t.shape)}")
+    if t.numel() and (t.is_floating_point() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must hold ints, got dtype {t.dtype}")
+    t = t.long()
+    if t.numel() and int(t.min()) < minimum:
+        bad = int(torch.nonzero(t < minimum)[0, 0])
+        raise ValueError(f"{name}[{bad}] must be >= {minimum}, got {int(t[bad])}")
+    return t
+
+
+def _check_sizes(segment_len: int, num_memory_tokens: int) -> None:
+    for name, value in (("segment_len", segment_len), ("num_memory_tokens", num_memory_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences of ``counts`` tokens: each token's sequence and its offset inside it."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    offset = torch.arange(owner.numel()) - _offsets(counts)[:-1][owner]
+    return owner, offset
+
+
+def _layout(counts: torch.Tensor, **per_token: torch.Tensor) -> PackedLayout:
+    cu = _offsets(counts).to(torch.int32)
+    return PackedLayout(cu_seqlens=cu, max_seqlen=int(counts.max()) if counts.numel() else 0, **per_token)
+
+
+def history_shape(lengths, segment_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, tail)`` per history: archived segments ``(L - 1) // S`` and tail ``L - K*S``."""
+    lengths = _as_counts("lengths", lengths, 1)
+    archived = torch.div(lengths - 1, segment_len, rounding_mode="floor")
+    return archived, lengths - archived * segment_len
+
+
+def stage1_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_memory_tokens: int) -> PackedLayout:
+    """The Stage 1 interleaved stream ``[S_0 w ... S_{K-1} w tail]``, one sequence per user.
+
+    ``lengths``: history length of each user (>= 1).  Attend it with ``pattern="global"``,
+    ``segment_len=S``, ``num_memory_tokens=C``.
+    """
+    _check_sizes(segment_len, num_memory_tokens)
+    lengths = _as_counts("lengths", lengths, 1)
+    S, C = segment_len, num_memory_tokens
+    archived, _ = history_shape(lengths, S)
+    counts = lengths + archived * C
+    user, p = _expand(counts)
+    unit = torch.div(p, S + C, rounding_mode="floor")
+    in_unit = p % (S + C)
+    is_write = in_unit >= S
+    history = p - C * unit  # the global λ; for items, the index in the history
+    items_cu = _offsets(lengths)
+    item_index = torch.where(is_write, -1, items_cu[:-1][user] + history)
+    has_next = ~is_write & (history + 1 < lengths[user])
+    minus = torch.full_like(p, -1)
+    return _layout(
+        counts,
+        role=torch.where(is_write, WRITE, ITEM),
+        user=user,
+        segment=unit,
+        slot=torch.where(is_write, in_unit - S, -1),
+        position=history,
+        item_index=item_index,
+        target_index=torch.where(has_next, item_index + 1, -1),
+        memory_index=minus,
+        reference_index=minus.clone(),
+    )
+
+
+def _blocks(block_user, mem_count, item_first, item_count, with_write, items_cu, item_limit, C):
+    """Pack blocks ``[memory ; items ; write tokens]``; see the public builders.
+
+    Returns the layout fields plus each token's block and offset (memory ordinal for memory
+    tokens), for the caller to fill ``segment`` / ``memory_index`` / ``reference_index``.
+    """
+    counts = mem_count + item_count + with_write.long() * C
+    block, offset = _expand(counts)
+    m, n = mem_count[block], item_count[block]
+    is_mem = offset < m
+    is_item = ~is_mem & (offset < m + n)
+    is_write = ~is_mem & ~is_item
+    user = block_user[block]
+    j = item_first[block] + offset - m  # index in the user's history, for items
+    item_index = torch.where(is_item, items_cu[:-1][user] + j, -1)
+    has_next = is_item & (j + 1 < item_limit[block])
+    fields_ = dict(
+        role=torch.where(is_mem, MEMORY, torch.where(is_item, ITEM, WRITE)),
+        user=user,
+        slot=torch.where(is_write, offset - m - n, torch.where(is_mem, offset % C, -1)),
+        position=offset,
+        item_index=item_index,
+        target_index=torch.where(has_next, item_index + 1, -1),
+    )
+    return counts, block, offset, is_mem, is_write, fields_
+
+
+def stage2_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_memory_tokens: int,
+                  mode: str = "overwrite") -> PackedLayout:
+    """The Stage 2 blocks of every user, ``K + 1`` per user in history order.
+
+    Memory tokens read the reference memories from the Stage 1 stream of the same
+    ``lengths`` (``memory_index`` = Stage 1 row), write tokens name their reference in
+    ``reference_index``, and the last item of block ``h`` predicts the first item of
+    segment ``h + 1``.  Attend it with ``pattern="causal"``.
+    """
+    _check_sizes(segment_len, num_memory_tokens)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    S, C = segment_len, num_memory_tokens
+    lengths = _as_counts("lengths", lengths, 1)
+    archived, _ = history_shape(lengths, S)
+    block_user, h = _expand(archived + 1)  # block h of user u
+    is_last = h == archived[block_user]
+    item_first = h * S
+    item_count = torch.where(is_last, lengths[block_user] - h * S, S)
+    mem_count = (h * C) if mode == "append" else torch.where(h > 0, C, 0)
+    counts, block, offset, is_mem, is_write, f = _blocks(
+        block_user, mem_count, item_first, item_count, ~is_last, _offsets(lengths), lengths[block_user], C)
+    user, hb = f["user"], h[block]
+    stage1_start = _offsets(lengths + archived * C)[:-1][user]
+    # Memory token i reads segment g = h-1 (overwrite) or i // C (append), slot i % C.
+    mem_segment = torch.div(offset, C, rounding_mode="floor") if mode == "append" else hb - 1
+    mem_row = stage1_start + mem_segment * (S + C) + S + offset % C
+    write_row = stage1_start + hb * (S + C) + S + f["slot"]
+    return _layout(
+        counts,
+        segment=torch.where(is_mem, mem_segment, hb),
+        memory_index=torch.where(is_mem, mem_row, -1),
+        reference_index=torch.where(is_write, write_row, -1),
+        **f,
+    )
+
+
+def _inference_blocks(memory_counts, item_counts, items_name: str, with_write: bool, C: int) -> PackedLayout:
+    memory_counts = _as_counts("memory_counts", memory_counts, 0)
+    item_counts = _as_counts(items_name, item_counts, 1)
+    if memory_counts.shape != item_counts.shape:
+        raise ValueError(f"memory_counts and {items_name} must have one entry per user, got "
+                         f"{memory_counts.numel()} and {item_counts.numel()}")
+    users = torch.arange(item_counts.numel())
+    counts, block, offset, is_mem, _, f = _blocks(
+        users, memory_counts, torch.zeros_like(item_counts), item_counts,
+        torch.full_like(item_counts, with_write, dtype=torch.bool), _offsets(item_counts), item_counts, C)
+    minus = torch.full_like(offset, -1)
+    return _layout(
+        counts,
+        segment=minus,
+        memory_index=torch.where(is_mem, _offsets(memory_counts)[:-1][f["user"]] + offset, -1),
+        reference_index=minus.clone(),
+        **f,
+    )
+
+
+def update_layout(memory_counts: Sequence[int] | torch.Tensor, segment_lengths: Sequence[int] | torch.Tensor,
+                  num_memory_tokens: int) -> PackedLayout:
+    """Memory-update blocks ``[M ; S_h ; w]``, one per user.
+
+    ``memory_counts[u]``: memory tokens of user ``u`` (0 before the first segment, C in
+    overwrite mode, ``h*C`` in append mode); the memories are packed user after user
+    (``memory_index``).  ``segment_lengths[u]``: items of the segment being archived, packed
+    likewise (``item_index``).  The outputs at the write tokens are the new memory.
+    """
+    _check_sizes(1, num_memory_tokens)
+    return _inference_blocks(memory_counts, segment_lengths, "segment_lengths", True, num_memory_tokens)
+
+
+def serving_layout(memory_counts: Sequence[int] | torch.Tensor, recent_lengths: Sequence[int] | torch.Tensor,
+                   num_memory_tokens: int) -> PackedLayout:
+    """Serving blocks ``[M ; recent items]``, one per user; score from ``last_rows``."""
+    _check_sizes(1, num_memory_tokens)
+    return _inference_blocks(memory_counts, recent_lengths, "recent_lengths", False, num_memory_tokens)

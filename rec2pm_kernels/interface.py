@@ -1,0 +1,187 @@
+"""The public attention functions of rec2pm_kernels.
+
+Both take *packed varlen* tensors: the tokens of all sequences back to back, with
+``cu_seqlens`` (``(batch + 1,)``, int32 or int64, starting at 0) marking where each one
+starts.  Patterns, scores and the relative-position bias are defined in
+``rec2pm_kernels.patterns`` and in the project's SPEC, section 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import validation as check
+from .backends import resolve_backend
+from .ops.cached_step.torch_backend import cached_step_torch
+from .ops.segment_attention.torch_backend import segment_attention_torch
+
+# Launchers by backend name; resolve_backend only returns names that have an entry here.
+SEGMENT_ATTENTION_IMPLS = {"torch": segment_attention_torch}
+CACHED_STEP_IMPLS = {"torch": cached_step_torch}
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    pattern: str = "causal",
+    segment_len: int | None = None,
+    num_memory_tokens: int | None = None,
+    score: str = "softmax",
+    scale: float | None = None,
+    rel_bias: torch.Tensor | None = None,
+    silu_norm: float | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences under a Rec2PM pattern.
+
+    Args:
+        q, k: ``(total_tokens, heads, head_dim)``, fp16, bf16, fp32 or fp64, same dtype and device.
+        v: ``(total_tokens, heads, head_dim_v)``; ``head_dim_v`` may differ from ``head_dim``.
+        cu_seqlens: ``(batch + 1,)`` int32 or int64 offsets; sequence ``b`` is
+            ``[cu_seqlens[b], cu_seqlens[b + 1])``.  Empty sequences are allowed.
+        max_seqlen: an int at least the longest sequence's length (used to size work).
+        pattern: which keys each query sees (every pattern is causal inside its sequence):
+
+            * ``"causal"``: every earlier token.
+            * ``"global"`` (Stage 1): every earlier item, and the write tokens of its own unit.
+            * ``"kv_memory_overwrite"``: its own unit, and the write block of the previous unit.
+            * ``"kv_memory_append"``: its own unit, and the write blocks of all earlier units.
+
+            For the last three, token ``p`` of a sequence is a write token iff
+            ``p % (segment_len + num_memory_tokens) >= segment_len``; a sequence may not end
+            inside a write block.
+        segment_len, num_memory_tokens: ``S`` and ``C``; required by the interleaved
+            patterns, rejected by ``"causal"``.
+        score: ``"softmax"``: ``softmax(scale * q.k + bias)`` over visible keys;
+            ``"silu"``: ``silu(scale * q.k + bias) / silu_norm`` on visible keys, 0 elsewhere.
+        scale: defaults to ``head_dim ** -0.5``.
+        rel_bias: optional ``(heads, num_buckets)`` table; the bias of (row, col) is
+            ``rel_bias[h, min(max(λ(row) - λ(col), 0), num_buckets - 1)]`` with λ(p) = p,
+            except for ``"global"`` where λ(p) = p - C * (p // (S + C)) (items carry their
+            history index, so ``global`` item rows equal ``causal`` over the items alone).
+            It receives a gradient.
+        silu_norm: the constant divisor of ``"silu"`` (HSTU: its maximum sequence length);
+            required for ``"silu"``, rejected for ``"softmax"``.
+        backend: ``"auto"`` (fastest available), ``"torch"``, ``"triton"`` or ``"cpp"``;
+            ``rec2pm_kernels.backends()`` says which are available here and why not.
+        validate: run the value checks (``cu_seqlens`` order, ``max_seqlen``, complete write
+            blocks, finite inputs).  Default ``None``: always on CPU; on CUDA only when the
+            environment sets ``REC2PM_VALIDATE=1``, since they synchronise the device.
+            Shape, dtype and device checks always run.
+
+    Returns:
+        ``(total_tokens, heads, head_dim_v)`` in ``v``'s dtype.  Differentiable in ``q``,
+        ``k``, ``v`` and ``rel_bias``.
+    """
+    check.check_qkv(("q", "k", "v"), q, k, v)
+    check.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
+    check.check_pattern(pattern, segment_len, num_memory_tokens)
+    scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, rel_bias))
+    chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad)
+    if check.should_check_values(q.device, validate):
+        lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, q.shape[0], "q")
+        check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
+        if pattern != "causal":
+            check.check_write_blocks(lengths, segment_len, num_memory_tokens)
+        check.check_finite(("q", "k", "v", "rel_bias"), (q, k, v, rel_bias))
+    else:
+        check.check_max_seqlen("max_seqlen", max_seqlen, None)
+    return SEGMENT_ATTENTION_IMPLS[chosen](
+        q, k, v, cu_seqlens, pattern=pattern, segment_len=segment_len,
+        num_memory_tokens=num_memory_tokens, score=score, scale=scale, rel_bias=rel_bias,
+        silu_norm=silu_norm,
+    )
+
+
+def cached_step_attention(
+    q_new: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cu_seqlens_new: torch.Tensor,
+    max_new: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    score: str = "softmax",
+    scale: float | None = None,
+    rel_bias: torch.Tensor | None = None,
+    silu_norm: float | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """New rows of each user over that user's K/V cache (serving; forward only).
+
+    Args:
+        q_new, k_new: ``(total_new, heads, head_dim)`` packed new rows of all users.
+        v_new: ``(total_new, heads, head_dim_v)``.
+        cu_seqlens_new: ``(batch + 1,)`` int32 or int64 offsets of the new rows; a user may
+            have 0 new rows.
+        max_new: an int at least the largest number of new rows of one user.
+        k_cache: ``(batch, capacity, heads, head_dim)``, one layer's keys; slots
+            ``[0, cache_seqlens[b])`` hold ``[M ; earlier items of the current block]``.
+        v_cache: ``(batch, capacity, heads, head_dim_v)``.
+        cache_seqlens: ``(batch,)`` int32 (or int64) filled lengths; read, never modified
+            (the caller advances it by the number of new rows).
+        score, scale, rel_bias, silu_norm, backend, validate: as in ``segment_attention``;
+            for the bias λ(new row t) = ``cache_seqlens[b] + t`` and λ(slot j) = j.
+
+    Effects:
+        Writes the new K/V of user ``b`` into slots ``[cache_seqlens[b], cache_seqlens[b] + n_b)``
+        of ``k_cache`` / ``v_cache`` (in place; ``ValueError`` if that passes ``capacity``).
+
+    Returns:
+        ``(total_new, heads, head_dim_v)`` in ``v_new``'s dtype: new row ``t`` of user ``b``
+        attends to slots ``[0, cache_seqlens[b])`` and new rows ``0..t``.
+
+    Raises ``ValueError`` if gradients are enabled and any input requires grad: call it
+    under ``torch.no_grad()`` or ``torch.inference_mode()``.
+    """
+    check.check_qkv(("q_new", "k_new", "v_new"), q_new, k_new, v_new)
+    heads, dim, dim_v = q_new.shape[1], q_new.shape[2], v_new.shape[2]
+    check.check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, q_new.shape[0], q_new.device)
+    batch = cu_seqlens_new.numel() - 1
+    check.check_tensor("k_cache", k_cache, rank=4)
+    check.check_tensor("v_cache", v_cache, rank=4)
+    check.check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "dtype")
+    check.check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "device")
+    if k_cache.shape[0] != batch or k_cache.shape[2:] != (heads, dim):
+        raise ValueError(f"k_cache must have shape (batch={batch}, capacity, heads={heads}, head_dim={dim}), "
+                         f"got {tuple(k_cache.shape)}")
+    if v_cache.shape != (batch, k_cache.shape[1], heads, dim_v):
+        raise ValueError(f"v_cache must have shape ({batch}, {k_cache.shape[1]}, {heads}, {dim_v}) to match "
+                         f"k_cache and v_new, got {tuple(v_cache.shape)}")
+    check.check_tensor("cache_seqlens", cache_seqlens, rank=1, dtypes=check.INDEX_DTYPES)
+    if cache_seqlens.shape != (batch,) or cache_seqlens.device != q_new.device:
+        raise ValueError(f"cache_seqlens must have shape ({batch},) on {q_new.device}, "
+                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, heads, q_new)
+    if torch.is_grad_enabled():
+        for name, t in (("q_new", q_new), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache),
+                        ("v_cache", v_cache), ("rel_bias", rel_bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"cached_step_attention is forward only, but {name} requires grad; "
+                                 "call it under torch.no_grad() or torch.inference_mode()")
+    chosen = resolve_backend(backend, "cached_step_attention", q_new.device, needs_grad=False)
+    if check.should_check_values(q_new.device, validate):
+        counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, q_new.shape[0], "q_new")
+        check.check_max_seqlen("max_new", max_new, counts)
+        if batch and bool((cache_seqlens < 0).any()):
+            raise ValueError("cache_seqlens must be >= 0")
+        ends = cache_seqlens.long() + counts.long()
+        if batch and bool((ends > k_cache.shape[1]).any()):
+            b = int(torch.nonzero(ends > k_cache.shape[1])[0, 0])
+            raise ValueError(f"k_cache capacity {k_cache.shape[1]} is too small: user {b} has "
+                             f"cache_seqlens={int(cache_seqlens[b])} and {int(counts[b])} new rows")
+        check.check_finite(("q_new", "k_new", "v_new", "rel_bias"), (q_new, k_new, v_new, rel_bias))
+    else:
+        check.check_max_seqlen("max_new", max_new, None)
+    return CACHED_STEP_IMPLS[chosen](q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens,
+                             score=score, scale=scale, rel_bias=rel_bias, silu_norm=silu_norm)

@@ -1,0 +1,73 @@
+"""PyTorch backend of ``cached_step_attention``: one padded batched call, no Python loop.
+
+The new K/V are first appended into the cache in place; then every user's new rows attend
+to the cache prefix ``[0, cache_seqlens[b] + t]``.  Slots past a user's last written slot
+are zeroed in the key/value views the scores use, so stale or uninitialised cache memory
+(possibly NaN) can never leak into a row through a zero probability.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...patterns import bias_bucket
+
+
+def append_to_cache(k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens):
+    """Write user b's new K/V into slots ``[cache_seqlens[b], cache_seqlens[b] + n_b)``.
+
+    Returns ``(user, t)`` of every new token: its user and its index among that user's rows.
+    """
+    device = k_new.device
+    batch = cache_seqlens.numel()
+    counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
+    user = torch.repeat_interleave(torch.arange(batch, device=device), counts, output_size=k_new.shape[0])
+    t = torch.arange(k_new.shape[0], device=device) - cu_seqlens_new[:-1].long()[user]
+    slot = cache_seqlens.long()[user] + t
+    k_cache[user, slot] = k_new
+    v_cache[user, slot] = v_new
+    return user, t
+
+
+def cached_step_torch(
+    q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens,
+    *, score: str, scale: float, rel_bias: torch.Tensor | None, silu_norm: float | None,
+) -> torch.Tensor:
+    """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
+    total, heads, dv = v_new.shape
+    user, t = append_to_cache(k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens)
+    if total == 0:
+        return v_new.new_zeros((0, heads, dv))
+    device = q_new.device
+    batch = cache_seqlens.numel()
+    cached = cache_seqlens.long()
+    counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
+    # Host-side sizes of the padded batch (one sync; the public API passes max_new).
+    n_max = max_new
+    k_max = int((cached + counts).max())
+
+    q_pad = q_new.new_zeros((batch, n_max, heads, q_new.shape[-1]))
+    q_pad[user, t] = q_new
+    slots = torch.arange(k_max, device=device)
+    written = slots[None, :] < (cached + counts)[:, None]  # (B, K)
+    keys = k_cache[:, :k_max].masked_fill(~written[:, :, None, None], 0)
+    values = v_cache[:, :k_max].masked_fill(~written[:, :, None, None], 0)
+
+    row_pos = cached[:, None] + torch.arange(n_max, device=device)[None, :]  # λ(new row t), (B, N)
+    mask = slots[None, None, :] <= row_pos[:, :, None]  # (B, N, K)
+    qh, kh, vh = q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+    bias = None
+    if rel_bias is not None:
+        bucket = bias_bucket(row_pos[:, :, None], slots[None, None, :], rel_bias.shape[1])
+        bias = rel_bias.to(q_new.dtype)[:, bucket].transpose(0, 1)  # (B, H, N, K)
+    if score == "softmax":
+        attn_mask = mask[:, None] if bias is None else bias.masked_fill(~mask[:, None], float("-inf"))
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
+    else:
+        s = torch.einsum("bhnd,bhkd->bhnk", qh, kh) * scale
+        if bias is not None:
+            s = s + bias
+        p = F.silu(s).masked_fill(~mask[:, None], 0.0) / silu_norm
+        out = torch.einsum("bhnk,bhkd->bhnd", p, vh)
+    return out.transpose(1, 2)[user, t].to(v_new.dtype)

@@ -1,0 +1,69 @@
+"""Test utilities shared by every kernel test: the error budget and input generators.
+
+The error budget
+----------------
+A kernel's output (or gradient) ``out`` passes against the reference ``ref`` when::
+
+    max|out - ref| <= 2 * max|baseline - ref| + 2 * eps(dtype) * max|ref|
+
+``ref`` comes from the oracle in float64 for fp32 inputs (fp32 for fp16/bf16), and
+``baseline`` is the same oracle computed in the input dtype (``upcast=False``), i.e. the
+error plain PyTorch makes in that dtype.  The second term is a rounding floor for outputs
+where the baseline happens to be exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def error_budget(ref: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest error allowed for a kernel computing ``ref`` in ``dtype``."""
+    scale = ref.double().abs().max().item() if ref.numel() else 0.0
+    return 2 * max_abs_error(baseline, ref) + 2 * torch.finfo(dtype).eps * scale
+
+
+def assert_within_budget(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
+                         dtype: torch.dtype | None = None) -> None:
+    """Raise ``AssertionError`` if ``out`` is further from ``ref`` than the budget allows."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    dtype = dtype or out.dtype
+    err = max_abs_error(out, ref)
+    budget = error_budget(ref, baseline, dtype)
+    if not err <= budget:  # also catches NaN
+        raise AssertionError(
+            f"{name}: max abs error {err:.3e} exceeds the budget {budget:.3e} "
+            f"(same-dtype baseline error {max_abs_error(baseline, ref):.3e}, dtype {dtype})")
+
+
+def interleaved_lengths(generator: torch.Generator, batch: int, max_units: int, segment_len: int,
+                        num_memory_tokens: int, allow_empty: bool = True) -> list[int]:
+    """Random sequence lengths that never end inside a write block.
+
+    Each is a number of complete units plus 0..S trailing items (0 allowed only as the
+    whole sequence when ``allow_empty``).
+    """
+    unit = segment_len + num_memory_tokens
+    out = []
+    for _ in range(batch):
+        units = int(torch.randint(0, max_units + 1, (1,), generator=generator))
+        tail = int(torch.randint(0, segment_len + 1, (1,), generator=generator))
+        n = units * unit + tail
+        if n == 0 and not allow_empty:
+            n = 1
+        out.append(n)
+    return out
+
+
+def cu_seqlens_of(lengths: list[int], dtype=torch.int32, device="cpu") -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    if lengths:
+        out[1:] = torch.tensor(lengths).cumsum(0)
+    return out.to(dtype=dtype, device=device)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every CI stage, printing each stage's wall time.
+# The budget per stage is in CONTRIBUTING.md; .ci/run calls this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+declare -a names=() seconds=()
+run_stage() {
+  local name="$1"; shift
+  printf '\n== %s: %s\n' "$name" "$*"
+  local start=$(date +%s)
+  "$@"
+  names+=("$name"); seconds+=("$(( $(date +%s) - start ))")
+}
+
+run_stage "install + extension build" bash scripts/bootstrap.sh test
+if command -v "${CXX:-c++}" >/dev/null; then export REC2PM_REQUIRE_EXT="${REC2PM_REQUIRE_EXT:-1}"; fi
+run_stage "unit tests" "$py" -m pytest -q -m "not slow and not aot and not gpu"
+run_stage "slow tests (16k tokens)" "$py" -m pytest -q -m slow
+run_stage "compile checks (nvcc sm_80, sm_90a)" "$py" -m pytest -q -s -m aot
+run_stage "benchmarks, quick mode" "$py" -m pytest -q benchmarks/ --bench-mode quick
+
+printf '\n== wall time per stage\n'
+total=0
+for i in "${!names[@]}"; do
+  printf '  %-40s %5ss\n' "${names[$i]}" "${seconds[$i]}"
+  total=$(( total + seconds[i] ))
+done
+printf '  %-40s %5ss\n' "total" "$total"

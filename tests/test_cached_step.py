@@ -1,0 +1,111 @@
+"""cached_step_attention against its oracle, its cache writes, and cached step vs full pass."""
+
+import pytest
+import torch
+
+from rec2pm_kernels import cached_step_attention, segment_attention
+from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
+from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
+
+from .helpers import make_bias, make_qkv, score_kwargs
+
+SCORES = ["softmax", "silu"]
+
+
+def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32):
+    """A cache whose unused slots hold NaN, so any read past the filled prefix shows."""
+    k_cache = torch.full((batch, capacity, heads, dim), float("nan"), dtype=dtype)
+    v_cache = torch.full((batch, capacity, heads, dim_v), float("nan"), dtype=dtype)
+    for b, n in enumerate(filled):
+        k_cache[b, :n] = torch.randn(n, heads, dim, dtype=dtype)
+        v_cache[b, :n] = torch.randn(n, heads, dim_v, dtype=dtype)
+    return k_cache, v_cache
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_oracle_and_appends(score, with_bias, dtype):
+    heads, dim, dim_v, capacity = 2, 8, 6, 24
+    filled = [0, 5, 12, 3, 20]
+    new = [3, 1, 0, 4, 4]
+    cu = cu_seqlens_of(new)
+    q, k, v = make_qkv(sum(new), heads, dim, dim_v, dtype)
+    k_cache, v_cache = make_cache(len(new), capacity, heads, dim, dim_v, filled, dtype)
+    seqlens = torch.tensor(filled, dtype=torch.int32)
+    bias = make_bias(heads, num_buckets=10, dtype=dtype) if with_bias else None
+    kw = dict(rel_bias=bias, **score_kwargs(score))
+    ref = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, **kw)
+    base = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, upcast=False, **kw)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = cached_step_attention(q, k, v, cu, max(new), k_cache, v_cache, seqlens, **kw)
+    assert_within_budget("out", out, ref, base, dtype)
+    assert seqlens.tolist() == filled, "cache_seqlens must not be modified"
+    for b, (c, n) in enumerate(zip(filled, new)):
+        start = int(cu[b])
+        assert torch.equal(k_cache[b, c:c + n], k[start:start + n])
+        assert torch.equal(v_cache[b, c:c + n], v[start:start + n])
+        # Everything else is untouched (NaN compares unequal, so compare the NaN pattern too).
+        for cache, before in ((k_cache, k_before), (v_cache, v_before)):
+            keep = torch.ones(capacity, dtype=torch.bool)
+            keep[c:c + n] = False
+            assert torch.equal(cache[b, keep].isnan(), before[b, keep].isnan())
+            assert torch.equal(cache[b, keep].nan_to_num(), before[b, keep].nan_to_num())
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_one_event_at_a_time_equals_causal_pass(score, with_bias):
+    """Serving step by step reproduces the rows of one causal pass over the whole block."""
+    heads, dim, dim_v = 2, 8, 4
+    prefix = [4, 0, 7]  # [M ; earlier items] already cached
+    events = [5, 3, 1]  # then fed one at a time
+    lengths = [p + e for p, e in zip(prefix, events)]
+    q, k, v = make_qkv(sum(lengths), heads, dim, dim_v, torch.float64)
+    bias = make_bias(heads, num_buckets=6, dtype=torch.float64) if with_bias else None
+    kw = dict(rel_bias=bias, **score_kwargs(score))
+    full = segment_attention(q, k, v, cu_seqlens_of(lengths), max(lengths), **kw)
+
+    starts = cu_seqlens_of(lengths)[:-1].tolist()
+    k_cache, v_cache = make_cache(3, max(lengths), heads, dim, dim_v, [0, 0, 0], torch.float64)
+    for b, n in enumerate(prefix):
+        k_cache[b, :n] = k[starts[b]:starts[b] + n]
+        v_cache[b, :n] = v[starts[b]:starts[b] + n]
+    seqlens = torch.tensor(prefix, dtype=torch.int32)
+    for step in range(max(events)):
+        users = [b for b in range(3) if step < events[b]]
+        rows = torch.tensor([starts[b] + prefix[b] + step for b in users], dtype=torch.long)
+        counts = [1 if b in users else 0 for b in range(3)]
+        out = cached_step_attention(q[rows], k[rows], v[rows], cu_seqlens_of(counts), 1, k_cache, v_cache, seqlens,
+                                    **kw)
+        torch.testing.assert_close(out, full[rows], rtol=1e-12, atol=1e-12)
+        seqlens += torch.tensor(counts, dtype=torch.int32)
+
+
+def test_several_new_rows_equal_their_causal_rows():
+    heads, dim = 2, 8
+    q, k, v = make_qkv(9, heads, dim, dim, torch.float64)
+    full = segment_attention(q, k, v, cu_seqlens_of([9]), 9)
+    k_cache, v_cache = make_cache(1, 12, heads, dim, dim, [4], torch.float64)
+    k_cache[0, :4], v_cache[0, :4] = k[:4], v[:4]
+    out = cached_step_attention(q[4:], k[4:], v[4:], cu_seqlens_of([5]), 5, k_cache, v_cache,
+                                torch.tensor([4], dtype=torch.int32))
+    torch.testing.assert_close(out, full[4:], rtol=1e-12, atol=1e-12)
+
+
+def test_no_new_rows_at_all():
+    k_cache, v_cache = make_cache(2, 4, 2, 8, 8, [1, 3])
+    q, k, v = make_qkv(0)
+    out = cached_step_attention(q, k, v, cu_seqlens_of([0, 0]), 0, k_cache, v_cache,
+                                torch.tensor([1, 3], dtype=torch.int32))
+    assert out.shape == (0, 2, 8)
+
+
+def test_runs_under_no_grad_with_parameters():
+    bias = make_bias(2, requires_grad=True)  # a model parameter
+    k_cache, v_cache = make_cache(1, 4, 2, 8, 8, [2])
+    q, k, v = make_qkv(1)
+    with torch.no_grad():
+        out = cached_step_attention(q, k, v, cu_seqlens_of([1]), 1, k_cache, v_cache,
+                                    torch.tensor([2], dtype=torch.int32), rel_bias=bias)
+    assert out.shape == (1, 2, 8) and torch.isfinite(out).all()

@@ -1,0 +1,234 @@
+"""segment_attention (torch backend) against the oracle, and its execution-mode equivalences."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rec2pm_kernels import PATTERNS, segment_attention
+from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
+from rec2pm_kernels.patterns import bias_bucket, bias_positions, visible
+from rec2pm_kernels.ops.segment_attention.torch_backend import group_by_length, segment_attention_torch
+from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, interleaved_lengths
+
+from .helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
+
+# Ragged: empty, length 1, S - 1, S, S + 1, complete units, units plus a tail.
+RAGGED = [0, 1, S - 1, S, S + C, S + C + 1, 2 * (S + C) + S, 4 * (S + C) + 1, 3 * (S + C)]
+SCORES = ["softmax", "silu"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_oracle(pattern, score, with_bias, dtype):
+    check_against_oracle(RAGGED, pattern, score, with_bias=with_bias, dtype=dtype)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("score", SCORES)
+def test_head_dim_v_differs(pattern, score):
+    check_against_oracle(RAGGED, pattern, score, with_bias=True, dim=8, dim_v=5, heads=3)
+
+
+@pytest.mark.parametrize("dim", [1, 8, 16, 64])
+def test_head_dims(dim):
+    check_against_oracle([5, 13], "global", "softmax", with_bias=True, dim=dim)
+
+
+@pytest.mark.parametrize("lengths", [[], [0], [0, 0, 0], [1], [1, 0, 1]], ids=str)
+@pytest.mark.parametrize("score", SCORES)
+def test_empty_and_single_token_sequences(lengths, score):
+    cu = cu_seqlens_of(lengths)
+    q, k, v = make_qkv(sum(lengths), requires_grad=True)
+    bias = make_bias(2, requires_grad=True)
+    out = segment_attention(q, k, v, cu, max(lengths, default=0), rel_bias=bias, **score_kwargs(score))
+    assert out.shape == v.shape
+    out.sum().backward()
+    for x in (q, k, v, bias):
+        assert x.grad is not None and x.grad.shape == x.shape
+    if sum(lengths) == 0:
+        for x in (q, k, v, bias):
+            assert torch.count_nonzero(x.grad) == 0
+    else:
+        # A length-1 sequence sees only itself: softmax returns v exactly.
+        if score == "softmax":
+            assert torch.equal(out, v.detach())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("score", SCORES)
+def test_row_chunking_matches_one_chunk(pattern, score):
+    """Chunked (and checkpointed) rows give the unchunked result, forward and backward."""
+    lengths = [4 * (S + C) + 2, 7, 0, 2 * (S + C)]
+    cu = cu_seqlens_of(lengths)
+    q, k, v = make_qkv(sum(lengths), dtype=torch.float64, requires_grad=True)
+    bias = make_bias(2, dtype=torch.float64, requires_grad=True)
+    kw = dict(pattern=pattern, segment_len=S if pattern != "causal" else None,
+              num_memory_tokens=C if pattern != "causal" else None, scale=0.3, rel_bias=bias,
+              silu_norm=7.0 if score == "silu" else None, score=score)
+    results = []
+    for max_chunk in (1 << 30, 2 * 2 * 26, 1):  # one chunk; 2 rows per chunk; one row per chunk
+        out = segment_attention_torch(q, k, v, cu, max_chunk_elements=max_chunk, **kw)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, bias))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cu_seqlens_int32_and_int64_agree():
+    lengths = [5, 0, 12]
+    q, k, v = make_qkv(17)
+    out32 = segment_attention(q, k, v, cu_seqlens_of(lengths, torch.int32), 12)
+    out64 = segment_attention(q, k, v, cu_seqlens_of(lengths, torch.int64), 12)
+    assert torch.equal(out32, out64)
+
+
+def test_group_by_length_bounds_padding():
+    lengths = [1, 100, 49, 50, 0, 3, 2, 26, 25]
+    groups = group_by_length(lengths)
+    assert sorted(i for g in groups for i in g) == [i for i, n in enumerate(lengths) if n > 0]
+    for g in groups:
+        assert 2 * min(lengths[i] for i in g) >= max(lengths[i] for i in g)
+
+
+def test_deterministic_across_runs():
+    lengths = [23, 11, 40]
+    cu = cu_seqlens_of(lengths)
+    q, k, v = make_qkv(74, requires_grad=True)
+    bias = make_bias(2, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = segment_attention(q, k, v, cu, 40, pattern="global", segment_len=S, num_memory_tokens=C, rel_bias=bias)
+        runs.append((out, *torch.autograd.grad(out.sum(), (q, k, v, bias))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties of the patterns (SPEC §2), with and without the bias.
+
+
+def _items_only(lengths, S_, C_):
+    """Stream rows that are items, and the item-only lengths, for interleaved lengths."""
+    rows, item_lengths, start = [], [], 0
+    for n in lengths:
+        p = torch.arange(n)
+        items = p[p % (S_ + C_) < S_]
+        rows.append(start + items)
+        item_lengths.append(items.numel())
+        start += n
+    return torch.cat(rows), item_lengths
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_global_item_rows_equal_causal_over_items(score, with_bias):
+    lengths = [3 * (S + C) + 2, S, 2 * (S + C), 1]
+    q, k, v = make_qkv(sum(lengths), dtype=torch.float64)
+    bias = make_bias(2, num_buckets=20, dtype=torch.float64) if with_bias else None
+    glob = segment_attention(q, k, v, cu_seqlens_of(lengths), max(lengths), pattern="global", segment_len=S,
+                             num_memory_tokens=C, rel_bias=bias, **score_kwargs(score))
+    rows, item_lengths = _items_only(lengths, S, C)
+    causal = segment_attention(q[rows], k[rows], v[rows], cu_seqlens_of(item_lengths), max(item_lengths),
+                               rel_bias=bias, **score_kwargs(score))
+    torch.testing.assert_close(glob[rows], causal, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["global", "kv_memory_overwrite", "kv_memory_append"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_write_block_ignores_later_tokens_and_other_write_blocks(pattern, with_bias):
+    """Write block h's output depends on nothing after it, nor (global) on other write blocks."""
+    n = 4 * (S + C) + 2
+    cu = cu_seqlens_of([n])
+    q, k, v = make_qkv(n, dtype=torch.float64)
+    bias = make_bias(2, dtype=torch.float64) if with_bias else None
+    kw = dict(pattern=pattern, segment_len=S, num_memory_tokens=C, rel_bias=bias)
+    before = segment_attention(q, k, v, cu, n, **kw)
+    h = 1
+    block = torch.arange(h * (S + C) + S, (h + 1) * (S + C))
+    later = torch.arange((h + 1) * (S + C), n)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[later] = torch.randn_like(x[later])
+    if pattern == "global":  # the write block of unit 0 is invisible to unit 1 as well
+        earlier_block = torch.arange(S, S + C)
+        for x in (k2, v2):
+            x[earlier_block] = torch.randn_like(x[earlier_block])
+    after = segment_attention(q2, k2, v2, cu, n, **kw)
+    torch.testing.assert_close(after[block], before[block], rtol=0, atol=0)
+    assert not torch.allclose(after[later], before[later])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient check in float64 and hypothesis-driven shapes and layouts.
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_gradcheck(pattern, score, with_bias):
+    lengths = [2 * (S + C) + 1, 0, S]
+    cu = cu_seqlens_of(lengths)
+    q, k, v = make_qkv(sum(lengths), heads=2, dim=3, dim_v=2, dtype=torch.float64, requires_grad=True)
+    inputs = [q, k, v]
+    if with_bias:
+        inputs.append(make_bias(2, num_buckets=5, dtype=torch.float64, requires_grad=True))
+
+    def fn(*args):
+        bias = args[3] if with_bias else None
+        return segment_attention(*args[:3], cu, max(lengths), pattern=pattern, rel_bias=bias,
+                                 **pattern_kwargs(pattern), **score_kwargs(score))
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pattern=st.sampled_from(PATTERNS),
+    score=st.sampled_from(SCORES),
+    seg=st.integers(1, 5),
+    mem=st.integers(1, 4),
+    heads=st.integers(1, 3),
+    dim=st.integers(1, 9),
+    dim_v=st.integers(1, 9),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(0, 5),
+)
+def test_hypothesis_layouts_match_oracle(pattern, score, seg, mem, heads, dim, dim_v, with_bias, seed, batch):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = interleaved_lengths(gen, batch, max_units=4, segment_len=seg, num_memory_tokens=mem)
+    cu = cu_seqlens_of(lengths, dtype=torch.int64)
+    q, k, v = make_qkv(sum(lengths), heads, dim, dim_v)
+    bias = make_bias(heads, num_buckets=1 + seed % 12) if with_bias else None
+    kw = dict(pattern=pattern, rel_bias=bias, **pattern_kwargs(pattern, seg, mem), **score_kwargs(score))
+    out = segment_attention(q, k, v, cu, max(lengths, default=0), **kw)
+    ref = segment_attention_oracle(q, k, v, cu, **kw)
+    base = segment_attention_oracle(q, k, v, cu, upcast=False, **kw)
+    assert_within_budget("out", out, ref, base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_long_sequence_rows_match_dense_rows(pattern):
+    """16k tokens through the chunked path, forward and backward, spot-checked row by row."""
+    n = 16 * 1024  # 16384 % 204 = 64: ends on an item with S = 200, C = 4
+    cu = cu_seqlens_of([n])
+    q, k, v = make_qkv(n, heads=2, dim=16, requires_grad=True)
+    bias = make_bias(2, num_buckets=64, requires_grad=True)
+    kw = pattern_kwargs(pattern, 200, 4)
+    out = segment_attention(q, k, v, cu, n, pattern=pattern, rel_bias=bias, **kw)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(bias.grad).all()
+    cols = torch.arange(n)
+    lam_c = bias_positions(pattern, cols, kw.get("segment_len"), kw.get("num_memory_tokens"))
+    for row in (0, 203, 4000, n - 1):
+        seen = visible(pattern, torch.tensor(row), cols, kw.get("segment_len"), kw.get("num_memory_tokens"))
+        lam_r = bias_positions(pattern, torch.tensor(row), kw.get("segment_len"), kw.get("num_memory_tokens"))
+        s = torch.einsum("hd,nhd->hn", q[row].double(), k.double()) * 16**-0.5
+        s = s + bias.double()[:, bias_bucket(lam_r, lam_c, 64)]
+        p = torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1)
+        want = torch.einsum("hn,nhd->hd", p, v.double())
+        torch.testing.assert_close(out[row].double(), want, rtol=0, atol=1e-5)

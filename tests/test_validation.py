@@ -1,0 +1,138 @@
+"""Bad input: every case raises ValueError or TypeError whose message names the argument."""
+
+import pytest
+import torch
+
+from rec2pm_kernels import cached_step_attention, segment_attention
+from rec2pm_kernels.testing import cu_seqlens_of
+
+T, H, D = 10, 2, 8
+
+
+def good_segment_args():
+    q, k, v = (torch.randn(T, H, D) for _ in range(3))
+    return dict(q=q, k=k, v=v, cu_seqlens=cu_seqlens_of([4, 6]), max_seqlen=6)
+
+
+def with_changes(**changes):
+    args = good_segment_args()
+    args.update(changes)
+    return args
+
+
+def nan_q():
+    q = torch.randn(T, H, D)
+    q[3, 1, 2] = float("nan")
+    return q
+
+
+SEGMENT_CASES = {
+    # name: (overrides, exception, text the message must contain)
+    "q rank": (dict(q=torch.randn(T, H * D)), ValueError, "q must have rank 3"),
+    "q not a tensor": (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+    "k heads": (dict(k=torch.randn(T, H + 1, D)), ValueError, "k must have the shape of q"),
+    "k head dim": (dict(k=torch.randn(T, H, D + 1)), ValueError, "k must have the shape of q"),
+    "v tokens": (dict(v=torch.randn(T + 1, H, D)), ValueError, "v must have shape"),
+    "v heads": (dict(v=torch.randn(T, H + 1, D)), ValueError, "v must have shape"),
+    "integer q": (dict(q=torch.ones(T, H, D, dtype=torch.int64)), TypeError, "q must have dtype"),
+    "mixed dtypes": (dict(v=torch.randn(T, H, D, dtype=torch.float64)), TypeError, "v must have the same dtype"),
+    "device": (dict(v=torch.randn(T, H, D, device="meta")), ValueError, "v must have the same device"),
+    "cu_seqlens dtype": (dict(cu_seqlens=torch.tensor([0.0, 4.0, 10.0])), TypeError, "cu_seqlens must have dtype"),
+    "cu_seqlens rank": (dict(cu_seqlens=torch.tensor([[0, 4, 10]])), ValueError, "cu_seqlens must have rank 1"),
+    "cu_seqlens empty": (dict(cu_seqlens=torch.tensor([], dtype=torch.int32)), ValueError, "cu_seqlens"),
+    "cu_seqlens start": (dict(cu_seqlens=torch.tensor([1, 4, 10])), ValueError, "cu_seqlens must start at 0"),
+    "cu_seqlens order": (dict(cu_seqlens=torch.tensor([0, 7, 4, 10])), ValueError, "cu_seqlens must be non-decreasing"),
+    "cu_seqlens end": (dict(cu_seqlens=torch.tensor([0, 4, 9])), ValueError, "cu_seqlens[-1] must equal"),
+    "max_seqlen small": (dict(max_seqlen=5), ValueError, "max_seqlen=5 is smaller"),
+    "max_seqlen type": (dict(max_seqlen=6.0), TypeError, "max_seqlen must be an int"),
+    "max_seqlen tensor": (dict(max_seqlen=torch.tensor(6)), TypeError, "max_seqlen must be an int"),
+    "unknown pattern": (dict(pattern="sliding"), ValueError, "pattern must be one of"),
+    "missing segment_len": (dict(pattern="global", num_memory_tokens=1), ValueError, "segment_len"),
+    "missing num_memory_tokens": (dict(pattern="kv_memory_append", segment_len=2), ValueError, "num_memory_tokens"),
+    "segment_len zero": (dict(pattern="global", segment_len=0, num_memory_tokens=1), ValueError, "segment_len"),
+    "num_memory_tokens float": (dict(pattern="global", segment_len=2, num_memory_tokens=1.0), TypeError,
+                                "num_memory_tokens must be an int"),
+    "segment_len with causal": (dict(segment_len=2), ValueError, "segment_len and num_memory_tokens apply only"),
+    # S = 2, C = 2: units of 4 tokens, so a sequence of 3 stops after the first of two write tokens.
+    "ends inside write block": (dict(pattern="global", segment_len=2, num_memory_tokens=2,
+                                     cu_seqlens=torch.tensor([0, 3, 10]), max_seqlen=7), ValueError,
+                                "cu_seqlens: sequence 0 (length 3) ends inside a write block"),
+    "unknown score": (dict(score="relu"), ValueError, "score must be one of"),
+    "silu without silu_norm": (dict(score="silu"), ValueError, "silu_norm is required"),
+    "silu_norm with softmax": (dict(silu_norm=10.0), ValueError, "silu_norm applies only"),
+    "silu_norm zero": (dict(score="silu", silu_norm=0.0), ValueError, "silu_norm must be a finite number > 0"),
+    "scale nan": (dict(scale=float("nan")), TypeError, "scale must be a finite number"),
+    "bias rank": (dict(rel_bias=torch.randn(H)), ValueError, "rel_bias must have rank 2"),
+    "bias heads": (dict(rel_bias=torch.randn(H + 1, 5)), ValueError, "rel_bias must have shape (heads=2"),
+    "bias no buckets": (dict(rel_bias=torch.randn(H, 0)), ValueError, "rel_bias must have shape"),
+    "bias dtype": (dict(rel_bias=torch.ones(H, 5, dtype=torch.int32)), TypeError, "rel_bias must have dtype"),
+    "unknown backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
+    "q has NaN": (dict(q=nan_q()), ValueError, "q contains NaN or Inf"),
+}
+
+
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+def test_segment_attention_rejects(case):
+    changes, exc, text = SEGMENT_CASES[case]
+    args = with_changes(**changes)
+    with pytest.raises(exc) as info:
+        segment_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens"),
+                          args.pop("max_seqlen"), **args)
+    assert text in str(info.value)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(ValueError, match="backend='triton' cannot run segment_attention here: "):
+        segment_attention(**good_segment_args(), backend="triton")
+
+
+def test_value_checks_can_be_skipped_but_structure_checks_cannot():
+    args = with_changes(cu_seqlens=torch.tensor([0, 7, 4, 10]))
+    segment_attention(**args, validate=False)  # the caller vouches for the values
+    with pytest.raises(ValueError, match="q must have rank 3"):
+        segment_attention(**with_changes(q=torch.randn(T, H * D)), validate=False)
+
+
+def good_cache_args():
+    new = [2, 0, 1]
+    q, k, v = (torch.randn(3, H, D) for _ in range(3))
+    return dict(q_new=q, k_new=k, v_new=v, cu_seqlens_new=cu_seqlens_of(new), max_new=2,
+                k_cache=torch.zeros(3, 5, H, D), v_cache=torch.zeros(3, 5, H, D),
+                cache_seqlens=torch.tensor([3, 1, 4], dtype=torch.int32))
+
+
+CACHE_CASES = {
+    "capacity": (dict(cache_seqlens=torch.tensor([4, 1, 4], dtype=torch.int32)), ValueError,
+                 "k_cache capacity 5 is too small: user 0"),
+    "k_cache batch": (dict(k_cache=torch.zeros(2, 5, H, D)), ValueError, "k_cache must have shape (batch=3"),
+    "k_cache rank": (dict(k_cache=torch.zeros(3, 5, H * D)), ValueError, "k_cache must have rank 4"),
+    "v_cache shape": (dict(v_cache=torch.zeros(3, 6, H, D)), ValueError, "v_cache must have shape"),
+    "cache dtype": (dict(k_cache=torch.zeros(3, 5, H, D, dtype=torch.float64)), TypeError,
+                    "k_cache must have the same dtype"),
+    "cache_seqlens dtype": (dict(cache_seqlens=torch.tensor([3.0, 1.0, 4.0])), TypeError,
+                            "cache_seqlens must have dtype"),
+    "cache_seqlens shape": (dict(cache_seqlens=torch.tensor([3, 1], dtype=torch.int32)), ValueError,
+                            "cache_seqlens must have shape (3,)"),
+    "cache_seqlens negative": (dict(cache_seqlens=torch.tensor([3, -1, 4], dtype=torch.int32)), ValueError,
+                               "cache_seqlens must be >= 0"),
+    "max_new small": (dict(max_new=1), ValueError, "max_new=1 is smaller"),
+    "grad-requiring input": (dict(q_new=torch.randn(3, H, D, requires_grad=True)), ValueError,
+                             "q_new requires grad"),
+    "cu_seqlens_new end": (dict(cu_seqlens_new=torch.tensor([0, 2, 2, 2])), ValueError,
+                           "cu_seqlens_new[-1] must equal"),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHE_CASES))
+def test_cached_step_rejects(case):
+    changes, exc, text = CACHE_CASES[case]
+    args = good_cache_args()
+    args.update(changes)
+    with pytest.raises(exc) as info:
+        cached_step_attention(**args)
+    assert text in str(info.value)
+
+
+def test_good_arguments_pass():
+    assert segment_attention(**good_segment_args()).shape == (T, H, D)
+    assert cached_step_attention(**good_cache_args()).shape == (3, H, D)
