@@ -19,7 +19,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent  # absolute: ninja compiles from a build folder
 CSRC = ROOT / "csrc"
 
 
