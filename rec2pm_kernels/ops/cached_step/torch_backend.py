@@ -9,8 +9,8 @@ are zeroed in the key/value views the scores use, so stale or uninitialised cach
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..torch_math import masked_attention
 from ...patterns import bias_bucket
 
 
@@ -61,13 +61,5 @@ def cached_step_torch(
     if rel_bias is not None:
         bucket = bias_bucket(row_pos[:, :, None], slots[None, None, :], rel_bias.shape[1])
         bias = rel_bias.to(q_new.dtype)[:, bucket].transpose(0, 1)  # (B, H, N, K)
-    if score == "softmax":
-        attn_mask = mask[:, None] if bias is None else bias.masked_fill(~mask[:, None], float("-inf"))
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=scale)
-    else:
-        s = torch.einsum("bhnd,bhkd->bhnk", qh, kh) * scale
-        if bias is not None:
-            s = s + bias
-        p = F.silu(s).masked_fill(~mask[:, None], 0.0) / silu_norm
-        out = torch.einsum("bhnk,bhkd->bhnd", p, vh)
+    out = masked_attention(qh, kh, vh, mask[:, None], bias, score=score, scale=scale, silu_norm=silu_norm)
     return out.transpose(1, 2)[user, t].to(v_new.dtype)

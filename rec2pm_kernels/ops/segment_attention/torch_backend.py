@@ -24,9 +24,9 @@ How it works:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..torch_math import masked_attention
 from ...patterns import bias_bucket, bias_positions, first_visible_column, visible
 
 # Entries of one chunk's score tensor (G * H * rows * keys): 2**24 fp32 scores = 64 MiB.
@@ -74,17 +74,7 @@ def _attend_chunk(qc, kc, vc, rows, cols, rel_bias, pattern, S, C, score, scale,
         lam_r = bias_positions(pattern, rows, S, C)
         lam_c = bias_positions(pattern, cols, S, C)
         bias = rel_bias.to(qc.dtype)[:, bias_bucket(lam_r[:, None], lam_c[None, :], rel_bias.shape[1])]
-    if score == "softmax":
-        # An additive mask (0 / -inf, plus the bias) built from the boolean one: SDPA on CPU
-        # converts boolean masks to this form on every call, which costs ~1.5x here.
-        additive = bias if bias is not None else qc.new_zeros(mask.shape)
-        attn_mask = additive.masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(qc, kc, vc, attn_mask=attn_mask, scale=scale)
-    s = torch.einsum("ghrd,ghkd->ghrk", qc, kc) * scale
-    if bias is not None:
-        s = s + bias
-    p = F.silu(s).masked_fill(~mask, 0.0) / silu_norm
-    return torch.einsum("ghrk,ghkd->ghrd", p, vc)
+    return masked_attention(qc, kc, vc, mask, bias, score=score, scale=scale, silu_norm=silu_norm)
 
 
 def segment_attention_torch(
