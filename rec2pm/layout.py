@@ -96,7 +96,8 @@ class PackedLayout:
         """The last row of every sequence (serving scores the next item from it)."""
         return self.cu_seqlens[1:].long() - 1
 
-    def embed(self, items: torch.Tensor, write_tokens: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, items: torch.Tensor, write_tokens: torch.Tensor | None = None,
+              memory: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings of the stream, ``(T, d)``.
 
         Args:
@@ -105,10 +106,14 @@ class PackedLayout:
             memory: ``(bank_rows, d)`` the memory bank ``memory_index`` points into.
         """
         out = items.new_zeros((self.num_tokens, items.shape[-1]))
+        if self.role.device != items.device:
+            return self.to(items.device).embed(items, write_tokens, memory)
         rows = self.rows(ITEM)
         out = out.index_put((rows,), items[self.item_index[rows]])
         rows = self.rows(WRITE)
         if rows.numel():
+            if write_tokens is None:
+                raise ValueError("write_tokens is required: this layout has write tokens")
             out = out.index_put((rows,), write_tokens[self.slot[rows]].to(out.dtype))
         rows = self.rows(MEMORY)
         if rows.numel():
@@ -271,21 +276,46 @@ def stage2_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_m
     )
 
 
-def _inference_blocks(memory_counts, item_counts, items_name: str, with_write: bool, C: int) -> PackedLayout:
+def block_layout(memory_counts: Sequence[int] | torch.Tensor, item_counts: Sequence[int] | torch.Tensor,
+                 num_memory_tokens: int, *, with_write: bool | Sequence[bool] = False,
+                 users: Sequence[int] | torch.Tensor | None = None,
+                 item_first: Sequence[int] | torch.Tensor | None = None,
+                 history_lengths: Sequence[int] | torch.Tensor | None = None) -> PackedLayout:
+    """General blocks ``[M ; items ; (w)]``, one per entry; ``update_layout`` and
+    ``serving_layout`` are its common cases.
+
+    Block ``i`` belongs to user ``users[i]`` (default ``i``), carries ``memory_counts[i]``
+    memory tokens (read from packed memories, block after block), the items
+    ``[item_first[i], item_first[i] + item_counts[i])`` of that user's history, and write
+    tokens if ``with_write`` (one flag, or one per block).  Histories are packed by
+    ``history_lengths`` (default: each block's items alone), and an item's target is the
+    next item of its history, even when that item lies in a later block.
+    """
+    _check_sizes(1, num_memory_tokens)
     memory_counts = _as_counts("memory_counts", memory_counts, 0)
-    item_counts = _as_counts(items_name, item_counts, 1)
-    if memory_counts.shape != item_counts.shape:
-        raise ValueError(f"memory_counts and {items_name} must have one entry per user, got "
-                         f"{memory_counts.numel()} and {item_counts.numel()}")
-    users = torch.arange(item_counts.numel())
+    item_counts = _as_counts("item_counts", item_counts, 1)
+    n = item_counts.numel()
+    if memory_counts.numel() != n:
+        raise ValueError(f"memory_counts and item_counts must have one entry per block, got "
+                         f"{memory_counts.numel()} and {n}")
+    users = torch.arange(n) if users is None else _as_counts("users", users, 0)
+    item_first = torch.zeros_like(item_counts) if item_first is None else _as_counts("item_first", item_first, 0)
+    history = item_counts if history_lengths is None else _as_counts("history_lengths", history_lengths, 1)
+    writes = torch.as_tensor(with_write, dtype=torch.bool).expand(n) if n else torch.zeros(0, dtype=torch.bool)
+    for name, t in (("users", users), ("item_first", item_first)):
+        if t.numel() != n:
+            raise ValueError(f"{name} must have one entry per block ({n}), got {t.numel()}")
+    if n and int(users.max()) >= history.numel():
+        raise ValueError(f"users names user {int(users.max())}, but history_lengths has {history.numel()} entries")
+    if n and bool((item_first + item_counts > history[users]).any()):
+        raise ValueError("item_first + item_counts runs past the end of a history (history_lengths)")
     counts, block, offset, is_mem, _, f = _blocks(
-        users, memory_counts, torch.zeros_like(item_counts), item_counts,
-        torch.full_like(item_counts, with_write, dtype=torch.bool), _offsets(item_counts), item_counts, C)
+        users, memory_counts, item_first, item_counts, writes, _offsets(history), history[users], num_memory_tokens)
     minus = torch.full_like(offset, -1)
     return _layout(
         counts,
         segment=minus,
-        memory_index=torch.where(is_mem, _offsets(memory_counts)[:-1][f["user"]] + offset, -1),
+        memory_index=torch.where(is_mem, _offsets(memory_counts)[:-1][block] + offset, -1),
         reference_index=minus.clone(),
         **f,
     )
@@ -300,12 +330,12 @@ def update_layout(memory_counts: Sequence[int] | torch.Tensor, segment_lengths: 
     (``memory_index``).  ``segment_lengths[u]``: items of the segment being archived, packed
     likewise (``item_index``).  The outputs at the write tokens are the new memory.
     """
-    _check_sizes(1, num_memory_tokens)
-    return _inference_blocks(memory_counts, segment_lengths, "segment_lengths", True, num_memory_tokens)
+    segment_lengths = _as_counts("segment_lengths", segment_lengths, 1)
+    return block_layout(memory_counts, segment_lengths, num_memory_tokens, with_write=True)
 
 
 def serving_layout(memory_counts: Sequence[int] | torch.Tensor, recent_lengths: Sequence[int] | torch.Tensor,
                    num_memory_tokens: int) -> PackedLayout:
     """Serving blocks ``[M ; recent items]``, one per user; score from ``last_rows``."""
-    _check_sizes(1, num_memory_tokens)
-    return _inference_blocks(memory_counts, recent_lengths, "recent_lengths", False, num_memory_tokens)
+    recent_lengths = _as_counts("recent_lengths", recent_lengths, 1)
+    return block_layout(memory_counts, recent_lengths, num_memory_tokens)

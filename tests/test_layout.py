@@ -151,7 +151,7 @@ def test_stage1_streams_are_valid_global_inputs():
     (lambda: stage1_layout([[3]], S, C), ValueError, "lengths must be a 1-D"),
     (lambda: stage1_layout([3], 0, C), ValueError, "segment_len must be an int >= 1"),
     (lambda: stage2_layout([3], S, C, mode="both"), ValueError, "mode must be one of"),
-    (lambda: update_layout([C], [S, S], C), ValueError, "memory_counts and segment_lengths"),
+    (lambda: update_layout([C], [S, S], C), ValueError, "memory_counts and item_counts"),
     (lambda: serving_layout([-1], [2], C), ValueError, "memory_counts[0] must be >= 0"),
     (lambda: serving_layout([C], [0], C), ValueError, "recent_lengths[0] must be >= 1"),
     (lambda: stage2_layout([S + 1], S, C).embed(torch.randn(S + 1, 3), torch.randn(C, 3)), ValueError,

@@ -1,0 +1,109 @@
+"""The decoder: embeddings in, a stack of blocks over a packed stream, final norm out.
+
+The same decoder predicts items and writes memory (SPEC §1); what changes between uses
+is only the stream it runs on and the attention pattern.  ``forward`` runs a whole packed
+stream through ``segment_attention``; ``step`` runs new rows against per-layer K/V caches
+through ``cached_step_attention`` (serving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rec2pm_kernels import cached_step_attention, segment_attention
+
+from ..config import ModelConfig
+from .hstu import HSTUBlock
+from .sasrec import SASRecBlock
+
+
+@dataclass
+class LayerCache:
+    """One layer's keys and values, ``(batch, capacity, heads, head_dim)``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d, heads = config.d_model, config.num_heads
+        if config.backbone == "sasrec":
+            self.blocks = nn.ModuleList(SASRecBlock(d, heads, config.dropout) for _ in range(config.num_layers))
+            self.position = nn.Embedding(config.max_positions, d)
+        else:
+            self.blocks = nn.ModuleList(HSTUBlock(d, heads, config.dropout, config.num_buckets,
+                                                  config.attention_norm) for _ in range(config.num_layers))
+            self.position = None  # HSTU's positions enter through the relative bias only
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.final_norm = nn.LayerNorm(d)
+
+    def _with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if positions.numel() and int(positions.max()) >= self.config.max_positions:
+            raise ValueError(f"a stream position reaches {int(positions.max())}, but the model was configured "
+                             f"with max_positions={self.config.max_positions}; shorten the history or raise it")
+        if self.position is None:
+            return x
+        return x + self.position(positions)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+                pattern: str = "causal", segment_len: int | None = None, num_memory_tokens: int | None = None,
+                collect_kv: bool = False):
+        """``x (T, d)`` token embeddings at ``positions (T,)`` (the layout's λ) -> ``(T, d)``.
+
+        With ``collect_kv`` also returns every layer's packed ``(k, v)``, ``(T, H, D)`` each.
+        """
+        h = self.input_dropout(self._with_positions(x, positions))
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(q, k, v, **score_options):
+            if collect_kv:
+                kv.append((k, v))
+            return segment_attention(q, k, v, cu_seqlens, max_seqlen, pattern=pattern, segment_len=segment_len,
+                                     num_memory_tokens=num_memory_tokens, **score_options)
+
+        for block in self.blocks:
+            h = block(h, attend)
+        out = self.final_norm(h)
+        return (out, kv) if collect_kv else out
+
+    def step(self, x_new: torch.Tensor, positions_new: torch.Tensor, cu_seqlens_new: torch.Tensor, max_new: int,
+             caches: list[LayerCache], cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``."""
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
+        h = self._with_positions(x_new, positions_new)
+        for block, cache in zip(self.blocks, caches):
+            def attend(q, k, v, cache=cache, **score_options):
+                return cached_step_attention(q, k, v, cu_seqlens_new, max_new, cache.k, cache.v, cache_seqlens,
+                                             **score_options)
+
+            h = block(h, attend)
+        return self.final_norm(h)
+
+
+def caches_from_kv(kv: list[tuple[torch.Tensor, torch.Tensor]], cu_seqlens: torch.Tensor,
+                   capacity: int) -> tuple[list[LayerCache], torch.Tensor]:
+    """Per-layer caches holding each packed sequence's K/V in slots ``[0, n_b)``.
+
+    Returns the caches and ``cache_seqlens`` (int32, the sequence lengths).
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if lengths.numel() and int(lengths.max()) > capacity:
+        raise ValueError(f"capacity {capacity} is smaller than the longest sequence ({int(lengths.max())})")
+    batch = lengths.numel()
+    seq = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)
+    slot = torch.arange(seq.numel(), device=lengths.device) - cu_seqlens[:-1].long()[seq]
+    caches = []
+    for k, v in kv:
+        kc = k.new_zeros((batch, capacity, *k.shape[1:]))
+        vc = v.new_zeros((batch, capacity, *v.shape[1:]))
+        kc[seq, slot] = k
+        vc[seq, slot] = v
+        caches.append(LayerCache(kc, vc))
+    return caches, lengths.to(torch.int32)

@@ -1,0 +1,82 @@
+"""Model configurations, with the named reference settings of the Rec2PM paper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+BACKBONES = ("sasrec", "hstu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that shapes a model; methods (Rec2PM, baselines) read the parts they use.
+
+    Attributes:
+        backbone: ``"sasrec"`` (softmax attention, learned absolute positions) or ``"hstu"``
+            (pointwise SiLU attention with a relative-position bias, gated by U).
+        num_items: catalogue size N; item ids are 1..N, 0 is padding.
+        num_layers, num_heads, d_model: decoder shape; head dim = d_model / num_heads.
+        dropout: dropout rate in every block (0 for exact equivalence tests).
+        max_positions: SASRec position table size, the longest stream a model accepts
+            (a Stage 1 stream of L items has L + K*C tokens).
+        num_buckets: HSTU relative-bias buckets (distances past the last share it).
+        silu_norm: HSTU's fixed attention normaliser; defaults to ``max_positions``.
+        segment_len, num_memory_tokens: S and C of Rec2PM.
+    """
+
+    backbone: str = "sasrec"
+    num_items: int = 1000
+    num_layers: int = 2
+    num_heads: int = 2
+    d_model: int = 32
+    dropout: float = 0.0
+    max_positions: int = 4096
+    num_buckets: int = 128
+    silu_norm: float | None = None
+    segment_len: int = 200
+    num_memory_tokens: int = 4
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        for name in ("num_items", "num_layers", "num_heads", "d_model", "max_positions", "num_buckets",
+                     "segment_len", "num_memory_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def attention_norm(self) -> float:
+        return float(self.silu_norm if self.silu_norm is not None else self.max_positions)
+
+    def with_(self, **changes) -> ModelConfig:
+        return replace(self, **changes)
+
+
+# SPEC §1: SASRec 4 layers x 4 heads, HSTU 16 layers x 8 heads, d = 64, S = 200, C = 4.
+REFERENCE_CONFIGS = {
+    "sasrec": ModelConfig(backbone="sasrec", num_layers=4, num_heads=4, d_model=64, dropout=0.2,
+                          max_positions=20_000),
+    "hstu": ModelConfig(backbone="hstu", num_layers=16, num_heads=8, d_model=64, dropout=0.2,
+                        max_positions=20_000),
+    # Small and fast, for tests and examples.
+    "sasrec-small": ModelConfig(backbone="sasrec", num_layers=2, num_heads=2, d_model=16, segment_len=8,
+                                num_memory_tokens=2, max_positions=512),
+    "hstu-small": ModelConfig(backbone="hstu", num_layers=2, num_heads=2, d_model=16, segment_len=8,
+                              num_memory_tokens=2, max_positions=512, num_buckets=32),
+}
+
+
+def named_config(name: str, **overrides) -> ModelConfig:
+    """A reference configuration by name, with overrides (e.g. ``num_items``)."""
+    if name not in REFERENCE_CONFIGS:
+        raise ValueError(f"config name must be one of {tuple(REFERENCE_CONFIGS)}, got {name!r}")
+    return REFERENCE_CONFIGS[name].with_(**overrides)

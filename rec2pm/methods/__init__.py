@@ -1,0 +1,48 @@
+"""Rec2PM and every baseline behind one interface, built by name.
+
+=================  ===========================================================
+``rec2pm-o/-a``    two-stage teacher-forced training, token memory (``two_stage``)
+``full``           causal attention over the whole history
+``recent``         trained on segments without memory, served on recent items
+``tok-serial-o/a`` token memory trained serially through the segment loop
+``kv-mask-o/a``    kv-memory patterns; the memory is the write tokens' K/V
+=================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..config import ModelConfig
+from .base import LossOutput, RecModel, TrainingOptions
+from .full import FullAttention, RecentOnly
+from .kv_mask import KVMask, KVMemory
+from .tok_serial import TokSerial
+from .token_memory import Memory, ServingState, TokenMemoryModel
+from .two_stage import Rec2PM
+
+METHODS = {
+    "rec2pm-o": (Rec2PM, "overwrite"),
+    "rec2pm-a": (Rec2PM, "append"),
+    "full": (FullAttention, None),
+    "recent": (RecentOnly, None),
+    "tok-serial-o": (TokSerial, "overwrite"),
+    "tok-serial-a": (TokSerial, "append"),
+    "kv-mask-o": (KVMask, "overwrite"),
+    "kv-mask-a": (KVMask, "append"),
+}
+
+
+def build_model(method: str, config: ModelConfig, options: TrainingOptions | None = None, **option_overrides):
+    """A model of ``method`` (a key of ``METHODS``); its mode comes from the name."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    cls, mode = METHODS[method]
+    options = replace(options or TrainingOptions(), **option_overrides)
+    if mode is not None:
+        options = replace(options, mode=mode)
+    return cls(config, options)
+
+
+__all__ = ["METHODS", "build_model", "RecModel", "TokenMemoryModel", "Rec2PM", "TokSerial", "FullAttention",
+           "RecentOnly", "KVMask", "KVMemory", "Memory", "ServingState", "TrainingOptions", "LossOutput"]

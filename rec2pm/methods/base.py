@@ -1,0 +1,170 @@
+"""What every method shares: item embeddings tied with scoring, the decoder, input checks.
+
+Histories come packed: ``items`` ``(total,)`` int64 ids in 1..N, user ``b`` owning
+``items[cu_seqlens[b]:cu_seqlens[b + 1]]`` in time order, oldest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones import Decoder
+from ..config import ModelConfig
+from ..layout import ITEM, PackedLayout
+from ..losses import LOSSES, next_item_loss
+
+MODES = ("overwrite", "append")
+MEMORY_NORMS = ("none", "layernorm")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """Options of the training step; the defaults are the provisional ones of SPEC §1.
+
+    Attributes:
+        mode: ``"overwrite"`` (memory = last C tokens) or ``"append"`` (all memories).
+        con_weight: λ of ``L = L_AR + λ L_con`` (paper: 1).
+        stage1_ar: also put ``L_AR`` on Stage 1 item positions (default off: the paper
+            leaves it open; off keeps Stage 1 a pure teacher).
+        detach_target: stop gradients through ``m_ref`` where it is the ``L_con`` target
+            (default on: the reference is a target, not something to pull towards ``m_upd``).
+        detach_prefix: stop gradients through ``m_ref`` where it is the Stage 2 prefix
+            (default off: the Stage 1 write path then learns from the items that read it,
+            which is how the write tokens get a next-item signal at all).
+        memory_norm: ``"layernorm"`` re-normalises memory vectors before they are re-injected.
+        loss: ``"full"`` softmax over the catalogue or ``"sampled"`` (in-batch + random).
+        num_negatives: random negatives of the sampled softmax.
+        serial_truncation: Tok-Serial only: back-propagate through at most this many
+            segment steps (``None``: through the whole loop).
+
+    Where the write tokens learn: through the Stage 2 prefix (``detach_prefix=False``) and
+    through ``L_con`` on ``m_upd`` (``con_weight > 0``).  With the prefix detached and
+    ``con_weight=0`` they get no gradient at all, since Stage 1 item rows never see a
+    write token (``tests/test_model_equivalences.py`` checks each case).
+    """
+
+    mode: str = "overwrite"
+    con_weight: float = 1.0
+    stage1_ar: bool = False
+    detach_target: bool = True
+    detach_prefix: bool = False
+    memory_norm: str = "none"
+    loss: str = "full"
+    num_negatives: int = 256
+    serial_truncation: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.memory_norm not in MEMORY_NORMS:
+            raise ValueError(f"memory_norm must be one of {MEMORY_NORMS}, got {self.memory_norm!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.serial_truncation is not None and self.serial_truncation < 1:
+            raise ValueError(f"serial_truncation must be >= 1 or None, got {self.serial_truncation}")
+
+
+@dataclass
+class LossOutput:
+    """``loss = ar + con_weight * con``; ``num_predictions`` counts the item positions in ``ar``."""
+
+    loss: torch.Tensor
+    ar: torch.Tensor
+    con: torch.Tensor
+    num_predictions: int
+
+
+class RecModel(nn.Module):
+    """Base of every method: ``forward(items, cu_seqlens) -> LossOutput`` trains it and
+    ``score_history(items, cu_seqlens) -> (B, N + 1)`` logits serves it."""
+
+    method = "base"
+
+    def __init__(self, config: ModelConfig, options: TrainingOptions | None = None):
+        super().__init__()
+        self.config = config
+        self.options = options or TrainingOptions()
+        self.item_embedding = nn.Embedding(config.num_items + 1, config.d_model, padding_idx=0)
+        nn.init.normal_(self.item_embedding.weight, std=config.d_model ** -0.5)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+        self.decoder = Decoder(config)
+
+    # -- inputs ------------------------------------------------------------------------------
+    def check_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str = "items") -> torch.Tensor:
+        """Validates packed histories; returns the lengths (CPU int64)."""
+        if not isinstance(items, torch.Tensor) or items.dim() != 1 or items.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be a 1-D int32/int64 tensor of item ids, got "
+                            f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens for {name} must be a 1-D tensor (batch + 1,) with batch >= 1")
+        cu = cu_seqlens.detach().cpu().long()
+        lengths = cu.diff()
+        if int(cu[0]) != 0 or int(cu[-1]) != items.numel() or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens for {name} must start at 0, be non-decreasing and end at "
+                             f"{items.numel()}, got {cu.tolist()[:8]}")
+        if bool((lengths < 1).any()):
+            user = int(torch.nonzero(lengths < 1)[0, 0])
+            raise ValueError(f"{name}: history {user} is empty; every user needs at least one item")
+        if items.numel():
+            low, high = int(items.min()), int(items.max())
+            if low < 1 or high > self.config.num_items:
+                bad = low if low < 1 else high
+                raise ValueError(f"{name} holds item id {bad}, outside the catalogue 1..{self.config.num_items} "
+                                 "(0 is padding and never an input)")
+        return lengths
+
+    def check_memory(self, memory: torch.Tensor, counts: torch.Tensor, batch: int) -> None:
+        d = self.config.d_model
+        ref = self.item_embedding.weight
+        if not isinstance(memory, torch.Tensor) or memory.dim() != 2 or memory.shape[1] != d:
+            raise ValueError(f"memory must have shape (memory_tokens, d_model={d}), got "
+                             f"{tuple(getattr(memory, 'shape', ()))}")
+        if memory.dtype != ref.dtype or memory.device != ref.device:
+            raise TypeError(f"memory must be {ref.dtype} on {ref.device} like the model, got "
+                            f"{memory.dtype} on {memory.device}")
+        counts = torch.as_tensor(counts)
+        if counts.shape != (batch,):
+            raise ValueError(f"memory_counts must have shape ({batch},), got {tuple(counts.shape)}")
+        if int(counts.sum()) != memory.shape[0]:
+            raise ValueError(f"memory_counts sums to {int(counts.sum())} but memory has {memory.shape[0]} rows")
+        C = self.config.num_memory_tokens
+        if bool((counts % C != 0).any()):
+            raise ValueError(f"memory_counts must be multiples of num_memory_tokens={C}, got {counts.tolist()}")
+        if self.options.mode == "overwrite" and bool((counts > C).any()):
+            raise ValueError(f"overwrite mode keeps at most C={C} memory tokens per user, got {counts.tolist()}")
+
+    # -- decoding and scoring -----------------------------------------------------------------
+    def run(self, layout: PackedLayout, x: torch.Tensor, **pattern) -> torch.Tensor:
+        layout = layout.to(x.device)
+        return self.decoder(x, layout.position, layout.cu_seqlens, layout.max_seqlen, **pattern)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` -> ``(n, N + 1)`` scores, tied to the item embeddings; column 0 is -inf."""
+        out = hidden @ self.item_embedding.weight.T
+        out[:, 0] = float("-inf")
+        return out
+
+    def ar_loss(self, layout: PackedLayout, hidden: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Next-item loss over the item rows of ``layout`` that have a target."""
+        rows = torch.nonzero((layout.role == ITEM) & (layout.target_index >= 0)).flatten().to(hidden.device)
+        targets = items[layout.target_index.to(items.device)[rows]]
+        loss = next_item_loss(self.options.loss, hidden[rows], targets, self.item_embedding.weight,
+                              self.options.num_negatives)
+        return loss, rows.numel()
+
+    def memory_input(self, memory: torch.Tensor) -> torch.Tensor:
+        """Memory vectors as they are re-injected into the decoder."""
+        if self.options.memory_norm == "layernorm":
+            return torch.nn.functional.layer_norm(memory, memory.shape[-1:])
+        return memory
+
+    def loss_output(self, ar: torch.Tensor, con: torch.Tensor | None, n: int) -> LossOutput:
+        con = ar.new_zeros(()) if con is None else con
+        return LossOutput(loss=ar + self.options.con_weight * con, ar=ar, con=con, num_predictions=n)
+
+    def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,180 @@
+"""Inference shared by the token-memory methods (Rec2PM and Tok-Serial).
+
+The memory of a user is C token embeddings (overwriting mode) or ``h*C`` of them
+(appending mode), written by the decoder at the write tokens.  Memories of a batch are
+packed: ``Memory.vectors`` ``(sum(counts), d)``, user after user.
+
+* ``encode``: history -> (memory, tail), one-shot (one Stage 1 pass) or iterative (one
+  ``update`` per archived segment).
+* ``update``: ``[M ; S_h ; w]`` -> new memory.
+* ``score``: ``[M ; recent]`` -> next-item logits from the last position.
+* ``prefill`` / ``step``: ``score`` and then one event at a time through the cached step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones.decoder import LayerCache, caches_from_kv
+from ..layout import WRITE, history_shape, serving_layout, stage1_layout, update_layout
+from .base import RecModel
+
+
+@dataclass
+class Memory:
+    """Packed memories: ``vectors (sum(counts), d)``, ``counts (B,)`` int64 (CPU)."""
+
+    vectors: torch.Tensor
+    counts: torch.Tensor
+
+
+@dataclass
+class ServingState:
+    """Per-layer K/V caches of ``[M ; recent]`` for the cached step; ``seqlens`` (B,) int32."""
+
+    caches: list[LayerCache]
+    seqlens: torch.Tensor
+
+
+def split_history(items: torch.Tensor, lengths: torch.Tensor, segment_len: int):
+    """``(archived K, tail items, tail cu)`` of packed histories."""
+    archived, tail = history_shape(lengths, segment_len)
+    ends = lengths.cumsum(0)
+    rows = torch.cat([torch.arange(int(e) - int(t), int(e)) for e, t in zip(ends, tail)])
+    tail_cu = torch.cat([tail.new_zeros(1), tail.cumsum(0)])
+    return archived, items[rows.to(items.device)], tail_cu
+
+
+class TokenMemoryModel(RecModel):
+    """Adds the write tokens and the memory inference API to ``RecModel``."""
+
+    def __init__(self, config, options=None):
+        super().__init__(config, options)
+        self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model) * config.d_model ** -0.5)
+
+    # -- memory ------------------------------------------------------------------------------
+    def empty_memory(self, batch: int) -> Memory:
+        w = self.item_embedding.weight
+        return Memory(w.new_zeros((0, self.config.d_model)), torch.zeros(batch, dtype=torch.long))
+
+    def stage1(self, items: torch.Tensor, lengths: torch.Tensor):
+        """The Stage 1 pass (``global`` pattern): ``(layout, outputs)``."""
+        S, C = self.config.segment_len, self.config.num_memory_tokens
+        layout = stage1_layout(lengths, S, C)
+        x = layout.embed(self.item_embedding(items), self.write_tokens)
+        return layout, self.run(layout, x, pattern="global", segment_len=S, num_memory_tokens=C)
+
+    def encode(self, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = False):
+        """History -> ``(Memory, tail_items, tail_cu)``; one Stage 1 pass unless ``iterative``."""
+        lengths = self.check_history(items, cu_seqlens)
+        S, C = self.config.segment_len, self.config.num_memory_tokens
+        archived, tail_items, tail_cu = split_history(items, lengths, S)
+        if iterative:
+            memory = self.empty_memory(lengths.numel())
+            starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+            for h in range(int(archived.max())):
+                users = torch.nonzero(archived > h).flatten()
+                rows = (starts[users][:, None] + h * S + torch.arange(S)).flatten()
+                memory = self.update_some(memory, users, items[rows.to(items.device)])
+            return memory, tail_items, tail_cu
+        layout, out = self.stage1(items, lengths)
+        write = layout.role == WRITE
+        keep = write if self.options.mode == "append" else write & (layout.segment == archived[layout.user] - 1)
+        counts = archived * C if self.options.mode == "append" else torch.where(archived > 0, C, 0)
+        return Memory(out[torch.nonzero(keep).flatten().to(out.device)], counts), tail_items, tail_cu
+
+    def update(self, memory: Memory, segment_items: torch.Tensor, segment_cu: torch.Tensor) -> Memory:
+        """Archive one segment per user: ``[M ; S_h ; w]`` -> the new memory."""
+        lengths = self.check_history(segment_items, segment_cu, "segment_items")
+        self.check_memory(memory.vectors, memory.counts, lengths.numel())
+        return self._update(memory, segment_items, lengths)
+
+    def update_some(self, memory: Memory, users: torch.Tensor, segment_items: torch.Tensor) -> Memory:
+        """``update`` for a subset of users, each archiving ``S`` items; others keep theirs."""
+        S = self.config.segment_len
+        counts = memory.counts
+        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+        rows = torch.cat([torch.arange(int(starts[u]), int(starts[u] + counts[u])) for u in users.tolist()]
+                         or [torch.zeros(0, dtype=torch.long)])
+        sub = Memory(memory.vectors[rows.to(memory.vectors.device)], counts[users])
+        new = self._update(sub, segment_items, torch.full((users.numel(),), S))
+        merged_counts = counts.clone()
+        merged_counts[users] = new.counts
+        parts, new_starts = [], torch.cat([new.counts.new_zeros(1), new.counts.cumsum(0)[:-1]])
+        position = {int(u): i for i, u in enumerate(users.tolist())}
+        for b in range(counts.numel()):
+            if b in position:
+                i = position[b]
+                parts.append(new.vectors[int(new_starts[i]):int(new_starts[i] + new.counts[i])])
+            else:
+                parts.append(memory.vectors[int(starts[b]):int(starts[b] + counts[b])])
+        return Memory(torch.cat(parts), merged_counts)
+
+    def _update(self, memory: Memory, segment_items: torch.Tensor, lengths: torch.Tensor) -> Memory:
+        C = self.config.num_memory_tokens
+        layout = update_layout(memory.counts, lengths, C)
+        x = layout.embed(self.item_embedding(segment_items), self.write_tokens, self.memory_input(memory.vectors))
+        out = self.run(layout, x)
+        new = out[layout.rows(WRITE).to(out.device)]  # C rows per user, user after user
+        if self.options.mode == "overwrite":
+            return Memory(new, torch.full_like(memory.counts, C))
+        # Append: each user's old memories, then the new C.
+        batch = memory.counts.numel()
+        counts = memory.counts + C
+        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+        old_user = torch.repeat_interleave(torch.arange(batch), memory.counts)
+        old_rank = torch.arange(old_user.numel()) - torch.cat([counts.new_zeros(1), memory.counts.cumsum(0)[:-1]])[old_user]
+        new_user = torch.arange(batch).repeat_interleave(C)
+        new_rank = memory.counts[new_user] + torch.arange(C).repeat(batch)
+        vectors = new.new_zeros((int(counts.sum()), new.shape[1]))
+        vectors = vectors.index_put(((starts[old_user] + old_rank).to(new.device),), memory.vectors)
+        vectors = vectors.index_put(((starts[new_user] + new_rank).to(new.device),), new)
+        return Memory(vectors, counts)
+
+    # -- serving -----------------------------------------------------------------------------
+    def _serving_pass(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, collect_kv: bool):
+        lengths = self.check_history(recent_items, recent_cu, "recent_items")
+        self.check_memory(memory.vectors, memory.counts, lengths.numel())
+        layout = serving_layout(memory.counts, lengths, self.config.num_memory_tokens).to(recent_items.device)
+        x = layout.embed(self.item_embedding(recent_items), self.write_tokens, self.memory_input(memory.vectors))
+        result = self.decoder(x, layout.position, layout.cu_seqlens, layout.max_seqlen, collect_kv=collect_kv)
+        return layout, result
+
+    def score(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor) -> torch.Tensor:
+        """``[M ; recent]`` -> next-item logits ``(B, N + 1)`` from each block's last position."""
+        layout, h = self._serving_pass(memory, recent_items, recent_cu, collect_kv=False)
+        return self.logits(h[layout.last_rows])
+
+    @torch.no_grad()
+    def prefill(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor,
+                capacity: int) -> tuple[torch.Tensor, ServingState]:
+        """``score`` that also keeps every layer's K/V of ``[M ; recent]`` for ``step``."""
+        layout, (h, kv) = self._serving_pass(memory, recent_items, recent_cu, collect_kv=True)
+        caches, seqlens = caches_from_kv(kv, layout.cu_seqlens, capacity)
+        return self.logits(h[layout.last_rows]), ServingState(caches, seqlens)
+
+    @torch.no_grad()
+    def step(self, state: ServingState, new_items: torch.Tensor, new_cu: torch.Tensor) -> torch.Tensor:
+        """New events (packed, 0 or more per user) through the cached step; advances ``state``.
+
+        Returns logits ``(B, N + 1)`` after each user's last new event (rows of users
+        without new events are computed from nothing and should be ignored).
+        """
+        counts = (new_cu[1:] - new_cu[:-1]).long()
+        if new_items.numel():
+            self.check_history(new_items, torch.cat([new_cu[:1], new_cu[1:][counts > 0]]), "new_items")
+        user = torch.repeat_interleave(torch.arange(counts.numel(), device=new_cu.device), counts)
+        t = torch.arange(new_items.numel(), device=new_cu.device) - new_cu[:-1].long()[user]
+        positions = state.seqlens.long()[user] + t
+        h = self.decoder.step(self.item_embedding(new_items), positions, new_cu, int(counts.max()) if counts.numel() else 0,
+                              state.caches, state.seqlens)
+        state.seqlens += counts.to(torch.int32)
+        last = (new_cu[1:] - 1).clamp(min=0)
+        return self.logits(h[last]) if new_items.numel() else h.new_zeros((counts.numel(), self.config.num_items + 1))
+
+    def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = False):
+        memory, tail, tail_cu = self.encode(items, cu_seqlens, iterative=iterative)
+        return self.score(memory, tail, tail_cu)

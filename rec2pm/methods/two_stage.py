@@ -1,0 +1,47 @@
+"""Rec2PM: two-stage self-referential teacher forcing (SPEC §1).
+
+Stage 1: one ``global`` pass over ``[S_0 w S_1 w ... tail]`` gives the reference memories
+``m_h^ref`` at the write tokens (item rows equal the Full model's).  Stage 2: one
+``causal`` pass over all blocks ``[S_0 w] [m_0^ref S_1 w] ... [m_{K-1}^ref tail]`` at once
+gives the item predictions and the updated memories ``m_h^upd``.
+``L = L_AR + λ L_con``, ``L_con = Σ_{h>=1} ||m_h^upd - m_h^ref||² / (C d #terms)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import WRITE, stage2_layout
+from .base import LossOutput
+from .token_memory import TokenMemoryModel
+
+
+class Rec2PM(TokenMemoryModel):
+    method = "rec2pm"
+
+    def stage2(self, items: torch.Tensor, lengths: torch.Tensor, bank: torch.Tensor):
+        """All Stage 2 blocks in one pass; memory tokens read ``bank`` at Stage 1 rows."""
+        S, C = self.config.segment_len, self.config.num_memory_tokens
+        layout = stage2_layout(lengths, S, C, self.options.mode)
+        x = layout.embed(self.item_embedding(items), self.write_tokens, self.memory_input(bank))
+        return layout, self.run(layout, x)
+
+    def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> LossOutput:
+        lengths = self.check_history(items, cu_seqlens)
+        layout1, out1 = self.stage1(items, lengths)
+        prefix = out1.detach() if self.options.detach_prefix else out1
+        layout2, out2 = self.stage2(items, lengths, prefix)
+        ar, n = self.ar_loss(layout2, out2, items)
+        if self.options.stage1_ar:
+            ar1, n1 = self.ar_loss(layout1, out1, items)
+            ar = (ar * n + ar1 * n1) / max(n + n1, 1)
+            n += n1
+        rows = torch.nonzero((layout2.role == WRITE) & (layout2.segment >= 1)).flatten()
+        con = None
+        if rows.numel():
+            target = out1.detach() if self.options.detach_target else out1
+            updated = out2[rows.to(out2.device)]
+            reference = target[layout2.reference_index[rows].to(out1.device)]
+            con = F.mse_loss(updated, reference)  # mean over C*d*terms entries
+        return self.loss_output(ar, con, n)

@@ -1,0 +1,75 @@
+"""Model layer: bad input gives errors naming the argument; the kernel-level module."""
+
+import pytest
+import torch
+
+from rec2pm.config import ModelConfig, named_config
+from rec2pm.methods import Memory, build_model
+from rec2pm_kernels import SegmentAttention, segment_attention
+
+CFG = named_config("sasrec-small", num_items=30, max_positions=64)
+
+
+@pytest.fixture
+def rec2pm_o():
+    return build_model("rec2pm-o", CFG)
+
+
+@pytest.mark.parametrize("items,cu,text", [
+    (torch.tensor([1, 31, 2]), torch.tensor([0, 3]), "item id 31, outside the catalogue 1..30"),
+    (torch.tensor([1, 0, 2]), torch.tensor([0, 3]), "item id 0, outside the catalogue"),
+    (torch.tensor([1, 2, 3]), torch.tensor([0, 3, 3]), "history 1 is empty"),
+    (torch.tensor([1.0, 2.0]), torch.tensor([0, 2]), "items must be a 1-D int32/int64 tensor"),
+    (torch.tensor([1, 2]), torch.tensor([0, 3]), "must start at 0, be non-decreasing and end at 2"),
+    (torch.ones(70, dtype=torch.long), torch.tensor([0, 70]), "max_positions=64"),
+])
+def test_bad_histories(rec2pm_o, items, cu, text):
+    with pytest.raises((ValueError, TypeError)) as info:
+        rec2pm_o(items, cu)
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize("memory,counts,text", [
+    (torch.zeros(3, CFG.d_model), [3], "multiples of num_memory_tokens=2"),
+    (torch.zeros(2, CFG.d_model + 1), [2], "memory must have shape (memory_tokens, d_model=16)"),
+    (torch.zeros(2, CFG.d_model, dtype=torch.float64), [2], "memory must be torch.float32"),
+    (torch.zeros(4, CFG.d_model), [4], "overwrite mode keeps at most C=2"),
+    (torch.zeros(4, CFG.d_model), [2], "memory_counts sums to 2 but memory has 4 rows"),
+])
+def test_bad_memory(rec2pm_o, memory, counts, text):
+    with pytest.raises((ValueError, TypeError)) as info:
+        rec2pm_o.score(Memory(memory, torch.tensor(counts)), torch.tensor([1, 2]), torch.tensor([0, 2]))
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize("changes,text", [
+    (dict(backbone="gru"), "backbone must be one of"),
+    (dict(d_model=30, num_heads=4), "must be divisible by num_heads"),
+    (dict(num_items=0), "num_items must be an int >= 1"),
+    (dict(dropout=1.0), "dropout must be in [0, 1)"),
+])
+def test_bad_config(changes, text):
+    with pytest.raises(ValueError, match=text.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
+        ModelConfig(**changes)
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(ValueError, match="method must be one of"):
+        build_model("rnn", CFG)
+    with pytest.raises(ValueError, match="memory_norm must be one of"):
+        build_model("rec2pm-o", CFG, memory_norm="l2")
+
+
+def test_segment_attention_module_matches_function():
+    attn = SegmentAttention(2, pattern="global", segment_len=3, num_memory_tokens=1, score="silu", silu_norm=9.0,
+                            num_buckets=6)
+    with torch.no_grad():
+        attn.rel_bias.normal_()
+    q, k, v = (torch.randn(9, 2 * 4) for _ in range(3))
+    cu = torch.tensor([0, 9])
+    out = attn(q, k, v, cu, 9)
+    want = segment_attention(q.view(9, 2, 4), k.view(9, 2, 4), v.view(9, 2, 4), cu, 9, pattern="global",
+                             segment_len=3, num_memory_tokens=1, score="silu", silu_norm=9.0, rel_bias=attn.rel_bias)
+    assert torch.equal(out, want.flatten(1))
+    out.sum().backward()
+    assert attn.rel_bias.grad is not None and torch.count_nonzero(attn.rel_bias.grad) > 0
