@@ -87,21 +87,26 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib reads the training configs
     packages=find_packages(include=["rec2pm_kernels", "rec2pm_kernels.*", "rec2pm", "rec2pm.*"]),
     install_requires=[
         "torch>=2.5",
         "numpy",
+        "tqdm",
         "triton>=3.6; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["rec2pm = rec2pm.cli:main"]},
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6",
+            "pandas",  # the Parquet path of the table loader
+            "pyarrow",
             "triton==3.6.*; platform_system == 'Linux'",
             "numpy<2.3",
         ],
+        "data": ["pandas", "pyarrow"],  # Parquet interaction tables
         "bench": ["pytest>=8", "pytest-benchmark>=4", "triton==3.6.*; platform_system == 'Linux'", "numpy<2.3"],
     },
     ext_modules=ext_modules,

@@ -18,7 +18,11 @@ class SASRecBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.attn_norm = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.query = nn.Linear(d_model, d_model)
+        # No key bias: under softmax it adds a constant to each query's scores, so its true
+        # gradient is zero and Adam would only amplify rounding noise in it.
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self.value = nn.Linear(d_model, d_model)
         self.attn_out = nn.Linear(d_model, d_model)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout),
@@ -27,7 +31,9 @@ class SASRecBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attend) -> torch.Tensor:
         tokens, d = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(tokens, 3, self.num_heads, d // self.num_heads).unbind(1)
+        h = self.attn_norm(x)
+        shape = (tokens, self.num_heads, d // self.num_heads)
+        q, k, v = self.query(h).view(shape), self.key(h).view(shape), self.value(h).view(shape)
         a = attend(q, k, v, score="softmax")
         x = x + self.dropout(self.attn_out(a.reshape(tokens, d)))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))

@@ -1,0 +1,131 @@
+"""Run configuration of ``python -m rec2pm train``: TOML file + ``--set`` overrides.
+
+A run is four tables; every key has a default here, and an unknown table or key is an
+error naming it (a typo never silently falls back to a default)::
+
+    [data]    kind = "s3rec" | "movielens" | "table" | "synthetic", path, max_length, ...
+    [model]   config = "sasrec" (a name of rec2pm.config), and any ModelConfig field
+    [method]  name = "rec2pm-o" (a name of rec2pm.methods), and any TrainingOptions field
+    [train]   epochs, batch_size, lr, weight_decay, schedule, warmup_steps, patience, seed, ...
+
+Overrides are ``table.key=value`` with ``value`` read as a TOML value (``train.lr=1e-3``,
+``method.name="full"``; a bare word that is not TOML is taken as a string).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+DEFAULTS: dict[str, dict] = {
+    "data": {
+        "kind": "synthetic",        # movielens | s3rec | table | synthetic
+        "path": "",                 # the source file (not for synthetic)
+        "max_length": 200,          # keep each user's last max_length events (truncation from the left)
+        "user_col": "user_id",      # table only
+        "item_col": "item_id",
+        "time_col": "timestamp",
+        "sep": ",",
+        "synthetic_users": 500,     # synthetic only
+        "synthetic_length": 120,
+        "synthetic_items": 1000,
+        "synthetic_noise": 0.1,
+        "seed": 0,
+    },
+    "model": {"config": "sasrec-small"},
+    "method": {"name": "full"},
+    "train": {
+        "epochs": 10,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "constant",     # constant | cosine
+        "warmup_steps": 0,
+        "patience": 0,              # early stopping on valid NDCG@10; 0 = off
+        "eval_every": 1,            # epochs between validations
+        "eval_batch_size": 256,
+        "exclude_history": True,    # remove already-seen items from the candidates (off for data that repeats)
+        "checkpoint_every": 0,      # also checkpoint every N steps inside an epoch; 0 = epoch ends only
+        "seed": 0,
+        "threads": 0,               # torch threads; 0 = leave as is
+        "device": "auto",           # auto (cuda when available) | cpu | cuda
+        "out_dir": "runs/default",
+        "progress": True,
+        "stop_after_steps": 0,      # stop (as if interrupted) after this many steps; 0 = never. For tests.
+    },
+}
+
+SCHEDULES = ("constant", "cosine")
+DATA_KINDS = ("movielens", "s3rec", "table", "synthetic")
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``"table.key=value"`` -> ``(table, key, value)``."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"override must look like table.key=value, got {text!r}")
+    name, raw = text.split("=", 1)
+    table, key = name.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return table, key, value
+
+
+def build_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the TOML file, then the overrides; validated."""
+    config = copy.deepcopy(DEFAULTS)
+    layers: list[tuple[str, dict]] = []
+    if path is not None:
+        with open(path, "rb") as f:
+            layers.append((str(path), tomllib.load(f)))
+    for text in overrides:
+        table, key, value = parse_override(text)
+        layers.append((f"--set {text}", {table: {key: value}}))
+    for origin, layer in layers:
+        for table, values in layer.items():
+            if table not in config:
+                raise ValueError(f"{origin}: unknown table [{table}]; expected one of {tuple(config)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"{origin}: [{table}] must be a table")
+            for key, value in values.items():
+                if table in ("data", "train") and key not in config[table]:
+                    raise ValueError(f"{origin}: unknown key {table}.{key}; expected one of {tuple(config[table])}")
+                config[table][key] = value
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    from .config import REFERENCE_CONFIGS, ModelConfig
+    from .methods import METHODS
+    from .methods.base import TrainingOptions
+
+    data, train = config["data"], config["train"]
+    if data["kind"] not in DATA_KINDS:
+        raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {data['kind']!r}")
+    if data["kind"] != "synthetic" and not data["path"]:
+        raise ValueError(f"data.path is required for data.kind={data['kind']!r}")
+    if train["schedule"] not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {train['schedule']!r}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ValueError(f"train.{key} must be an int >= 1, got {train[key]!r}")
+    if not isinstance(data["max_length"], int) or data["max_length"] < 2:
+        raise ValueError(f"data.max_length must be an int >= 2, got {data['max_length']!r}")
+    model = dict(config["model"])
+    name = model.pop("config")
+    if name not in REFERENCE_CONFIGS:
+        raise ValueError(f"model.config must be one of {tuple(REFERENCE_CONFIGS)}, got {name!r}")
+    fields = set(ModelConfig.__dataclass_fields__) - {"num_items"}
+    for key in model:
+        if key not in fields:
+            raise ValueError(f"unknown key model.{key}; expected one of {sorted(fields)}")
+    method = dict(config["method"])
+    if method.pop("name") not in METHODS:
+        raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {config['method']['name']!r}")
+    options = set(TrainingOptions.__dataclass_fields__) - {"mode"}
+    for key in method:
+        if key not in options:
+            raise ValueError(f"unknown key method.{key}; expected one of {sorted(options)}")

@@ -1,0 +1,279 @@
+"""The training loop of ``python -m rec2pm train``: leave-one-out data, AdamW, a schedule,
+validation with early stopping, JSON-lines metrics, and checkpoints with exact resume.
+
+Exact resume: a checkpoint holds the model, optimiser, scheduler, every RNG state
+(torch, Python, NumPy), the epoch and the next batch inside it.  The data order of an
+epoch is a function of ``(seed, epoch)`` alone, so a resumed run replays the same batches
+with the same dropout masks and negatives, and ends with the same metrics as a run that
+was never interrupted (``tests/test_training.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .config import named_config
+from .data import InteractionData, leave_one_out, lifelong_histories, load_dataset
+from .evaluation import evaluate, format_metrics
+from .methods import build_model
+from .methods.base import TrainingOptions
+
+SELECTION_METRIC = "NDCG@10"
+
+
+# -- data --------------------------------------------------------------------------------------
+def load_data(data: dict) -> InteractionData:
+    if data["kind"] == "synthetic":
+        return lifelong_histories(data["synthetic_users"], data["synthetic_length"], data["synthetic_items"],
+                                  noise=data["synthetic_noise"], seed=data["seed"])
+    kwargs = {}
+    if data["kind"] == "table":
+        kwargs = dict(user_col=data["user_col"], item_col=data["item_col"], time_col=data["time_col"], sep=data["sep"])
+    return load_dataset(data["kind"], data["path"], **kwargs)
+
+
+def keep_last(items: torch.Tensor, cu: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each history's last ``max_length`` events (truncation from the left, documented)."""
+    lengths = (cu[1:] - cu[:-1]).clamp(max=max_length)
+    new_cu = torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
+    user = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    rank = torch.arange(int(new_cu[-1])) - new_cu[:-1][user]
+    return items[cu[1:][user] - lengths[user] + rank], new_cu
+
+
+def gather(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed histories of ``users`` (in that order)."""
+    lengths = (cu[1:] - cu[:-1])[users]
+    new_cu = torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
+    owner = torch.repeat_interleave(torch.arange(users.numel()), lengths)
+    rank = torch.arange(int(new_cu[-1])) - new_cu[:-1][owner]
+    return items[cu[users][owner] + rank], new_cu
+
+
+def epoch_order(num_users: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_users, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+# -- model -------------------------------------------------------------------------------------
+def build(run: dict, num_items: int):
+    model_cfg = dict(run["model"])
+    name = model_cfg.pop("config")
+    base = named_config(name, num_items=num_items, **model_cfg)
+    longest = run["data"]["max_length"]
+    needed = longest + base.num_memory_tokens * (longest // base.segment_len + 1) + 1
+    if "max_positions" not in model_cfg and base.max_positions < needed:
+        base = base.with_(max_positions=needed)
+    method = dict(run["method"])
+    return build_model(method.pop("name"), base, TrainingOptions(**method))
+
+
+def lr_lambda(train: dict, total_steps: int):
+    warmup, schedule = train["warmup_steps"], train["schedule"]
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+class MetricsLog:
+    """JSON-lines log of a run, one object per line."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train(run: dict, *, resume: bool = True) -> dict:
+    """Train as ``run`` (see ``rec2pm.run_config``) says; returns the final summary."""
+    train_cfg, data_cfg = run["train"], run["data"]
+    if train_cfg["threads"]:
+        torch.set_num_threads(train_cfg["threads"])
+    device = torch.device("cuda" if train_cfg["device"] == "auto" and torch.cuda.is_available()
+                          else ("cpu" if train_cfg["device"] == "auto" else train_cfg["device"]))
+    ctx = distributed.setup(device)
+    out_dir = Path(train_cfg["out_dir"])
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    log = MetricsLog(out_dir / "metrics.jsonl", ctx.is_main)
+    say = print if ctx.is_main else (lambda *a, **k: None)
+
+    data = load_data(data_cfg)
+    split = leave_one_out(data)
+    max_length = data_cfg["max_length"]
+    train_items, train_cu = keep_last(split.train.items, split.train.cu_seqlens, max_length)
+    valid = keep_last(split.valid_history.items, split.valid_history.cu_seqlens, max_length)
+    test = keep_last(split.test_history.items, split.test_history.cu_seqlens, max_length)
+    say(f"data: {data.summary()}")
+
+    seed_everything(train_cfg["seed"])
+    model = build(run, data.num_items).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    num_train = train_cu.numel() - 1
+    batches_per_epoch = math.ceil(num_train / train_cfg["batch_size"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lr_lambda(train_cfg, batches_per_epoch * train_cfg["epochs"]))
+    # Everything the loop needs to continue exactly where a checkpoint left it.
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0,
+             "loss_sum": 0.0, "loss_count": 0}
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        say(f"resumed from {last_path} at epoch {state['epoch']}, batch {state['batch']}, step {state['step']}")
+    trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ctx.enabled else model
+
+    def save(path: Path, **extra) -> None:
+        if ctx.is_main:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rng_state(), "state": dict(state),
+                        "run": run, "num_items": data.num_items, **extra}, path)
+        ctx.barrier()
+
+    def validate_model() -> dict:
+        model.eval()
+        metrics = evaluate(model.score_history, valid[0].to(device), valid[1].to(device),
+                           split.valid_targets.to(device), data.num_items, batch_size=train_cfg["eval_batch_size"],
+                           exclude_history=train_cfg["exclude_history"],
+                           progress=train_cfg["progress"] and ctx.is_main, description="valid")
+        model.train()
+        return metrics
+
+    model.train()
+    started = time.perf_counter()
+    stop = False
+    while state["epoch"] < train_cfg["epochs"] and not stop:
+        epoch = state["epoch"]
+        order = epoch_order(num_train, train_cfg["seed"], epoch)
+        batches = order.split(train_cfg["batch_size"])
+        progress = range(state["batch"], len(batches))
+        if train_cfg["progress"] and ctx.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(progress, desc=f"epoch {epoch}", leave=False)
+        for b in progress:
+            users = batches[b][ctx.rank::ctx.world_size]
+            items, cu = gather(train_items, train_cu, users)
+            out = trained(items.to(device), cu.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            state["loss_sum"] += out.loss.item()
+            state["loss_count"] += 1
+            state["batch"], state["step"] = b + 1, state["step"] + 1
+            if train_cfg["checkpoint_every"] and state["step"] % train_cfg["checkpoint_every"] == 0:
+                save(last_path)
+            if train_cfg["stop_after_steps"] and state["step"] >= train_cfg["stop_after_steps"]:
+                say(f"stopping after {state['step']} steps (train.stop_after_steps), as if interrupted")
+                distributed.teardown(ctx)
+                return {"interrupted": True, "step": state["step"]}
+        record = {"epoch": epoch, "step": state["step"], "train_loss": state["loss_sum"] / max(state["loss_count"], 1)}
+        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+        if (epoch + 1) % train_cfg["eval_every"] == 0 or epoch + 1 == train_cfg["epochs"]:
+            metrics = validate_model() if ctx.is_main else {}
+            record["valid"] = metrics
+            if ctx.is_main:
+                say(f"epoch {epoch}: loss {record['train_loss']:.4f}  valid " +
+                    "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users"))
+                if metrics[SELECTION_METRIC] > state["best"]:
+                    state["best"], state["best_epoch"], state["bad_epochs"] = metrics[SELECTION_METRIC], epoch, 0
+                    torch.save({"model": model.state_dict(), "run": run, "num_items": data.num_items,
+                                "epoch": epoch, "valid": metrics}, best_path)
+                else:
+                    state["bad_epochs"] += 1
+            stop = bool(train_cfg["patience"]) and state["bad_epochs"] >= train_cfg["patience"]
+            if ctx.enabled:  # every rank must agree on stopping
+                flag = torch.tensor([int(stop)], device=device)
+                torch.distributed.broadcast(flag, 0)
+                stop = bool(flag.item())
+        log.write(**record)
+        save(last_path)
+
+    summary = {"best_epoch": state["best_epoch"], "best_valid": state["best"], "steps": state["step"]}
+    if ctx.is_main:
+        best = load_checkpoint(best_path) if best_path.exists() else {"model": model.state_dict()}
+        model.load_state_dict(best["model"])
+        model.eval()
+        test_metrics = evaluate(model.score_history, test[0].to(device), test[1].to(device),
+                                split.test_targets.to(device), data.num_items,
+                                batch_size=train_cfg["eval_batch_size"], progress=train_cfg["progress"],
+                                exclude_history=train_cfg["exclude_history"],
+                                description="test")
+        summary["test"] = test_metrics
+        summary["wall_s"] = round(time.perf_counter() - started, 3)
+        log.write(final=summary)
+        say(f"best epoch {state['best_epoch']} (valid {SELECTION_METRIC} {state['best']:.4f}); test:\n"
+            + format_metrics(test_metrics))
+    ctx.barrier()
+    distributed.teardown(ctx)
+    return summary
+
+
+def evaluate_checkpoint(path: str | Path, *, data_path: str | None = None, split_name: str = "test",
+                        progress: bool = True) -> dict:
+    """Metrics of a saved model (``best.pt`` or ``last.pt``) on its run's data split."""
+    ckpt = load_checkpoint(path)
+    run = ckpt["run"]
+    if data_path is not None:
+        run = {**run, "data": {**run["data"], "path": data_path}}
+    data = load_data(run["data"])
+    if data.num_items != ckpt["num_items"]:
+        raise ValueError(f"--data has {data.num_items} items but the checkpoint was trained on {ckpt['num_items']}")
+    split = leave_one_out(data)
+    history = split.test_history if split_name == "test" else split.valid_history
+    targets = split.test_targets if split_name == "test" else split.valid_targets
+    items, cu = keep_last(history.items, history.cu_seqlens, run["data"]["max_length"])
+    model = build(run, data.num_items)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return evaluate(model.score_history, items, cu, targets, data.num_items,
+                    batch_size=run["train"]["eval_batch_size"], exclude_history=run["train"]["exclude_history"],
+                    progress=progress, description=split_name)
