@@ -157,7 +157,8 @@ def _history_mask(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor, nu
 def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], items: torch.Tensor,
              cu_seqlens: torch.Tensor, targets: torch.Tensor, num_items: int, *, exclude_history: bool = True,
              ks: Iterable[int] = (1, 10, 50), batch_size: int = 256, progress: bool = True,
-             description: str = "evaluate") -> dict[str, float]:
+             description: str = "evaluate", exclude_items: torch.Tensor | None = None,
+             exclude_cu_seqlens: torch.Tensor | None = None) -> dict[str, float]:
     """Full-ranking evaluation of next-item scores over all users, in batches.
 
     Args:
@@ -174,6 +175,9 @@ def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ite
         batch_size: users per ``score_fn`` call.
         progress: show a tqdm bar when tqdm is installed.
         description: the bar's label.
+        exclude_items, exclude_cu_seqlens: the histories to exclude, when they differ from
+            the model's input (a model that reads only the last ``max_length`` events must
+            still not be credited with items from older events); default ``items``.
 
     Returns:
         ``metrics_from_ranks`` of all users' ranks, plus ``"users"``: U.
@@ -192,6 +196,16 @@ def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ite
                          f"{tuple(targets.shape)}")
     _check_ids("items", items, num_items)
     _check_ids("targets", targets, num_items)
+    if (exclude_items is None) != (exclude_cu_seqlens is None):
+        raise ValueError("exclude_items and exclude_cu_seqlens go together: pass both or neither")
+    if exclude_items is None:
+        exclude_items, exclude_cu = items, cu
+    else:
+        _check_int_tensor("exclude_items", exclude_items, 1)
+        exclude_cu = _check_cu_seqlens(exclude_cu_seqlens, exclude_items.numel())
+        if exclude_cu.numel() != cu.numel():
+            raise ValueError(f"exclude_cu_seqlens must describe the same {users} users as cu_seqlens")
+        _check_ids("exclude_items", exclude_items, num_items)
     model = getattr(score_fn, "__self__", None)
     if isinstance(model, torch.nn.Module) and model.training:
         # Dropout would make the metrics noisy and lower than the model's real quality.
@@ -218,7 +232,7 @@ def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ite
                                      f"(batch, num_items + 1) for users {start}..{end - 1}, got "
                                      f"{tuple(getattr(scores, 'shape', ())) or type(scores).__name__}")
                 # Inputs were checked once above, so the per-batch mask skips the checks.
-                exclude = (_history_mask(items, cu, torch.arange(start, end), num_items)
+                exclude = (_history_mask(exclude_items, exclude_cu, torch.arange(start, end), num_items)
                            if exclude_history else None)
                 ranks.append(ranks_from_scores(scores, targets[start:end], exclude).cpu())
                 if bar is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -62,6 +63,15 @@ def epoch_order(num_users: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_users, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def epoch_batches(order: torch.Tensor, batch_size: int, world_size: int) -> list[torch.Tensor]:
+    """Global batches of ``batch_size`` users; a last batch too small to give every rank a
+    user is merged into the one before it (no user is dropped)."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() < world_size:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 # -- model -------------------------------------------------------------------------------------
 def build(run: dict, num_items: int):
     model_cfg = dict(run["model"])
@@ -109,6 +119,13 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def save_atomically(obj: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a kill mid-write never leaves a torn checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
@@ -137,6 +154,9 @@ def train(run: dict, *, resume: bool = True) -> dict:
     out_dir = Path(train_cfg["out_dir"])
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # an earlier run's log and models must not mix with this one's
+            for name in ("metrics.jsonl", "last.pt", "best.pt"):
+                (out_dir / name).unlink(missing_ok=True)
     ctx.barrier()
     log = MetricsLog(out_dir / "metrics.jsonl", ctx.is_main)
     say = print if ctx.is_main else (lambda *a, **k: None)
@@ -147,10 +167,14 @@ def train(run: dict, *, resume: bool = True) -> dict:
     train_items, train_cu = keep_last(split.train.items, split.train.cu_seqlens, max_length)
     valid = keep_last(split.valid_history.items, split.valid_history.cu_seqlens, max_length)
     test = keep_last(split.test_history.items, split.test_history.cu_seqlens, max_length)
+    # Already-seen items are excluded from the whole history, not only the model's window.
+    valid_seen = (split.valid_history.items, split.valid_history.cu_seqlens)
+    test_seen = (split.test_history.items, split.test_history.cu_seqlens)
     say(f"data: {data.summary()}")
 
-    seed_everything(train_cfg["seed"])
+    seed_everything(train_cfg["seed"])  # the same initial model on every rank
     model = build(run, data.num_items).to(device)
+    seed_everything(train_cfg["seed"] + 7919 * ctx.rank)  # then one RNG stream per rank (dropout, negatives)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     num_train = train_cu.numel() - 1
     batches_per_epoch = math.ceil(num_train / train_cfg["batch_size"])
@@ -165,34 +189,39 @@ def train(run: dict, *, resume: bool = True) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"][ctx.rank])
         state = ckpt["state"]
         say(f"resumed from {last_path} at epoch {state['epoch']}, batch {state['batch']}, step {state['step']}")
     trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ctx.enabled else model
 
-    def save(path: Path, **extra) -> None:
+    def save(path: Path) -> None:
+        rngs = [rng_state()]
+        if ctx.enabled:  # every rank's RNG state, so that each resumes its own stream
+            rngs = [None] * ctx.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
         if ctx.is_main:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng_state(), "state": dict(state),
-                        "run": run, "num_items": data.num_items, **extra}, path)
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": rngs, "state": dict(state),
+                             "run": run, "num_items": data.num_items}, path)
         ctx.barrier()
 
     def validate_model() -> dict:
         model.eval()
         metrics = evaluate(model.score_history, valid[0].to(device), valid[1].to(device),
                            split.valid_targets.to(device), data.num_items, batch_size=train_cfg["eval_batch_size"],
-                           exclude_history=train_cfg["exclude_history"],
+                           exclude_history=train_cfg["exclude_history"], exclude_items=valid_seen[0],
+                           exclude_cu_seqlens=valid_seen[1],
                            progress=train_cfg["progress"] and ctx.is_main, description="valid")
         model.train()
         return metrics
 
     model.train()
     started = time.perf_counter()
-    stop = False
+    stop = bool(train_cfg["patience"]) and state["bad_epochs"] >= train_cfg["patience"]  # stopped before resume
     while state["epoch"] < train_cfg["epochs"] and not stop:
         epoch = state["epoch"]
         order = epoch_order(num_train, train_cfg["seed"], epoch)
-        batches = order.split(train_cfg["batch_size"])
+        batches = epoch_batches(order, train_cfg["batch_size"], ctx.world_size)
         progress = range(state["batch"], len(batches))
         if train_cfg["progress"] and ctx.is_main:
             from tqdm import tqdm
@@ -225,8 +254,8 @@ def train(run: dict, *, resume: bool = True) -> dict:
                     "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users"))
                 if metrics[SELECTION_METRIC] > state["best"]:
                     state["best"], state["best_epoch"], state["bad_epochs"] = metrics[SELECTION_METRIC], epoch, 0
-                    torch.save({"model": model.state_dict(), "run": run, "num_items": data.num_items,
-                                "epoch": epoch, "valid": metrics}, best_path)
+                    save_atomically({"model": model.state_dict(), "run": run, "num_items": data.num_items,
+                                     "epoch": epoch, "valid": metrics}, best_path)
                 else:
                     state["bad_epochs"] += 1
             stop = bool(train_cfg["patience"]) and state["bad_epochs"] >= train_cfg["patience"]
@@ -245,8 +274,8 @@ def train(run: dict, *, resume: bool = True) -> dict:
         test_metrics = evaluate(model.score_history, test[0].to(device), test[1].to(device),
                                 split.test_targets.to(device), data.num_items,
                                 batch_size=train_cfg["eval_batch_size"], progress=train_cfg["progress"],
-                                exclude_history=train_cfg["exclude_history"],
-                                description="test")
+                                exclude_history=train_cfg["exclude_history"], exclude_items=test_seen[0],
+                                exclude_cu_seqlens=test_seen[1], description="test")
         summary["test"] = test_metrics
         summary["wall_s"] = round(time.perf_counter() - started, 3)
         log.write(final=summary)
@@ -276,4 +305,5 @@ def evaluate_checkpoint(path: str | Path, *, data_path: str | None = None, split
     model.eval()
     return evaluate(model.score_history, items, cu, targets, data.num_items,
                     batch_size=run["train"]["eval_batch_size"], exclude_history=run["train"]["exclude_history"],
+                    exclude_items=history.items, exclude_cu_seqlens=history.cu_seqlens,
                     progress=progress, description=split_name)

@@ -297,3 +297,24 @@ def test_parts_bad_input(call, text):
     with pytest.raises((ValueError, TypeError)) as info:
         call()
     assert text in str(info.value)
+
+
+def test_exclusion_can_come_from_a_longer_history_than_the_model_reads():
+    # The model reads only the last item; the exclusion covers the whole history.
+    num_items = 6
+    full_items = torch.tensor([5, 4, 1])          # one user, history 5 4 1
+    full_cu = torch.tensor([0, 3])
+    window_items, window_cu = torch.tensor([1]), torch.tensor([0, 1])
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 6.0, 5.0, 4.0]])  # items 4, 5 score above the target 6
+
+    def score_fn(items, cu):
+        return scores
+
+    target = torch.tensor([6])
+    only_window = evaluate(score_fn, window_items, window_cu, target, num_items, progress=False)
+    whole = evaluate(score_fn, window_items, window_cu, target, num_items, progress=False,
+                     exclude_items=full_items, exclude_cu_seqlens=full_cu)
+    assert only_window["HR@1"] == 0.0 and only_window["MRR"] == 1 / 3
+    assert whole["HR@1"] == 1.0
+    with pytest.raises(ValueError, match="exclude_items and exclude_cu_seqlens go together"):
+        evaluate(score_fn, window_items, window_cu, target, num_items, progress=False, exclude_items=full_items)

@@ -12,7 +12,7 @@ import torch
 
 from rec2pm.cli import main
 from rec2pm.run_config import build_run_config, parse_override
-from rec2pm.training import load_checkpoint, train
+from rec2pm.training import epoch_batches, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -91,3 +91,25 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_epoch_batches_give_every_rank_a_user_and_drop_none():
+    order = torch.randperm(41, generator=torch.Generator().manual_seed(0))
+    batches = epoch_batches(order, 8, world_size=2)
+    assert torch.equal(torch.cat(batches), order)
+    assert [b.numel() for b in batches] == [8, 8, 8, 8, 9]
+    assert all(b[rank::2].numel() >= 1 for b in batches for rank in range(2))
+    assert [b.numel() for b in epoch_batches(order, 8, world_size=1)] == [8, 8, 8, 8, 8, 1]
+
+
+def test_early_stop_survives_resume_and_no_resume_starts_clean(tmp_path):
+    # lr 0: validation never improves after the first epoch, so patience 1 stops after epoch 1.
+    args = ("train.lr=0.0", "train.patience=1", "train.epochs=6")
+    stopped = train(run_config(tmp_path / "es", *args))
+    assert stopped["steps"] == 10  # two epochs of 5 batches
+    again = train(run_config(tmp_path / "es", *args))  # resuming a stopped run trains nothing more
+    assert again["steps"] == 10
+    assert len([x for x in log_lines(tmp_path / "es") if "epoch" in x]) == 2
+    fresh = train(run_config(tmp_path / "es", "train.epochs=1"), resume=False)
+    assert fresh["steps"] == 5
+    assert len([x for x in log_lines(tmp_path / "es") if "epoch" in x]) == 1

@@ -78,17 +78,19 @@ class KVMask(RecModel):
         capacity = int((memory.counts + (tail_cu[1:] - tail_cu[:-1]).cpu()).max())
         user = torch.repeat_interleave(torch.arange(batch), memory.counts)
         slot = torch.arange(user.numel()) - torch.cat([memory.counts.new_zeros(1), memory.counts.cumsum(0)[:-1]])[user]
+        user, slot = user.to(tail_items.device), slot.to(tail_items.device)
         caches = []
         for k, v in memory.layers:
             kc = k.new_zeros((batch, capacity, *k.shape[1:]))
             vc = v.new_zeros((batch, capacity, *v.shape[1:]))
             kc[user, slot], vc[user, slot] = k, v
             caches.append(LayerCache(kc, vc))
+        device = tail_items.device
         counts = tail_cu[1:] - tail_cu[:-1]
-        return self.decoder.step(self.item_embedding(tail_items), tail_positions.to(tail_items.device), tail_cu,
-                                 int(counts.max()), caches, memory.counts.to(torch.int32))
+        return self.decoder.step(self.item_embedding(tail_items), tail_positions.to(device), tail_cu.to(device),
+                                 int(counts.max()), caches, memory.counts.to(device, torch.int32))
 
     def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         memory, tail, tail_cu, positions = self.encode(items, cu_seqlens)
         h = self.tail_hidden(memory, tail, tail_cu, positions)
-        return self.logits(h[(tail_cu[1:] - 1).long()])
+        return self.logits(h[(tail_cu[1:] - 1).long().to(h.device)])
