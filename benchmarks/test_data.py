@@ -8,7 +8,7 @@ import torch
 
 from rec2pm.data import lifelong_histories
 
-SIZES = {"quick": (1_000, 2_000), "full": (10_000, 2_000)}
+SIZES = {"quick": (200, 2_000), "full": (10_000, 2_000)}
 
 
 @pytest.mark.parametrize("case", ["randint", "lifelong_histories"])
