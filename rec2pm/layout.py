@@ -339,3 +339,12 @@ def serving_layout(memory_counts: Sequence[int] | torch.Tensor, recent_lengths: 
     """Serving blocks ``[M ; recent items]``, one per user; score from ``last_rows``."""
     recent_lengths = _as_counts("recent_lengths", recent_lengths, 1)
     return block_layout(memory_counts, recent_lengths, num_memory_tokens)
+
+
+def split_history(items: torch.Tensor, lengths: torch.Tensor, segment_len: int):
+    """``(K, tail_items, tail_cu)`` of packed histories: archived segments per user, and
+    each user's tail (its last ``L - K*S`` items) packed with its offsets."""
+    archived, tail = history_shape(lengths, segment_len)
+    user, offset = _expand(tail)
+    rows = lengths.cumsum(0)[user] - tail[user] + offset
+    return archived, items[rows.to(items.device)], _offsets(tail)

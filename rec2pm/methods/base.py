@@ -82,6 +82,7 @@ class RecModel(nn.Module):
     ``score_history(items, cu_seqlens) -> (B, N + 1)`` logits serves it."""
 
     method = "base"
+    uses_write_tokens = False  # methods with a memory own the C learned write-token embeddings
 
     def __init__(self, config: ModelConfig, options: TrainingOptions | None = None):
         super().__init__()
@@ -92,6 +93,9 @@ class RecModel(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
         self.decoder = Decoder(config)
+        if self.uses_write_tokens:
+            self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model)
+                                             * config.d_model ** -0.5)
 
     # -- inputs ------------------------------------------------------------------------------
     def check_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str = "items") -> torch.Tensor:

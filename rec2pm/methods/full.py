@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import block_layout, history_shape
+from ..layout import block_layout, history_shape, split_history
 from .base import LossOutput, RecModel
 
 
@@ -54,9 +54,8 @@ class RecentOnly(RecModel):
 
     def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         lengths = self.check_history(items, cu_seqlens)
-        _, tail = history_shape(lengths, self.config.segment_len)
-        rows = torch.cat([torch.arange(int(e) - int(t), int(e)) for e, t in zip(cu_seqlens[1:].cpu(), tail)])
-        recent = items[rows.to(items.device)]
+        _, recent, recent_cu = split_history(items, lengths, self.config.segment_len)
+        tail = recent_cu.diff()
         layout = block_layout(torch.zeros_like(tail), tail, 1)
         h = self.run(layout, self.item_embedding(recent))
         return self.logits(h[layout.last_rows.to(h.device)])

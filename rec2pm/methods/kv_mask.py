@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..backbones.decoder import LayerCache
-from ..layout import ITEM, WRITE, stage1_layout
+from ..backbones.decoder import caches_from_kv
+from ..layout import ITEM, split_history, stage1_layout
 from .base import LossOutput, RecModel
-from .token_memory import split_history
+from .token_memory import memory_rows
 
 
 @dataclass
@@ -32,9 +31,7 @@ class KVMemory:
 class KVMask(RecModel):
     method = "kv-mask"
 
-    def __init__(self, config, options=None):
-        super().__init__(config, options)
-        self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model) * config.d_model ** -0.5)
+    uses_write_tokens = True
 
     @property
     def pattern(self) -> str:
@@ -62,10 +59,7 @@ class KVMask(RecModel):
         S, C = self.config.segment_len, self.config.num_memory_tokens
         archived, tail_items, tail_cu = split_history(items, lengths, S)
         layout, (_, kv) = self.stream(items, lengths, collect_kv=True)
-        write = layout.role == WRITE
-        keep = write if self.options.mode == "append" else write & (layout.segment == archived[layout.user] - 1)
-        rows = torch.nonzero(keep).flatten()
-        counts = archived * C if self.options.mode == "append" else torch.where(archived > 0, C, 0)
+        rows, counts = memory_rows(layout, archived, self.options.mode, C)
         tail_rows = torch.nonzero((layout.role == ITEM) & (layout.segment == archived[layout.user])).flatten()
         tail_positions = tail_rows - layout.cu_seqlens[:-1].long()[layout.user[tail_rows]]
         memory = KVMemory([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv], counts)
@@ -74,21 +68,12 @@ class KVMask(RecModel):
     @torch.no_grad()
     def tail_hidden(self, memory: KVMemory, tail_items, tail_cu, tail_positions) -> torch.Tensor:
         """Decoder outputs of the tail items served over the cached write-token K/V."""
-        batch = memory.counts.numel()
-        capacity = int((memory.counts + (tail_cu[1:] - tail_cu[:-1]).cpu()).max())
-        user = torch.repeat_interleave(torch.arange(batch), memory.counts)
-        slot = torch.arange(user.numel()) - torch.cat([memory.counts.new_zeros(1), memory.counts.cumsum(0)[:-1]])[user]
-        user, slot = user.to(tail_items.device), slot.to(tail_items.device)
-        caches = []
-        for k, v in memory.layers:
-            kc = k.new_zeros((batch, capacity, *k.shape[1:]))
-            vc = v.new_zeros((batch, capacity, *v.shape[1:]))
-            kc[user, slot], vc[user, slot] = k, v
-            caches.append(LayerCache(kc, vc))
         device = tail_items.device
-        counts = tail_cu[1:] - tail_cu[:-1]
+        tail_counts = (tail_cu[1:] - tail_cu[:-1]).cpu()
+        memory_cu = torch.cat([memory.counts.new_zeros(1), memory.counts.cumsum(0)]).to(device)
+        caches, cache_seqlens = caches_from_kv(memory.layers, memory_cu, int((memory.counts + tail_counts).max()))
         return self.decoder.step(self.item_embedding(tail_items), tail_positions.to(device), tail_cu.to(device),
-                                 int(counts.max()), caches, memory.counts.to(device, torch.int32))
+                                 int(tail_counts.max()), caches, cache_seqlens)
 
     def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         memory, tail, tail_cu, positions = self.encode(items, cu_seqlens)

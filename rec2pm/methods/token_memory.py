@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..backbones.decoder import LayerCache, caches_from_kv
-from ..layout import WRITE, history_shape, serving_layout, stage1_layout, update_layout
+from ..layout import WRITE, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
 
 
@@ -39,21 +38,20 @@ class ServingState:
     seqlens: torch.Tensor
 
 
-def split_history(items: torch.Tensor, lengths: torch.Tensor, segment_len: int):
-    """``(archived K, tail items, tail cu)`` of packed histories."""
-    archived, tail = history_shape(lengths, segment_len)
-    ends = lengths.cumsum(0)
-    rows = torch.cat([torch.arange(int(e) - int(t), int(e)) for e, t in zip(ends, tail)])
-    tail_cu = torch.cat([tail.new_zeros(1), tail.cumsum(0)])
-    return archived, items[rows.to(items.device)], tail_cu
+def memory_rows(layout, archived: torch.Tensor, mode: str, num_memory_tokens: int):
+    """Stage-1-shaped stream rows that hold the memory after the whole history, and the
+    memory tokens per user: the last write block (overwrite) or every one (append)."""
+    write = layout.role == WRITE
+    if mode == "append":
+        return torch.nonzero(write).flatten(), archived * num_memory_tokens
+    keep = write & (layout.segment == archived[layout.user] - 1)
+    return torch.nonzero(keep).flatten(), torch.where(archived > 0, num_memory_tokens, 0)
 
 
 class TokenMemoryModel(RecModel):
-    """Adds the write tokens and the memory inference API to ``RecModel``."""
+    """Adds the memory inference API to ``RecModel``."""
 
-    def __init__(self, config, options=None):
-        super().__init__(config, options)
-        self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model) * config.d_model ** -0.5)
+    uses_write_tokens = True
 
     # -- memory ------------------------------------------------------------------------------
     def empty_memory(self, batch: int) -> Memory:
@@ -81,10 +79,8 @@ class TokenMemoryModel(RecModel):
                 memory = self.update_some(memory, users, items[rows.to(items.device)])
             return memory, tail_items, tail_cu
         layout, out = self.stage1(items, lengths)
-        write = layout.role == WRITE
-        keep = write if self.options.mode == "append" else write & (layout.segment == archived[layout.user] - 1)
-        counts = archived * C if self.options.mode == "append" else torch.where(archived > 0, C, 0)
-        return Memory(out[torch.nonzero(keep).flatten().to(out.device)], counts), tail_items, tail_cu
+        rows, counts = memory_rows(layout, archived, self.options.mode, C)
+        return Memory(out[rows.to(out.device)], counts), tail_items, tail_cu
 
     def update(self, memory: Memory, segment_items: torch.Tensor, segment_cu: torch.Tensor) -> Memory:
         """Archive one segment per user: ``[M ; S_h ; w]`` -> the new memory."""
