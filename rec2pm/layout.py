@@ -166,6 +166,15 @@ def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return owner, offset
 
 
+def packed_rows(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row indices of the ranges ``[starts[i], starts[i] + counts[i])``, concatenated in order.
+
+    Gathers (parts of) packed sequences in one indexing op: tails, windows, chosen users.
+    """
+    owner, offset = _expand(counts.long())
+    return starts.long().cpu()[owner] + offset
+
+
 def _layout(counts: torch.Tensor, **per_token: torch.Tensor) -> PackedLayout:
     cu = _offsets(counts).to(torch.int32)
     return PackedLayout(cu_seqlens=cu, max_seqlen=int(counts.max()) if counts.numel() else 0, **per_token)
@@ -345,6 +354,5 @@ def split_history(items: torch.Tensor, lengths: torch.Tensor, segment_len: int):
     """``(K, tail_items, tail_cu)`` of packed histories: archived segments per user, and
     each user's tail (its last ``L - K*S`` items) packed with its offsets."""
     archived, tail = history_shape(lengths, segment_len)
-    user, offset = _expand(tail)
-    rows = lengths.cumsum(0)[user] - tail[user] + offset
+    rows = packed_rows(lengths.cumsum(0) - tail, tail)
     return archived, items[rows.to(items.device)], _offsets(tail)

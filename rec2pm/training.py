@@ -24,6 +24,7 @@ from . import distributed
 from .config import named_config
 from .data import InteractionData, leave_one_out, lifelong_histories, load_dataset
 from .evaluation import evaluate, format_metrics
+from .layout import packed_rows
 from .methods import build_model
 from .methods.base import TrainingOptions
 
@@ -44,19 +45,13 @@ def load_data(data: dict) -> InteractionData:
 def keep_last(items: torch.Tensor, cu: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each history's last ``max_length`` events (truncation from the left, documented)."""
     lengths = (cu[1:] - cu[:-1]).clamp(max=max_length)
-    new_cu = torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
-    user = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    rank = torch.arange(int(new_cu[-1])) - new_cu[:-1][user]
-    return items[cu[1:][user] - lengths[user] + rank], new_cu
+    return items[packed_rows(cu[1:] - lengths, lengths)], torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
 
 
 def gather(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed histories of ``users`` (in that order)."""
     lengths = (cu[1:] - cu[:-1])[users]
-    new_cu = torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
-    owner = torch.repeat_interleave(torch.arange(users.numel()), lengths)
-    rank = torch.arange(int(new_cu[-1])) - new_cu[:-1][owner]
-    return items[cu[users][owner] + rank], new_cu
+    return items[packed_rows(cu[users], lengths)], torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
 
 
 def epoch_order(num_users: int, seed: int, epoch: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones.decoder import LayerCache, caches_from_kv
-from ..layout import WRITE, serving_layout, split_history, stage1_layout, update_layout
+from ..layout import WRITE, packed_rows, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
 
 
@@ -90,24 +90,17 @@ class TokenMemoryModel(RecModel):
 
     def update_some(self, memory: Memory, users: torch.Tensor, segment_items: torch.Tensor) -> Memory:
         """``update`` for a subset of users, each archiving ``S`` items; others keep theirs."""
-        S = self.config.segment_len
         counts = memory.counts
-        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-        rows = torch.cat([torch.arange(int(starts[u]), int(starts[u] + counts[u])) for u in users.tolist()]
-                         or [torch.zeros(0, dtype=torch.long)])
-        sub = Memory(memory.vectors[rows.to(memory.vectors.device)], counts[users])
-        new = self._update(sub, segment_items, torch.full((users.numel(),), S))
-        merged_counts = counts.clone()
+        starts = counts.cumsum(0) - counts
+        device = memory.vectors.device
+        sub = Memory(memory.vectors[packed_rows(starts[users], counts[users]).to(device)], counts[users])
+        new = self._update(sub, segment_items, torch.full((users.numel(),), self.config.segment_len))
+        # Each user's memory comes from the new vectors if it updated, else from the old ones.
+        source = torch.cat([memory.vectors, new.vectors])
+        merged_counts, source_starts = counts.clone(), starts.clone()
         merged_counts[users] = new.counts
-        parts, new_starts = [], torch.cat([new.counts.new_zeros(1), new.counts.cumsum(0)[:-1]])
-        position = {int(u): i for i, u in enumerate(users.tolist())}
-        for b in range(counts.numel()):
-            if b in position:
-                i = position[b]
-                parts.append(new.vectors[int(new_starts[i]):int(new_starts[i] + new.counts[i])])
-            else:
-                parts.append(memory.vectors[int(starts[b]):int(starts[b] + counts[b])])
-        return Memory(torch.cat(parts), merged_counts)
+        source_starts[users] = counts.sum() + new.counts.cumsum(0) - new.counts
+        return Memory(source[packed_rows(source_starts, merged_counts).to(device)], merged_counts)
 
     def _update(self, memory: Memory, segment_items: torch.Tensor, lengths: torch.Tensor) -> Memory:
         C = self.config.num_memory_tokens
@@ -117,17 +110,15 @@ class TokenMemoryModel(RecModel):
         new = out[layout.rows(WRITE).to(out.device)]  # C rows per user, user after user
         if self.options.mode == "overwrite":
             return Memory(new, torch.full_like(memory.counts, C))
-        # Append: each user's old memories, then the new C.
+        # Append: each user's old memories, then its new C (two ranges per user of one source).
         batch = memory.counts.numel()
+        source = torch.cat([memory.vectors, new])
+        old_starts = memory.counts.cumsum(0) - memory.counts
+        new_starts = memory.counts.sum() + C * torch.arange(batch)
+        starts = torch.stack([old_starts, new_starts], 1).flatten()
+        sizes = torch.stack([memory.counts, torch.full_like(memory.counts, C)], 1).flatten()
+        vectors = source[packed_rows(starts, sizes).to(new.device)]
         counts = memory.counts + C
-        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-        old_user = torch.repeat_interleave(torch.arange(batch), memory.counts)
-        old_rank = torch.arange(old_user.numel()) - torch.cat([counts.new_zeros(1), memory.counts.cumsum(0)[:-1]])[old_user]
-        new_user = torch.arange(batch).repeat_interleave(C)
-        new_rank = memory.counts[new_user] + torch.arange(C).repeat(batch)
-        vectors = new.new_zeros((int(counts.sum()), new.shape[1]))
-        vectors = vectors.index_put(((starts[old_user] + old_rank).to(new.device),), memory.vectors)
-        vectors = vectors.index_put(((starts[new_user] + new_rank).to(new.device),), new)
         return Memory(vectors, counts)
 
     # -- serving -----------------------------------------------------------------------------
