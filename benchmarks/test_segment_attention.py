@@ -1,25 +1,58 @@
-"""segment_attention backends per pattern against full causal attention over the same items.
+"""segment_attention per pattern and backend against full causal attention over the same history.
 
-History of L events for each of B users, S = 200, C = 4 (SPEC's reference setting),
-SASRec's attention shape (4 heads of 16).  The baseline is SDPA causal attention over the
-L items; the interleaved patterns run over the L + K*C tokens of the Stage 1 stream.
+Every group is one direction, history length L, batch, 4 heads and head dim d; its baseline
+is SDPA causal attention over the L items (forced onto the FlashAttention kernel for bf16
+on CUDA).  The same group holds flash-attn's varlen function over the items (when
+installed), and for each pattern FlexAttention (``torch.compile``d, with the pattern's rule as
+``mask_mod``) and the library's ``torch`` and ``triton`` backends.  The interleaved patterns
+run over the L + K*C tokens of the Stage 1 stream (S = 200, C = 4, SPEC's reference
+setting); TFLOP/s count only the (row, column) pairs each pattern lets through.
+
+Directions:
+
+* ``fwd``: the forward alone, inputs not requiring grad (no graph is recorded).
+* ``bwd``: the backward alone.  The forward runs once, untimed, and its graph is kept; each
+  timed call is ``torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)``.  The
+  peak memory is what the backward allocates on top of the saved forward state.
+* ``fwd+bwd``: forward then ``torch.autograd.grad``, timed together.
+
+Devices: CUDA in bf16 with ``32768 / L`` users per batch (32, 8, 2: the same number of
+tokens in every group); CPU in fp32 with 2 users.  On CPU the ``triton`` rows (no
+interpreter timings), FlexAttention and flash-attn are skipped, with the reason.
+
+Quick mode: L = 1k, d = 16.  Full mode: L = 1k, 4k, 16k and d = 16, 64.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rec2pm_kernels import segment_attention
+from rec2pm_kernels.patterns import PATTERNS
 
+from .harness.baselines import (
+    bench_device,
+    bench_dtype,
+    compiled_flex_attention,
+    flash_attn_skip_reason,
+    flex_block_mask,
+    flex_skip_reason,
+    sdpa,
+    sdpa_backend_name,
+    triton_skip_reason,
+)
 from .harness.flops import attention_flops, visible_pairs
 
 SEGMENT_LEN, MEMORY_TOKENS = 200, 4
-BATCH, HEADS, HEAD_DIM = 2, 4, 16
+HEADS = 4
+CPU_BATCH = 2
+CUDA_TOKENS_PER_BATCH = 32768
 SIZES = {"quick": [1024], "full": [1024, 4096, 16384]}
-DIRECTIONS = ["fwd", "fwd+bwd"]
-CASES = ["sdpa/causal", "torch/causal", "torch/global", "torch/kv_memory_overwrite", "torch/kv_memory_append"]
+HEAD_DIMS = {"quick": [16], "full": [16, 64]}
+DIRECTIONS = ["fwd", "bwd", "fwd+bwd"]
+CASES = (["sdpa/causal", "flash_attn/causal"] + [f"flex/{p}" for p in PATTERNS]
+         + [f"torch/{p}" for p in PATTERNS] + [f"triton/{p}" for p in PATTERNS])
 
 
 def stream_length(items: int) -> int:
@@ -27,49 +60,108 @@ def stream_length(items: int) -> int:
     return items + archived * MEMORY_TOKENS
 
 
-def make_call(case: str, items: int, direction: str, device: torch.device):
-    backend, pattern = case.split("/")
-    n = items if pattern == "causal" else stream_length(items)
-    grad = direction != "fwd"
-    shape = (BATCH, n, HEADS, HEAD_DIM)
-    q, k, v = (torch.randn(shape, device=device, requires_grad=grad) for _ in range(3))
+def batch_size(items: int, device: torch.device) -> int:
+    return max(1, CUDA_TOKENS_PER_BATCH // items) if device.type == "cuda" else CPU_BATCH
+
+
+def pattern_kwargs(pattern: str) -> dict:
+    return {} if pattern == "causal" else dict(segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+
+
+def skip_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "triton":
+        return triton_skip_reason(device)
+    if backend == "flex":
+        return flex_skip_reason(device)
+    if backend == "flash_attn":
+        return flash_attn_skip_reason(device)
+    return None
+
+
+def make_forward(backend: str, pattern: str, batch: int, n: int, head_dim: int, grad: bool, device, dtype):
+    """``(inputs, forward)``: the leaf tensors q, k, v (each in its implementation's own layout) and a closure."""
+    kw = pattern_kwargs(pattern)
+    if backend == "flex":  # (batch, heads, tokens, dim): FlexAttention's layout
+        shape = (batch, HEADS, n, head_dim)
+    else:  # (batch, tokens, heads, dim): packed varlen rows, and FlashAttention's layout
+        shape = (batch, n, HEADS, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_(grad) for _ in range(3))
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * n
+
     if backend == "sdpa":
         def forward():
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True)
+            return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    elif backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        flat = [x.flatten(0, 1) for x in (q, k, v)]
+
+        def forward():
+            return flash_attn_varlen_func(*flat, cu, cu, n, n, causal=True)
+    elif backend == "flex":
+        flex = compiled_flex_attention()
+        block_mask = flex_block_mask(pattern, n, kw.get("segment_len"), kw.get("num_memory_tokens"), str(device))
+
+        def forward():
+            return flex(q, k, v, block_mask=block_mask)
     else:
-        cu = torch.arange(BATCH + 1, device=device, dtype=torch.int32) * n
-        kw = {} if pattern == "causal" else dict(segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
         flat = [x.flatten(0, 1) for x in (q, k, v)]
 
         def forward():
             return segment_attention(*flat, cu, n, pattern=pattern, backend=backend, **kw)
 
-    if not grad:
-        return n, pattern, forward
-    grad_out = torch.randn_like(forward())
+    return (q, k, v), forward
+
+
+def make_call(case: str, items: int, head_dim: int, direction: str, device: torch.device, dtype: torch.dtype):
+    """``(tokens, pattern, batch, call)``: the timed call of one case."""
+    backend, pattern = case.split("/")
+    n = items if pattern == "causal" else stream_length(items)
+    batch = batch_size(items, device)
+    inputs, forward = make_forward(backend, pattern, batch, n, head_dim, direction != "fwd", device, dtype)
+    if direction == "fwd":
+        return n, pattern, batch, forward
+    out = forward()
+    grad_out = torch.randn_like(out)
+    if direction == "bwd":
+        def backward():
+            return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
+        return n, pattern, batch, backward
+    del out
 
     def fwd_bwd():
-        return torch.autograd.grad(forward(), (q, k, v), grad_out)
+        return torch.autograd.grad(forward(), inputs, grad_out)
 
-    return n, pattern, fwd_bwd
-
-
-def size_params():
-    return [pytest.param(items, id=f"L{items}") for items in SIZES["full"]]
+    return n, pattern, batch, fwd_bwd
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("items", size_params())
-def test_segment_attention(measure, bench_mode, items, direction, case):
+def case_params():
+    """Every (L, d, direction, case), smallest sizes first (a run cut short keeps the small ones)."""
+    return [pytest.param(items, head_dim, direction, case, id=f"L{items}-d{head_dim}-{direction}-{case}")
+            for items in SIZES["full"] for head_dim in HEAD_DIMS["full"]
+            for direction in DIRECTIONS for case in CASES]
+
+
+@pytest.mark.parametrize("items, head_dim, direction, case", case_params())
+def test_segment_attention(measure, bench_mode, items, head_dim, direction, case):
     if items not in SIZES[bench_mode]:
         pytest.skip(f"L={items} runs in --bench-mode full")
-    device = torch.device("cpu")
-    n, pattern, call = make_call(case, items, direction, device)
-    kw = {} if pattern == "causal" else dict(segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
-    pairs = BATCH * visible_pairs(pattern, n, kw.get("segment_len"), kw.get("num_memory_tokens"))
-    measure(call, group=f"segment_attention {direction} L={items} B={BATCH} H={HEADS} d={HEAD_DIM}",
+    if head_dim not in HEAD_DIMS[bench_mode]:
+        pytest.skip(f"head dim {head_dim} runs in --bench-mode full")
+    device = bench_device()
+    reason = skip_reason(case.split("/")[0], device)
+    if reason:
+        pytest.skip(reason)
+    dtype = bench_dtype(device)
+    torch.manual_seed(0)
+    n, pattern, batch, call = make_call(case, items, head_dim, direction, device, dtype)
+    kw = pattern_kwargs(pattern)
+    pairs = batch * visible_pairs(pattern, n, kw.get("segment_len"), kw.get("num_memory_tokens"))
+    params = dict(items=items, tokens=n, batch=batch, heads=HEADS, head_dim=head_dim, pattern=pattern,
+                  direction=direction, dtype=str(dtype).removeprefix("torch."))
+    if case.startswith("sdpa"):
+        params["sdpa_backend"] = sdpa_backend_name(device, dtype)
+    measure(call, group=f"segment_attention {direction} L={items} B={batch} H={HEADS} d={head_dim}",
             name=case, baseline=case.startswith("sdpa"), device=device,
-            flops=attention_flops(pairs, HEADS, HEAD_DIM, HEAD_DIM, direction),
-            params=dict(items=items, tokens=n, pattern=pattern, direction=direction))
+            flops=attention_flops(pairs, HEADS, head_dim, head_dim, direction), params=params)

@@ -15,9 +15,32 @@ from .backends import resolve_backend
 from .ops.cached_step.torch_backend import cached_step_torch
 from .ops.segment_attention.torch_backend import segment_attention_torch
 
+
+def _segment_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
+    # CPU math is exact fp32 and deterministic already; max_seqlen is not needed.
+    return segment_attention_torch(q, k, v, cu_seqlens, **options)
+
+
+def _segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, **options):
+    # Imported on first use: Triton is optional, and TRITON_INTERPRET is read when kernels are defined.
+    from .ops.segment_attention.triton_backend import segment_attention_triton
+
+    return segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
+def _cached_step_torch(*args, allow_tf32, **options):
+    return cached_step_torch(*args, **options)
+
+
+def _cached_step_triton(*args, **options):
+    from .ops.cached_step.triton_backend import cached_step_triton
+
+    return cached_step_triton(*args, **options)
+
+
 # Launchers by backend name; resolve_backend only returns names that have an entry here.
-SEGMENT_ATTENTION_IMPLS = {"torch": segment_attention_torch}
-CACHED_STEP_IMPLS = {"torch": cached_step_torch}
+SEGMENT_ATTENTION_IMPLS = {"torch": _segment_attention_torch, "triton": _segment_attention_triton}
+CACHED_STEP_IMPLS = {"torch": _cached_step_torch, "triton": _cached_step_triton}
 
 
 def segment_attention(
@@ -36,6 +59,8 @@ def segment_attention(
     silu_norm: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
+    allow_tf32: bool = False,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences under a Rec2PM pattern.
 
@@ -67,12 +92,19 @@ def segment_attention(
             It receives a gradient.
         silu_norm: the constant divisor of ``"silu"`` (HSTU: its maximum sequence length);
             required for ``"silu"``, rejected for ``"softmax"``.
-        backend: ``"auto"`` (fastest available), ``"torch"``, ``"triton"`` or ``"cpp"``;
+        backend: ``"auto"`` (``triton`` for CUDA tensors, else ``torch``), ``"torch"``, ``"triton"`` or ``"cpp"``;
             ``rec2pm_kernels.backends()`` says which are available here and why not.
         validate: run the value checks (``cu_seqlens`` order, ``max_seqlen``, complete write
             blocks, finite inputs).  Default ``None``: always on CPU; on CUDA only when the
             environment sets ``REC2PM_VALIDATE=1``, since they synchronise the device.
             Shape, dtype and device checks always run.
+        allow_tf32: let the ``triton`` backend multiply fp32 inputs in TF32 (faster on
+            sm_80+, ~1e-3 relative error).  Default: exact fp32 products.
+        deterministic: bit-identical gradients from run to run.  Only the ``triton``
+            backend's bias gradient depends on it (fp32 atomics by default; per-program
+            partial sums and a fixed-order reduction when deterministic); everything else
+            is deterministic anyway.  Default ``None``: follow
+            ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``(total_tokens, heads, head_dim_v)`` in ``v``'s dtype.  Differentiable in ``q``,
@@ -84,7 +116,9 @@ def segment_attention(
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_bias))
-    chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad)
+    chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad, q.dtype)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if check.should_check_values(q.device, validate):
         lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, q.shape[0], "q")
         check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
@@ -94,9 +128,9 @@ def segment_attention(
     else:
         check.check_max_seqlen("max_seqlen", max_seqlen, None)
     return SEGMENT_ATTENTION_IMPLS[chosen](
-        q, k, v, cu_seqlens, pattern=pattern, segment_len=segment_len,
+        q, k, v, cu_seqlens, max_seqlen, pattern=pattern, segment_len=segment_len,
         num_memory_tokens=num_memory_tokens, score=score, scale=scale, rel_bias=rel_bias,
-        silu_norm=silu_norm,
+        silu_norm=silu_norm, allow_tf32=allow_tf32, deterministic=bool(deterministic),
     )
 
 
@@ -116,6 +150,7 @@ def cached_step_attention(
     silu_norm: float | None = None,
     backend: str = "auto",
     validate: bool | None = None,
+    allow_tf32: bool = False,
 ) -> torch.Tensor:
     """New rows of each user over that user's K/V cache (serving; forward only).
 
@@ -130,7 +165,7 @@ def cached_step_attention(
         v_cache: ``(batch, capacity, heads, head_dim_v)``.
         cache_seqlens: ``(batch,)`` int32 (or int64) filled lengths; read, never modified
             (the caller advances it by the number of new rows).
-        score, scale, rel_bias, silu_norm, backend, validate: as in ``segment_attention``;
+        score, scale, rel_bias, silu_norm, backend, validate, allow_tf32: as in ``segment_attention``;
             for the bias λ(new row t) = ``cache_seqlens[b] + t`` and λ(slot j) = j.
 
     Effects:
@@ -169,7 +204,7 @@ def cached_step_attention(
             if t is not None and t.requires_grad:
                 raise ValueError(f"cached_step_attention is forward only, but {name} requires grad; "
                                  "call it under torch.no_grad() or torch.inference_mode()")
-    chosen = resolve_backend(backend, "cached_step_attention", q_new.device, needs_grad=False)
+    chosen = resolve_backend(backend, "cached_step_attention", q_new.device, needs_grad=False, dtype=q_new.dtype)
     if check.should_check_values(q_new.device, validate):
         counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, q_new.shape[0], "q_new")
         check.check_max_seqlen("max_new", max_new, counts)
@@ -184,4 +219,5 @@ def cached_step_attention(
     else:
         check.check_max_seqlen("max_new", max_new, None)
     return CACHED_STEP_IMPLS[chosen](q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens,
-                             score=score, scale=scale, rel_bias=rel_bias, silu_norm=silu_norm)
+                                     score=score, scale=scale, rel_bias=rel_bias, silu_norm=silu_norm,
+                                     allow_tf32=allow_tf32)

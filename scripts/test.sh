@@ -15,9 +15,11 @@ run_stage() {
 
 run_stage "install + extension build" bash scripts/bootstrap.sh test
 if command -v "${CXX:-c++}" >/dev/null; then export REC2PM_REQUIRE_EXT="${REC2PM_REQUIRE_EXT:-1}"; fi
-run_stage "unit tests" "$py" -m pytest -q -m "not slow and not aot and not gpu"
+run_stage "unit tests" "$py" -m pytest -q -m "not slow and not aot and not gpu and not interpreter"
+# Triton kernels on CPU tensors; the flag must be set before the kernels are defined.
+run_stage "triton interpreter tests" env TRITON_INTERPRET=1 "$py" -m pytest -q -m interpreter tests/triton
 run_stage "slow tests (16k tokens)" "$py" -m pytest -q -m slow
-run_stage "compile checks (nvcc sm_80, sm_90a)" "$py" -m pytest -q -s -m aot
+run_stage "compile checks (nvcc, triton.compile; sm_80, sm_90)" env -u TRITON_INTERPRET "$py" -m pytest -q -s -m aot
 run_stage "benchmarks, quick mode" "$py" -m pytest -q benchmarks/ --bench-mode quick
 
 printf '\n== wall time per stage\n'

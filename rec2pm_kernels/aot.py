@@ -1,0 +1,449 @@
+"""Ahead-of-time compile check of every Triton kernel specialisation, without a GPU.
+
+Why: the kernels are checked for numbers under ``TRITON_INTERPRET=1``, and the interpreter
+forgives what a real compile does not (non-constexpr globals, dtype mismatches in
+``tl.dot``), and says nothing about shared memory or registers.  ``triton.compile`` with a
+``GPUTarget`` needs no GPU, so this module compiles every specialisation the public
+functions can launch for ``sm_80`` and ``sm_90`` and fails on
+
+* a compile error,
+* shared memory (``metadata.shared``, which the compiler does not check) above the
+  architecture's per-block limit (``SHARED_MEMORY_LIMIT`` in ``ops/triton_configs.py``),
+* register spills (``STACK`` / ``LOCAL`` in ``cuobjdump -res-usage`` of the cubin), except
+  ptxas's occupancy spills (below).
+
+Occupancy spills.  Triton declares the block size (``.reqntid``), and the bundled ptxas
+then aims at a register count that fits one more block per SM (e.g. 168, 128, 96, 80 or
+72 registers at 4 warps) and may spill a few bytes to get there: the same PTX without the
+block-size bound, or with another ``--register-usage-level``, compiles with more
+registers and no spill.  Which configs get one is chaotic (one pattern of 16 at one head
+dim), so no tile choice avoids them everywhere; they are reported and counted, and fail
+the check only with ``--strict-spills``.  A spill is an occupancy spill when the kernel
+stays below the 255-register cap and its stack is at most ``OCCUPANCY_SPILL_BYTES``;
+anything else (the cap reached, or ptxas trading kilobytes for occupancy) is a
+register-pressure spill and fails.
+
+Usage::
+
+    python -m rec2pm_kernels.aot [--subset] [--arch 80 90] [--jobs N] [--json FILE] [--strict-spills]
+
+``--subset`` compiles a covering subset (every pattern, score, bias on/off, precision,
+split count, dtype, head dim and config at least once per architecture and kernel)
+instead of the full product.  Compiling is CPU bound, so specialisations run in a process
+pool (``--jobs``, default: the CPU count).  Unless ``TRITON_CACHE_DIR`` is set, each
+specialisation compiles into a scratch cache deleted right after: every specialisation is
+really compiled, and neither the user's cache nor the disk fills with thousands of
+kernels (about 0.6 MB each) this machine never runs.
+
+The arguments mirror the launchers (``ops/*/triton_backend.py``): the dummy tensors they
+pass for unused pointers keep their real dtypes, ``cu_seqlens`` is int32 and the
+relative-position bias has the inputs' dtype.  Pointers carry the 16-byte alignment hint
+of fresh allocations, and strides the divisibility-by-16 hint that a contiguous
+``(tokens, heads, head_dim)`` layout gives when ``head_dim % 16 == 0``; that is the
+specialisation the launchers compile for the usual contiguous inputs.  The dK/dV kernel
+is compiled with ``BIAS_ATOMICS = HAS_BIAS`` (the default, non-deterministic bias
+gradient); its deterministic variant (bias without atomics) only drops the atomic add and
+is left out to keep the full run within 30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from .ops.triton_configs import BIAS_WINDOW, SHARED_MEMORY_LIMIT, configs, padded_head_dim
+
+ARCHS = (80, 90)
+PATTERNS = (0, 1, 2, 3)  # causal, global, kv_memory_overwrite, kv_memory_append
+SCORES = (0, 1)  # softmax, silu
+SCORE_NAMES = {0: "softmax", 1: "silu"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HEAD_DIMS = (8, 16, 32, 64, 128)
+# The cached-step launcher uses NUM_SPLITS in 1, 2, 4, 8, 16; it only changes the epilogue
+# (one branch for 1, one for any larger count), so 1 and 2 cover the compiled code.
+NUM_SPLITS = (1, 2)
+SEGMENT_KERNELS = ("segment_fwd", "segment_bwd_dkdv", "segment_bwd_dq", "segment_bwd_bias")
+KERNELS = SEGMENT_KERNELS + ("cached_step",)
+# The switches a covering subset must show every value of, per architecture and kernel.
+SWITCHES = ("pattern", "score", "has_bias", "precision", "num_splits")
+
+# Registers a thread can hold; a spill at this count is register pressure, not an occupancy choice.
+REGISTER_CAP = 255
+# Largest stack of an occupancy spill; the ones seen are 8 to 40 bytes, pressure spills reach kilobytes.
+OCCUPANCY_SPILL_BYTES = 64
+
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Specialisation:
+    """One compiled variant: kernel, compile-time switches, dtype, head dim, tile config, target."""
+
+    kernel: str
+    arch: int
+    dtype: str
+    head_dim: int
+    pattern: int | None  # None for the cached step, which has no pattern
+    score: int
+    has_bias: bool
+    precision: str
+    num_splits: int | None  # cached step only
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def config(self) -> str:
+        return f"M{self.block_m}_N{self.block_n}_w{self.num_warps}_s{self.num_stages}"
+
+    def describe(self) -> str:
+        switches = [f"pattern={self.pattern}" if self.pattern is not None else f"splits={self.num_splits}",
+                    f"score={SCORE_NAMES[self.score]}", f"bias={int(self.has_bias)}", self.precision]
+        return (f"{self.kernel:<16} {' '.join(switches):<40} {self.dtype} d{self.head_dim:<3} "
+                f"{self.config:<15} sm_{self.arch}")
+
+
+# ---------------------------------------------------------------------------------------
+# Which specialisations exist
+
+
+def _precisions(dtype: str) -> tuple[str, ...]:
+    """``ieee`` always; fp32 may also opt in to TF32 (16-bit inputs ignore the flag)."""
+    return ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+
+
+def all_specialisations(archs=ARCHS) -> list[Specialisation]:
+    """The full product the public functions can launch, every config ``configs()`` keeps."""
+    out = []
+    for arch, kernel, dtype, head_dim in itertools.product(archs, KERNELS, DTYPES, HEAD_DIMS):
+        if kernel == "cached_step":
+            switches = itertools.product([None], SCORES, (False, True), _precisions(dtype), NUM_SPLITS)
+        elif kernel == "segment_bwd_bias":  # launched only when a bias is present
+            switches = itertools.product(PATTERNS, SCORES, (True,), _precisions(dtype), [None])
+        else:
+            switches = itertools.product(PATTERNS, SCORES, (False, True), _precisions(dtype), [None])
+        switches = list(switches)
+        for config in configs(kernel, DTYPES[dtype], head_dim, arch):
+            tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+            for pattern, score, has_bias, precision, splits in switches:
+                out.append(Specialisation(kernel, arch, dtype, head_dim, pattern, score, has_bias, precision,
+                                          splits, *tile))
+    return out
+
+
+def covering_subset(specs: list[Specialisation]) -> list[Specialisation]:
+    """A few specialisations that still show every dtype, head dim and config (each
+    (dtype, head dim, config) at least once, since those decide shared memory and
+    registers) and every switch value, per architecture and kernel.
+
+    Greedy: for each (arch, kernel, dtype, head dim, config) take the variant that adds the
+    most switch values not yet seen for its (arch, kernel), trying the variants from a
+    rotating start so that ties spread over the combinations.
+    """
+    groups: dict[tuple, list[Specialisation]] = defaultdict(list)
+    for spec in specs:
+        groups[(spec.arch, spec.kernel, spec.dtype, spec.head_dim, spec.config)].append(spec)
+    seen: dict[tuple, set] = defaultdict(set)
+    chosen = []
+    for index, (key, members) in enumerate(groups.items()):
+        covered = seen[key[:2]]
+        start = index % len(members)
+        rotated = members[start:] + members[:start]
+        best = max(rotated, key=lambda s: len(_switch_values(s) - covered))
+        chosen.append(best)
+        covered |= _switch_values(best)
+    # Values only some groups offer (e.g. tf32, fp32 only) could in principle be missed.
+    for spec in specs:
+        missing = _switch_values(spec) - seen[(spec.arch, spec.kernel)]
+        if missing:
+            chosen.append(spec)
+            seen[(spec.arch, spec.kernel)] |= missing
+    return chosen
+
+
+def _switch_values(spec: Specialisation) -> set:
+    return {(name, getattr(spec, name)) for name in SWITCHES}
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel arguments, mirroring the launchers
+
+
+def _kernel_function(kernel: str):
+    """The ``@triton.jit`` function; imported late so ``TRITON_INTERPRET`` is checked first."""
+    if kernel == "cached_step":
+        from .ops.cached_step.triton_kernel import cached_step_kernel
+        return cached_step_kernel
+    from .ops.segment_attention import triton_backward, triton_bias_grad, triton_forward
+    return {"segment_fwd": triton_forward.segment_fwd_kernel,
+            "segment_bwd_dkdv": triton_backward.segment_bwd_dkdv_kernel,
+            "segment_bwd_dq": triton_backward.segment_bwd_dq_kernel,
+            "segment_bwd_bias": triton_bias_grad.segment_bwd_bias_kernel}[kernel]
+
+
+def _pointer_types(spec: Specialisation) -> dict[str, str]:
+    """Pointer arguments and their element types, as the launchers pass them (dummies included)."""
+    t = f"*{spec.dtype}"
+    if spec.kernel == "segment_fwd":
+        # Without softmax there is no LSE and the launcher passes ``out``; TILE_COUNTS gets ``lse`` (fp32).
+        lse = "*fp32" if spec.score == 0 else t
+        return dict(Q=t, K=t, V=t, OUT=t, LSE=lse, CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32")
+    if spec.kernel == "segment_bwd_dkdv":
+        return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DK=t, DV=t, DBIAS="*fp32",
+                    CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32")
+    if spec.kernel == "segment_bwd_dq":
+        return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, CU_SEQLENS="*i32", BIAS=t,
+                    TILE_COUNTS="*fp32")
+    if spec.kernel == "segment_bwd_bias":
+        return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
+    # Cached step: with one split the launcher passes ``out`` for both partial buffers.
+    partial = "*fp32" if spec.num_splits > 1 else t
+    return dict(Q=t, K_CACHE=t, V_CACHE=t, OUT=t, PARTIAL_ACC=partial, PARTIAL_STATS=partial, CU_NEW="*i32",
+                CACHE_SEQLENS="*i32", BIAS=t)
+
+
+def _constexprs(spec: Specialisation) -> dict:
+    block_d = padded_head_dim(spec.head_dim)
+    values = dict(HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim, BLOCK_D=block_d, BLOCK_DV=block_d,
+                  SCORE=spec.score, INPUT_PRECISION=spec.precision, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n)
+    if spec.kernel == "cached_step":
+        return dict(values, HAS_BIAS=spec.has_bias, NUM_SPLITS=spec.num_splits)
+    values["PATTERN"] = spec.pattern
+    if spec.kernel == "segment_bwd_bias":
+        return dict(values, WINDOW=BIAS_WINDOW)
+    values.update(HAS_BIAS=spec.has_bias, COUNT_TILES=False)
+    if spec.kernel == "segment_bwd_dkdv":
+        values["BIAS_ATOMICS"] = spec.has_bias  # the default, non-deterministic bias gradient
+    return values
+
+
+def compile_source(spec: Specialisation):
+    """``triton.compiler.ASTSource`` of ``spec``: signature, constexpr values and alignment hints."""
+    from triton.compiler import ASTSource
+
+    fn = _kernel_function(spec.kernel)
+    pointers = _pointer_types(spec)
+    constexprs = _constexprs(spec)
+    unspecialised = {param.name for param in fn.params if param.do_not_specialize}
+    aligned_strides = spec.head_dim % 16 == 0
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in ("scale", "silu_norm"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and aligned_strides and name not in unspecialised:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    missing = set(constexprs) - set(fn.arg_names)
+    if missing:
+        raise ValueError(f"{spec.kernel} has no constexpr {sorted(missing)}")
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiling and checking one specialisation (runs in the worker processes)
+
+
+def _cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``REG``, ``STACK`` and ``LOCAL`` of the kernel, from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        report = subprocess.run([_cuobjdump(), "-res-usage", handle.name], capture_output=True, text=True,
+                                check=True).stdout
+    match = _RES_USAGE.search(report)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump output:\n{report}")
+    return dict(registers=int(match[1]), stack=int(match[2]), local=int(match[4]))
+
+
+def classify_spill(registers: int, stack: int, local: int) -> str | None:
+    """``None`` without a spill, else ``"occupancy"`` or ``"pressure"`` (see the module docstring)."""
+    if not stack and not local:
+        return None
+    if registers < REGISTER_CAP and stack <= OCCUPANCY_SPILL_BYTES and not local:
+        return "occupancy"
+    return "pressure"
+
+
+def compile_and_measure(spec: Specialisation, scratch_cache: bool = False, strict_spills: bool = False) -> dict:
+    """Compile ``spec``; returns its figures and the reasons it fails the check (if any).
+
+    ``scratch_cache``: compile into a temporary ``TRITON_CACHE_DIR`` removed afterwards.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    result = dict(dataclasses.asdict(spec), config=spec.config, shared=None, registers=None, stack=None,
+                  local=None, spill=None, seconds=None, failures=[])
+    started = time.perf_counter()
+    scratch = tempfile.TemporaryDirectory(prefix="rec2pm-aot-") if scratch_cache else None
+    try:
+        if scratch is not None:
+            os.environ["TRITON_CACHE_DIR"] = scratch.name
+        compiled = triton.compile(compile_source(spec), target=GPUTarget("cuda", spec.arch, 32),
+                                  options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        result.update(shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]))
+    except Exception as error:  # a compile error is a finding, not a crash of the check
+        lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        result["failures"].append(f"compile error: {type(error).__name__}: {lines[-1].strip()}")
+        result["error"] = str(error)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    if result["shared"] is not None:
+        limit = SHARED_MEMORY_LIMIT[spec.arch]
+        if result["shared"] > limit:
+            result["failures"].append(f"shared memory {result['shared']} B > sm_{spec.arch} limit {limit} B")
+        result["spill"] = classify_spill(result["registers"], result["stack"], result["local"])
+        if result["spill"] == "pressure" or (result["spill"] and strict_spills):
+            result["failures"].append(f"{result['spill']} spill: STACK {result['stack']} B, LOCAL {result['local']} B")
+    return result
+
+
+def format_result(spec: Specialisation, result: dict) -> str:
+    if result["shared"] is None:
+        figures = "-"
+    else:
+        figures = (f"shared {result['shared']:>6} B  regs {result['registers']:>3}  "
+                   f"stack {result['stack']}  local {result['local']}")
+    if result["failures"]:
+        verdict = "FAIL: " + "; ".join(result["failures"])
+    else:
+        verdict = "ok (occupancy spill)" if result["spill"] else "ok"
+    return f"{spec.describe()}  {figures}  {result['seconds']:5.1f}s  {verdict}"
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+
+
+def _expected_cost(spec: Specialisation) -> float:
+    """Rough compile cost, to start the slow compiles first and keep the pool busy to the end."""
+    tile = spec.block_m * spec.block_n * padded_head_dim(spec.head_dim) / spec.num_warps
+    return tile * (4 if spec.dtype == "fp32" and spec.precision == "ieee" else 1)
+
+
+def run_all(specs: list[Specialisation], jobs: int, scratch_cache: bool = False,
+            strict_spills: bool = False) -> list[dict]:
+    """Compile ``specs`` in a pool of ``jobs`` processes, printing each line as it finishes."""
+    ordered = sorted(specs, key=_expected_cost, reverse=True)
+    results: dict[Specialisation, dict] = {}
+    context = multiprocessing.get_context("spawn")  # fresh workers: no forked torch/triton state
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(compile_and_measure, spec, scratch_cache, strict_spills): spec for spec in ordered}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            spec = futures[future]
+            results[spec] = future.result()
+            print(f"[{done:>4}/{len(specs)}] {format_result(spec, results[spec])}", flush=True)
+    return [results[spec] for spec in specs]
+
+
+def summarise(results: list[dict], wall_seconds: float) -> dict:
+    """Per architecture: count, worst shared memory (and which), max registers, spills, failures."""
+    by_arch = {}
+    for arch in sorted({r["arch"] for r in results}):
+        rows = [r for r in results if r["arch"] == arch]
+        measured = [r for r in rows if r["shared"] is not None]
+        worst_shared = max(measured, key=lambda r: r["shared"], default=None)
+        most_registers = max(measured, key=lambda r: r["registers"], default=None)
+        by_arch[arch] = dict(
+            specialisations=len(rows),
+            worst_shared=worst_shared and worst_shared["shared"],
+            worst_shared_of=worst_shared and _label(worst_shared),
+            shared_limit=SHARED_MEMORY_LIMIT[arch],
+            max_registers=most_registers and most_registers["registers"],
+            max_registers_of=most_registers and _label(most_registers),
+            pressure_spills=sum(1 for r in measured if r["spill"] == "pressure"),
+            occupancy_spills=sum(1 for r in measured if r["spill"] == "occupancy"),
+            largest_occupancy_spill=max((r["stack"] for r in measured if r["spill"] == "occupancy"), default=0),
+            compile_errors=sum(1 for r in rows if r["shared"] is None),
+            failures=sum(1 for r in rows if r["failures"]),
+        )
+    return dict(archs=by_arch, specialisations=len(results), wall_seconds=round(wall_seconds, 1),
+                failures=sum(1 for r in results if r["failures"]))
+
+
+def _label(result: dict) -> str:
+    fields = {name: result[name] for name in (f.name for f in dataclasses.fields(Specialisation))}
+    return Specialisation(**fields).describe()
+
+
+def print_summary(summary: dict, failed: list[str]) -> None:
+    print("\n=== summary ===")
+    for arch, s in summary["archs"].items():
+        print(f"sm_{arch}: {s['specialisations']} specialisations, worst shared memory {s['worst_shared']} B "
+              f"of {s['shared_limit']} B ({s['worst_shared_of']}), max registers {s['max_registers']} "
+              f"({s['max_registers_of']}), register-pressure spills {s['pressure_spills']}, occupancy spills "
+              f"{s['occupancy_spills']} (largest {s['largest_occupancy_spill']} B), "
+              f"compile errors {s['compile_errors']}")
+    print(f"total: {summary['specialisations']} specialisations, {summary['failures']} failing, "
+          f"wall time {summary['wall_seconds']} s")
+    if failed:
+        print(f"\n=== {len(failed)} failures ===")
+        print("\n".join(failed))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rec2pm_kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", action="store_true", help="a covering subset instead of the full product")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_MEMORY_LIMIT),
+                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
+    parser.add_argument("--json", metavar="FILE", help="write every result and the summary to FILE")
+    parser.add_argument("--strict-spills", action="store_true",
+                        help="fail on occupancy spills too (a few bytes ptxas spills to fit one more block per SM)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("rec2pm_kernels.aot: TRITON_INTERPRET is set. @triton.jit reads it when the kernels are "
+              "imported, so they would be interpreter functions that cannot be compiled; run this "
+              "check in a process without TRITON_INTERPRET.", file=sys.stderr)
+        return 2
+    specs = all_specialisations(tuple(args.arch))
+    if args.subset:
+        specs = covering_subset(specs)
+    print(f"compiling {len(specs)} specialisations for {', '.join(f'sm_{a}' for a in args.arch)} "
+          f"with {args.jobs} processes", flush=True)
+    started = time.perf_counter()
+    results = run_all(specs, max(1, args.jobs), scratch_cache=not os.environ.get("TRITON_CACHE_DIR"),
+                      strict_spills=args.strict_spills)
+    summary = summarise(results, time.perf_counter() - started)
+    failed = [format_result(spec, result) for spec, result in zip(specs, results) if result["failures"]]
+    print_summary(summary, failed)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(summary=summary, results=results), handle, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

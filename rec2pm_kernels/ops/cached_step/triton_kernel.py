@@ -1,0 +1,75 @@
+"""Triton kernel of ``cached_step_attention``: new rows over the per-user K/V cache, split-K.
+
+The launcher first appends the new K/V into the cache, so new row ``t`` of user ``b`` (at
+position ``L_b + t`` with ``L_b = cache_seqlens[b]``) attends to cache slots ``[0, L_b + t]``.
+One program per (user, block of new rows, head, split): with ``NUM_SPLITS > 1`` the key
+range is cut into that many pieces, each program writes its unnormalised sum and row
+statistics, and the launcher combines the pieces (so a small serving batch still fills
+the GPU).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..triton_launch import CACHED_STEP_RUNTIME_INTS
+from ..segment_attention.triton_tiles import NO_MAX, accumulate, load_rows, program_block
+
+@triton.jit(do_not_specialize=CACHED_STEP_RUNTIME_INTS)
+def cached_step_kernel(
+    Q, K_CACHE, V_CACHE, OUT, PARTIAL_ACC, PARTIAL_STATS, CU_NEW, CACHE_SEQLENS, BIAS,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
+    total_new, max_new, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT ``(total_new, H, Dv)`` when ``NUM_SPLITS == 1``; else PARTIAL_ACC ``(splits, total_new, H, Dv)``
+    and PARTIAL_STATS ``(splits, total_new, H, 2)`` (running max and sum, base 2), fp32.
+    Grid: ``(batch * cdiv(max_new, BLOCK_M), H, NUM_SPLITS)``."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    user, token0, n_new, t0 = program_block(CU_NEW, max_new, BLOCK_M)
+    if t0 >= n_new:
+        return
+    cached = tl.load(CACHE_SEQLENS + user).to(tl.int32)
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < n_new
+    position = cached + offs_m
+    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, n_new, offs_d, HEAD_DIM)
+    k_user = K_CACHE + user.to(tl.int64) * stride_kb
+    v_user = V_CACHE + user.to(tl.int64) * stride_vb
+    keys = cached + tl.minimum(t0 + BLOCK_M, n_new)
+    piece = tl.cdiv(tl.cdiv(keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * piece
+    hi = tl.minimum(lo + piece, keys)
+    m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = load_rows(k_user, 0, offs_n, stride_ks, head * stride_kh, hi, offs_d, HEAD_DIM)
+        v = load_rows(v_user, 0, offs_n, stride_vs, head * stride_vh, hi, offs_dv, HEAD_DIM_V)
+        z = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
+        if HAS_BIAS:
+            bucket = tl.minimum(tl.maximum(position[:, None] - offs_n[None, :], 0), NUM_BUCKETS - 1)
+            z += tl.load(BIAS + head * NUM_BUCKETS + bucket).to(tl.float32)
+        mask = (offs_n[None, :] <= position[:, None]) & (offs_n[None, :] < hi) & row_ok[:, None]
+        acc, m_i, l_i = accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
+    heads = tl.num_programs(1)
+    store_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if NUM_SPLITS == 1:
+        if SCORE == 0:
+            acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_ptrs = OUT + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=store_mask)
+    else:
+        row = (split * total_new + token0 + offs_m) * heads + head
+        tl.store(PARTIAL_ACC + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=store_mask)
+        if SCORE == 0:
+            tl.store(PARTIAL_STATS + row * 2, m_i, mask=row_ok)
+            tl.store(PARTIAL_STATS + row * 2 + 1, l_i, mask=row_ok)

@@ -1,0 +1,142 @@
+"""Triton backward kernels of ``segment_attention`` (FlashAttention-2 style, no atomics for q/k/v).
+
+* ``segment_bwd_dkdv_kernel``: one program per (sequence, key block, head) owns ``dK`` and
+  ``dV`` of its keys and streams the row tiles that see them (``row_range_end``).  By
+  default it also adds each tile's score gradient into the fp32 bias gradient with
+  atomics; with ``deterministic=True`` that is left to ``triton_bias_grad.py``.
+* ``segment_bwd_dq_kernel``: one program per (sequence, row block, head) owns ``dQ`` and
+  streams the same key tiles as the forward kernel.
+
+Softmax needs the forward's base-2 log-sum-exp ``LSE`` and ``DELTA = rowsum(dO * O)``
+(both ``(H, T)`` fp32); SiLU needs neither.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..triton_launch import SEGMENT_RUNTIME_INTS
+from ..triton_patterns import key_ranges, row_range_end, tile_visible
+from .triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
+
+
+@triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
+def segment_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, CU_SEQLENS, BIAS, TILE_COUNTS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ATOMICS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """DK ``(T, H, D)``, DV ``(T, H, Dv)``; DBIAS ``(H, NUM_BUCKETS)`` fp32 when ``BIAS_ATOMICS``.
+    Grid: ``(batch * col_blocks, H)``; ``BLOCK_N`` keys per program, rows in tiles of ``BLOCK_M``."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    _, token0, length, c0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_N)
+    if c0 >= length:
+        return
+    c1 = tl.minimum(c0 + BLOCK_N, length) - 1
+    offs_n = c0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_rows(K, token0, offs_n, stride_kt, head * stride_kh, length, offs_d, HEAD_DIM)
+    v = load_rows(V, token0, offs_n, stride_vt, head * stride_vh, length, offs_dv, HEAD_DIM_V)
+    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    stats = head * total_tokens + token0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    visited = 0
+    m_end = row_range_end(c0, c1, length, S, C, PATTERN)
+    for m0 in range(c0 // BLOCK_M * BLOCK_M, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < length
+        q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
+        do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+        z, mask, bucket = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
+                                 PATTERN, HAS_BIAS, INPUT_PRECISION)
+        lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
+        p = probabilities(z, mask, lse2, silu_norm, SCORE)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+        if HAS_BIAS and BIAS_ATOMICS:
+            tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask)
+        if COUNT_TILES:
+            visited += 1
+    col_ok = offs_n < length
+    dk_ptrs = DK + (token0 + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    dv_ptrs = DV + (token0 + offs_n)[:, None] * stride_dvt + head * stride_dvh + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    if COUNT_TILES:
+        tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)
+
+
+@triton.jit
+def _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, key_head, value_head, stride_kt, stride_vt,
+                 offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PATTERN: tl.constexpr, SCORE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
+    v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
+    z, mask, _ = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
+                        PATTERN, HAS_BIAS, INPUT_PRECISION)
+    p = probabilities(z, mask, lse2, silu_norm, SCORE)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+
+
+@triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
+def segment_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, BIAS, TILE_COUNTS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """DQ ``(T, H, D)``.  Grid: ``(batch * row_blocks, H)``; same key tiles as the forward."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    _, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    if r0 >= length:
+        return
+    r1 = tl.minimum(r0 + BLOCK_M, length) - 1
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < length
+    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
+    do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+    stats = head * total_tokens + token0
+    lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
+    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    visited = 0
+    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
+    for n0 in range(pred_lo, pred_hi, BLOCK_N):
+        if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
+            dq = _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh,
+                              stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C,
+                              NUM_BUCKETS, scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS,
+                              INPUT_PRECISION, BLOCK_N)
+            if COUNT_TILES:
+                visited += 1
+    for n0 in range(plain_lo, plain_hi, BLOCK_N):
+        dq = _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh,
+                          stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C,
+                          NUM_BUCKETS, scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS,
+                          INPUT_PRECISION, BLOCK_N)
+        if COUNT_TILES:
+            visited += 1
+    dq_ptrs = DQ + (token0 + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if COUNT_TILES:
+        tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)

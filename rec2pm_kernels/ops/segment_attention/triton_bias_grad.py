@@ -1,0 +1,82 @@
+"""Deterministic gradient of the relative-position bias table (no atomics).
+
+One program per (sequence, row block of 16, head) recomputes the score gradient of every
+visible 16 x 16 tile, sums it per bucket and adds the sums into its own row of an fp32
+partial buffer ``(programs, H, NUM_BUCKETS)``; the launcher then sums the rows in a fixed
+order.  A 16 x 16 tile holds at most 31 distinct buckets (λ moves by at most one per
+position), so a window of ``BIAS_WINDOW = 32`` buckets starting at the tile's smallest
+covers it, and the per-bucket sums are a one-hot reduction over a ``(16, 16, 32)`` tile.
+The sums, and so the gradient, come out bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..triton_launch import SEGMENT_RUNTIME_INTS
+from ..triton_patterns import key_ranges, tile_visible
+from .triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
+
+
+@triton.jit
+def _bias_key_tile(q, do, lse2, delta, n0, K, V, PARTIAL_ROW, token0, key_head, value_head, stride_kt, stride_vt,
+                   offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PATTERN: tl.constexpr, SCORE: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
+    v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
+    z, mask, bucket = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
+                             PATTERN, True, INPUT_PRECISION)
+    p = probabilities(z, mask, lse2, silu_norm, SCORE)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
+    first = tl.min(tl.where(mask, bucket, NUM_BUCKETS), axis=None)
+    window = tl.arange(0, WINDOW)
+    hit = (bucket - first)[:, :, None] == window[None, None, :]
+    sums = tl.sum(tl.sum(tl.where(hit, ds[:, :, None], 0.0), axis=0), axis=0)
+    ptrs = PARTIAL_ROW + first + window
+    ok = first + window < NUM_BUCKETS
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
+    # The next tile's window may overlap this one and be handled by other threads of the
+    # program: make these stores visible to them first.
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
+def segment_bwd_bias_kernel(
+    Q, K, V, DO, LSE, DELTA, PARTIAL, CU_SEQLENS, BIAS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr, SCORE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """PARTIAL ``(batch * row_blocks, H, NUM_BUCKETS)`` fp32, zeroed.  Grid: ``(batch * row_blocks, H)``."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    _, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    if r0 >= length:
+        return
+    r1 = tl.minimum(r0 + BLOCK_M, length) - 1
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < length
+    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
+    do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+    stats = head * total_tokens + token0
+    lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
+    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    partial_row = PARTIAL + (pid * tl.num_programs(1) + head).to(tl.int64) * NUM_BUCKETS
+    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
+    for n0 in range(pred_lo, pred_hi, BLOCK_N):
+        if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
+            _bias_key_tile(q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh,
+                           stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS,
+                           scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW)
+    for n0 in range(plain_lo, plain_hi, BLOCK_N):
+        _bias_key_tile(q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh,
+                       stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS,
+                       scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW)

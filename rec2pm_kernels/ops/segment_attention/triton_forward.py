@@ -1,0 +1,85 @@
+"""Triton forward kernel of ``segment_attention``: one program per (sequence, row block, head).
+
+Each program loads its query rows once and streams the key tiles its pattern can see
+(``key_ranges`` / ``tile_visible`` in ``ops/triton_patterns.py``), with an online softmax
+(running max and sum in base 2; the row log-sum-exp is saved for backward) or a SiLU sum.
+Pattern, score, bias and the interpreter-only tile counter are compile-time switches of
+this one kernel; lengths, ``S``, ``C`` and the bucket count are runtime values.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..triton_launch import SEGMENT_RUNTIME_INTS
+from ..triton_patterns import key_ranges, tile_visible
+from .triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores
+
+@triton.jit
+def _attend_key_tile(acc, m_i, l_i, q, n0, K, V, key_token0, key_head, value_head, stride_kt, stride_vt,
+                     offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PATTERN: tl.constexpr, SCORE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = load_rows(K, key_token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
+    v = load_rows(V, key_token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
+    z, mask, _ = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
+                        PATTERN, HAS_BIAS, INPUT_PRECISION)
+    return accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
+
+
+@triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
+def segment_fwd_kernel(
+    Q, K, V, OUT, LSE, CU_SEQLENS, BIAS, TILE_COUNTS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT ``(T, H, Dv)``; LSE ``(H, T)`` fp32 (softmax only).  Grid: ``(batch * row_blocks, H)``.
+
+    ``SEQ_BUCKET`` (the max length rounded up to a power of two) is unused in the body: it
+    is the autotuner's key, so lengths within one bucket share a tuned config.
+    """
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    _, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    if r0 >= length:
+        return
+    r1 = tl.minimum(r0 + BLOCK_M, length) - 1
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
+    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    visited = 0
+    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
+    for n0 in range(pred_lo, pred_hi, BLOCK_N):
+        if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
+            acc, m_i, l_i = _attend_key_tile(
+                acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
+                offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N)
+            if COUNT_TILES:
+                visited += 1
+    for n0 in range(plain_lo, plain_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(
+            acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
+            offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+            HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N)
+        if COUNT_TILES:
+            visited += 1
+    row_ok = offs_m < length
+    if SCORE == 0:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        acc = acc / l_safe[:, None]
+        tl.store(LSE + head * total_tokens + token0 + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
+    out_ptrs = OUT + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    if COUNT_TILES:
+        tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)

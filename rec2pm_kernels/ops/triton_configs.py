@@ -1,0 +1,141 @@
+"""Tile configurations of the Triton kernels: one pure function for the autotuner and the tests.
+
+``configs(kernel, dtype, head_dim, arch)`` lists the ``triton.Config``s of a kernel for one
+dtype, head dim and GPU architecture (compute capability as ``major * 10 + minor``, e.g.
+80 or 90).  The launchers use them (through the autotuner on CUDA), the interpreter tests
+run every one, and the ahead-of-time compile check (``python -m rec2pm_kernels.aot``)
+compiles every one, with every pattern, score and bias switch, for ``sm_80`` and ``sm_90``.
+
+Why a measured table rather than a register estimate: whether a tile spills depends on
+how ptxas allocates registers, and that is not a smooth function of the tile size.  fp32
+inputs default to exact (``ieee``) products, which Triton compiles to FMA loops rather
+than tensor-core MMAs and which need far smaller tiles than 16-bit inputs; sm_90 (wgmma)
+and sm_80 (mma) differ; and near the 255-register cap one switch of sixteen decides.  So
+each (kernel, fp32 or 16-bit, head dim, architecture) has the largest candidate tile that
+compiled for *every* switch combination within shared memory and without a
+register-pressure spill, measured with triton 3.6 by the compile check.  Only one tile per
+cell: the full compile check (every switch of every config) must fit in 30 minutes on 2
+cores, and compiling is about 1.2 s per specialisation.  After a kernel change, run
+``python -m rec2pm_kernels.aot``; a config it reports as spilling goes down to the next
+smaller tile here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+KERNELS = ("segment_fwd", "segment_bwd_dq", "segment_bwd_dkdv", "segment_bwd_bias", "cached_step")
+
+# Largest dynamic shared memory one block may use (bytes), by compute capability.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+DEFAULT_SHARED_MEMORY_LIMIT = 99 * 1024
+
+# A bucket window of the deterministic bias kernel: covers every bucket of a 16 x 16 tile.
+BIAS_WINDOW = 32
+
+# Measured tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): kernel -> inputs -> head dim ->
+# (sm_80, sm_90).  fp16 and bf16 measure alike ("16-bit").  The deterministic bias kernel
+# is 16 x 16 by design (its per-bucket sums build a (16, 16, BIAS_WINDOW) one-hot tile).
+_MEASURED = {
+    "segment_fwd": {
+        "fp32": {8: ((64, 64, 8, 2), (128, 64, 8, 2)), 16: ((128, 64, 8, 2), (128, 64, 8, 2)),
+                 32: ((32, 32, 4, 2), (32, 32, 4, 2)), 64: ((32, 32, 4, 2), (32, 16, 4, 2)),
+                 128: ((32, 16, 4, 2), (16, 16, 4, 2))},
+        "16-bit": {8: ((128, 64, 8, 2), (128, 64, 8, 2)), 16: ((128, 64, 8, 2), (128, 64, 8, 2)),
+                   32: ((128, 64, 8, 2), (128, 64, 8, 2)), 64: ((64, 64, 8, 2), (128, 64, 8, 2)),
+                   128: ((64, 64, 8, 2), (64, 64, 8, 2))},
+    },
+    "segment_bwd_dq": {
+        "fp32": {8: ((64, 64, 8, 2), (64, 64, 8, 2)), 16: ((64, 64, 8, 2), (64, 64, 8, 2)),
+                 32: ((32, 32, 4, 2), (32, 32, 4, 2)), 64: ((32, 32, 4, 2), (16, 16, 4, 2)),
+                 128: ((32, 16, 4, 2), (16, 16, 4, 2))},
+        "16-bit": {8: ((64, 64, 4, 2), (64, 64, 4, 2)), 16: ((64, 64, 4, 2), (64, 64, 4, 2)),
+                   32: ((64, 64, 4, 2), (64, 64, 4, 2)), 64: ((64, 32, 4, 2), (64, 64, 4, 2)),
+                   128: ((32, 32, 4, 2), (64, 64, 8, 2))},
+    },
+    "segment_bwd_dkdv": {
+        "fp32": {8: ((16, 32, 4, 2), (16, 32, 4, 2)), 16: ((32, 32, 4, 2), (32, 32, 4, 2)),
+                 32: ((16, 32, 4, 2), (16, 32, 4, 2)), 64: ((16, 16, 4, 2), (16, 16, 4, 2)),
+                 128: ((16, 16, 8, 2), (16, 16, 8, 2))},
+        "16-bit": {8: ((64, 32, 4, 2), (32, 64, 4, 2)), 16: ((64, 32, 4, 2), (32, 64, 4, 2)),
+                   32: ((32, 32, 4, 2), (32, 64, 4, 2)), 64: ((32, 32, 4, 2), (32, 32, 4, 2)),
+                   128: ((16, 32, 4, 2), (32, 32, 4, 2))},
+    },
+    "segment_bwd_bias": {
+        inputs: {dim: ((16, 16, 4, 1), (16, 16, 4, 1)) for dim in (8, 16, 32, 64, 128)} for inputs in ("fp32", "16-bit")
+    },
+    "cached_step": {
+        "fp32": {8: ((16, 128, 4, 2), (16, 128, 4, 2)), 16: ((16, 128, 4, 2), (16, 128, 4, 2)),
+                 32: ((16, 128, 4, 2), (16, 128, 4, 2)), 64: ((16, 64, 4, 2), (16, 64, 4, 2)),
+                 128: ((16, 64, 4, 2), (16, 64, 4, 2))},
+        "16-bit": {dim: ((16, 128, 4, 2), (16, 128, 4, 2)) for dim in (8, 16, 32, 64, 128)},
+    },
+}
+MEASURED_HEAD_DIMS = (8, 16, 32, 64, 128)
+
+# The smallest tile of each kernel: the fallback where the measured one cannot fit the
+# shared memory of an architecture that was not measured (sm_86 / sm_89: 99 KiB).
+_SMALLEST = {"segment_fwd": (16, 16, 4, 2), "segment_bwd_dq": (16, 16, 4, 2), "segment_bwd_dkdv": (16, 16, 8, 2),
+             "segment_bwd_bias": (16, 16, 4, 1), "cached_step": (16, 64, 4, 2)}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dims are padded to a power of two, at least 16 (the smallest ``tl.dot`` size)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def shared_memory_estimate(kernel: str, block_m: int, block_n: int, stages: int, dtype: torch.dtype,
+                           head_dim: int) -> int:
+    """Upper bound on the bytes of shared memory a config needs: pipelined K/V (or Q/dO)
+    tiles plus the staged operands.  The compiled kernels measure below it (the check
+    reads ``metadata.shared``); it guards the architectures that were not measured."""
+    e = _element_size(dtype)
+    d = padded_head_dim(head_dim)
+    if kernel == "segment_bwd_dkdv":
+        # Q and dO tiles are pipelined; K and V stay in registers/shared once.
+        return e * (stages * block_m * 2 * d + block_n * 2 * d + block_m * block_n)
+    # Q (and dO) once; K and V pipelined; the probabilities staged for the second dot.
+    return e * (block_m * 2 * d + stages * block_n * 2 * d + block_m * block_n)
+
+
+def _measured_tile(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) -> tuple[int, int, int, int]:
+    """The measured tile of the nearest measured cell: the smallest measured head dim at
+    least ``head_dim`` (so the same or a larger padded head dim), sm_90 for arch >= 90."""
+    inputs = "fp32" if dtype == torch.float32 else "16-bit"
+    dim = next((d for d in MEASURED_HEAD_DIMS if d >= head_dim), MEASURED_HEAD_DIMS[-1])
+    return _MEASURED[kernel][inputs][dim][1 if arch >= 90 else 0]
+
+
+def configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int | None = None) -> list[triton.Config]:
+    """Configs of ``kernel`` for ``dtype`` and ``head_dim`` (the larger of the q/k and v
+    head dims) on compute capability ``arch`` (default 90): the measured tile, or the
+    kernel's smallest one where the measured tile's shared memory exceeds ``arch``'s limit.
+    Head dims above 128 were not measured and reuse the head-dim-128 tile.
+    """
+    if kernel not in _MEASURED:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    arch = 90 if arch is None else arch
+    limit = SHARED_MEMORY_LIMIT.get(arch, DEFAULT_SHARED_MEMORY_LIMIT)
+    block_m, block_n, warps, stages = _measured_tile(kernel, dtype, head_dim, arch)
+    if arch not in (80, 90) and shared_memory_estimate(kernel, block_m, block_n, stages, dtype, head_dim) > limit:
+        block_m, block_n, warps, stages = _SMALLEST[kernel]
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)]
+
+
+def autotune_configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) -> list[triton.Config]:
+    """``configs`` cut to the first ``REC2PM_AUTOTUNE_MAX_CONFIGS`` (if set): bounds tuning time."""
+    out = configs(kernel, dtype, head_dim, arch)
+    limit = os.environ.get("REC2PM_AUTOTUNE_MAX_CONFIGS")
+    return out[:max(1, int(limit))] if limit else out
+
+
+def config_key(config: triton.Config) -> str:
+    kw = config.kwargs
+    return f"M{kw['BLOCK_M']}_N{kw['BLOCK_N']}_w{config.num_warps}_s{config.num_stages}"

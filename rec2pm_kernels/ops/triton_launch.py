@@ -1,0 +1,67 @@
+"""Launching the Triton kernels: fixed config, or the autotuner on CUDA.
+
+The autotuner runs only on CUDA (under ``TRITON_INTERPRET=1`` several configs cannot be
+benchmarked), over ``configs(kernel, dtype, head_dim, arch)``, keyed on the power-of-two
+bucket of the longest sequence plus the compile-time switches; so ragged batches reuse
+both the compiled kernels and the tuning result.  ``REC2PM_AUTOTUNE_MAX_CONFIGS`` bounds
+how many configs it tries.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .triton_configs import autotune_configs, configs
+
+# Autotune keys: the length bucket and every switch that changes the compiled code.
+AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "PATTERN", "SCORE", "HAS_BIAS", "INPUT_PRECISION"]
+
+# Runtime integers that change from batch to batch.  Triton would otherwise specialise
+# them (separate binaries for a value of 1 or a multiple of 16), so a ragged batch
+# could recompile; strides stay specialised, they are fixed by the tensor layout.
+SEGMENT_RUNTIME_INTS = ["total_tokens", "max_seqlen", "S", "C", "NUM_BUCKETS", "SEQ_BUCKET"]
+CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "NUM_BUCKETS", "SEQ_BUCKET"]
+
+_autotuned: dict[tuple, object] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def length_bucket(max_len: int) -> int:
+    """The autotuner's length key: ``max_len`` rounded up to a power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(max(int(max_len), 1)))
+
+
+def device_arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def launch(kernel, name: str, grid, args: tuple, constexprs: dict, *, dtype: torch.dtype, head_dim: int,
+           device: torch.device, config: triton.Config | None = None, reset_to_zero: tuple[str, ...] = ()):
+    """Run ``kernel[grid](*args, **constexprs)`` with ``config``, or the autotuned choice.
+
+    ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
+    Without an explicit config, off CUDA the first of ``configs(...)`` runs.
+    """
+    if config is None and device.type == "cuda" and not interpreting():
+        arch = device_arch(device)
+        key = (name, dtype, head_dim, arch, reset_to_zero)
+        tuned = _autotuned.get(key)
+        if tuned is None:
+            keys = [k for k in AUTOTUNE_KEY if k in kernel.arg_names]
+            tuned = triton.autotune(configs=autotune_configs(name, dtype, head_dim, arch), key=keys,
+                                    reset_to_zero=list(reset_to_zero) or None)(kernel)
+            _autotuned[key] = tuned
+        return tuned[grid](*args, **constexprs)
+    if config is None:
+        config = configs(name, dtype, head_dim, device_arch(device))[0]
+    meta = dict(config.kwargs)
+    return kernel[grid(meta)](*args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)

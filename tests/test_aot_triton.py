@@ -1,0 +1,103 @@
+"""Ahead-of-time compile check of the Triton kernels (``python -m rec2pm_kernels.aot``).
+
+The compile runs in a subprocess without ``TRITON_INTERPRET``: ``@triton.jit`` reads the
+flag at import, so a process that imported the kernels for the interpreter cannot compile
+them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from rec2pm_kernels import aot  # noqa: E402
+from rec2pm_kernels.ops.triton_configs import config_key, configs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _without_interpreter() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
+def _expected_values(arch: int, kernel: str) -> dict[str, set]:
+    """Every value a covering run must show for ``kernel`` on ``arch``."""
+    values = dict(score=set(aot.SCORES), dtype=set(aot.DTYPES), head_dim=set(aot.HEAD_DIMS), precision={"ieee", "tf32"},
+                  has_bias={True} if kernel == "segment_bwd_bias" else {False, True},
+                  config={(dtype, head_dim, config_key(c)) for dtype, torch_dtype in aot.DTYPES.items()
+                          for head_dim in aot.HEAD_DIMS for c in configs(kernel, torch_dtype, head_dim, arch)})
+    if kernel == "cached_step":
+        values["num_splits"] = set(aot.NUM_SPLITS)
+    else:
+        values["pattern"] = set(aot.PATTERNS)
+    return values
+
+
+def _covered_values(rows) -> dict[tuple, dict[str, set]]:
+    covered = defaultdict(lambda: defaultdict(set))
+    for row in rows:
+        seen = covered[(row["arch"], row["kernel"])]
+        for name in ("score", "dtype", "head_dim", "precision", "has_bias", "num_splits", "pattern"):
+            seen[name].add(row[name])
+        seen["config"].add((row["dtype"], row["head_dim"], row["config"]))
+    return covered
+
+
+def _assert_covers(rows, archs) -> None:
+    covered = _covered_values(rows)
+    for arch in archs:
+        for kernel in aot.KERNELS:
+            for name, values in _expected_values(arch, kernel).items():
+                missing = values - covered[(arch, kernel)][name]
+                assert not missing, f"sm_{arch} {kernel}: {name} {sorted(missing, key=str)} never compiled"
+
+
+def test_subset_covers_every_value_of_the_full_product():
+    full = aot.all_specialisations()
+    subset = aot.covering_subset(full)
+    assert len(subset) < len(full) / 10
+    rows = [dict(vars(spec), config=spec.config) for spec in subset]
+    _assert_covers(rows, aot.ARCHS)
+
+
+def test_lengths_are_not_specialised():
+    """Every integer argument except the strides is a runtime value that changes with the
+    batch; specialising it (value 1, multiple of 16) would recompile on ragged batches."""
+    specs = aot.all_specialisations(archs=(90,))
+    for kernel in aot.KERNELS:
+        spec = next(s for s in specs if s.kernel == kernel)
+        fn = aot._kernel_function(kernel)
+        unspecialised = {param.name for param in fn.params if param.do_not_specialize}
+        integers = {name for name, kind in aot.compile_source(spec).signature.items()
+                    if kind == "i32" and not name.startswith("stride_")}
+        assert integers, kernel
+        assert integers <= unspecialised, f"{kernel} specialises {sorted(integers - unspecialised)}"
+
+
+def test_refuses_to_run_under_the_interpreter():
+    env = dict(_without_interpreter(), TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "rec2pm_kernels.aot", "--subset"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "TRITON_INTERPRET" in result.stderr
+
+
+@pytest.mark.aot
+def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
+    """Every pattern, score, bias, dtype, head dim and config compiles for sm_80 and sm_90,
+    within shared memory and without spills; prints the per-specialisation report."""
+    report = tmp_path / "aot.json"
+    result = subprocess.run([sys.executable, "-m", "rec2pm_kernels.aot", "--subset", "--json", str(report)],
+                            cwd=ROOT, env=_without_interpreter(), capture_output=True, text=True)
+    print(result.stdout)
+    print(result.stderr, file=sys.stderr)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rows = json.loads(report.read_text())["results"]
+    assert all(not row["failures"] for row in rows)
+    _assert_covers(rows, aot.ARCHS)

@@ -1,0 +1,104 @@
+"""Triton kernels on a real GPU against the oracle: every pattern, score and bias, in bf16,
+fp16 and fp32 (exact and TF32), at the model's geometry (S = 200, C = 4).  Run by
+``benchmarks/gpu.sh``; skipped without CUDA."""
+
+import pytest
+import torch
+
+from rec2pm_kernels import cached_step_attention, segment_attention
+
+from .cases import PATTERNS, SCORES, cached_step_case, cached_step_reference, check_segment_attention, score_kwargs
+
+pytestmark = pytest.mark.gpu
+
+SEGMENT_LEN, MEMORY_TOKENS = 200, 4
+UNIT = SEGMENT_LEN + MEMORY_TOKENS
+LENGTHS = [5 * UNIT + 17, 1, SEGMENT_LEN, 2 * UNIT, 0, 3 * UNIT + SEGMENT_LEN]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_oracle(pattern, score, with_bias, dtype):
+    check_segment_attention(LENGTHS, pattern, score, with_bias=with_bias, dtype=dtype, device="cuda", heads=2,
+                            dim=64, segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+
+
+@pytest.mark.parametrize("dim, dim_v", [(8, 8), (16, 16), (32, 32), (128, 128), (64, 32)])
+def test_head_dims(dim, dim_v):
+    check_segment_attention(LENGTHS[:3], "global", "softmax", dtype=torch.bfloat16, device="cuda", dim=dim,
+                            dim_v=dim_v, segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+
+
+def test_tf32_is_opt_in_and_close():
+    exact = check_segment_attention(LENGTHS[:2], "causal", "softmax", device="cuda")
+    assert exact[0].dtype == torch.float32
+    q = torch.randn(300, 2, 64, device="cuda")
+    cu = torch.tensor([0, 300], dtype=torch.int32, device="cuda")
+    a = segment_attention(q, q, q, cu, 300, allow_tf32=True)
+    b = segment_attention(q, q, q, cu, 300)
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_deterministic_bias_gradient_is_bit_identical():
+    q = torch.randn(3000, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 1000, 3000], dtype=torch.int32, device="cuda")
+    grads = []
+    for _ in range(2):
+        out = segment_attention(q, q, q, cu, 2000, pattern="global", segment_len=SEGMENT_LEN,
+                                num_memory_tokens=MEMORY_TOKENS, rel_bias=bias, deterministic=True)
+        grads.append(torch.autograd.grad(out.float().square().sum(), (q, bias)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cached_step_matches_oracle(score, dtype):
+    from rec2pm_kernels.testing import assert_within_budget
+
+    filled, new = [0, 900, 4000, 17, 2047], [1, 1, 5, 0, 2]
+    q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(filled, new, dim=64, dim_v=64, dtype=dtype,
+                                                                    device="cuda")
+    ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **score_kwargs(score))
+    with torch.no_grad():
+        out = cached_step_attention(q, k, v, cu, max(new), k_cache, v_cache, seqlens, rel_bias=bias,
+                                    **score_kwargs(score))
+    assert_within_budget("out", out, ref, base, dtype)
+
+
+def test_auto_picks_triton_on_cuda():
+    from rec2pm_kernels.backends import resolve_backend
+
+    assert resolve_backend("auto", "segment_attention", torch.device("cuda"), True, torch.bfloat16) == "triton"
+
+
+def test_ragged_batches_neither_recompile_nor_retune():
+    """Lengths are runtime values and the autotune key is a power-of-two bucket."""
+    from rec2pm_kernels.ops import triton_launch
+    from rec2pm_kernels.ops.segment_attention.triton_forward import segment_fwd_kernel
+
+    device = torch.cuda.current_device()
+
+    def run(lengths):
+        q = torch.randn(sum(lengths), 2, 64, device="cuda", dtype=torch.bfloat16)
+        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        segment_attention(q, q, q, cu, max(lengths), pattern="global", segment_len=SEGMENT_LEN,
+                          num_memory_tokens=MEMORY_TOKENS)
+        torch.cuda.synchronize()
+
+    def compiled():
+        return len(segment_fwd_kernel.device_caches[device][0])
+
+    def tuned():
+        return sum(len(t.cache) for key, t in triton_launch._autotuned.items() if key[0] == "segment_fwd")
+
+    run([1020, 37])
+    kernels, tunings = compiled(), tuned()
+    run([1016, 5, 300, 204])         # same bucket (1024), other total and batch
+    assert (compiled(), tuned()) == (kernels, tunings)
+    run([2040, 999])                 # next bucket: tuned again, nothing compiled
+    assert compiled() == kernels and tuned() == tunings + 1
