@@ -25,10 +25,13 @@ def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32):
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_matches_oracle_and_appends(score, with_bias, dtype):
+@pytest.mark.parametrize("filled, new", [
+    ([0, 5, 12, 3, 20], [3, 1, 0, 4, 4]),  # ragged: several rows, empty users
+    ([9, 9, 9], [1, 1, 1]),                # one row each over equal prefixes (the torch backend drops the mask)
+    ([9, 10, 10], [1, 0, 0]),              # equal ends, but users without new rows
+], ids=["ragged", "equal", "equal-ends"])
+def test_matches_oracle_and_appends(score, with_bias, dtype, filled, new):
     heads, dim, dim_v, capacity = 2, 8, 6, 24
-    filled = [0, 5, 12, 3, 20]
-    new = [3, 1, 0, 4, 4]
     cu = cu_seqlens_of(new)
     q, k, v = make_qkv(sum(new), heads, dim, dim_v, dtype)
     k_cache, v_cache = make_cache(len(new), capacity, heads, dim, dim_v, filled, dtype)

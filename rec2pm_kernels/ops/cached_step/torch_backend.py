@@ -45,21 +45,25 @@ def cached_step_torch(
     counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
     # Host-side sizes of the padded batch (one sync; the public API passes max_new).
     n_max = max_new
-    k_max = int((cached + counts).max())
+    ends = cached + counts  # one past each user's last written slot
+    k_min, k_max = (int(x) for x in torch.aminmax(ends))
 
     q_pad = q_new.new_zeros((batch, n_max, heads, q_new.shape[-1]))
     q_pad[user, t] = q_new
     slots = torch.arange(k_max, device=device)
-    written = slots[None, :] < (cached + counts)[:, None]  # (B, K)
-    keys = k_cache[:, :k_max].masked_fill(~written[:, :, None, None], 0)
-    values = v_cache[:, :k_max].masked_fill(~written[:, :, None, None], 0)
+    keys, values = k_cache[:, :k_max], v_cache[:, :k_max]
+    if k_min < k_max:  # ragged: zero the unwritten tails (a copy), so stale NaN cannot leak
+        unwritten = (slots[None, :] >= ends[:, None])[:, :, None, None]  # (B, K, 1, 1)
+        keys, values = keys.masked_fill(unwritten, 0), values.masked_fill(unwritten, 0)
 
     row_pos = cached[:, None] + torch.arange(n_max, device=device)[None, :]  # λ(new row t), (B, N)
-    mask = slots[None, None, :] <= row_pos[:, :, None]  # (B, N, K)
+    # One new row per user over equal prefixes (the usual serving step): every slot is
+    # visible, and SDPA runs without a mask.
+    mask = None if n_max == 1 and k_min == k_max else (slots[None, None, :] <= row_pos[:, :, None])[:, None]
     qh, kh, vh = q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
     bias = None
     if rel_bias is not None:
         bucket = bias_bucket(row_pos[:, :, None], slots[None, None, :], rel_bias.shape[1])
         bias = rel_bias.to(q_new.dtype)[:, bucket].transpose(0, 1)  # (B, H, N, K)
-    out = masked_attention(qh, kh, vh, mask[:, None], bias, score=score, scale=scale, silu_norm=silu_norm)
+    out = masked_attention(qh, kh, vh, mask, bias, score=score, scale=scale, silu_norm=silu_norm)
     return out.transpose(1, 2)[user, t].to(v_new.dtype)
