@@ -40,10 +40,9 @@ pass for unused pointers keep their real dtypes, ``cu_seqlens`` is int32 and the
 relative-position bias has the inputs' dtype.  Pointers carry the 16-byte alignment hint
 of fresh allocations, and strides the divisibility-by-16 hint that a contiguous
 ``(tokens, heads, head_dim)`` layout gives when ``head_dim % 16 == 0``; that is the
-specialisation the launchers compile for the usual contiguous inputs.  The dK/dV kernel
-is compiled with ``BIAS_ATOMICS = HAS_BIAS`` (the default, non-deterministic bias
-gradient); its deterministic variant (bias without atomics) only drops the atomic add and
-is left out to keep the full run within 30 minutes on 2 cores.
+specialisation the launchers compile for the usual contiguous inputs.  The dK/dV
+kernel's choice between atomic and deterministic bias gradients is a runtime flag, so one
+binary serves both.
 """
 
 from __future__ import annotations
@@ -226,8 +225,6 @@ def _constexprs(spec: Specialisation) -> dict:
     if spec.kernel == "segment_bwd_bias":
         return dict(values, WINDOW=BIAS_WINDOW)
     values.update(HAS_BIAS=spec.has_bias, COUNT_TILES=False)
-    if spec.kernel == "segment_bwd_dkdv":
-        values["BIAS_ATOMICS"] = spec.has_bias  # the default, non-deterministic bias gradient
     return values
 
 

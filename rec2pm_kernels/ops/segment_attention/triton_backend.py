@@ -111,8 +111,8 @@ def segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, s
     launch(segment_bwd_dkdv_kernel, "segment_bwd_dkdv",
            lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_N"]), heads),
            (q, k, v, dout, lse, delta, dk, dv, dbias if atomics else delta, cu_seqlens, bias_arg,
-            counts if counts is not None else delta, *_strides(q, k, v, dout, dk, dv), *runtime),
-           dict(switches, BIAS_ATOMICS=atomics, COUNT_TILES=counts is not None),
+            counts if counts is not None else delta, *_strides(q, k, v, dout, dk, dv), *runtime, int(atomics)),
+           dict(switches, COUNT_TILES=counts is not None),
            config=configs_by_kernel.get("segment_bwd_dkdv"), reset_to_zero=("DBIAS",) if atomics else (), **common)
 
     counts = tile_counts.get("segment_bwd_dq")

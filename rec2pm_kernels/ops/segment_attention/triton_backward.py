@@ -21,18 +21,21 @@ from ..triton_patterns import key_ranges, row_range_end, tile_visible
 from .triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
 
 
-@triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
+@triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS + ["bias_atomics"])
 def segment_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, CU_SEQLENS, BIAS, TILE_COUNTS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
+    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET, bias_atomics,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ATOMICS: tl.constexpr,
+    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """DK ``(T, H, D)``, DV ``(T, H, Dv)``; DBIAS ``(H, NUM_BUCKETS)`` fp32 when ``BIAS_ATOMICS``.
-    Grid: ``(batch * col_blocks, H)``; ``BLOCK_N`` keys per program, rows in tiles of ``BLOCK_M``."""
+    """DK ``(T, H, D)``, DV ``(T, H, Dv)``; DBIAS ``(H, NUM_BUCKETS)`` fp32 when ``bias_atomics != 0``.
+    Grid: ``(batch * col_blocks, H)``; ``BLOCK_N`` keys per program, rows in tiles of ``BLOCK_M``.
+
+    ``bias_atomics`` is a runtime flag, not a compile-time switch, so the default and the
+    deterministic bias gradient share one compiled kernel (the branch is uniform)."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     _, token0, length, c0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_N)
@@ -63,8 +66,9 @@ def segment_bwd_dkdv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-        if HAS_BIAS and BIAS_ATOMICS:
-            tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask)
+        if HAS_BIAS:
+            if bias_atomics != 0:
+                tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask)
         if COUNT_TILES:
             visited += 1
     col_ok = offs_n < length
