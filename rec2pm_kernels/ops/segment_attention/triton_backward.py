@@ -67,8 +67,9 @@ def segment_bwd_dkdv_kernel(
         ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
-            if bias_atomics != 0:
-                tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask)
+            # A predicate rather than a branch: a runtime branch keeps more values live
+            # across it, and pushed the largest tiles over 255 registers.
+            tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask & (bias_atomics != 0))
         if COUNT_TILES:
             visited += 1
     col_ok = offs_n < length
