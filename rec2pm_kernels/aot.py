@@ -71,8 +71,8 @@ SCORES = (0, 1)  # softmax, silu
 SCORE_NAMES = {0: "softmax", 1: "silu"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = (8, 16, 32, 64, 128)
-# The cached-step launcher uses NUM_SPLITS in 1, 2, 4, 8, 16; it only changes the epilogue
-# (one branch for 1, one for any larger count), so 1 and 2 cover the compiled code.
+# The cached step compiles one binary without split-K and one with it (SPLIT_K); the number
+# of splits is the grid's third dimension at run time, so 2 stands for every count > 1.
 NUM_SPLITS = (1, 2)
 SEGMENT_KERNELS = ("segment_fwd", "segment_bwd_dkdv", "segment_bwd_dq", "segment_bwd_bias")
 KERNELS = SEGMENT_KERNELS + ("cached_step",)
@@ -220,7 +220,7 @@ def _constexprs(spec: Specialisation) -> dict:
     values = dict(HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim, BLOCK_D=block_d, BLOCK_DV=block_d,
                   SCORE=spec.score, INPUT_PRECISION=spec.precision, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n)
     if spec.kernel == "cached_step":
-        return dict(values, HAS_BIAS=spec.has_bias, NUM_SPLITS=spec.num_splits)
+        return dict(values, HAS_BIAS=spec.has_bias, SPLIT_K=spec.num_splits > 1)
     values["PATTERN"] = spec.pattern
     if spec.kernel == "segment_bwd_bias":
         return dict(values, WINDOW=BIAS_WINDOW)

@@ -17,7 +17,7 @@ import triton
 from .triton_configs import autotune_configs, configs
 
 # Autotune keys: the length bucket and every switch that changes the compiled code.
-AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "PATTERN", "SCORE", "HAS_BIAS", "INPUT_PRECISION"]
+AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "PATTERN", "SCORE", "HAS_BIAS", "INPUT_PRECISION", "SPLIT_K"]
 
 # Runtime integers that change from batch to batch.  Triton would otherwise specialise
 # them (separate binaries for a value of 1 or a multiple of 16), so a ragged batch

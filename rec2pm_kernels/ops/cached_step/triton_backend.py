@@ -70,7 +70,7 @@ def cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v
             float(silu_norm) if silu_norm is not None else 1.0, length_bucket(capacity))
     switches = dict(HEAD_DIM=q_new.shape[2], HEAD_DIM_V=dim_v, BLOCK_D=padded_head_dim(q_new.shape[2]),
                     BLOCK_DV=block_dv, SCORE=SCORE_CODES[score], HAS_BIAS=rel_bias is not None,
-                    INPUT_PRECISION=input_precision(q_new.dtype, allow_tf32), NUM_SPLITS=num_splits)
+                    INPUT_PRECISION=input_precision(q_new.dtype, allow_tf32), SPLIT_K=num_splits > 1)
     launch(cached_step_kernel, "cached_step",
            lambda meta: (batch * triton.cdiv(max_new, meta["BLOCK_M"]), heads, num_splits), args, switches,
            dtype=q_new.dtype, head_dim=max(q_new.shape[2], dim_v), device=q_new.device, config=config)

@@ -2,8 +2,8 @@
 
 The launcher first appends the new K/V into the cache, so new row ``t`` of user ``b`` (at
 position ``L_b + t`` with ``L_b = cache_seqlens[b]``) attends to cache slots ``[0, L_b + t]``.
-One program per (user, block of new rows, head, split): with ``NUM_SPLITS > 1`` the key
-range is cut into that many pieces, each program writes its unnormalised sum and row
+One program per (user, block of new rows, head, split): with ``SPLIT_K`` the key
+range is cut into as many pieces as the grid has splits, each program writes its unnormalised sum and row
 statistics, and the launcher combines the pieces (so a small serving batch still fills
 the GPU).
 """
@@ -22,12 +22,13 @@ def cached_step_kernel(
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
     total_new, max_new, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """OUT ``(total_new, H, Dv)`` when ``NUM_SPLITS == 1``; else PARTIAL_ACC ``(splits, total_new, H, Dv)``
+    """OUT ``(total_new, H, Dv)`` without ``SPLIT_K``; else PARTIAL_ACC ``(splits, total_new, H, Dv)``
     and PARTIAL_STATS ``(splits, total_new, H, 2)`` (running max and sum, base 2), fp32.
-    Grid: ``(batch * cdiv(max_new, BLOCK_M), H, NUM_SPLITS)``."""
+    Grid: ``(batch * cdiv(max_new, BLOCK_M), H, splits)``.  The number of splits is the grid's
+    third dimension, a runtime value: one binary serves every count."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -44,7 +45,7 @@ def cached_step_kernel(
     k_user = K_CACHE + user.to(tl.int64) * stride_kb
     v_user = V_CACHE + user.to(tl.int64) * stride_vb
     keys = cached + tl.minimum(t0 + BLOCK_M, n_new)
-    piece = tl.cdiv(tl.cdiv(keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    piece = tl.cdiv(tl.cdiv(keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     lo = split * piece
     hi = tl.minimum(lo + piece, keys)
     m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
@@ -62,7 +63,7 @@ def cached_step_kernel(
         acc, m_i, l_i = accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
     heads = tl.num_programs(1)
     store_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         if SCORE == 0:
             acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_ptrs = OUT + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
