@@ -32,21 +32,27 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run = build_run_config(args.config, args.overrides)
-        except (ValueError, OSError) as exc:
+        except (ValueError, TypeError, OSError) as exc:
             parser.error(str(exc))
         if args.print_config:
             print(json.dumps(run, indent=2))
             return 0
         from .training import train as run_training
 
-        summary = run_training(run, resume=not args.no_resume)
+        try:
+            summary = run_training(run, resume=not args.no_resume)
+        except OSError as exc:  # a data file or folder that is missing or unreadable: a message, no traceback
+            parser.exit(2, f"rec2pm train: error: {exc}\n")
         return 3 if summary.get("interrupted") else 0
 
     from .evaluation import format_metrics
     from .training import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, data_path=args.data, split_name=args.split,
-                                  progress=not args.no_progress)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, data_path=args.data, split_name=args.split,
+                                      progress=not args.no_progress)
+    except (ValueError, TypeError, OSError) as exc:
+        parser.error(str(exc))
     print(format_metrics(metrics))
     return 0
 

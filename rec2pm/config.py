@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .fields import check_instance_types
+
 BACKBONES = ("sasrec", "hstu")
 
 
@@ -22,6 +24,12 @@ class ModelConfig:
         num_buckets: HSTU relative-bias buckets (distances past the last share it).
         silu_norm: HSTU's fixed attention normaliser; defaults to ``max_positions``.
         segment_len, num_memory_tokens: S and C of Rec2PM.
+        init_std: std of the normal initialisation of every embedding (items, positions,
+            write tokens) and every linear weight (biases start at 0).  One small scale for
+            all of them keeps the item signal visible at init: a larger position table
+            drowns the items, and larger item embeddings make the residual path (the output
+            embeddings are the input ones) predict the input item itself at init
+            (``docs/accuracy.md`` has the measurements).
     """
 
     backbone: str = "sasrec"
@@ -35,8 +43,10 @@ class ModelConfig:
     silu_norm: float | None = None
     segment_len: int = 200
     num_memory_tokens: int = 4
+    init_std: float = 0.02
 
     def __post_init__(self):
+        check_instance_types(self)
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         for name in ("num_items", "num_layers", "num_heads", "d_model", "max_positions", "num_buckets",
@@ -48,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
     @property
     def head_dim(self) -> int:

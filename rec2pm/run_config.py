@@ -79,7 +79,10 @@ def build_run_config(path: str | Path | None = None, overrides: list[str] = ()) 
     layers: list[tuple[str, dict]] = []
     if path is not None:
         with open(path, "rb") as f:
-            layers.append((str(path), tomllib.load(f)))
+            try:
+                layers.append((str(path), tomllib.load(f)))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path}: not a valid TOML file ({exc})") from None
     for text in overrides:
         table, key, value = parse_override(text)
         layers.append((f"--set {text}", {table: {key: value}}))
@@ -97,35 +100,72 @@ def build_run_config(path: str | Path | None = None, overrides: list[str] = ()) 
     return config
 
 
+# Ranges of the numeric run settings (inclusive); a type comes from the default's type.
+RANGES = {
+    "data": {"max_length": (2, None), "synthetic_users": (1, None), "synthetic_length": (1, None),
+             "synthetic_items": (1, None), "synthetic_noise": (0.0, 1.0)},
+    "train": {"epochs": (1, None), "batch_size": (1, None), "eval_batch_size": (1, None), "eval_every": (1, None),
+              "lr": (0.0, None), "weight_decay": (0.0, None), "warmup_steps": (0, None), "patience": (0, None),
+              "checkpoint_every": (0, None), "threads": (0, None), "stop_after_steps": (0, None)},
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_setting(table: str, key: str, value) -> None:
+    from .fields import check_value
+
+    kind = {bool: "bool", int: "int", float: "float", str: "str"}[type(DEFAULTS[table][key])]
+    check_value(f"{table}.{key}", kind, value)
+    low, high = RANGES.get(table, {}).get(key, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{table}.{key} must be {bounds}, got {value!r}")
+
+
 def validate(config: dict) -> None:
-    from .config import REFERENCE_CONFIGS, ModelConfig
+    """Every value has its default's type and lies in its range; names are known; the model
+    and method tables build (their errors are prefixed with the table)."""
+    from .config import REFERENCE_CONFIGS, ModelConfig, named_config
+    from .fields import check_field_types
     from .methods import METHODS
     from .methods.base import TrainingOptions
 
     data, train = config["data"], config["train"]
+    for table in ("data", "train"):
+        for key, value in config[table].items():
+            _check_setting(table, key, value)
     if data["kind"] not in DATA_KINDS:
         raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {data['kind']!r}")
     if data["kind"] != "synthetic" and not data["path"]:
         raise ValueError(f"data.path is required for data.kind={data['kind']!r}")
     if train["schedule"] not in SCHEDULES:
         raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {train['schedule']!r}")
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ValueError(f"train.{key} must be an int >= 1, got {train[key]!r}")
-    if not isinstance(data["max_length"], int) or data["max_length"] < 2:
-        raise ValueError(f"data.max_length must be an int >= 2, got {data['max_length']!r}")
+    device = train["device"]
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"train.device must be one of {DEVICES} or 'cuda:N', got {device!r}")
     model = dict(config["model"])
-    name = model.pop("config")
+    name = model.pop("config", None)
     if name not in REFERENCE_CONFIGS:
         raise ValueError(f"model.config must be one of {tuple(REFERENCE_CONFIGS)}, got {name!r}")
     fields = set(ModelConfig.__dataclass_fields__) - {"num_items"}
     for key in model:
         if key not in fields:
             raise ValueError(f"unknown key model.{key}; expected one of {sorted(fields)}")
+    check_field_types(ModelConfig, model, prefix="model.")
+    try:
+        named_config(name, **model)
+    except ValueError as exc:
+        raise ValueError(f"model: {exc}") from None
     method = dict(config["method"])
-    if method.pop("name") not in METHODS:
-        raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {config['method']['name']!r}")
+    method_name = method.pop("name", None)
+    if method_name not in METHODS:
+        raise ValueError(f"method.name must be one of {tuple(METHODS)}, got {method_name!r}")
     options = set(TrainingOptions.__dataclass_fields__) - {"mode"}
     for key in method:
         if key not in options:
             raise ValueError(f"unknown key method.{key}; expected one of {sorted(options)}")
+    check_field_types(TrainingOptions, method, prefix="method.")
+    try:
+        TrainingOptions(**method)
+    except ValueError as exc:
+        raise ValueError(f"method: {exc}") from None

@@ -27,6 +27,7 @@ from .evaluation import evaluate, format_metrics
 from .layout import packed_rows
 from .methods import build_model
 from .methods.base import TrainingOptions
+from .run_config import validate as validate_run
 
 SELECTION_METRIC = "NDCG@10"
 
@@ -96,14 +97,18 @@ def lr_lambda(train: dict, total_steps: int):
 
 # -- checkpoints -------------------------------------------------------------------------------
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state, in types ``torch.load(weights_only=True)`` accepts (tensors, tuples, numbers)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -121,8 +126,51 @@ def save_atomically(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+CHECKPOINT_KEYS = {"best": ("model", "run", "num_items"),
+                   "last": ("model", "optimizer", "scheduler", "rng", "state", "run", "num_items")}
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", kind: str = "best") -> dict:
+    """Read a checkpoint that ``train`` wrote, with ``torch.load(weights_only=True)``.
+
+    Checkpoints hold only tensors and plain Python values, so loading one never runs code
+    from the file.  Every failure is a ``ValueError`` (or ``FileNotFoundError``) naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, corrupt, not a torch file, or holding types that could run code
+        if "Weights only load failed" in str(exc):
+            detail = "it holds objects other than tensors and plain values, which could run code; refused"
+        else:
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ValueError(f"{path}: not a readable rec2pm checkpoint ({detail})") from None
+    needed = CHECKPOINT_KEYS["last" if kind == "last" else "best"]
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in needed):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a rec2pm {kind} checkpoint; expected the entries {list(needed)}, found {found}")
+    if not isinstance(ckpt["run"], dict) or not isinstance(ckpt["num_items"], int):
+        raise ValueError(f"{path}: damaged checkpoint: 'run' must be a table and 'num_items' an int")
+    try:
+        validate_run(ckpt["run"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: the checkpoint's run config is invalid: {exc}") from None
+    return ckpt
+
+
+def load_weights(model: torch.nn.Module, weights, path: Path) -> None:
+    """``model.load_state_dict(weights)`` with an error naming the file and what did not match."""
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: the checkpoint's 'model' entry is not a state dict")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{path}: the weights do not match the model its run config builds "
+                         f"({type(model).__name__}, {model.config.backbone} {model.config.num_layers}x"
+                         f"{model.config.num_heads}, d={model.config.d_model}): {detail[:600]}") from None
 
 
 class MetricsLog:
@@ -180,8 +228,8 @@ def train(run: dict, *, resume: bool = True) -> dict:
              "loss_sum": 0.0, "loss_count": 0}
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(last_path, kind="last")
+        load_weights(model, ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"][ctx.rank])
@@ -263,8 +311,8 @@ def train(run: dict, *, resume: bool = True) -> dict:
 
     summary = {"best_epoch": state["best_epoch"], "best_valid": state["best"], "steps": state["step"]}
     if ctx.is_main:
-        best = load_checkpoint(best_path) if best_path.exists() else {"model": model.state_dict()}
-        model.load_state_dict(best["model"])
+        if best_path.exists():
+            load_weights(model, load_checkpoint(best_path)["model"], best_path)
         model.eval()
         test_metrics = evaluate(model.score_history, test[0].to(device), test[1].to(device),
                                 split.test_targets.to(device), data.num_items,
@@ -284,6 +332,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
 def evaluate_checkpoint(path: str | Path, *, data_path: str | None = None, split_name: str = "test",
                         progress: bool = True) -> dict:
     """Metrics of a saved model (``best.pt`` or ``last.pt``) on its run's data split."""
+    path = Path(path)
     ckpt = load_checkpoint(path)
     run = ckpt["run"]
     if data_path is not None:
@@ -296,7 +345,7 @@ def evaluate_checkpoint(path: str | Path, *, data_path: str | None = None, split
     targets = split.test_targets if split_name == "test" else split.valid_targets
     items, cu = keep_last(history.items, history.cu_seqlens, run["data"]["max_length"])
     model = build(run, data.num_items)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     model.eval()
     return evaluate(model.score_history, items, cu, targets, data.num_items,
                     batch_size=run["train"]["eval_batch_size"], exclude_history=run["train"]["exclude_history"],

@@ -3,7 +3,7 @@
 Both take *packed varlen* tensors: the tokens of all sequences back to back, with
 ``cu_seqlens`` (``(batch + 1,)``, int32 or int64, starting at 0) marking where each one
 starts.  Patterns, scores and the relative-position bias are defined in
-``rec2pm_kernels.patterns`` and in the project's SPEC, section 2.
+``rec2pm_kernels.patterns`` and in ``docs/patterns.md``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def segment_attention(
         v: ``(total_tokens, heads, head_dim_v)``; ``head_dim_v`` may differ from ``head_dim``.
         cu_seqlens: ``(batch + 1,)`` int32 or int64 offsets; sequence ``b`` is
             ``[cu_seqlens[b], cu_seqlens[b + 1])``.  Empty sequences are allowed.
-        max_seqlen: an int at least the longest sequence's length (used to size work).
+        max_seqlen: an int at least the longest sequence's length, an upper bound that sizes
+            the kernels' grids (values above the token count are treated as the token count).
         pattern: which keys each query sees (every pattern is causal inside its sequence):
 
             * ``"causal"``: every earlier token.
@@ -94,10 +95,18 @@ def segment_attention(
             required for ``"silu"``, rejected for ``"softmax"``.
         backend: ``"auto"`` (``triton`` for CUDA tensors, else ``torch``), ``"torch"``, ``"triton"`` or ``"cpp"``;
             ``rec2pm_kernels.backends()`` says which are available here and why not.
-        validate: run the value checks (``cu_seqlens`` order, ``max_seqlen``, complete write
-            blocks, finite inputs).  Default ``None``: always on CPU; on CUDA only when the
-            environment sets ``REC2PM_VALIDATE=1``, since they synchronise the device.
-            Shape, dtype and device checks always run.
+        validate: which checks read tensor contents.  Always, whatever ``validate`` says:
+            shapes, dtypes, devices, options and ranges of the Python arguments; and, when
+            ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
+            ``max_seqlen`` and complete write blocks (O(batch), no device sync).
+            ``validate=True``: also those index checks for CUDA tensors (one device sync) and
+            a scan for NaN or Inf in ``q``, ``k``, ``v``, ``rel_bias``.  Default ``None``:
+            the NaN scan on CPU only, everything on CUDA when ``REC2PM_VALIDATE=1``.
+            What skipping costs, on CUDA with ``validate=False``: a ``cu_seqlens`` that does
+            not start at 0, decreases or does not end at the token count, or a ``max_seqlen``
+            below the longest sequence, leaves rows unwritten (uninitialised memory) or reads
+            out of bounds; a sequence ending inside a write block gets an ill-defined pattern;
+            NaN or Inf inputs give NaN rows (anywhere).
         allow_tf32: let the ``triton`` backend multiply fp32 inputs in TF32 (faster on
             sm_80+, ~1e-3 relative error).  Default: exact fp32 products.
         deterministic: bit-identical gradients from run to run.  Only the ``triton``
@@ -117,16 +126,21 @@ def segment_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_bias))
     chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad, q.dtype)
+    check.check_flag("allow_tf32", allow_tf32)
+    check.check_flag("deterministic", deterministic, allow_none=True)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if check.should_check_values(q.device, validate):
+    check_contents = check.should_check_values(q.device, validate)
+    lengths = None
+    if check.reads_host_indices(cu_seqlens) or check_contents:
         lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, q.shape[0], "q")
-        check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
         if pattern != "causal":
             check.check_write_blocks(lengths, segment_len, num_memory_tokens)
+    check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
+    if check_contents:
         check.check_finite(("q", "k", "v", "rel_bias"), (q, k, v, rel_bias))
-    else:
-        check.check_max_seqlen("max_seqlen", max_seqlen, None)
+    # An upper bound that sizes work: no sequence is longer than all the tokens.
+    max_seqlen = min(max_seqlen, q.shape[0])
     return SEGMENT_ATTENTION_IMPLS[chosen](
         q, k, v, cu_seqlens, max_seqlen, pattern=pattern, segment_len=segment_len,
         num_memory_tokens=num_memory_tokens, score=score, scale=scale, rel_bias=rel_bias,
@@ -159,14 +173,20 @@ def cached_step_attention(
         v_new: ``(total_new, heads, head_dim_v)``.
         cu_seqlens_new: ``(batch + 1,)`` int32 or int64 offsets of the new rows; a user may
             have 0 new rows.
-        max_new: an int at least the largest number of new rows of one user.
+        max_new: an int at least the largest number of new rows of one user; an upper bound
+            (buffers are sized by the actual counts, grids by ``min(max_new, total_new)``).
         k_cache: ``(batch, capacity, heads, head_dim)``, one layer's keys; slots
             ``[0, cache_seqlens[b])`` hold ``[M ; earlier items of the current block]``.
-        v_cache: ``(batch, capacity, heads, head_dim_v)``.
+            Any strides, as long as no two slots share memory (an expanded view is refused).
+        v_cache: ``(batch, capacity, heads, head_dim_v)``, sharing no memory with ``k_cache``.
         cache_seqlens: ``(batch,)`` int32 (or int64) filled lengths; read, never modified
             (the caller advances it by the number of new rows).
-        score, scale, rel_bias, silu_norm, backend, validate, allow_tf32: as in ``segment_attention``;
+        score, scale, rel_bias, silu_norm, backend, allow_tf32: as in ``segment_attention``;
             for the bias λ(new row t) = ``cache_seqlens[b] + t`` and λ(slot j) = j.
+        validate: as in ``segment_attention``; the index checks also cover ``cache_seqlens``
+            (>= 0, and room for the new rows within ``capacity``), and the NaN scan also
+            covers the filled cache slots ``[0, cache_seqlens[b])``.  Skipped on CUDA, a
+            ``cache_seqlens`` past the capacity writes out of bounds.
 
     Effects:
         Writes the new K/V of user ``b`` into slots ``[cache_seqlens[b], cache_seqlens[b] + n_b)``
@@ -205,19 +225,19 @@ def cached_step_attention(
                 raise ValueError(f"cached_step_attention is forward only, but {name} requires grad; "
                                  "call it under torch.no_grad() or torch.inference_mode()")
     chosen = resolve_backend(backend, "cached_step_attention", q_new.device, needs_grad=False, dtype=q_new.dtype)
-    if check.should_check_values(q_new.device, validate):
+    check.check_flag("allow_tf32", allow_tf32)
+    check.check_cache_layout(("k_cache", "v_cache"), k_cache, v_cache)
+    check_contents = check.should_check_values(q_new.device, validate)
+    counts = None
+    if check.reads_host_indices(cu_seqlens_new) or check_contents:
         counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, q_new.shape[0], "q_new")
-        check.check_max_seqlen("max_new", max_new, counts)
-        if batch and bool((cache_seqlens < 0).any()):
-            raise ValueError("cache_seqlens must be >= 0")
-        ends = cache_seqlens.long() + counts.long()
-        if batch and bool((ends > k_cache.shape[1]).any()):
-            b = int(torch.nonzero(ends > k_cache.shape[1])[0, 0])
-            raise ValueError(f"k_cache capacity {k_cache.shape[1]} is too small: user {b} has "
-                             f"cache_seqlens={int(cache_seqlens[b])} and {int(counts[b])} new rows")
+        check.check_cache_seqlens_values(cache_seqlens, counts, k_cache.shape[1])
+    check.check_max_seqlen("max_new", max_new, counts)
+    if check_contents:
         check.check_finite(("q_new", "k_new", "v_new", "rel_bias"), (q_new, k_new, v_new, rel_bias))
-    else:
-        check.check_max_seqlen("max_new", max_new, None)
+        check.check_filled_cache_finite(("k_cache", "v_cache"), (k_cache, v_cache), cache_seqlens)
+    # An upper bound that sizes work: no user has more new rows than there are.
+    max_new = min(max_new, q_new.shape[0])
     return CACHED_STEP_IMPLS[chosen](q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens,
                                      score=score, scale=scale, rel_bias=rel_bias, silu_norm=silu_norm,
                                      allow_tf32=allow_tf32)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import validation as check
+from .backends import BACKENDS
 from .interface import segment_attention
 
 
@@ -31,6 +33,13 @@ class SegmentAttention(nn.Module):
                  num_memory_tokens: int | None = None, score: str = "softmax", scale: float | None = None,
                  silu_norm: float | None = None, num_buckets: int | None = None, backend: str = "auto"):
         super().__init__()
+        # The options are checked here, so a bad module fails where it is built, not at its first call.
+        check.check_positive_int("num_heads", num_heads)
+        check.check_pattern(pattern, segment_len, num_memory_tokens)
+        check.check_choice("backend", backend, BACKENDS)
+        if num_buckets is not None:
+            check.check_positive_int("num_buckets", num_buckets)
+        check.check_score_options(score, scale, silu_norm, None, num_heads, torch.empty(0, num_heads, 1))
         self.num_heads = num_heads
         self.options = dict(pattern=pattern, segment_len=segment_len, num_memory_tokens=num_memory_tokens,
                             score=score, scale=scale, silu_norm=silu_norm, backend=backend)
@@ -38,8 +47,12 @@ class SegmentAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
-        flat = q.dim() == 2
+        flat = isinstance(q, torch.Tensor) and q.dim() == 2
         if flat:
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] % self.num_heads:
+                    raise ValueError(f"{name} must be (total_tokens, heads * dim) with a last dim divisible by "
+                                     f"num_heads={self.num_heads} (like q), got {tuple(getattr(x, 'shape', ()))}")
             q, k, v = (x.unflatten(-1, (self.num_heads, -1)) for x in (q, k, v))
         out = segment_attention(q, k, v, cu_seqlens, max_seqlen, rel_bias=self.rel_bias, **self.options)
         return out.flatten(1) if flat else out

@@ -1,15 +1,22 @@
 """Argument checks for the public functions.
 
-Two levels:
+Three levels:
 
-* *structure* checks (types, ranks, shapes, dtypes, devices, option names) are free and
-  always run;
-* *value* checks read tensor contents (``cu_seqlens`` order, ``max_seqlen``, complete write
-  blocks, cache capacity, finiteness).  On CPU they always run.  On CUDA they would force a
-  device synchronisation, so they run only with ``validate=True`` or the environment
-  variable ``REC2PM_VALIDATE=1``.  They never run while ``torch.compile`` traces.
+* *structure* checks (types, ranks, shapes, dtypes, devices, option names, value ranges of
+  the Python arguments, memory layout of the caches) read no tensor contents and always run;
+* *index* checks read the small index tensors (``cu_seqlens`` order, first and last entry,
+  ``max_seqlen``, complete write blocks, ``cache_seqlens`` range and cache capacity).  They
+  cost O(batch).  When those tensors are on the host (CPU) they always run; on CUDA reading
+  them would synchronise the device, so there they run only with ``validate=True`` or
+  ``REC2PM_VALIDATE=1``;
+* *content* checks scan whole inputs (NaN or Inf in q, k, v, the bias and the filled cache
+  slots): on CPU by default, on CUDA only with ``validate=True`` or ``REC2PM_VALIDATE=1``;
+  ``validate=False`` skips them everywhere.
 
-Every error names the argument and says what was expected.
+Only the first level runs while ``torch.compile`` traces (less the cache layout, whose
+storage addresses are unknown then).  What skipping costs is documented with
+``validate`` in ``rec2pm_kernels.interface``.  Every error names the argument and says what
+was expected.
 """
 
 from __future__ import annotations
@@ -24,10 +31,24 @@ from .patterns import INTERLEAVED_PATTERNS, PATTERNS, SCORES, ends_inside_write_
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Positions inside a sequence are 32-bit in the compiled kernels.
+MAX_POSITION = 2**31 - 1
+
+
+def reads_host_indices(tensor: torch.Tensor) -> bool:
+    """Whether the O(batch) index checks on ``tensor`` are free: it is on the host, and no trace runs."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_flag(name: str, value, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        expected = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
 
 
 def should_check_values(device: torch.device, validate: bool | None) -> bool:
     """Whether value checks (which read tensor contents) run for this call."""
+    check_flag("validate", validate, allow_none=True)
     if torch.compiler.is_compiling():
         return False
     if validate is not None:
@@ -67,6 +88,8 @@ def check_positive_int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > MAX_POSITION:
+        raise ValueError(f"{name} must be <= {MAX_POSITION} (positions are 32-bit in the kernels), got {value}")
     return value
 
 
@@ -132,6 +155,90 @@ def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name
     return lengths
 
 
+def check_cache_layout(names: tuple[str, str], k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Each cache owns every slot it exposes, and the two share none: an append to one slot
+    must never change another slot, another user's or the other cache's.  (Skipped while
+    ``torch.compile`` traces: storage addresses are not known then.)"""
+    if torch.compiler.is_compiling():
+        return
+    for name, cache in zip(names, (k_cache, v_cache)):
+        if _has_internal_overlap(cache):
+            raise ValueError(f"{name} must not overlap itself in memory, got shape {tuple(cache.shape)} with strides "
+                             f"{cache.stride()} (an expanded or as_strided view); pass a tensor that owns each slot, "
+                             "e.g. .contiguous()")
+    if _may_share_elements(k_cache, v_cache):
+        raise ValueError(f"{names[0]} and {names[1]} must not share memory: appending to one would overwrite the "
+                         "other; pass separate tensors (or disjoint views of one buffer)")
+
+
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """True unless each stride steps past everything the smaller strides reach (a sufficient
+    condition for distinct elements; every layout torch creates without as_strided meets it)."""
+    reach = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride < reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def byte_range(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if a.stride() != b.stride() or a.shape != b.shape or a.dtype != b.dtype:
+        return True  # interleaved in a way not worth proving disjoint
+    # Same layout, shifted: they share an element iff the shift is an index offset, i.e. a
+    # mixed-radix number with digits below each size (strides from largest to smallest).
+    rest, item = divmod(abs(b0 - a0), a.element_size())
+    if item:
+        return False
+    for stride, size in sorted(((st, n) for n, st in zip(a.shape, a.stride()) if n > 1), reverse=True):
+        digit = min(rest // stride, size - 1)
+        rest -= digit * stride
+    return rest == 0
+
+
+def check_cache_seqlens_values(cache_seqlens: torch.Tensor, counts: torch.Tensor, capacity: int) -> None:
+    """Filled lengths are >= 0 and leave room for every user's new rows."""
+    if not cache_seqlens.numel():
+        return
+    if bool((cache_seqlens < 0).any()):
+        b = int(torch.nonzero(cache_seqlens < 0)[0, 0])
+        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}]={int(cache_seqlens[b])}")
+    ends = cache_seqlens.long() + counts.long()
+    if bool((ends > capacity).any()):
+        b = int(torch.nonzero(ends > capacity)[0, 0])
+        raise ValueError(f"k_cache capacity {capacity} is too small: user {b} has "
+                         f"cache_seqlens={int(cache_seqlens[b])} and {int(counts[b])} new rows")
+
+
+def check_filled_cache_finite(names: tuple[str, str], caches: tuple[torch.Tensor, torch.Tensor],
+                              cache_seqlens: torch.Tensor) -> None:
+    """No NaN or Inf in the slots ``[0, cache_seqlens[b])`` that the new rows read."""
+    if not cache_seqlens.numel():
+        return
+    filled_max = int(cache_seqlens.max())
+    if filled_max == 0:
+        return
+    filled = torch.arange(filled_max, device=cache_seqlens.device)[None, :] < cache_seqlens[:, None].long()
+    for name, cache in zip(names, caches):
+        bad = (~torch.isfinite(cache[:, :filled_max])).flatten(2).any(-1) & filled  # (batch, slots)
+        if bool(bad.any()):
+            b, slot = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(f"{name} contains NaN or Inf in filled slot {slot} of user {b} "
+                             f"(cache_seqlens[{b}]={int(cache_seqlens[b])})")
+
+
 def check_max_seqlen(name: str, max_seqlen, lengths: torch.Tensor | None) -> int:
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"{name} must be an int, got {type(max_seqlen).__name__}")
@@ -157,6 +264,9 @@ def check_pattern(pattern, segment_len, num_memory_tokens) -> None:
             raise ValueError(f"pattern={pattern!r} needs segment_len (S) and num_memory_tokens (C)")
         check_positive_int("segment_len", segment_len)
         check_positive_int("num_memory_tokens", num_memory_tokens)
+        if segment_len + num_memory_tokens > MAX_POSITION:
+            raise ValueError(f"segment_len + num_memory_tokens must be <= {MAX_POSITION} (positions are 32-bit in "
+                             f"the kernels), got {segment_len} + {num_memory_tokens}")
     elif segment_len is not None or num_memory_tokens is not None:
         raise ValueError(
             "segment_len and num_memory_tokens apply only to the interleaved patterns "

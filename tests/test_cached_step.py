@@ -99,16 +99,36 @@ def test_several_new_rows_equal_their_causal_rows():
 def test_no_new_rows_at_all():
     k_cache, v_cache = make_cache(2, 4, 2, 8, 8, [1, 3])
     q, k, v = make_qkv(0)
+    before = (k_cache.clone(), v_cache.clone())
     out = cached_step_attention(q, k, v, cu_seqlens_of([0, 0]), 0, k_cache, v_cache,
                                 torch.tensor([1, 3], dtype=torch.int32))
     assert out.shape == (0, 2, 8)
+    # Nothing to append: every slot, filled or not (NaN), is as it was.
+    for cache, old in zip((k_cache, v_cache), before):
+        assert torch.equal(cache.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
 def test_runs_under_no_grad_with_parameters():
     bias = make_bias(2, requires_grad=True)  # a model parameter
     k_cache, v_cache = make_cache(1, 4, 2, 8, 8, [2])
     q, k, v = make_qkv(1)
+    seqlens = torch.tensor([2], dtype=torch.int32)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
     with torch.no_grad():
-        out = cached_step_attention(q, k, v, cu_seqlens_of([1]), 1, k_cache, v_cache,
-                                    torch.tensor([2], dtype=torch.int32), rel_bias=bias)
-    assert out.shape == (1, 2, 8) and torch.isfinite(out).all()
+        out = cached_step_attention(q, k, v, cu_seqlens_of([1]), 1, k_cache, v_cache, seqlens, rel_bias=bias)
+    assert not out.requires_grad
+    ref = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach())
+    base = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach(),
+                              upcast=False)
+    assert_within_budget("out", out, ref, base)
+
+
+def test_fresh_kernel_outputs_are_nan_under_the_test_fixture():
+    # Every test runs under nan_filled_outputs (tests/conftest.py): an output row that no
+    # kernel writes stays NaN and fails its comparison, where zeros would pass as valid.
+    from rec2pm_kernels.ops.outputs import new_output
+    from rec2pm_kernels.testing import nan_filled_outputs
+
+    assert new_output((2, 3), dtype=torch.float32, device=torch.device("cpu")).isnan().all()
+    with nan_filled_outputs(False):
+        assert new_output((0,), dtype=torch.float32, device=torch.device("cpu")).numel() == 0

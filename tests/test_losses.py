@@ -16,23 +16,31 @@ def test_full_softmax_excludes_padding():
     torch.testing.assert_close(full_softmax_loss(hidden, targets, weight), F.cross_entropy(logits, targets - 1))
 
 
-def test_sampled_softmax_in_batch_and_accidental_hits():
-    weight = torch.randn(11, 4)
-    hidden = torch.randn(3, 4)
-    targets = torch.tensor([4, 7, 4])  # rows 0 and 2 share a target: each other's hit is masked
+def test_sampled_softmax_in_batch_and_accidental_hits_by_hand():
+    """In-batch candidates only, scores chosen by hand: rows 0 and 2 share item 4, so each
+    one's copy of it in the other row is an accidental hit and is masked out."""
+    weight = torch.zeros(11, 3)
+    weight[4], weight[7] = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0])
+    hidden = torch.tensor([[2.0, 1.0, 0.0],   # s(4) = 2 (target), s(7) = 1
+                           [0.0, 3.0, 0.0],   # s(7) = 3 (target), s(4) = 0, twice (rows 0 and 2)
+                           [1.0, 1.0, 0.0]])  # s(4) = 1 (target), s(7) = 1
+    targets = torch.tensor([4, 7, 4])
+    loss = sampled_softmax_loss(hidden, targets, weight, num_negatives=0)
+    e = math.e
+    by_hand = [math.log(e**2 + e) - 2, math.log(e**3 + 2) - 3, math.log(e + e) - 1]
+    assert math.isclose(loss.item(), sum(by_hand) / 3, rel_tol=1e-6)
+
+
+def test_random_negatives_are_uniform_items_and_never_padding():
+    # Padding scores 50 and every item 0: a single sampled 0 would raise the loss past 40.
+    weight = torch.zeros(6, 2)
+    weight[0] = torch.tensor([50.0, 0.0])
+    hidden = torch.tensor([[1.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
-    loss = sampled_softmax_loss(hidden, targets, weight, num_negatives=5, generator=gen)
-    negatives = torch.randint(1, 11, (5,), generator=torch.Generator().manual_seed(0))
-    candidates = torch.cat([targets, negatives])
-    logits = hidden @ weight[candidates].T
-    expected = []
-    for i in range(3):
-        keep = (candidates != targets[i])
-        keep[i] = True
-        row = logits[i][keep]
-        positive = logits[i, i]
-        expected.append(torch.logsumexp(row, 0) - positive)
-    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    losses = [sampled_softmax_loss(hidden, torch.tensor([3]), weight, num_negatives=40, generator=gen).item()
+              for _ in range(25)]
+    # All scores 0 but the target's own accidental hits masked: log(1 + #negatives that are not item 3).
+    assert max(losses) < math.log(41) + 1e-6 and min(losses) > math.log(1 + 20)
 
 
 def test_sampled_loss_at_uniform_scores_is_log_candidates():

@@ -22,6 +22,8 @@ def rec2pm_o():
     (torch.tensor([1.0, 2.0]), torch.tensor([0, 2]), "items must be a 1-D int32/int64 tensor"),
     (torch.tensor([1, 2]), torch.tensor([0, 3]), "must start at 0, be non-decreasing and end at 2"),
     (torch.ones(70, dtype=torch.long), torch.tensor([0, 70]), "max_positions=64"),
+    (torch.tensor([1, 2, 3]), torch.tensor([0.0, 1.5, 3.0]), "cu_seqlens for items must be int32 or int64 offsets"),
+    (torch.tensor([1, 2, 3]), [0, 3], "cu_seqlens for items must be a 1-D tensor"),
 ])
 def test_bad_histories(rec2pm_o, items, cu, text):
     with pytest.raises((ValueError, TypeError)) as info:
@@ -47,9 +49,12 @@ def test_bad_memory(rec2pm_o, memory, counts, text):
     (dict(d_model=30, num_heads=4), "must be divisible by num_heads"),
     (dict(num_items=0), "num_items must be an int >= 1"),
     (dict(dropout=1.0), "dropout must be in [0, 1)"),
+    (dict(dropout="0.5"), "dropout must be a finite number, got '0.5' (str)"),
+    (dict(num_layers=True), "num_layers must be an int, got True (bool)"),
+    (dict(silu_norm="max"), "silu_norm must be a finite number or None"),
 ])
 def test_bad_config(changes, text):
-    with pytest.raises(ValueError, match=text.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises((ValueError, TypeError), match=text.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
         ModelConfig(**changes)
 
 
@@ -58,6 +63,46 @@ def test_unknown_method_and_option():
         build_model("rnn", CFG)
     with pytest.raises(ValueError, match="memory_norm must be one of"):
         build_model("rec2pm-o", CFG, memory_norm="l2")
+    with pytest.raises(TypeError, match="config must be a rec2pm.config.ModelConfig .* got dict"):
+        build_model("rec2pm-o", {"backbone": "sasrec", "num_items": 30})
+    with pytest.raises(TypeError, match="con_weight must be a finite number, got '1' \\(str\\)"):
+        build_model("rec2pm-o", CFG, con_weight="1")
+    with pytest.raises(ValueError, match="num_negatives must be >= 1, got -1"):
+        build_model("rec2pm-o", CFG, num_negatives=-1)
+
+
+@pytest.fixture
+def served(rec2pm_o):
+    """A serving state for two users: memory from a 20-event history each, then 3 recent events."""
+    rec2pm_o.eval()
+    items = torch.randint(1, 31, (40,))
+    memory, tail, tail_cu = rec2pm_o.encode(items, torch.tensor([0, 20, 40]))
+    _, state = rec2pm_o.prefill(memory, tail, tail_cu, capacity=16)
+    return rec2pm_o, state
+
+
+@pytest.mark.parametrize("new_items, new_cu, text", [
+    (torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3]), "must have batch + 1 = 3 entries"),
+    (torch.tensor([1, 2]), torch.tensor([0, 2]), "must have batch + 1 = 3 entries"),
+    (torch.tensor([1, 2]), torch.tensor([0, 2, 1]), "must start at 0, be non-decreasing and end at 2"),
+    (torch.tensor([1, 40]), torch.tensor([0, 1, 2]), "item id 40, outside the catalogue 1..30"),
+    (torch.tensor([1, 2]), torch.tensor([0.0, 1.0, 2.0]), "must be int32 or int64 offsets"),
+    (torch.arange(1, 21), torch.tensor([0, 12, 20]), "the serving state is full: user 0"),
+])
+def test_step_rejects_events_that_do_not_match_the_state(served, new_items, new_cu, text):
+    model, state = served
+    before = state.seqlens.clone()
+    with pytest.raises((ValueError, TypeError)) as info:
+        model.step(state, new_items, new_cu)
+    assert text in str(info.value)
+    assert torch.equal(state.seqlens, before)  # a refused step leaves the state as it was
+
+
+@pytest.mark.parametrize("capacity", [8.0, "64", True, 0])
+def test_prefill_capacity_must_be_a_positive_int(rec2pm_o, capacity):
+    memory = Memory(torch.zeros(0, CFG.d_model), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="capacity must be an int >= 1"):
+        rec2pm_o.prefill(memory, torch.tensor([1, 2]), torch.tensor([0, 2]), capacity=capacity)
 
 
 def test_segment_attention_module_matches_function():
@@ -73,3 +118,22 @@ def test_segment_attention_module_matches_function():
     assert torch.equal(out, want.flatten(1))
     out.sum().backward()
     assert attn.rel_bias.grad is not None and torch.count_nonzero(attn.rel_bias.grad) > 0
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(num_heads=0), "num_heads must be >= 1"),
+    (dict(num_heads=2, pattern="sliding"), "pattern must be one of"),
+    (dict(num_heads=2, pattern="global"), "needs segment_len (S) and num_memory_tokens (C)"),
+    (dict(num_heads=2, score="silu"), "silu_norm is required"),
+    (dict(num_heads=2, num_buckets=0), "num_buckets must be >= 1"),
+    (dict(num_heads=2, backend="cuda"), "backend must be one of"),
+])
+def test_segment_attention_module_checks_its_options_when_built(kwargs, text):
+    with pytest.raises((ValueError, TypeError), match=text.replace("(", r"\(").replace(")", r"\)")):
+        SegmentAttention(**kwargs)
+
+
+def test_segment_attention_module_names_a_flat_input_that_does_not_split_into_heads():
+    attn = SegmentAttention(2)
+    with pytest.raises(ValueError, match=r"v must be \(total_tokens, heads \* dim\) .* got \(9, 7\)"):
+        attn(torch.randn(9, 8), torch.randn(9, 8), torch.randn(9, 7), torch.tensor([0, 9]), 9)

@@ -107,7 +107,7 @@ def test_deterministic_across_runs():
 
 
 # ---------------------------------------------------------------------------------------------
-# Properties of the patterns (SPEC §2), with and without the bias.
+# Properties of the patterns (docs/patterns.md), with and without the bias.
 
 
 def _items_only(lengths, S_, C_):
@@ -227,8 +227,42 @@ def test_long_sequence_rows_match_dense_rows(pattern):
     for row in (0, 203, 4000, n - 1):
         seen = visible(pattern, torch.tensor(row), cols, kw.get("segment_len"), kw.get("num_memory_tokens"))
         lam_r = bias_positions(pattern, torch.tensor(row), kw.get("segment_len"), kw.get("num_memory_tokens"))
-        s = torch.einsum("hd,nhd->hn", q[row].double(), k.double()) * 16**-0.5
-        s = s + bias.double()[:, bias_bucket(lam_r, lam_c, 64)]
+        # The row's gradients by autograd on the dense row.  Only the last row sees the last
+        # column, so that column's dk and dv come from it alone and are checked there too.
+        q_row, k_all, v_all = (x.detach().double().requires_grad_(True) for x in (q[row], k, v))
+        s = torch.einsum("hd,nhd->hn", q_row, k_all) * 16**-0.5
+        s = s + bias.detach().double()[:, bias_bucket(lam_r, lam_c, 64)]
         p = torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1)
-        want = torch.einsum("hn,nhd->hd", p, v.double())
+        want = torch.einsum("hn,nhd->hd", p, v_all)
         torch.testing.assert_close(out[row].double(), want, rtol=0, atol=1e-5)
+        want.sum().backward()  # out.sum() was differentiated: every output has gradient 1
+        torch.testing.assert_close(q.grad[row].double(), q_row.grad, rtol=0, atol=1e-5)
+        if row == n - 1:
+            torch.testing.assert_close(k.grad[row].double(), k_all.grad[row], rtol=0, atol=1e-5)
+            torch.testing.assert_close(v.grad[row].double(), v_all.grad[row], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_torch_backend_memory_stays_within_its_chunk_budget(score):
+    """Forward and backward with a bias gradient (the case that keeps scores for backward)
+    peak far below one dense score tensor: chunking bounds the forward, checkpointing the
+    backward.  Measured with the benchmark harness's allocation replay."""
+    from benchmarks.harness.measure import peak_memory_bytes
+    from rec2pm_kernels.ops.segment_attention.torch_backend import segment_attention_torch
+
+    n, heads, chunk = 1024, 2, 2**16
+    q, k, v = make_qkv(n, heads=heads, dim=16, requires_grad=True)
+    bias = make_bias(heads, num_buckets=32, requires_grad=True)
+
+    def forward_backward():
+        out = segment_attention_torch(q, k, v, cu_seqlens_of([n]), pattern="global", segment_len=200,
+                                      num_memory_tokens=4, rel_bias=bias, scale=0.25, max_chunk_elements=chunk,
+                                      **score_kwargs(score))
+        out.sum().backward()
+
+    peak = peak_memory_bytes(forward_backward, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("the profiler cannot report allocations in this torch build")
+    dense_scores = heads * n * n * 4  # one fp32 score tensor over the whole sequence: 8 MiB
+    inputs = 6 * q.numel() * 4        # q, k, v and their gradients
+    assert peak <= inputs + 24 * chunk * 4, (peak, dense_scores)  # about 1/5 of dense_scores

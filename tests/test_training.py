@@ -47,12 +47,19 @@ def test_overrides_and_unknown_keys():
         build_run_config(None, ["model.layers=2"])
 
 
+# Everything a resume must restore: dropout masks and sampled negatives (RNG streams), and a
+# schedule whose learning rate changes every step (warm-up, then cosine).
+STOCHASTIC = ("model.dropout=0.3", 'method.loss="sampled"', "method.num_negatives=16", 'train.schedule="cosine"',
+              "train.warmup_steps=4")
+
+
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
-    whole = train(run_config(tmp_path / "whole"))
-    first = train(run_config(tmp_path / "resumed", "train.checkpoint_every=3", "train.stop_after_steps=8"))
+    whole = train(run_config(tmp_path / "whole", *STOCHASTIC))
+    first = train(run_config(tmp_path / "resumed", *STOCHASTIC, "train.checkpoint_every=3",
+                             "train.stop_after_steps=8"))
     assert first == {"interrupted": True, "step": 8}
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["state"]["step"] == 6  # the last checkpoint
-    resumed = train(run_config(tmp_path / "resumed", "train.checkpoint_every=3"))
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt", kind="last")["state"]["step"] == 6  # the last checkpoint
+    resumed = train(run_config(tmp_path / "resumed", *STOCHASTIC, "train.checkpoint_every=3"))
     for summary in (whole, resumed):
         summary.pop("wall_s")
     assert resumed == whole
@@ -86,8 +93,8 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
                              "--set", f'train.out_dir="{double}"'], capture_output=True, text=True, cwd=ROOT,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one = load_checkpoint(single / "last.pt")["model"]
-    two = load_checkpoint(double / "last.pt")["model"]
+    one = load_checkpoint(single / "last.pt", kind="last")["model"]
+    two = load_checkpoint(double / "last.pt", kind="last")["model"]
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
@@ -113,3 +120,142 @@ def test_early_stop_survives_resume_and_no_resume_starts_clean(tmp_path):
     fresh = train(run_config(tmp_path / "es", "train.epochs=1"), resume=False)
     assert fresh["steps"] == 5
     assert len([x for x in log_lines(tmp_path / "es") if "epoch" in x]) == 1
+
+
+@pytest.mark.parametrize("override, text", [
+    ("train.batch_size=true", "train.batch_size must be an int, got True (bool)"),
+    ("train.patience=-1", "train.patience must be >= 0, got -1"),
+    ('train.lr="fast"', "train.lr must be a finite number, got 'fast' (str)"),
+    ("train.lr=-0.1", "train.lr must be >= 0.0"),
+    ("train.epochs=2.5", "train.epochs must be an int, got 2.5 (float)"),
+    ('train.progress="yes"', "train.progress must be true or false"),
+    ('train.device="gpu"', "train.device must be one of"),
+    ('data.max_length="50"', "data.max_length must be an int"),
+    ("data.synthetic_noise=1.5", "data.synthetic_noise must be in [0.0, 1.0]"),
+    ('model.dropout="0.5"', "model.dropout must be a finite number, got '0.5' (str)"),
+    ("model.num_layers=2.0", "model.num_layers must be an int, got 2.0 (float)"),
+    ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
+    ('method.con_weight="1"', "method.con_weight must be a finite number, got '1' (str)"),
+    ("method.num_negatives=-1", "method: num_negatives must be >= 1, got -1"),
+    ("method.stage1_ar=1", "method.stage1_ar must be true or false, got 1 (int)"),
+])
+def test_wrong_typed_or_out_of_range_settings_are_errors_naming_the_key(override, text, capsys):
+    with pytest.raises((ValueError, TypeError)) as info:
+        build_run_config(None, [override])
+    assert text in str(info.value)
+    with pytest.raises(SystemExit) as code:  # the CLI reports it as a usage error, no traceback
+        main(["train", "--set", override, "--print-config"])
+    assert code.value.code == 2 and text in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    train(run_config(out, "train.epochs=1"))
+    return out
+
+
+def crafted_pickle(path, marker):
+    """A file that runs code when unpickled without weights_only (it would create ``marker``)."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path.write_bytes(pickle.dumps({"model": Payload(), "run": {}, "num_items": 1}, protocol=2))
+    return path
+
+
+def test_checkpoints_load_without_running_code_from_the_file(tmp_path, trained_run):
+    marker = tmp_path / "code-ran"
+    bad = crafted_pickle(tmp_path / "crafted.pt", marker)
+    with pytest.raises(ValueError, match=f"{bad}: not a readable rec2pm checkpoint"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    # A resume from a crafted last.pt is refused the same way.
+    out = tmp_path / "resume"
+    out.mkdir()
+    crafted_pickle(out / "last.pt", marker)
+    with pytest.raises(ValueError, match="last.pt: not a readable rec2pm checkpoint"):
+        train(run_config(out))
+    assert not marker.exists()
+
+
+def damaged_checkpoints(tmp_path, trained_run):
+    good = trained_run / "best.pt"
+    ckpt = torch.load(good, weights_only=True)
+    cases = {}
+    (tmp_path / "text.pt").write_text("epoch,loss\n1,0.5\n")
+    cases["text.pt"] = "not a readable rec2pm checkpoint"
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cases["truncated.pt"] = "not a readable rec2pm checkpoint"
+    torch.save({"weights": ckpt["model"]}, tmp_path / "other.pt")
+    cases["other.pt"] = "not a rec2pm best checkpoint; expected the entries ['model', 'run', 'num_items']"
+    layers = {**ckpt, "run": {**ckpt["run"], "model": {**ckpt["run"]["model"], "num_layers": 3}}}
+    torch.save(layers, tmp_path / "layers.pt")
+    cases["layers.pt"] = "the weights do not match the model its run config builds"
+    method = {**ckpt, "run": {**ckpt["run"], "method": {**ckpt["run"]["method"], "name": "full"}}}
+    torch.save(method, tmp_path / "method.pt")
+    cases["method.pt"] = "the weights do not match the model its run config builds (FullAttention"
+    junk = {**ckpt, "run": {**ckpt["run"], "train": {**ckpt["run"]["train"], "batch_size": "many"}}}
+    torch.save(junk, tmp_path / "junk.pt")
+    cases["junk.pt"] = "the checkpoint's run config is invalid: train.batch_size must be an int"
+    return cases
+
+
+def test_evaluate_names_the_file_and_what_is_wrong_with_it(tmp_path, trained_run, capsys):
+    assert main(["evaluate", str(trained_run / "best.pt"), "--no-progress"]) == 0
+    capsys.readouterr()
+    for name, text in damaged_checkpoints(tmp_path, trained_run).items():
+        path = tmp_path / name
+        with pytest.raises(SystemExit) as code:
+            main(["evaluate", str(path), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code.value.code == 2 and str(path) in err and text in err, (name, err)
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path / "missing.pt")])
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+
+
+def test_training_excludes_the_whole_history_not_the_window(tmp_path, monkeypatch):
+    """Seen items are removed from the candidates over the untruncated history by default."""
+    import rec2pm.training as training
+    from rec2pm.data import leave_one_out
+    from rec2pm.run_config import DEFAULTS
+
+    assert DEFAULTS["train"]["exclude_history"] is True
+    calls = []
+    real = training.evaluate
+
+    def spy(score, items, cu, targets, num_items, **kwargs):
+        calls.append(dict(items=items, cu=cu, **kwargs))
+        return real(score, items, cu, targets, num_items, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    run = run_config(tmp_path, "train.epochs=1", "data.max_length=5")  # histories of 20 events, window 5
+    del run["train"]["exclude_history"]  # the default must be in force
+    run["train"]["exclude_history"] = DEFAULTS["train"]["exclude_history"]
+    train(run)
+    split = leave_one_out(training.load_data(run["data"]))
+    for call, history in zip(calls, (split.valid_history, split.test_history)):
+        assert call["exclude_history"] is True
+        assert int(call["cu"].diff().max()) == 5  # the model reads the window...
+        assert torch.equal(call["exclude_items"], history.items)  # ...exclusion sees everything
+        assert torch.equal(call["exclude_cu_seqlens"], history.cu_seqlens)
+        assert int(history.cu_seqlens.diff().min()) > 5
+
+
+def test_a_malformed_toml_file_is_named(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nepochs = = 3\n")
+    with pytest.raises(SystemExit):
+        main(["train", str(path), "--print-config"])
+    assert f"{path}: not a valid TOML file" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_is_a_message_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["train", "--set", 'data.kind="s3rec"', "--set", f'data.path="{tmp_path / "absent.txt"}"',
+              "--set", f'train.out_dir="{tmp_path / "out"}"', "--set", "train.progress=false"])
+    assert code.value.code == 2 and "absent.txt: no such file" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Bad input: every case raises ValueError or TypeError whose message names the argument."""
 
+import re
+
 import pytest
 import torch
 
@@ -68,6 +70,9 @@ SEGMENT_CASES = {
     "bias dtype": (dict(rel_bias=torch.ones(H, 5, dtype=torch.int32)), TypeError, "rel_bias must have dtype"),
     "unknown backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
     "q has NaN": (dict(q=nan_q()), ValueError, "q contains NaN or Inf"),
+    "validate not a flag": (dict(validate="yes"), TypeError, "validate must be True, False or None, got 'yes'"),
+    "allow_tf32 not a flag": (dict(allow_tf32=1), TypeError, "allow_tf32 must be True or False, got 1"),
+    "deterministic not a flag": (dict(deterministic="on"), TypeError, "deterministic must be True, False or None"),
 }
 
 
@@ -86,12 +91,52 @@ def test_unavailable_backend_says_why():
         segment_attention(**good_segment_args(), backend="triton")
 
 
-def test_value_checks_can_be_skipped_but_structure_checks_cannot():
-    # max_seqlen=5 < 6 is a value error; with validate=False the caller vouches for it (the torch
-    # backend does not depend on it, so the call is still well defined).
-    assert segment_attention(**with_changes(max_seqlen=5), validate=False).shape == (T, H, D)
-    with pytest.raises(ValueError, match="q must have rank 3"):
-        segment_attention(**with_changes(q=torch.randn(T, H * D)), validate=False)
+def test_validate_false_skips_only_the_content_scan_on_host_tensors():
+    # validate=False skips the NaN scan: the caller vouches for finite inputs (NaN rows follow).
+    out = segment_attention(**with_changes(q=nan_q()), validate=False)
+    assert out.shape == (T, H, D) and bool(out.isnan().any())
+    # The O(batch) index checks on host tensors cost nothing and always run.
+    for changes, text in ((dict(max_seqlen=5), "max_seqlen=5 is smaller"),
+                          (dict(cu_seqlens=torch.tensor([0, 7, 4, 10])), "cu_seqlens must be non-decreasing"),
+                          (dict(cu_seqlens=torch.tensor([1, 4, 10])), "cu_seqlens must start at 0"),
+                          (dict(cu_seqlens=torch.tensor([0, 4, 9])), "cu_seqlens[-1] must equal"),
+                          (dict(pattern="global", segment_len=2, num_memory_tokens=2,
+                                cu_seqlens=torch.tensor([0, 3, 10]), max_seqlen=7), "ends inside a write block"),
+                          (dict(q=torch.randn(T, H * D)), "q must have rank 3")):
+        with pytest.raises((ValueError, TypeError), match=re.escape(text)):
+            segment_attention(**with_changes(**changes), validate=False)
+
+
+@pytest.mark.parametrize("segment_len, num_memory_tokens, text", [
+    (2**62, 1, "segment_len must be <= 2147483647"),
+    (1, 2**63 - 1, "num_memory_tokens must be <= 2147483647"),
+    (2**31 - 2, 2, "segment_len + num_memory_tokens must be <= 2147483647"),
+])
+def test_pattern_arguments_past_32_bit_positions_are_refused(segment_len, num_memory_tokens, text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        segment_attention(**with_changes(pattern="global", segment_len=segment_len,
+                                         num_memory_tokens=num_memory_tokens))
+
+
+def test_max_seqlen_is_an_upper_bound_only():
+    args = good_segment_args()
+    want = segment_attention(**args)
+    args["max_seqlen"] = 2**40
+    assert torch.equal(segment_attention(**args), want)
+
+
+def test_rec2pm_validate_turns_on_value_checks_for_cuda_tensors(monkeypatch):
+    from rec2pm_kernels.validation import should_check_values
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("REC2PM_VALIDATE", raising=False)
+    assert not should_check_values(cuda, None) and should_check_values(cpu, None)
+    assert should_check_values(cuda, True) and not should_check_values(cpu, False)
+    for value, expected in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("REC2PM_VALIDATE", value)
+        assert should_check_values(cuda, None) is expected
+    monkeypatch.setenv("REC2PM_VALIDATE", "1")
+    assert not should_check_values(cuda, False)  # an explicit argument wins over the environment
 
 
 def good_cache_args():
@@ -121,6 +166,20 @@ CACHE_CASES = {
                              "q_new requires grad"),
     "cu_seqlens_new end": (dict(cu_seqlens_new=torch.tensor([0, 2, 2, 2])), ValueError,
                            "cu_seqlens_new[-1] must equal"),
+    "expanded k_cache": (dict(k_cache=torch.zeros(1, 5, H, D).expand(3, 5, H, D)), ValueError,
+                         "k_cache must not overlap itself in memory"),
+    "overlapping v_cache": (dict(v_cache=torch.zeros(3 * 5 * H * D).as_strided((3, 5, H, D), (D, H * D, D, 1))),
+                            ValueError, "v_cache must not overlap itself in memory"),
+    "k_cache is v_cache": (dict(k_cache=(kv := torch.zeros(3, 5, H, D)), v_cache=kv), ValueError,
+                           "k_cache and v_cache must not share memory"),
+    "v_cache inside k_cache": (dict(k_cache=(kv := torch.zeros(3, 6, H, D))[:, :5], v_cache=kv[:, 1:]), ValueError,
+                               "k_cache and v_cache must not share memory"),
+    "NaN in a filled k_cache slot": (dict(k_cache=torch.zeros(3, 5, H, D).index_fill_(1, torch.tensor([2]), 1e400)),
+                                     ValueError, "k_cache contains NaN or Inf in filled slot 2 of user 0"),
+    "NaN in a filled v_cache slot": (dict(v_cache=torch.zeros(3, 5, H, D).index_fill_(1, torch.tensor([0]),
+                                                                                       float("nan"))),
+                                     ValueError, "v_cache contains NaN or Inf in filled slot 0 of user 0"),
+    "q_new has NaN": (dict(q_new=torch.full((3, H, D), float("nan"))), ValueError, "q_new contains NaN or Inf"),
 }
 
 
@@ -132,6 +191,53 @@ def test_cached_step_rejects(case):
     with pytest.raises(exc) as info:
         cached_step_attention(**args)
     assert text in str(info.value)
+
+
+def test_cache_index_checks_run_on_host_tensors_even_with_validate_false():
+    for changes, text in ((dict(cache_seqlens=torch.tensor([4, 1, 4], dtype=torch.int32)),
+                           "k_cache capacity 5 is too small: user 0"),
+                          (dict(cache_seqlens=torch.tensor([3, -1, 4], dtype=torch.int32)),
+                           "cache_seqlens must be >= 0"),
+                          (dict(max_new=1), "max_new=1 is smaller"),
+                          (dict(cu_seqlens_new=torch.tensor([0, 2, 1, 3])), "cu_seqlens_new must be non-decreasing")):
+        args = good_cache_args()
+        args.update(changes)
+        with pytest.raises(ValueError, match=re.escape(text)):
+            cached_step_attention(**args, validate=False)
+
+
+def test_nan_in_unfilled_cache_slots_is_allowed():
+    # Slots at or past cache_seqlens[b] are never read, so stale NaN there is no error.
+    args = good_cache_args()
+    args["k_cache"][0, 3:] = float("nan")
+    args["v_cache"][1, 1:] = float("nan")
+    assert bool(cached_step_attention(**args).isfinite().all())
+
+
+def test_disjoint_views_of_one_kv_buffer_are_accepted():
+    # A stacked (batch, capacity, 2, heads, dim) buffer: k and v interleave but share no element.
+    separate, stacked = good_cache_args(), good_cache_args()
+    kv = torch.randn(3, 5, 2, H, D)
+    separate["k_cache"], separate["v_cache"] = kv[:, :, 0].clone(), kv[:, :, 1].clone()
+    stacked["k_cache"], stacked["v_cache"] = kv[:, :, 0], kv[:, :, 1]
+    for args in (separate, stacked):
+        args.update(q_new=separate["q_new"], k_new=separate["k_new"], v_new=separate["v_new"])
+    assert torch.equal(cached_step_attention(**stacked), cached_step_attention(**separate))
+    assert torch.equal(kv[:, :, 0], separate["k_cache"]) and torch.equal(kv[:, :, 1], separate["v_cache"])
+
+
+def test_max_new_is_an_upper_bound_and_never_sizes_a_buffer():
+    args, huge = good_cache_args(), good_cache_args()
+    huge.update(max_new=2**31, q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"])
+    assert torch.equal(cached_step_attention(**huge), cached_step_attention(**args))
+    # The torch backend itself sizes its padded batch by the actual counts, not by max_new.
+    from rec2pm_kernels.ops.cached_step.torch_backend import cached_step_torch
+
+    direct = good_cache_args()
+    direct.update(max_new=2**40, q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"])
+    out = cached_step_torch(*direct.values(), score="softmax", scale=D**-0.5, rel_bias=None, silu_norm=None)
+    assert torch.equal(out, cached_step_attention(**good_cache_args() | dict(
+        q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"])))
 
 
 def test_good_arguments_pass():

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .interactions import InteractionData
+from .textio import require_file
 
 FORMAT_VERSION = 1
 CACHE_NOTE = "from cache"
@@ -50,8 +51,7 @@ def cached_load(kind: str, path, args: dict, parse: Callable[[], InteractionData
     result's ``source`` becomes ``"<path> (<format>)"``, with ``"; from cache <file>"`` on a hit.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    require_file(path)
     if cache_dir is False:
         data = parse()
         data.source = f"{path} ({data.source})"

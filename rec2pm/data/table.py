@@ -47,7 +47,10 @@ def parse_table(path, roles: dict[str, str], sep: str = ",") -> InteractionData:
 def parse_parquet(path, roles: dict[str, str]) -> InteractionData:
     """Parse a Parquet table without the cache (needs pandas and pyarrow)."""
     pd = _require_pandas()
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow's errors name a buffer, not the file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     values = {}
     for role, name in roles.items():
         if name not in frame.columns:

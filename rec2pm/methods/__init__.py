@@ -37,6 +37,11 @@ def build_model(method: str, config: ModelConfig, options: TrainingOptions | Non
     """A model of ``method`` (a key of ``METHODS``); its mode comes from the name."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a rec2pm.config.ModelConfig (for example named_config('sasrec', "
+                        f"num_items=N), or ModelConfig(**fields)), got {type(config).__name__}")
+    if options is not None and not isinstance(options, TrainingOptions):
+        raise TypeError(f"options must be a TrainingOptions or None, got {type(options).__name__}")
     cls, mode = METHODS[method]
     options = replace(options or TrainingOptions(), **option_overrides)
     if mode is not None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..backbones import Decoder
 from ..config import ModelConfig
+from ..fields import check_instance_types
 from ..layout import ITEM, PackedLayout
 from ..losses import LOSSES, next_item_loss
 
@@ -57,12 +58,17 @@ class TrainingOptions:
     serial_truncation: int | None = None
 
     def __post_init__(self):
+        check_instance_types(self)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.memory_norm not in MEMORY_NORMS:
             raise ValueError(f"memory_norm must be one of {MEMORY_NORMS}, got {self.memory_norm!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.con_weight < 0:
+            raise ValueError(f"con_weight must be >= 0, got {self.con_weight}")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
         if self.serial_truncation is not None and self.serial_truncation < 1:
             raise ValueError(f"serial_truncation must be >= 1 or None, got {self.serial_truncation}")
 
@@ -89,30 +95,50 @@ class RecModel(nn.Module):
         self.config = config
         self.options = options or TrainingOptions()
         self.item_embedding = nn.Embedding(config.num_items + 1, config.d_model, padding_idx=0)
-        nn.init.normal_(self.item_embedding.weight, std=config.d_model ** -0.5)
+        nn.init.normal_(self.item_embedding.weight, std=config.init_std)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
         self.decoder = Decoder(config)
         if self.uses_write_tokens:
+            # The same scale as the item embeddings they sit among in every stream.
             self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model)
-                                             * config.d_model ** -0.5)
+                                             * config.init_std)
 
     # -- inputs ------------------------------------------------------------------------------
     def check_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str = "items") -> torch.Tensor:
-        """Validates packed histories; returns the lengths (CPU int64)."""
-        if not isinstance(items, torch.Tensor) or items.dim() != 1 or items.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be a 1-D int32/int64 tensor of item ids, got "
-                            f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        """Validates packed histories (every one non-empty); returns the lengths (CPU int64)."""
+        lengths = self.check_packed_items(items, cu_seqlens, name)
+        if lengths.numel() == 0:
             raise ValueError(f"cu_seqlens for {name} must be a 1-D tensor (batch + 1,) with batch >= 1")
-        cu = cu_seqlens.detach().cpu().long()
-        lengths = cu.diff()
-        if int(cu[0]) != 0 or int(cu[-1]) != items.numel() or bool((lengths < 0).any()):
-            raise ValueError(f"cu_seqlens for {name} must start at 0, be non-decreasing and end at "
-                             f"{items.numel()}, got {cu.tolist()[:8]}")
         if bool((lengths < 1).any()):
             user = int(torch.nonzero(lengths < 1)[0, 0])
             raise ValueError(f"{name}: history {user} is empty; every user needs at least one item")
+        return lengths
+
+    def check_packed_items(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str,
+                           batch: int | None = None) -> torch.Tensor:
+        """Packed item ids and their offsets (sequences may be empty); returns the lengths (CPU int64).
+
+        ``batch``: the number of sequences the offsets must describe, when the caller knows it.
+        """
+        if not isinstance(items, torch.Tensor) or items.dim() != 1 or items.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be a 1-D int32/int64 tensor of item ids, got "
+                            f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}")
+        offsets = f"cu_seqlens for {name}"
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"{offsets} must be a 1-D tensor (batch + 1,), got "
+                             f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{offsets} must be int32 or int64 offsets, got {cu_seqlens.dtype} "
+                            "(floating offsets would be truncated)")
+        if batch is not None and cu_seqlens.numel() != batch + 1:
+            raise ValueError(f"{offsets} must have batch + 1 = {batch + 1} entries (one user per row of the "
+                             f"serving state), got {cu_seqlens.numel()}")
+        cu = cu_seqlens.detach().cpu().long()
+        lengths = cu.diff()
+        if int(cu[0]) != 0 or int(cu[-1]) != items.numel() or bool((lengths < 0).any()):
+            raise ValueError(f"{offsets} must start at 0, be non-decreasing and end at "
+                             f"{items.numel()}, got {cu.tolist()[:8]}")
         if items.numel():
             low, high = int(items.min()), int(items.max())
             if low < 1 or high > self.config.num_items:

@@ -138,7 +138,13 @@ class TokenMemoryModel(RecModel):
     @torch.no_grad()
     def prefill(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor,
                 capacity: int) -> tuple[torch.Tensor, ServingState]:
-        """``score`` that also keeps every layer's K/V of ``[M ; recent]`` for ``step``."""
+        """``score`` that also keeps every layer's K/V of ``[M ; recent]`` for ``step``.
+
+        ``capacity``: cache slots per user, at least the longest ``[M ; recent]`` block plus
+        the events ``step`` will add.
+        """
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise TypeError(f"capacity must be an int >= 1 (cache slots per user), got {capacity!r}")
         layout, (h, kv) = self._serving_pass(memory, recent_items, recent_cu, collect_kv=True)
         caches, seqlens = caches_from_kv(kv, layout.cu_seqlens, capacity)
         return self.logits(h[layout.last_rows]), ServingState(caches, seqlens)
@@ -150,9 +156,19 @@ class TokenMemoryModel(RecModel):
         Returns logits ``(B, N + 1)`` after each user's last new event (rows of users
         without new events are computed from nothing and should be ignored).
         """
-        counts = (new_cu[1:] - new_cu[:-1]).long()
-        if new_items.numel():
-            self.check_history(new_items, torch.cat([new_cu[:1], new_cu[1:][counts > 0]]), "new_items")
+        if not isinstance(state, ServingState):
+            raise TypeError(f"state must be the ServingState that prefill returned, got {type(state).__name__}")
+        counts = self.check_packed_items(new_items, new_cu, "new_items", batch=state.seqlens.numel()).to(new_cu.device)
+        if new_items.device != state.seqlens.device or new_cu.device != state.seqlens.device:
+            raise ValueError(f"new_items and new_cu must be on the serving state's device {state.seqlens.device}, "
+                             f"got {new_items.device} and {new_cu.device}")
+        capacity = state.caches[0].k.shape[1] if state.caches else 0
+        ends = state.seqlens.long().cpu() + counts.cpu()
+        if ends.numel() and int(ends.max()) > capacity:
+            user = int(ends.argmax())
+            raise ValueError(f"the serving state is full: user {user} holds {int(state.seqlens[user])} of "
+                             f"{capacity} cache slots and got {int(counts[user])} new events; prefill with a "
+                             "larger capacity")
         user = torch.repeat_interleave(torch.arange(counts.numel(), device=new_cu.device), counts)
         t = torch.arange(new_items.numel(), device=new_cu.device) - new_cu[:-1].long()[user]
         positions = state.seqlens.long()[user] + t

@@ -26,6 +26,9 @@ SEGMENT_RUNTIME_INTS = ["total_tokens", "max_seqlen", "S", "C", "NUM_BUCKETS", "
 CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "NUM_BUCKETS", "SEQ_BUCKET"]
 
 _autotuned: dict[tuple, object] = {}
+# While a list, every launch appends ``(kernel name, path notes)``: tests assert the path
+# taken (which kernels ran, atomics on or off), which equal outputs alone cannot show.
+launch_log: list[tuple[str, dict]] | None = None
 
 
 def interpreting() -> bool:
@@ -45,12 +48,16 @@ def device_arch(device: torch.device) -> int:
 
 
 def launch(kernel, name: str, grid, args: tuple, constexprs: dict, *, dtype: torch.dtype, head_dim: int,
-           device: torch.device, config: triton.Config | None = None, reset_to_zero: tuple[str, ...] = ()):
+           device: torch.device, config: triton.Config | None = None, reset_to_zero: tuple[str, ...] = (),
+           notes: dict | None = None):
     """Run ``kernel[grid](*args, **constexprs)`` with ``config``, or the autotuned choice.
 
     ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
-    Without an explicit config, off CUDA the first of ``configs(...)`` runs.
+    Without an explicit config, off CUDA the first of ``configs(...)`` runs.  ``notes``
+    (runtime choices such as ``bias_atomics``) go to ``launch_log`` when it is recording.
     """
+    if launch_log is not None:
+        launch_log.append((name, dict(notes or {})))
     if config is None and device.type == "cuda" and not interpreting():
         arch = device_arch(device)
         key = (name, dtype, head_dim, arch, reset_to_zero)

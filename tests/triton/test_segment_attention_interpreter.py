@@ -101,21 +101,35 @@ def test_deterministic_bias_gradient_is_bit_identical_and_matches_atomics():
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-5, atol=1e-5)
 
 
-def test_follows_torch_deterministic_algorithms_flag(monkeypatch):
-    """``deterministic=None`` follows ``torch.use_deterministic_algorithms``."""
-    from rec2pm_kernels.ops.segment_attention import triton_backend
+ATOMIC_PATH = [("segment_bwd_dkdv", {"bias_atomics": True}), ("segment_bwd_dq", {})]
+DETERMINISTIC_PATH = [("segment_bwd_dkdv", {"bias_atomics": False}), ("segment_bwd_dq", {}), ("segment_bwd_bias", {})]
+NO_BIAS_PATH = [("segment_bwd_dkdv", {"bias_atomics": False}), ("segment_bwd_dq", {})]
 
-    seen = []
-    real = triton_backend.segment_backward
-    monkeypatch.setattr(triton_backend, "segment_backward", lambda *a, **kw: seen.append(a[16]) or real(*a, **kw))
-    q, k, v, cu, bias = random_inputs([9])
-    for flag in (True, False):
-        torch.use_deterministic_algorithms(flag, warn_only=True)
-        try:
-            segment_attention(q, k, v, cu, 9, rel_bias=bias, backend="triton").sum().backward()
-        finally:
-            torch.use_deterministic_algorithms(False)
-    assert seen == [True, False]
+
+@pytest.mark.parametrize("deterministic, torch_flag, with_bias, path", [
+    (True, False, True, DETERMINISTIC_PATH),
+    (False, True, True, ATOMIC_PATH),        # an explicit argument wins over torch's flag
+    (None, True, True, DETERMINISTIC_PATH),  # None follows torch.use_deterministic_algorithms
+    (None, False, True, ATOMIC_PATH),
+    (True, False, False, NO_BIAS_PATH),      # without a bias there is nothing to make deterministic
+], ids=["true", "false-over-torch", "none-torch-on", "none-torch-off", "no-bias"])
+def test_deterministic_flag_picks_the_backward_path(monkeypatch, deterministic, torch_flag, with_bias, path):
+    """The kernels launched and whether the bias gradient uses atomics, not only equal outputs
+    (the interpreter runs programs one at a time, so atomics are deterministic here too)."""
+    from rec2pm_kernels.ops import triton_launch
+
+    log = []
+    monkeypatch.setattr(triton_launch, "launch_log", log)
+    q, k, v, cu, bias = random_inputs([9, 4])
+    torch.use_deterministic_algorithms(torch_flag, warn_only=True)
+    try:
+        out = segment_attention(q, k, v, cu, 9, rel_bias=bias if with_bias else None, backend="triton",
+                                deterministic=deterministic)
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert log[0] == ("segment_fwd", {})
+    assert log[1:] == path
 
 
 @pytest.mark.parametrize("score", SCORES)

@@ -102,3 +102,22 @@ def test_ragged_batches_neither_recompile_nor_retune():
     assert (compiled(), tuned()) == (kernels, tunings)
     run([2040, 999])                 # next bucket: tuned again, nothing compiled
     assert compiled() == kernels and tuned() == tunings + 1
+
+
+def test_rec2pm_validate_checks_cuda_index_tensors(monkeypatch):
+    """On CUDA the index checks read device memory, so they run only when asked for."""
+    q = torch.randn(10, 2, 16, device="cuda")
+    unordered = torch.tensor([0, 7, 4, 10], dtype=torch.int32, device="cuda")
+    monkeypatch.setenv("REC2PM_VALIDATE", "1")
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        segment_attention(q, q, q, unordered, 10)
+    monkeypatch.setenv("REC2PM_VALIDATE", "0")
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        segment_attention(q, q, q, unordered, 10, validate=True)
+    nan = q.clone()
+    nan[3, 1, 2] = float("nan")
+    ordered = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
+    assert segment_attention(nan, q, q, ordered, 10).isnan().any()  # unchecked by default on CUDA
+    monkeypatch.setenv("REC2PM_VALIDATE", "1")
+    with pytest.raises(ValueError, match="q contains NaN or Inf"):
+        segment_attention(nan, q, q, ordered, 10)

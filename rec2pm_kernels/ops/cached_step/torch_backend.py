@@ -43,8 +43,9 @@ def cached_step_torch(
     batch = cache_seqlens.numel()
     cached = cache_seqlens.long()
     counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
-    # Host-side sizes of the padded batch (one sync; the public API passes max_new).
-    n_max = max_new
+    # Host-side sizes of the padded batch from the actual counts (one sync); max_new is only
+    # an upper bound, and sizing by it could allocate far more than the rows need.
+    n_max = int(counts.max())
     ends = cached + counts  # one past each user's last written slot
     k_min, k_max = (int(x) for x in torch.aminmax(ends))
 

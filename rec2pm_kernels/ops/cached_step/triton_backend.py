@@ -12,6 +12,7 @@ import torch
 import triton
 
 from ..segment_attention.triton_backend import SCORE_CODES, input_precision
+from ..outputs import new_output
 from ..triton_configs import padded_head_dim
 from ..triton_launch import launch, length_bucket
 from .torch_backend import append_to_cache
@@ -49,7 +50,7 @@ def cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v
     total, heads, dim_v = v_new.shape
     batch = cu_seqlens_new.numel() - 1
     append_to_cache(k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens)
-    out = torch.zeros(v_new.shape, dtype=v_new.dtype, device=v_new.device)
+    out = new_output(v_new.shape, dtype=v_new.dtype, device=v_new.device)
     if total == 0 or batch == 0 or max_new == 0:
         return out
     q_new = q_new if q_new.stride(-1) == 1 else q_new.contiguous()
@@ -58,8 +59,8 @@ def cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v
         num_splits = default_num_splits(batch * triton.cdiv(max_new, 16) * heads, capacity, q_new.device)
     block_dv = padded_head_dim(dim_v)
     if num_splits > 1:
-        partial_acc = torch.empty((num_splits, total, heads, block_dv), dtype=torch.float32, device=q_new.device)
-        partial_stats = torch.empty((num_splits, total, heads, 2), dtype=torch.float32, device=q_new.device)
+        partial_acc = new_output((num_splits, total, heads, block_dv), dtype=torch.float32, device=q_new.device)
+        partial_stats = new_output((num_splits, total, heads, 2), dtype=torch.float32, device=q_new.device)
     else:
         partial_acc = partial_stats = out
     args = (q_new, k_cache, v_cache, out, partial_acc, partial_stats, cu_seqlens_new, cache_seqlens,

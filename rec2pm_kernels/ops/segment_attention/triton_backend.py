@@ -18,6 +18,7 @@ import torch
 import triton
 
 from ...patterns import PATTERN_CODES
+from ..outputs import new_output
 from ..triton_configs import BIAS_WINDOW, configs, padded_head_dim
 from ..triton_launch import launch, length_bucket
 from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
@@ -64,8 +65,8 @@ def segment_forward(q, k, v, cu_seqlens, max_seqlen, pattern, segment_len, num_m
     """
     total, heads, _ = q.shape
     batch = cu_seqlens.numel() - 1
-    out = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    lse = torch.empty((heads, total) if score == "softmax" else (0,), dtype=torch.float32, device=q.device)
+    out = new_output(v.shape, dtype=v.dtype, device=v.device)
+    lse = new_output((heads, total) if score == "softmax" else (0,), dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
     switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
@@ -92,7 +93,8 @@ def segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, s
     total, heads, _ = q.shape
     batch = cu_seqlens.numel() - 1
     dout = dout.contiguous()
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    # Every row of dq and every key row of dk/dv is written by exactly one program (no atomics).
+    dq, dk, dv = (new_output(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     buckets = rel_bias.shape[1] if rel_bias is not None else 0
     dbias = torch.zeros((heads, buckets), dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
@@ -113,7 +115,8 @@ def segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, s
            (q, k, v, dout, lse, delta, dk, dv, dbias if atomics else delta, cu_seqlens, bias_arg,
             counts if counts is not None else delta, *_strides(q, k, v, dout, dk, dv), *runtime, int(atomics)),
            dict(switches, COUNT_TILES=counts is not None),
-           config=configs_by_kernel.get("segment_bwd_dkdv"), reset_to_zero=("DBIAS",) if atomics else (), **common)
+           config=configs_by_kernel.get("segment_bwd_dkdv"), reset_to_zero=("DBIAS",) if atomics else (),
+           notes={"bias_atomics": atomics}, **common)
 
     counts = tile_counts.get("segment_bwd_dq")
     launch(segment_bwd_dq_kernel, "segment_bwd_dq",
