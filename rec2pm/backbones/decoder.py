@@ -42,6 +42,25 @@ class Decoder(nn.Module):
             self.position = None  # HSTU's positions enter through the relative bias only
         self.input_dropout = nn.Dropout(config.dropout)
         self.final_norm = nn.LayerNorm(d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Positions and linear weights ~ N(0, init_std), biases 0, LayerNorms and HSTU's
+        relative bias as built (gain 1, bias 0).
+
+        Why not torch's defaults: ``nn.Embedding`` starts at N(0, 1), a position vector of norm
+        ~sqrt(d) next to item embeddings of norm ~sqrt(d)·init_std, so every block first sees
+        the position and hardly the item; ``nn.Linear``'s uniform init makes each block's
+        update several times larger than the item embedding it adds to.
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.position is not None:
+            nn.init.normal_(self.position.weight, std=std)
 
     def _with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if positions.numel() and int(positions.max()) >= self.config.max_positions:
