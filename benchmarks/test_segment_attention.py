@@ -5,7 +5,7 @@ is SDPA causal attention over the L items (forced onto the FlashAttention kernel
 on CUDA).  The same group holds flash-attn's varlen function over the items (when
 installed), and for each pattern FlexAttention (``torch.compile``d, with the pattern's rule as
 ``mask_mod``) and the library's ``torch`` and ``triton`` backends.  The interleaved patterns
-run over the L + K*C tokens of the Stage 1 stream (S = 200, C = 4, SPEC's reference
+run over the L + K*C tokens of the Stage 1 stream (S = 200, C = 4, the paper's reference
 setting); TFLOP/s count only the (row, column) pairs each pattern lets through.
 
 Directions:

@@ -73,7 +73,8 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-# SPEC §1: SASRec 4 layers x 4 heads, HSTU 16 layers x 8 heads, d = 64, S = 200, C = 4.
+# The paper's reference settings (docs/method.md): SASRec 4 layers x 4 heads, HSTU 16 layers x 8 heads,
+# d = 64, S = 200, C = 4.
 REFERENCE_CONFIGS = {
     "sasrec": ModelConfig(backbone="sasrec", num_layers=4, num_heads=4, d_model=64, dropout=0.2,
                           max_positions=20_000),

@@ -1,7 +1,7 @@
 """Packing ragged histories into the token streams of Rec2PM, and back.
 
 A history of ``L >= 1`` items has ``K = (L - 1) // S`` archived segments and a tail of
-``L - K*S`` items (1..S).  The streams (SPEC section 1):
+``L - K*S`` items (1..S).  The streams (``docs/method.md``, ``docs/patterns.md``):
 
 * **Stage 1** (``stage1_layout``), one sequence per user, attended with ``pattern="global"``::
 

@@ -1,4 +1,4 @@
-"""The pattern rules: golden masks of SPEC §2, a literal per-entry rule, and the C++ twin."""
+"""The pattern rules: golden masks of docs/patterns.md, a literal per-entry rule, and the C++ twin."""
 
 import itertools
 
@@ -10,7 +10,7 @@ from rec2pm_kernels.patterns import PATTERN_CODES, PATTERNS, bias_positions, fir
 
 from .conftest import require_extension
 
-# S = 2, C = 1, stream i0 i1 w0 i2 i3 w1 i4 (SPEC §2), rows top to bottom.
+# S = 2, C = 1, stream i0 i1 w0 i2 i3 w1 i4 (docs/patterns.md), rows top to bottom.
 GOLDEN = {
     "causal": "1...... 11..... 111.... 1111... 11111.. 111111. 1111111",
     "global": "1...... 11..... 111.... 11.1... 11.11.. 11.111. 11.11.1",
@@ -24,7 +24,7 @@ def as_text(mask: torch.Tensor) -> str:
 
 
 def literal_rule(pattern, row, col, S, C):
-    """SPEC §2 read word for word, one (row, column) pair at a time."""
+    """docs/patterns.md read word for word, one (row, column) pair at a time."""
     if col > row:
         return False
     if pattern == "causal":

@@ -1,6 +1,6 @@
 """The decoder: embeddings in, a stack of blocks over a packed stream, final norm out.
 
-The same decoder predicts items and writes memory (SPEC §1); what changes between uses
+The same decoder predicts items and writes memory (``docs/method.md``); what changes between uses
 is only the stream it runs on and the attention pattern.  ``forward`` runs a whole packed
 stream through ``segment_attention``; ``step`` runs new rows against per-layer K/V caches
 through ``cached_step_attention`` (serving).

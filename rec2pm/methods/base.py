@@ -23,7 +23,7 @@ MEMORY_NORMS = ("none", "layernorm")
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Options of the training step; the defaults are the provisional ones of SPEC §1.
+    """Options of the training step; the defaults are the provisional ones of ``docs/method.md``.
 
     Attributes:
         mode: ``"overwrite"`` (memory = last C tokens) or ``"append"`` (all memories).

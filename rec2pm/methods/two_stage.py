@@ -1,4 +1,4 @@
-"""Rec2PM: two-stage self-referential teacher forcing (SPEC §1).
+"""Rec2PM: two-stage self-referential teacher forcing (``docs/method.md``).
 
 Stage 1: one ``global`` pass over ``[S_0 w S_1 w ... tail]`` gives the reference memories
 ``m_h^ref`` at the write tokens (item rows equal the Full model's).  Stage 2: one
