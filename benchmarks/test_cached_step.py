@@ -33,7 +33,7 @@ HEADS = 4
 USERS = {"cpu": 8, "cuda": 128}
 SLOTS = {"quick": [1024], "full": [1024, 4096, 16384]}
 HEAD_DIMS = {"quick": [16], "full": [16, 64]}
-CASES = ["sdpa/cache", "flash_attn/kvcache", "torch/cached_step", "triton/cached_step"]
+CASES = ["sdpa/cache", "flash_attn/kvcache", "torch/cached_step", "triton/cached_step", "cpp/cached_step"]
 
 
 def make_call(case: str, users: int, slots: int, head_dim: int, device: torch.device, dtype: torch.dtype):
@@ -82,7 +82,10 @@ def test_cached_step(measure, bench_mode, slots, head_dim, case):
         pytest.skip(f"head dim {head_dim} runs in --bench-mode full")
     device = bench_device()
     backend = case.split("/")[0]
-    reason = {"triton": triton_skip_reason, "flash_attn": flash_attn_skip_reason}.get(backend, lambda d: None)(device)
+    from .test_segment_attention import cpp_skip_reason
+
+    reason = {"triton": triton_skip_reason, "flash_attn": flash_attn_skip_reason,
+              "cpp": cpp_skip_reason}.get(backend, lambda d: None)(device)
     if reason:
         pytest.skip(reason)
     dtype = bench_dtype(device)

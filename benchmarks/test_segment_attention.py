@@ -16,6 +16,11 @@ Directions:
   peak memory is what the backward allocates on top of the saved forward state.
 * ``fwd+bwd``: forward then ``torch.autograd.grad``, timed together.
 
+The ``cpp`` rows (forward only, CPU) run where the extension is built.  A second group, the
+serving block ``[M ; 200 recent]`` (C = 4 memory tokens, causal), puts the CPU backends side
+by side at the reference head shapes (SASRec 4 x 16, HSTU 8 x 8), for 1 and 64 users, with
+the ``torch`` backend as its baseline.
+
 Devices: CUDA in bf16 with ``32768 / L`` users per batch (32, 8, 2: the same number of
 tokens in every group); CPU in fp32 with 2 users.  On CPU the ``triton`` rows (no
 interpreter timings), FlexAttention and flash-attn are skipped, with the reason.
@@ -52,7 +57,7 @@ SIZES = {"quick": [1024], "full": [1024, 4096, 16384]}
 HEAD_DIMS = {"quick": [16], "full": [16, 64]}
 DIRECTIONS = ["fwd", "bwd", "fwd+bwd"]
 CASES = (["sdpa/causal", "flash_attn/causal"] + [f"flex/{p}" for p in PATTERNS]
-         + [f"torch/{p}" for p in PATTERNS] + [f"triton/{p}" for p in PATTERNS])
+         + [f"torch/{p}" for p in PATTERNS] + [f"triton/{p}" for p in PATTERNS] + [f"cpp/{p}" for p in PATTERNS])
 
 
 def stream_length(items: int) -> int:
@@ -68,7 +73,22 @@ def pattern_kwargs(pattern: str) -> dict:
     return {} if pattern == "causal" else dict(segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
 
 
-def skip_reason(backend: str, device: torch.device) -> str | None:
+def cpp_skip_reason(device: torch.device, direction: str = "fwd") -> str | None:
+    from rec2pm_kernels import backends
+
+    status = backends()["cpp"]
+    if not status.available:
+        return status.reason
+    if device.type != "cpu":
+        return "backend='cpp' runs on CPU tensors"
+    if direction != "fwd":
+        return "backend='cpp' is forward only"
+    return None
+
+
+def skip_reason(backend: str, device: torch.device, direction: str = "fwd") -> str | None:
+    if backend == "cpp":
+        return cpp_skip_reason(device, direction)
     if backend == "triton":
         return triton_skip_reason(device)
     if backend == "flex":
@@ -150,7 +170,7 @@ def test_segment_attention(measure, bench_mode, items, head_dim, direction, case
     if head_dim not in HEAD_DIMS[bench_mode]:
         pytest.skip(f"head dim {head_dim} runs in --bench-mode full")
     device = bench_device()
-    reason = skip_reason(case.split("/")[0], device)
+    reason = skip_reason(case.split("/")[0], device, direction)
     if reason:
         pytest.skip(reason)
     dtype = bench_dtype(device)
@@ -165,3 +185,44 @@ def test_segment_attention(measure, bench_mode, items, head_dim, direction, case
     measure(call, group=f"segment_attention {direction} L={items} B={batch} H={HEADS} d={head_dim}",
             name=case, baseline=case.startswith("sdpa"), device=device,
             flops=attention_flops(pairs, HEADS, head_dim, head_dim, direction), params=params)
+
+
+SERVING_SHAPES = {"sasrec": (4, 16, "softmax"), "hstu": (8, 8, "silu")}
+SERVING_USERS = {"quick": [1], "full": [1, 64]}
+SERVING_CASES = ["torch", "cpp", "sdpa"]
+
+
+@pytest.mark.parametrize("users", SERVING_USERS["full"])
+@pytest.mark.parametrize("shape", list(SERVING_SHAPES))
+@pytest.mark.parametrize("case", SERVING_CASES)
+def test_serving_block(measure, bench_mode, users, shape, case):
+    """``[M ; 200 recent]`` for a batch of users, forward: what a serving request computes per layer."""
+    if users not in SERVING_USERS[bench_mode]:
+        pytest.skip(f"{users} users run in --bench-mode full")
+    device = bench_device()
+    if device.type != "cpu":
+        pytest.skip("the serving-block group compares the CPU backends")
+    heads, head_dim, score = SERVING_SHAPES[shape]
+    if case == "cpp" and cpp_skip_reason(device):
+        pytest.skip(cpp_skip_reason(device))
+    if case == "sdpa" and score != "softmax":
+        pytest.skip("SDPA has no SiLU score")
+    torch.manual_seed(0)
+    n = MEMORY_TOKENS + SEGMENT_LEN
+    q, k, v = (torch.randn(users * n, heads, head_dim) for _ in range(3))
+    cu = torch.arange(users + 1, dtype=torch.int32) * n
+    options = dict(score=score, silu_norm=float(n) if score == "silu" else None)
+    if case == "sdpa":
+        batched = [x.view(users, n, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
+
+        def call():
+            return sdpa(*batched, is_causal=True)
+    else:
+        def call():
+            return segment_attention(q, k, v, cu, n, backend=case, **options)
+
+    pairs = users * visible_pairs("causal", n, None, None)
+    measure(call, group=f"serving block [M ; {SEGMENT_LEN}] {shape} B={users} H={heads} d={head_dim} {score}",
+            name=case, baseline=case == "torch", device=device,
+            flops=attention_flops(pairs, heads, head_dim, head_dim, "fwd"),
+            params=dict(users=users, tokens=n, heads=heads, head_dim=head_dim, score=score))

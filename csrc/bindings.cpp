@@ -1,5 +1,26 @@
 // Python bindings of rec2pm_kernels._C.
+#include <utility>
+#include <vector>
+
+#include "cpu/attention_ops.h"
 #include "cpu/patterns_ops.h"
+#include "rec2pm/attention_math.h"
+
+namespace {
+
+// The visible keys of one row as [begin, end) spans, for tests of the shared rule.
+std::vector<std::pair<int64_t, int64_t>> key_spans(int64_t pattern, int64_t row, int64_t S, int64_t C) {
+  const auto pat = static_cast<rec2pm::Pattern>(pattern);
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (int64_t i = 0; i < rec2pm::key_span_count(pat, row, S, C); ++i) {
+    int64_t begin, end;
+    rec2pm::key_span(pat, row, i, S, C, &begin, &end);
+    spans.emplace_back(begin, end);
+  }
+  return spans;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Compiled kernels of rec2pm_kernels (optional; the library runs without them).";
@@ -9,6 +30,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_positions", &rec2pm::bias_positions_cpu, "Positions λ(p) of the relative bias, (n,) int64",
         pybind11::arg("pattern"), pybind11::arg("n"), pybind11::arg("segment_len"),
         pybind11::arg("num_memory_tokens"));
+  m.def("key_spans", &key_spans, "Visible keys of one row as [begin, end) spans (the kernels' rule)",
+        pybind11::arg("pattern"), pybind11::arg("row"), pybind11::arg("segment_len"),
+        pybind11::arg("num_memory_tokens"));
+  m.def("segment_attention_forward", &rec2pm::segment_attention_forward_cpu,
+        "segment_attention forward on the CPU (fp32/fp64, contiguous inputs, int64 cu_seqlens)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens"),
+        pybind11::arg("pattern"), pybind11::arg("segment_len"), pybind11::arg("num_memory_tokens"),
+        pybind11::arg("score"), pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"));
+  m.def("cached_step_forward", &rec2pm::cached_step_forward_cpu,
+        "cached_step_attention on the CPU: appends to the caches in place, returns the new rows' outputs",
+        pybind11::arg("q_new"), pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("cu_seqlens_new"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cache_seqlens"), pybind11::arg("append"),
+        pybind11::arg("score"),
+        pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"));
 #ifdef REC2PM_WITH_CUDA
   m.def("visibility_mask_cuda", &rec2pm::visibility_mask_cuda, "Dense (n, n) bool mask of a pattern on a GPU",
         pybind11::arg("pattern"), pybind11::arg("n"), pybind11::arg("segment_len"),

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from . import validation as check
-from .backends import resolve_backend
+from .backends import cpp_preferred, resolve_backend
+from .ops.cached_step.cpp_backend import cached_step_cpp
 from .ops.cached_step.torch_backend import cached_step_torch
+from .ops.segment_attention.cpp_backend import segment_attention_cpp
 from .ops.segment_attention.torch_backend import segment_attention_torch
 
 
@@ -28,8 +30,17 @@ def _segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, **options):
     return segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, **options)
 
 
+def _segment_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
+    # Forward only, exact fp32 (or fp64) math, deterministic for any thread count.
+    return segment_attention_cpp(q, k, v, cu_seqlens, **options)
+
+
 def _cached_step_torch(*args, allow_tf32, **options):
     return cached_step_torch(*args, **options)
+
+
+def _cached_step_cpp(*args, allow_tf32, **options):
+    return cached_step_cpp(*args, **options)
 
 
 def _cached_step_triton(*args, **options):
@@ -39,8 +50,9 @@ def _cached_step_triton(*args, **options):
 
 
 # Launchers by backend name; resolve_backend only returns names that have an entry here.
-SEGMENT_ATTENTION_IMPLS = {"torch": _segment_attention_torch, "triton": _segment_attention_triton}
-CACHED_STEP_IMPLS = {"torch": _cached_step_torch, "triton": _cached_step_triton}
+SEGMENT_ATTENTION_IMPLS = {"torch": _segment_attention_torch, "triton": _segment_attention_triton,
+                           "cpp": _segment_attention_cpp}
+CACHED_STEP_IMPLS = {"torch": _cached_step_torch, "triton": _cached_step_triton, "cpp": _cached_step_cpp}
 
 
 def segment_attention(
@@ -93,8 +105,11 @@ def segment_attention(
             It receives a gradient.
         silu_norm: the constant divisor of ``"silu"`` (HSTU: its maximum sequence length);
             required for ``"silu"``, rejected for ``"softmax"``.
-        backend: ``"auto"`` (``triton`` for CUDA tensors, else ``torch``), ``"torch"``, ``"triton"`` or ``"cpp"``;
-            ``rec2pm_kernels.backends()`` says which are available here and why not.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpp"``.  ``"auto"`` runs ``triton`` on
+            CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the extension is
+            built (except softmax with ``causal`` or ``global`` over sequences longer than
+            512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is forward only.  ``rec2pm_kernels.backends()``
+            says which are available here and why not.
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -125,7 +140,6 @@ def segment_attention(
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_bias))
-    chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad, q.dtype)
     check.check_flag("allow_tf32", allow_tf32)
     check.check_flag("deterministic", deterministic, allow_none=True)
     if deterministic is None:
@@ -141,6 +155,9 @@ def segment_attention(
         check.check_finite(("q", "k", "v", "rel_bias"), (q, k, v, rel_bias))
     # An upper bound that sizes work: no sequence is longer than all the tokens.
     max_seqlen = min(max_seqlen, q.shape[0])
+    longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
+    chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad, q.dtype,
+                             prefer_cpp=cpp_preferred(score, pattern, longest))
     return SEGMENT_ATTENTION_IMPLS[chosen](
         q, k, v, cu_seqlens, max_seqlen, pattern=pattern, segment_len=segment_len,
         num_memory_tokens=num_memory_tokens, score=score, scale=scale, rel_bias=rel_bias,

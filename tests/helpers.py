@@ -9,6 +9,16 @@ from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
 
 S, C = 3, 2  # small segment and write block: several units in short sequences
+# The backends that run on CPU tensors without the Triton interpreter.
+CPU_BACKENDS = ["torch", "cpp"]
+
+
+def require_backend(name: str) -> None:
+    """Skip a test of the C++ backend without the extension, or fail when CI requires it."""
+    if name == "cpp":
+        from .conftest import require_extension
+
+        require_extension()
 
 
 def pattern_kwargs(pattern: str, segment_len: int = S, num_memory_tokens: int = C) -> dict:

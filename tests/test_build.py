@@ -50,15 +50,18 @@ def test_backend_report():
     status = backends()
     assert set(status) == {"torch", "triton", "cpp"}
     assert status["torch"].available and "segment_attention" in status["torch"].ops
-    assert not status["cpp"].available and status["cpp"].reason  # no attention kernels in the extension yet
+    assert status["cpp"].reason
     triton_runs_here = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     assert status["triton"].available == (triton_runs_here and importlib.util.find_spec("triton") is not None)
     assert status["triton"].reason
     if status["triton"].available:
         assert set(status["triton"].ops) == {"segment_attention", "cached_step_attention"}
     if rec2pm_kernels._extension.C is not None:
-        assert "visibility_mask" in status["cpp"].reason
-    elif os.environ.get("REC2PM_REQUIRE_EXT") == "1":
+        assert status["cpp"].available and set(status["cpp"].ops) == {"segment_attention", "cached_step_attention"}
+        assert "forward only" in status["cpp"].reason
+    else:
+        assert not status["cpp"].available and "not built" in status["cpp"].reason
+    if rec2pm_kernels._extension.C is None and os.environ.get("REC2PM_REQUIRE_EXT") == "1":
         pytest.fail(f"REC2PM_REQUIRE_EXT=1 but the extension is missing: {rec2pm_kernels._extension.IMPORT_ERROR}")
 
 

@@ -1,5 +1,7 @@
 """cached_step_attention against its oracle, its cache writes, and cached step vs full pass."""
 
+import functools
+
 import pytest
 import torch
 
@@ -7,9 +9,18 @@ from rec2pm_kernels import cached_step_attention, segment_attention
 from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
 
-from .helpers import make_bias, make_qkv, score_kwargs
+from .helpers import CPU_BACKENDS, make_bias, make_qkv, score_kwargs
 
 SCORES = ["softmax", "silu"]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cached_step(request):
+    """``cached_step_attention`` on each CPU backend (the C++ one when the extension is built)."""
+    from .helpers import require_backend
+
+    require_backend(request.param)
+    return functools.partial(cached_step_attention, backend=request.param)
 
 
 def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32):
@@ -30,7 +41,7 @@ def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32):
     ([9, 9, 9], [1, 1, 1]),                # one row each over equal prefixes (the torch backend drops the mask)
     ([9, 10, 10], [1, 0, 0]),              # equal ends, but users without new rows
 ], ids=["ragged", "equal", "equal-ends"])
-def test_matches_oracle_and_appends(score, with_bias, dtype, filled, new):
+def test_matches_oracle_and_appends(cached_step, score, with_bias, dtype, filled, new):
     heads, dim, dim_v, capacity = 2, 8, 6, 24
     cu = cu_seqlens_of(new)
     q, k, v = make_qkv(sum(new), heads, dim, dim_v, dtype)
@@ -41,7 +52,7 @@ def test_matches_oracle_and_appends(score, with_bias, dtype, filled, new):
     ref = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, **kw)
     base = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, upcast=False, **kw)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    out = cached_step_attention(q, k, v, cu, max(new), k_cache, v_cache, seqlens, **kw)
+    out = cached_step(q, k, v, cu, max(new), k_cache, v_cache, seqlens, **kw)
     assert_within_budget("out", out, ref, base, dtype)
     assert seqlens.tolist() == filled, "cache_seqlens must not be modified"
     for b, (c, n) in enumerate(zip(filled, new)):
@@ -58,7 +69,7 @@ def test_matches_oracle_and_appends(score, with_bias, dtype, filled, new):
 
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_one_event_at_a_time_equals_causal_pass(score, with_bias):
+def test_one_event_at_a_time_equals_causal_pass(cached_step, score, with_bias):
     """Serving step by step reproduces the rows of one causal pass over the whole block."""
     heads, dim, dim_v = 2, 8, 4
     prefix = [4, 0, 7]  # [M ; earlier items] already cached
@@ -79,28 +90,28 @@ def test_one_event_at_a_time_equals_causal_pass(score, with_bias):
         users = [b for b in range(3) if step < events[b]]
         rows = torch.tensor([starts[b] + prefix[b] + step for b in users], dtype=torch.long)
         counts = [1 if b in users else 0 for b in range(3)]
-        out = cached_step_attention(q[rows], k[rows], v[rows], cu_seqlens_of(counts), 1, k_cache, v_cache, seqlens,
+        out = cached_step(q[rows], k[rows], v[rows], cu_seqlens_of(counts), 1, k_cache, v_cache, seqlens,
                                     **kw)
         torch.testing.assert_close(out, full[rows], rtol=1e-12, atol=1e-12)
         seqlens += torch.tensor(counts, dtype=torch.int32)
 
 
-def test_several_new_rows_equal_their_causal_rows():
+def test_several_new_rows_equal_their_causal_rows(cached_step):
     heads, dim = 2, 8
     q, k, v = make_qkv(9, heads, dim, dim, torch.float64)
     full = segment_attention(q, k, v, cu_seqlens_of([9]), 9)
     k_cache, v_cache = make_cache(1, 12, heads, dim, dim, [4], torch.float64)
     k_cache[0, :4], v_cache[0, :4] = k[:4], v[:4]
-    out = cached_step_attention(q[4:], k[4:], v[4:], cu_seqlens_of([5]), 5, k_cache, v_cache,
+    out = cached_step(q[4:], k[4:], v[4:], cu_seqlens_of([5]), 5, k_cache, v_cache,
                                 torch.tensor([4], dtype=torch.int32))
     torch.testing.assert_close(out, full[4:], rtol=1e-12, atol=1e-12)
 
 
-def test_no_new_rows_at_all():
+def test_no_new_rows_at_all(cached_step):
     k_cache, v_cache = make_cache(2, 4, 2, 8, 8, [1, 3])
     q, k, v = make_qkv(0)
     before = (k_cache.clone(), v_cache.clone())
-    out = cached_step_attention(q, k, v, cu_seqlens_of([0, 0]), 0, k_cache, v_cache,
+    out = cached_step(q, k, v, cu_seqlens_of([0, 0]), 0, k_cache, v_cache,
                                 torch.tensor([1, 3], dtype=torch.int32))
     assert out.shape == (0, 2, 8)
     # Nothing to append: every slot, filled or not (NaN), is as it was.
@@ -108,14 +119,14 @@ def test_no_new_rows_at_all():
         assert torch.equal(cache.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
-def test_runs_under_no_grad_with_parameters():
+def test_runs_under_no_grad_with_parameters(cached_step):
     bias = make_bias(2, requires_grad=True)  # a model parameter
     k_cache, v_cache = make_cache(1, 4, 2, 8, 8, [2])
     q, k, v = make_qkv(1)
     seqlens = torch.tensor([2], dtype=torch.int32)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     with torch.no_grad():
-        out = cached_step_attention(q, k, v, cu_seqlens_of([1]), 1, k_cache, v_cache, seqlens, rel_bias=bias)
+        out = cached_step(q, k, v, cu_seqlens_of([1]), 1, k_cache, v_cache, seqlens, rel_bias=bias)
     assert not out.requires_grad
     ref = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach())
     base = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach(),

@@ -237,7 +237,7 @@ def test_max_new_is_an_upper_bound_and_never_sizes_a_buffer():
     direct.update(max_new=2**40, q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"])
     out = cached_step_torch(*direct.values(), score="softmax", scale=D**-0.5, rel_bias=None, silu_norm=None)
     assert torch.equal(out, cached_step_attention(**good_cache_args() | dict(
-        q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"])))
+        q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"]), backend="torch"))
 
 
 def test_good_arguments_pass():

@@ -1,0 +1,433 @@
+// Forward kernels of segment_attention and cached_step_attention on the CPU.
+//
+// Head dims in the reference models (8 for HSTU, 16 for SASRec) are shorter than one vector
+// register, so the score loop vectorises across keys, not along the head dim: keys of each
+// head are first transposed to (dim, tokens), and a tile of 16 keys accumulates its scores
+// in registers over the head dim.  The weighted sum adds w * v key by key, a vector along
+// the value dim.  The visible keys of a row come as spans in
+// which every key is visible (attention_math.h), so masked keys are never computed: causal
+// and global rows cost about their visible keys, kv_memory_overwrite rows at most two units.
+//
+// Work is split over (sequence, head, block of rows) with at::parallel_for.  Each output
+// row is computed by one thread in a fixed order, so results are bit-identical from run to
+// run and for any number of threads.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention_ops.h"
+#include "rec2pm/attention_math.h"
+
+namespace rec2pm {
+namespace {
+
+constexpr int64_t kRowBlock = 16;  // rows per task: enough work to amortise scheduling
+constexpr int64_t kKeyTile = 16;  // keys whose scores accumulate together (one AVX-512 vector of fp32)
+
+// x (tokens, heads, dim) -> out (heads, dim, tokens).
+template <typename T>
+void transpose_heads(const T* x, int64_t tokens, int64_t heads, int64_t dim, T* out) {
+  at::parallel_for(0, heads * dim, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t h = i / dim, d = i % dim;
+      T* row = out + i * tokens;
+      for (int64_t t = 0; t < tokens; ++t) row[t] = x[(t * heads + h) * dim + d];
+    }
+  });
+}
+
+// exp for fp32 without a library call, so that loops over keys vectorise (a call to expf
+// per score cost more than the dot products): x = k ln 2 + r with |r| <= ln 2 / 2, then
+// 2^k * p(r) with the Cephes polynomial, about 1 ulp.  Arguments below -87 give 0.
+__attribute__((always_inline)) inline float vector_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float k = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x <= -87.0f ? 0.0f : p * scale;
+}
+inline double vector_exp(double x) { return std::exp(x); }
+
+// Reductions with kLanes independent partial results: a fixed summation order (so results
+// do not depend on the machine or the thread count) that the compiler can still vectorise,
+// which a single running sum forbids without -ffast-math.
+constexpr int64_t kLanes = 8;
+
+template <typename T>
+__attribute__((always_inline)) inline T lane_sum(const T* a, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l];
+  }
+  for (; j < n; ++j) lanes[0] += a[j];
+  T total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline T lane_max(const T* a, int64_t n) {
+  T lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = a[j + l] > lanes[l] ? a[j + l] : lanes[l];
+  }
+  for (; j < n; ++j) lanes[0] = a[j] > lanes[0] ? a[j] : lanes[0];
+  T top = lanes[0];
+  for (int64_t l = 1; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  return top;
+}
+
+// acc[0..dim_v) += sum_j w[j] * value[j * stride + e]: values in their own layout, one key
+// adding a vector along the value dim.  For the usual widths the accumulator has a
+// compile-time size and stays in registers; a runtime-sized one would round-trip through
+// memory on every key, a store-to-load chain that cost more than all the arithmetic.
+template <typename T, int64_t kWidth>
+__attribute__((always_inline)) inline void add_weighted_values_fixed(const T* w, const T* value, int64_t stride,
+                                                                     int64_t count, T* acc) {
+  T local[kWidth];
+  for (int64_t e = 0; e < kWidth; ++e) local[e] = acc[e];
+  for (int64_t j = 0; j < count; ++j, value += stride) {
+    const T wj = w[j];
+    for (int64_t e = 0; e < kWidth; ++e) local[e] += wj * value[e];
+  }
+  for (int64_t e = 0; e < kWidth; ++e) acc[e] = local[e];
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void add_weighted_values(const T* w, const T* value, int64_t stride,
+                                                               int64_t count, int64_t dim_v, T* acc) {
+  switch (dim_v) {
+    case 8: return add_weighted_values_fixed<T, 8>(w, value, stride, count, acc);
+    case 16: return add_weighted_values_fixed<T, 16>(w, value, stride, count, acc);
+    case 32: return add_weighted_values_fixed<T, 32>(w, value, stride, count, acc);
+    case 64: return add_weighted_values_fixed<T, 64>(w, value, stride, count, acc);
+    default:
+      for (int64_t j = 0; j < count; ++j, value += stride) {
+        for (int64_t e = 0; e < dim_v; ++e) acc[e] += w[j] * value[e];
+      }
+  }
+}
+
+// Softmax (in place, returns 1 / sum) or SiLU weights of n scores.
+template <typename T>
+__attribute__((always_inline)) inline T score_weights(T* s, int64_t n, Score score, T silu_norm) {
+  if (score == Score::kSilu) {
+    const T inv_norm = T(1) / silu_norm;
+    for (int64_t j = 0; j < n; ++j) s[j] = s[j] / (T(1) + vector_exp(-s[j])) * inv_norm;
+    return T(1);
+  }
+  const T top = lane_max(s, n);
+  for (int64_t j = 0; j < n; ++j) s[j] = vector_exp(s[j] - top);
+  return T(1) / lane_sum(s, n);
+}
+
+struct SegmentProblem {
+  int64_t tokens, heads, dim, dim_v, segment_len, memory_tokens, buckets;
+  Pattern pattern;
+  Score score;
+};
+
+// Compiled once per instruction set, chosen at load time by the CPU's features: the loops
+// over keys then use the widest vectors the machine has (results are bit-identical on one
+// machine; across machines the instruction set, and so the rounding of fused multiply-adds,
+// may differ).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define REC2PM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define REC2PM_VECTOR_CLONES
+#endif
+
+// One output row: query row r of the sequence starting at token0, head h.
+template <typename T>
+__attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, const T* q, const T* keys_t, const T* v, const T* bias, T scale,
+                T silu_norm, int64_t token0, int64_t r, int64_t h, T* scores, T* acc, T* out) {
+  const int64_t S = p.segment_len, C = p.memory_tokens;
+  const T* query = q + ((token0 + r) * p.heads + h) * p.dim;
+  const int64_t lambda_row = bias_position(p.pattern, r, S, C);
+  const int64_t spans = key_span_count(p.pattern, r, S, C);
+  int64_t n = 0;
+  for (int64_t span = 0; span < spans; ++span) {
+    int64_t begin, end;
+    key_span(p.pattern, r, span, S, C, &begin, &end);
+    T* s = scores + n;
+    const int64_t count = end - begin;
+    const T* keys = keys_t + h * p.dim * p.tokens + token0 + begin;  // (dim, tokens) of this head
+    int64_t j = 0;
+    for (; j + kKeyTile <= count; j += kKeyTile) {  // a tile of keys accumulates in registers
+      T tile[kKeyTile] = {};
+      for (int64_t d = 0; d < p.dim; ++d) {
+        const T qd = query[d];
+        const T* key = keys + d * p.tokens + j;
+        for (int64_t l = 0; l < kKeyTile; ++l) tile[l] += qd * key[l];
+      }
+      for (int64_t l = 0; l < kKeyTile; ++l) s[j + l] = tile[l] * scale;
+    }
+    for (; j < count; ++j) {
+      T z = 0;
+      for (int64_t d = 0; d < p.dim; ++d) z += query[d] * keys[d * p.tokens + j];
+      s[j] = z * scale;
+    }
+    if (bias != nullptr) {
+      // λ moves in step with the position inside a span (a global span never leaves its
+      // unit), so the distance λ(row) - λ(key) is `shift - j`: no division per key.
+      const T* table = bias + h * p.buckets;
+      const int64_t shift = lambda_row - bias_position(p.pattern, begin, S, C);
+      const int64_t last = p.buckets - 1;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t distance = shift - j;
+        s[j] += table[distance < 0 ? 0 : (distance > last ? last : distance)];
+      }
+    }
+    n += count;
+  }
+  const T normaliser = score_weights(scores, n, p.score, silu_norm);
+  std::fill(acc, acc + p.dim_v, T(0));
+  n = 0;
+  for (int64_t span = 0; span < spans; ++span) {
+    int64_t begin, end;
+    key_span(p.pattern, r, span, S, C, &begin, &end);
+    const T* w = scores + n;
+    const int64_t count = end - begin;
+    add_weighted_values(w, v + ((token0 + begin) * p.heads + h) * p.dim_v, p.heads * p.dim_v, count, p.dim_v, acc);
+    n += count;
+  }
+  T* row_out = out + ((token0 + r) * p.heads + h) * p.dim_v;
+  for (int64_t e = 0; e < p.dim_v; ++e) row_out[e] = acc[e] * normaliser;
+}
+
+// The per-row entry points, one per dtype, cloned per instruction set (templates cannot be).
+REC2PM_VECTOR_CLONES void attend_row_f32(const SegmentProblem& p, const float* q, const float* keys_t,
+                                         const float* v, const float* bias, float scale, float silu_norm,
+                                         int64_t token0, int64_t r, int64_t h, float* scores, float* acc, float* out) {
+  attend_row<float>(p, q, keys_t, v, bias, scale, silu_norm, token0, r, h, scores, acc, out);
+}
+REC2PM_VECTOR_CLONES void attend_row_f64(const SegmentProblem& p, const double* q, const double* keys_t,
+                                         const double* v, const double* bias, double scale, double silu_norm,
+                                         int64_t token0, int64_t r, int64_t h, double* scores, double* acc,
+                                         double* out) {
+  attend_row<double>(p, q, keys_t, v, bias, scale, silu_norm, token0, r, h, scores, acc, out);
+}
+inline void attend_row_any(const SegmentProblem& p, const float* q, const float* k, const float* v, const float* b,
+                           float scale, float norm, int64_t t0, int64_t r, int64_t h, float* s, float* acc, float* o) {
+  attend_row_f32(p, q, k, v, b, scale, norm, t0, r, h, s, acc, o);
+}
+inline void attend_row_any(const SegmentProblem& p, const double* q, const double* k, const double* v,
+                           const double* b, double scale, double norm, int64_t t0, int64_t r, int64_t h, double* s,
+                           double* acc, double* o) {
+  attend_row_f64(p, q, k, v, b, scale, norm, t0, r, h, s, acc, o);
+}
+
+template <typename T>
+void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch,
+                     const T* bias, T scale, T silu_norm, T* out) {
+  std::vector<T> keys_t(p.tokens * p.heads * p.dim);
+  transpose_heads(k, p.tokens, p.heads, p.dim, keys_t.data());
+  // Tasks are (sequence, head, row block), numbered sequence after sequence.
+  std::vector<int64_t> first_task(batch + 1, 0);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = cu[b + 1] - cu[b];
+    longest = std::max(longest, length);
+    first_task[b + 1] = first_task[b] + (length + kRowBlock - 1) / kRowBlock * p.heads;
+  }
+  at::parallel_for(0, first_task[batch], 1, [&](int64_t first, int64_t last) {
+    std::vector<T> scores(std::max<int64_t>(longest, 1)), acc(p.dim_v);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const int64_t local = task - first_task[b];
+      const int64_t h = local % p.heads, block = local / p.heads;
+      const int64_t token0 = cu[b], length = cu[b + 1] - cu[b];
+      const int64_t r_end = std::min(length, (block + 1) * kRowBlock);
+      for (int64_t r = block * kRowBlock; r < r_end; ++r) {
+        attend_row_any(p, q, keys_t.data(), v, bias, scale, silu_norm, token0, r, h, scores.data(),
+                       acc.data(), out);
+      }
+    }
+  });
+}
+
+// Cache strides, in elements: (batch, slot, head, dim).
+struct CacheLayout {
+  int64_t batch, slot, head, dim;
+};
+
+// One new row over slots [0, position] of its user's cache (keys and values already offset
+// to the user and head).
+template <typename T>
+__attribute__((always_inline)) inline void attend_cached_row(const T* query, const T* keys, CacheLayout ks,
+                                                             const T* values, CacheLayout vs, int64_t dim,
+                                                             int64_t dim_v, int64_t position, Score score, T scale,
+                                                             const T* bias_row, int64_t buckets, T silu_norm,
+                                                             T* scores, T* acc, T* out) {
+  for (int64_t j = 0; j <= position; ++j) {
+    const T* key = keys + j * ks.slot;
+    T z = 0;
+    for (int64_t d = 0; d < dim; ++d) z += query[d] * key[d * ks.dim];
+    z *= scale;
+    if (bias_row != nullptr) z += bias_row[bias_bucket(position, j, buckets)];
+    scores[j] = z;
+  }
+  const T normaliser = score_weights(scores, position + 1, score, silu_norm);
+  std::fill(acc, acc + dim_v, T(0));
+  if (vs.dim == 1) {
+    add_weighted_values(scores, values, vs.slot, position + 1, dim_v, acc);
+  } else {
+    for (int64_t j = 0; j <= position; ++j) {
+      for (int64_t e = 0; e < dim_v; ++e) acc[e] += scores[j] * values[j * vs.slot + e * vs.dim];
+    }
+  }
+  for (int64_t e = 0; e < dim_v; ++e) out[e] = acc[e] * normaliser;
+}
+
+REC2PM_VECTOR_CLONES void attend_cached_row_f32(const float* query, const float* keys, CacheLayout ks,
+                                                const float* values, CacheLayout vs, int64_t dim, int64_t dim_v,
+                                                int64_t position, Score score, float scale, const float* bias_row,
+                                                int64_t buckets, float silu_norm, float* scores, float* acc,
+                                                float* out) {
+  attend_cached_row<float>(query, keys, ks, values, vs, dim, dim_v, position, score, scale, bias_row, buckets,
+                           silu_norm, scores, acc, out);
+}
+REC2PM_VECTOR_CLONES void attend_cached_row_f64(const double* query, const double* keys, CacheLayout ks,
+                                                const double* values, CacheLayout vs, int64_t dim, int64_t dim_v,
+                                                int64_t position, Score score, double scale, const double* bias_row,
+                                                int64_t buckets, double silu_norm, double* scores, double* acc,
+                                                double* out) {
+  attend_cached_row<double>(query, keys, ks, values, vs, dim, dim_v, position, score, scale, bias_row, buckets,
+                            silu_norm, scores, acc, out);
+}
+inline void attend_cached_row_any(const float* q, const float* k, CacheLayout ks, const float* v, CacheLayout vs,
+                                  int64_t dim, int64_t dim_v, int64_t position, Score score, float scale,
+                                  const float* b, int64_t buckets, float norm, float* s, float* acc, float* o) {
+  attend_cached_row_f32(q, k, ks, v, vs, dim, dim_v, position, score, scale, b, buckets, norm, s, acc, o);
+}
+inline void attend_cached_row_any(const double* q, const double* k, CacheLayout ks, const double* v, CacheLayout vs,
+                                  int64_t dim, int64_t dim_v, int64_t position, Score score, double scale,
+                                  const double* b, int64_t buckets, double norm, double* s, double* acc, double* o) {
+  attend_cached_row_f64(q, k, ks, v, vs, dim, dim_v, position, score, scale, b, buckets, norm, s, acc, o);
+}
+
+template <typename T>
+void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, const int64_t* cached, int64_t batch,
+                 int64_t heads, int64_t dim, int64_t dim_v, T* k_cache, CacheLayout ks, T* v_cache, CacheLayout vs,
+                 bool append, Score score, T scale, const T* bias, int64_t buckets, T silu_norm, T* out) {
+  if (append) {  // first: a new row sees the new rows before it
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
+        const int64_t slot = cached[b] + t - cu[b];
+        for (int64_t h = 0; h < heads; ++h) {
+          T* key = k_cache + b * ks.batch + slot * ks.slot + h * ks.head;
+          T* value = v_cache + b * vs.batch + slot * vs.slot + h * vs.head;
+          for (int64_t d = 0; d < dim; ++d) key[d * ks.dim] = k_new[(t * heads + h) * dim + d];
+          for (int64_t e = 0; e < dim_v; ++e) value[e * vs.dim] = v_new[(t * heads + h) * dim_v + e];
+        }
+      }
+    }
+  }
+  int64_t longest = 1;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, cached[b] + cu[b + 1] - cu[b]);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
+    std::vector<T> scores(longest), acc(dim_v);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const T* keys = k_cache + b * ks.batch + h * ks.head;
+      const T* values = v_cache + b * vs.batch + h * vs.head;
+      const T* bias_row = bias != nullptr ? bias + h * buckets : nullptr;
+      for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
+        const int64_t position = cached[b] + t - cu[b];  // λ of the new row; it sees slots 0..position
+        attend_cached_row_any(q + (t * heads + h) * dim, keys, ks, values, vs, dim, dim_v, position, score, scale,
+                              bias_row, buckets, silu_norm, scores.data(), acc.data(),
+                              out + (t * heads + h) * dim_v);
+      }
+    }
+  });
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+}  // namespace
+
+torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                            const torch::Tensor& cu_seqlens, int64_t pattern, int64_t segment_len,
+                                            int64_t num_memory_tokens, int64_t score, double scale,
+                                            const std::optional<torch::Tensor>& rel_bias, double silu_norm) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    check_cpu(*t, name);
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 3 && t->scalar_type() == q.scalar_type(), name,
+                " must be a contiguous (tokens, heads, dim) tensor of q's dtype");
+  }
+  TORCH_CHECK(cu_seqlens.scalar_type() == torch::kLong && cu_seqlens.is_contiguous(), "cu_seqlens must be int64");
+  auto out = torch::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  if (q.size(0) == 0) return out;
+  const SegmentProblem problem{q.size(0), q.size(1), q.size(2), v.size(2), segment_len, num_memory_tokens,
+                               rel_bias ? rel_bias->size(1) : 1, static_cast<Pattern>(pattern),
+                               static_cast<Score>(score)};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "segment_attention_forward_cpu", [&] {
+    const scalar_t* bias = nullptr;
+    torch::Tensor bias_table;
+    if (rel_bias) {
+      bias_table = rel_bias->to(q.scalar_type()).contiguous();
+      bias = bias_table.data_ptr<scalar_t>();
+    }
+    segment_forward<scalar_t>(problem, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              cu_seqlens.data_ptr<int64_t>(), cu_seqlens.numel() - 1, bias,
+                              static_cast<scalar_t>(scale), static_cast<scalar_t>(silu_norm),
+                              out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::Tensor& k_new,
+                                      const torch::Tensor& v_new, const torch::Tensor& cu_seqlens_new,
+                                      torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& cache_seqlens,
+                                      bool append, int64_t score, double scale,
+                                      const std::optional<torch::Tensor>& rel_bias, double silu_norm) {
+  for (const auto& [t, name] : {std::pair{&q_new, "q_new"}, {&k_new, "k_new"}, {&v_new, "v_new"}}) {
+    check_cpu(*t, name);
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 3 && t->scalar_type() == q_new.scalar_type(), name,
+                " must be a contiguous (tokens, heads, dim) tensor of q_new's dtype");
+  }
+  TORCH_CHECK(k_cache.scalar_type() == q_new.scalar_type() && v_cache.scalar_type() == q_new.scalar_type(),
+              "k_cache and v_cache must have q_new's dtype");
+  TORCH_CHECK(cu_seqlens_new.scalar_type() == torch::kLong && cache_seqlens.scalar_type() == torch::kLong,
+              "cu_seqlens_new and cache_seqlens must be int64");
+  auto out = torch::empty({q_new.size(0), q_new.size(1), v_new.size(2)}, q_new.options());
+  const CacheLayout ks{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)};
+  const CacheLayout vs{v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};
+  AT_DISPATCH_FLOATING_TYPES(q_new.scalar_type(), "cached_step_forward_cpu", [&] {
+    const scalar_t* bias = nullptr;
+    torch::Tensor bias_table;
+    if (rel_bias) {
+      bias_table = rel_bias->to(q_new.scalar_type()).contiguous();
+      bias = bias_table.data_ptr<scalar_t>();
+    }
+    cached_step<scalar_t>(q_new.data_ptr<scalar_t>(), k_new.data_ptr<scalar_t>(), v_new.data_ptr<scalar_t>(),
+                          cu_seqlens_new.data_ptr<int64_t>(), cache_seqlens.data_ptr<int64_t>(),
+                          cache_seqlens.numel(), q_new.size(1), q_new.size(2), v_new.size(2),
+                          k_cache.data_ptr<scalar_t>(), ks, v_cache.data_ptr<scalar_t>(), vs, append,
+                          static_cast<Score>(score), static_cast<scalar_t>(scale), bias,
+                          rel_bias ? rel_bias->size(1) : 1, static_cast<scalar_t>(silu_norm),
+                          out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace rec2pm

@@ -1,0 +1,26 @@
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace rec2pm {
+
+// segment_attention forward on the CPU: q, k (T, H, D), v (T, H, Dv), fp32 or fp64,
+// contiguous; cu_seqlens (B + 1,) int64; rel_bias (H, buckets) of q's dtype or absent.
+// Options as rec2pm_kernels.segment_attention after validation (pattern and score codes).
+torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                            const torch::Tensor& cu_seqlens, int64_t pattern, int64_t segment_len,
+                                            int64_t num_memory_tokens, int64_t score, double scale,
+                                            const std::optional<torch::Tensor>& rel_bias, double silu_norm);
+
+// cached_step_attention on the CPU: appends k_new / v_new into the caches in place (unless
+// `append` is false: the caller appended already), then returns (total_new, H, Dv).
+// Caches (B, capacity, H, D) of q_new's dtype, with any non-overlapping strides.
+torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::Tensor& k_new,
+                                      const torch::Tensor& v_new, const torch::Tensor& cu_seqlens_new,
+                                      torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& cache_seqlens,
+                                      bool append, int64_t score, double scale,
+                                      const std::optional<torch::Tensor>& rel_bias, double silu_norm);
+
+}  // namespace rec2pm
