@@ -105,8 +105,10 @@ setup(
             "pyarrow",
             "triton==3.6.*; platform_system == 'Linux'",
             "numpy<2.3",
+            "redis>=5",  # the Redis memory store's integration tests (a real server: scripts/services.sh)
         ],
         "data": ["pandas", "pyarrow"],  # Parquet interaction tables
+        "serve": ["redis>=5"],  # the Redis memory store (SQLite and the HTTP endpoint need nothing more)
         "bench": ["pytest>=8", "pytest-benchmark>=4", "triton==3.6.*; platform_system == 'Linux'", "numpy<2.3"],
     },
     ext_modules=ext_modules,

@@ -8,6 +8,13 @@
 * ``rec2pm.losses``: full and sampled softmax next-item losses.
 """
 
-from . import layout
+import importlib
 
 __all__ = ["layout"]
+
+
+def __getattr__(name: str):
+    # Submodules load on first use, so that ``rec2pm.serving.store`` (no torch) stays light.
+    if name in __all__:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'rec2pm' has no attribute {name!r}")

@@ -1,5 +1,7 @@
 """Command line: ``python -m rec2pm train CONFIG.toml [--set table.key=value ...]`` and
-``python -m rec2pm evaluate CHECKPOINT [--data PATH] [--split test|valid]``.
+``python -m rec2pm evaluate CHECKPOINT [--data PATH] [--split test|valid]`` and
+``python -m rec2pm encode CHECKPOINT --store URL`` (memory backfill) and
+``python -m rec2pm serve CHECKPOINT --store URL --port P`` (HTTP), both in ``rec2pm.serving``.
 
 Distributed: ``torchrun --nproc_per_node 2 -m rec2pm train CONFIG.toml``.
 """
@@ -25,7 +27,34 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data", help="the data file, if it moved since training")
     evaluate.add_argument("--split", choices=("test", "valid"), default="test")
     evaluate.add_argument("--no-progress", action="store_true")
+    encode = sub.add_parser("encode", help="write every user's memory into a store (backfill)")
+    encode.add_argument("checkpoint")
+    encode.add_argument("--store", required=True, help="memory store URL: sqlite:///PATH, redis://HOST:PORT/DB")
+    encode.add_argument("--data", help="the data file, if it moved since training")
+    encode.add_argument("--one-shot", action="store_true", help="one Stage 1 pass per user instead of one "
+                        "memory update per segment (what serving computes)")
+    encode.add_argument("--batch-size", type=int, default=64)
+    encode.add_argument("--memory-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    encode.add_argument("--seen-limit", type=int, default=1024, help="archived item ids kept per user")
+    encode.add_argument("--device", default="auto")
+    encode.add_argument("--no-progress", action="store_true")
+    serve = sub.add_parser("serve", help="answer POST /observe, POST /recommend and GET /health over HTTP")
+    serve.add_argument("checkpoint")
+    serve.add_argument("--store", required=True, help="memory store URL: sqlite:///PATH, redis://HOST:PORT/DB")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed at start)")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--session-cache-mb", type=int, default=256, help="session K/V cache bound; 0 turns it off")
     args = parser.parse_args(argv)
+
+    if args.command == "encode":
+        from .serving.backfill import main_encode
+
+        return main_encode(args, parser)
+    if args.command == "serve":
+        from .serving.http import main_serve
+
+        return main_serve(args, parser)
 
     if args.command == "train":
         from .run_config import build_run_config

@@ -1,0 +1,361 @@
+"""``Recommender``: observe events into the store, recommend from ``[M ; recent]``.
+
+``observe`` appends each user's events to its record; when a user holds more than S
+recent events it archives the oldest S through the memory update (segment by segment, in
+order, batched over every user crossing a boundary) and writes the records back with
+compare-and-swap, re-reading and re-applying on a conflict, so concurrent writers never
+lose an event.  ``recommend`` reads the records, serves cached users through the cached
+step over their session K/V and the others through one prefill, and returns the top k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backbones.decoder import LayerCache
+from .engines import engine_for
+from .errors import FingerprintMismatch, VersionConflict
+from .fingerprint import model_fingerprint
+from .record import UserRecord, user_key
+from .session_cache import SessionCache, SessionEntry
+from .store import MemoryStore, Write, open_store
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ObserveResult:
+    """Per user of the call, in its order: events stored, and segments archived by this call."""
+
+    users: list[str]
+    stored: list[int]
+    archived: list[int]
+
+
+@dataclass
+class _UserState:
+    version: int
+    archived_events: int
+    recent: list[int]
+    memory: torch.Tensor
+    seen: list[int]
+    seen_truncated: bool
+    segments: int = 0
+
+
+def load_model(checkpoint_or_model) -> torch.nn.Module:
+    if isinstance(checkpoint_or_model, torch.nn.Module):
+        return checkpoint_or_model
+    if not isinstance(checkpoint_or_model, (str, Path)):
+        raise TypeError(f"checkpoint_or_model must be a checkpoint path or a model from build_model, got "
+                        f"{type(checkpoint_or_model).__name__}")
+    from ..training import build, load_checkpoint, load_weights
+
+    path = Path(checkpoint_or_model)
+    ckpt = load_checkpoint(path)
+    model = build(ckpt["run"], ckpt["num_items"])
+    load_weights(model, ckpt["model"], path)
+    return model
+
+
+def _digest(memory: bytes) -> bytes:
+    return hashlib.blake2b(memory, digest_size=16).digest()
+
+
+class Recommender:
+    """Serves a model with a memory (Rec2PM, Tok-Serial, KV-Mask) from a ``MemoryStore``.
+
+    Args:
+        checkpoint_or_model: a checkpoint ``train`` wrote, or a model (put in eval mode here).
+        store: a ``MemoryStore`` or its URL (``open_store``).
+        device: ``"auto"`` (CUDA when available), or a torch device.
+        session_cache_bytes: bound of the session K/V cache; 0 turns it off.
+        memory_dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"``: how new memories are stored.
+        seen_limit: archived item ids kept per user for ``exclude_seen`` (most recent
+            first; older ones are dropped and the record says so); 0 keeps none.
+        max_retries: compare-and-swap attempts of one ``observe`` before the conflict is raised.
+    """
+
+    def __init__(self, checkpoint_or_model, store: MemoryStore | str, *, device="auto",
+                 session_cache_bytes: int = 256 << 20, memory_dtype: str = "fp32", seen_limit: int = 1024,
+                 max_retries: int = 32):
+        if memory_dtype not in TORCH_DTYPES:
+            raise ValueError(f"memory_dtype must be one of {tuple(TORCH_DTYPES)}, got {memory_dtype!r}")
+        if isinstance(seen_limit, bool) or not isinstance(seen_limit, int) or not 0 <= seen_limit <= 1 << 20:
+            raise ValueError(f"seen_limit must be an int in 0..{1 << 20}, got {seen_limit!r}")
+        model = load_model(checkpoint_or_model)
+        self.engine = engine_for(model)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model = model.to(self.device).eval()
+        self.fingerprint = model_fingerprint(self.model)
+        self.store = open_store(store)
+        self.cache = SessionCache(session_cache_bytes)
+        self.memory_dtype, self.seen_limit, self.max_retries = memory_dtype, seen_limit, max_retries
+        config = self.model.config
+        self.num_items, self.segment_len = config.num_items, config.segment_len
+        self._lock = threading.Lock()
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _user_keys(self, user_ids) -> list[str]:
+        if isinstance(user_ids, torch.Tensor):
+            user_ids = user_ids.tolist()
+        if isinstance(user_ids, (str, int)):
+            raise TypeError("user_ids must be a sequence of user ids (one per user of the batch), got a single id")
+        keys = [user_key(u) for u in user_ids]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"user_ids holds user {twice!r} more than once; send each user's events as one run")
+        return keys
+
+    def _events(self, keys: list[str], items, cu_seqlens) -> list[list[int]]:
+        if cu_seqlens is None:
+            if isinstance(items, torch.Tensor) or len(items) != len(keys):
+                raise ValueError(f"without cu_seqlens, items must be one sequence of item ids per user "
+                                 f"({len(keys)}), got {type(items).__name__} of {len(items)}")
+            runs = [list(x.tolist() if isinstance(x, torch.Tensor) else x) for x in items]
+        else:
+            flat = items.tolist() if isinstance(items, torch.Tensor) else list(items)
+            cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+            if len(cu) != len(keys) + 1 or cu[0] != 0 or cu[-1] != len(flat) or any(
+                    b < a for a, b in itertools.pairwise(cu)):
+                raise ValueError(f"cu_seqlens must be {len(keys) + 1} non-decreasing offsets from 0 to "
+                                 f"len(items)={len(flat)}, got {cu[:8]}")
+            runs = [flat[a:b] for a, b in itertools.pairwise(cu)]
+        for key, run in zip(keys, runs):
+            for item in run:
+                if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= self.num_items:
+                    raise ValueError(f"user {key!r}: item id {item!r} is outside the catalogue 1..{self.num_items}")
+        return runs
+
+    # -- memory bytes ------------------------------------------------------------------------
+    def _memory_tensor(self, record: UserRecord) -> torch.Tensor:
+        weight = self.model.item_embedding.weight
+        if record.memory_width != self.engine.width:
+            raise FingerprintMismatch(f"user {record.user!r}: stored memory rows hold {record.memory_width} floats, "
+                                      f"this model uses {self.engine.width}")
+        if record.memory_rows == 0:
+            return weight.new_zeros((0, self.engine.width))
+        raw = torch.frombuffer(bytearray(record.memory), dtype=TORCH_DTYPES[record.memory_dtype])
+        return raw.view(record.memory_rows, record.memory_width).to(self.device, weight.dtype)
+
+    def _stored(self, memory: torch.Tensor) -> torch.Tensor:
+        """The memory as it will read back from the store (rounded to ``memory_dtype``)."""
+        return memory.to(TORCH_DTYPES[self.memory_dtype]).to(memory.dtype)
+
+    def _memory_bytes(self, memory: torch.Tensor) -> bytes:
+        return memory.detach().to("cpu", TORCH_DTYPES[self.memory_dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+
+    # -- observe -------------------------------------------------------------------------------
+    def observe(self, user_ids: Sequence, items, cu_seqlens=None) -> ObserveResult:
+        """Append events: ``items`` packed with ``cu_seqlens`` (B + 1 offsets), or one
+        sequence per user.  Returns after the store committed them."""
+        keys = self._user_keys(user_ids)
+        runs = self._events(keys, items, cu_seqlens)
+        active = [(k, run) for k, run in zip(keys, runs) if run]
+        segments: dict[str, int] = {}
+        with self._lock, torch.no_grad():
+            for attempt in range(self.max_retries):
+                records = self.store.get_many([k for k, _ in active], fingerprint=self.fingerprint)
+                states = {k: self._state(records.get(k), run) for k, run in active}
+                self._archive(states)
+                writes = [Write(self._record(k, s), s.version) for k, s in states.items()]
+                try:
+                    self.store.put_many(writes)
+                    break
+                except VersionConflict as conflict:
+                    if attempt == self.max_retries - 1:
+                        raise VersionConflict(conflict.users, f"still conflicting after {self.max_retries} "
+                                              "attempts (raise max_retries, or write fewer users per batch)") from None
+                    # Random, growing back-off: writers that collided do not collide again in step.
+                    time.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** attempt)))
+            for k, s in states.items():
+                segments[k] = s.segments
+                if s.segments:
+                    self.cache.invalidate(k)
+        return ObserveResult(keys, [len(r) for r in runs], [segments.get(k, 0) for k in keys])
+
+    def _state(self, record: UserRecord | None, run: list[int]) -> _UserState:
+        if record is None:
+            return _UserState(0, 0, list(run), self.model.item_embedding.weight.new_zeros((0, self.engine.width)),
+                              [], False)
+        return _UserState(record.version, record.archived_events, list(record.recent) + list(run),
+                          self._memory_tensor(record), list(record.seen), record.seen_truncated)
+
+    def _archive(self, states: dict[str, _UserState]) -> None:
+        """Archive every full segment, oldest first, one batched update per round."""
+        S = self.segment_len
+        while True:
+            due = [s for s in states.values() if len(s.recent) > S]
+            if not due:
+                return
+            new = self.engine.archive([s.memory for s in due], [s.recent[:S] for s in due],
+                                      [s.archived_events // S for s in due])
+            for s, memory in zip(due, new):
+                self._remember_seen(s, s.recent[:S])
+                s.memory, s.recent = self._stored(memory), s.recent[S:]
+                s.archived_events += S
+                s.segments += 1
+
+    def _remember_seen(self, state: _UserState, segment: list[int]) -> None:
+        if not self.seen_limit:
+            state.seen_truncated = state.seen_truncated or bool(segment)
+            return
+        newest = list(dict.fromkeys(reversed(segment)))
+        merged = newest + [i for i in state.seen if i not in set(newest)]
+        state.seen_truncated = state.seen_truncated or len(merged) > self.seen_limit
+        state.seen = merged[:self.seen_limit]
+
+    def _record(self, key: str, s: _UserState) -> UserRecord:
+        return UserRecord(user=key, version=s.version + 1, archived_events=s.archived_events, recent=tuple(s.recent),
+                          memory=self._memory_bytes(s.memory), memory_rows=s.memory.shape[0],
+                          memory_width=self.engine.width, memory_dtype=self.memory_dtype,
+                          fingerprint=self.fingerprint, seen=tuple(s.seen), seen_truncated=s.seen_truncated,
+                          write_id=os.urandom(8))
+
+    # -- backfill ------------------------------------------------------------------------------
+    def backfill(self, user_ids: Sequence, items: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                 iterative: bool = True) -> ObserveResult:
+        """Write each user's record from its whole history (``items`` packed by ``cu_seqlens``),
+        replacing whatever is stored (another model's record, a corrupt one), with CAS on the
+        stored versions.  ``iterative``: one memory update per segment, exactly what ``observe``
+        computes; else one Stage 1 pass (token-memory methods)."""
+        keys = self._user_keys(user_ids)
+        runs = self._events(keys, items, cu_seqlens)
+        if any(not run for run in runs):
+            raise ValueError(f"user {keys[[len(r) for r in runs].index(0)]!r} has no events to encode")
+        flat = torch.tensor([i for run in runs for i in run], dtype=torch.long, device=self.device)
+        cu = torch.tensor([0] + [len(r) for r in runs], dtype=torch.long).cumsum(0).to(self.device)
+        S = self.segment_len
+        with self._lock, torch.no_grad():
+            memories, archived, tails = self.engine.encode(flat, cu, iterative)
+            for attempt in range(self.max_retries):
+                versions = self.store.versions(keys)
+                writes = []
+                for key, run, memory, segments, tail in zip(keys, runs, memories, archived, tails):
+                    state = _UserState(versions.get(key, 0), segments * S, tail, self._stored(memory), [], False)
+                    for h in range(segments):
+                        self._remember_seen(state, run[h * S:(h + 1) * S])
+                    writes.append(Write(self._record(key, state), state.version))
+                try:
+                    self.store.put_many(writes)
+                    break
+                except VersionConflict:
+                    if attempt == self.max_retries - 1:
+                        raise
+            for key in keys:
+                self.cache.invalidate(key)
+        return ObserveResult(keys, [len(r) for r in runs], archived)
+
+    # -- recommend -----------------------------------------------------------------------------
+    def records(self, user_ids) -> list[UserRecord]:
+        """The stored records of ``user_ids``, in order; a user without one is an error."""
+        keys = self._user_keys(user_ids)
+        found = self.store.get_many(keys, fingerprint=self.fingerprint)
+        missing = [k for k in keys if k not in found or not found[k].recent]
+        if missing:
+            raise KeyError(f"no events stored for user(s) {missing[:8]} in {self.store.url}; observe some first")
+        return [found[k] for k in keys]
+
+    def scores(self, user_ids) -> torch.Tensor:
+        """Next-item logits ``(B, N + 1)`` from ``[M ; recent]``; column 0 (padding) is -inf."""
+        records = self.records(user_ids)
+        with self._lock, torch.no_grad():
+            return self._scores(records)
+
+    def recommend(self, user_ids, k: int, exclude_seen: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``k`` items and their scores, ``(B, k)`` each, best first.
+
+        ``exclude_seen`` drops the user's recent events and its stored archived ids.  When
+        fewer than k items remain, the rest of the row is item 0 with score -inf.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
+            raise ValueError(f"k must be an int in 1..{self.num_items} (the catalogue), got {k!r}")
+        records = self.records(user_ids)
+        with self._lock, torch.no_grad():
+            logits = self._scores(records)
+        if exclude_seen:
+            rows = [b for b, r in enumerate(records) for _ in r.recent + r.seen]
+            cols = [i for r in records for i in r.recent + r.seen]
+            logits[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = float("-inf")
+        scores, items = logits.topk(k, dim=1)
+        items = torch.where(torch.isneginf(scores), torch.zeros_like(items), items)
+        return items.cpu(), scores.cpu()
+
+    def _scores(self, records: list[UserRecord]) -> torch.Tensor:
+        out: list[torch.Tensor | None] = [None] * len(records)
+        hits, misses = [], []
+        for b, record in enumerate(records):
+            entry = self.cache.get(record.user) if self.cache.max_bytes else None
+            if entry is not None and self._entry_serves(entry, record):
+                hits.append((b, entry))
+            else:
+                misses.append(b)
+        self.cache.hits += len(hits)
+        self.cache.misses += len(misses)
+        by_capacity: dict[int, list] = {}
+        for b, entry in hits:
+            by_capacity.setdefault(entry.capacity, []).append((b, entry))
+        for group in by_capacity.values():
+            for (b, _), row in zip(group, self._step_hits([(records[b], e) for b, e in group])):
+                out[b] = row
+        if misses:
+            for b, row in zip(misses, self._prefill([records[b] for b in misses])):
+                out[b] = row
+        return torch.stack(out)
+
+    def _entry_serves(self, entry: SessionEntry, record: UserRecord) -> bool:
+        cached = entry.cached_items
+        return (entry.archived_events == record.archived_events and len(cached) <= len(record.recent)
+                and tuple(record.recent[:len(cached)]) == cached and entry.memory_digest == _digest(record.memory)
+                and entry.memory_rows + len(record.recent) <= entry.capacity)
+
+    def _step_hits(self, group: list[tuple[UserRecord, SessionEntry]]) -> torch.Tensor:
+        """Step each user's events after its cached ones (at least the last, whose output is the answer)."""
+        starts = [min(len(e.cached_items), len(r.recent) - 1) for r, e in group]
+        new_items = [list(r.recent[s:]) for (r, _), s in zip(group, starts)]
+        seqlens = torch.tensor([e.memory_rows + s for (_, e), s in zip(group, starts)], dtype=torch.int32,
+                               device=self.device)
+        entries = [e for _, e in group]
+        layers = range(len(entries[0].layers))
+        if len(group) == 1:  # a view: the step appends into the entry itself
+            caches = [LayerCache(entries[0].layers[i][0][None], entries[0].layers[i][1][None]) for i in layers]
+        else:
+            caches = [LayerCache(torch.stack([e.layers[i][0] for e in entries]),
+                                 torch.stack([e.layers[i][1] for e in entries])) for i in layers]
+        logits = self.engine.step(caches, seqlens, new_items, starts, [r.archived_events // self.segment_len
+                                                                          for r, _ in group])
+        for b, ((record, entry), start) in enumerate(zip(group, starts)):
+            if len(group) > 1:
+                first, end = entry.memory_rows + start, entry.memory_rows + len(record.recent)
+                for i in layers:
+                    entry.layers[i][0][first:end] = caches[i].k[b, first:end]
+                    entry.layers[i][1][first:end] = caches[i].v[b, first:end]
+            entry.cached_items = tuple(record.recent)
+            self.cache.put(record.user, entry)  # its size is unchanged; this marks it recently used
+        return logits
+
+    def _prefill(self, records: list[UserRecord]) -> torch.Tensor:
+        memories = [self._memory_tensor(r) for r in records]
+        capacity = max(m.shape[0] for m in memories) + self.segment_len
+        logits, caches, _ = self.engine.prefill(memories, [list(r.recent) for r in records],
+                                                [r.archived_events // self.segment_len for r in records], capacity)
+        if self.cache.max_bytes:
+            for b, (record, memory) in enumerate(zip(records, memories)):
+                end = memory.shape[0] + self.segment_len
+                layers = [(c.k[b, :end].clone(), c.v[b, :end].clone()) for c in caches]
+                self.cache.put(record.user, SessionEntry(_digest(record.memory), record.archived_events,
+                                                         memory.shape[0], tuple(record.recent), layers))
+        return logits
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,77 @@
+"""A bounded in-process cache of each active user's per-layer K/V of ``[M ; recent]``.
+
+An entry says which memory it was built on (archived events and a digest of the memory
+bytes) and which recent events its slots hold; a request whose store record still has
+that memory and extends those events steps only the events after them.  Least recently
+used entries go first when the cached bytes would pass the bound.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SessionEntry:
+    """Per layer ``(k, v)``, each ``(capacity, heads, head_dim)``; slots ``[0, memory_rows)``
+    hold the memory, the next ``len(cached_items)`` the recent events ``cached_items``."""
+
+    memory_digest: bytes
+    archived_events: int
+    memory_rows: int
+    cached_items: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0][0].shape[0] if self.layers else 0
+
+
+class SessionCache:
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"session_cache_bytes must be an int >= 0 (0 turns the cache off), got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._entries: OrderedDict[str, SessionEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user: str) -> SessionEntry | None:
+        with self._lock:
+            entry = self._entries.get(user)
+            if entry is not None:
+                self._entries.move_to_end(user)
+            return entry
+
+    def put(self, user: str, entry: SessionEntry) -> None:
+        with self._lock:
+            self._drop(user)
+            if entry.nbytes > self.max_bytes:
+                return  # larger than the whole cache: served, not kept
+            self._entries[user] = entry
+            self.nbytes += entry.nbytes
+            while self.nbytes > self.max_bytes:
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+                self.evictions += 1
+
+    def invalidate(self, user: str) -> None:
+        with self._lock:
+            self._drop(user)
+
+    def _drop(self, user: str) -> None:
+        entry = self._entries.pop(user, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes

@@ -1,0 +1,118 @@
+"""The session K/V cache: only new events are stepped, bounded by bytes, invalidated by the store."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rec2pm.serving import Recommender, Write
+
+from .models import S, history, reference_scores, small_model
+
+
+def counting(rec):
+    """Count the events each engine call runs."""
+    calls = {"step": [], "prefill": []}
+    step, prefill = rec.engine.step, rec.engine.prefill
+
+    def counted_step(caches, seqlens, new_items, *args):
+        calls["step"].append(sum(len(x) for x in new_items))
+        return step(caches, seqlens, new_items, *args)
+
+    def counted_prefill(memories, recents, *args):
+        calls["prefill"].append(sum(len(x) for x in recents))
+        return prefill(memories, recents, *args)
+
+    rec.engine.step, rec.engine.prefill = counted_step, counted_prefill
+    return calls
+
+
+@pytest.mark.parametrize("method", ["rec2pm-o", "kv-mask-o"])
+def test_a_request_after_one_new_event_steps_only_that_event(method):
+    torch.set_num_threads(1)
+    rec = Recommender(small_model(method), "memory://", device="cpu")
+    events = history(S + 4).tolist()
+    rec.observe(["u"], [events[:S + 2]])
+    calls = counting(rec)
+    rec.scores(["u"])  # a miss: one prefill over the recent events
+    assert calls == {"step": [], "prefill": [2]}
+    for item in events[S + 2:]:
+        rec.observe(["u"], [[item]])
+        rec.scores(["u"])
+    assert calls == {"step": [1, 1], "prefill": [2]}
+    rec.scores(["u"])  # nothing new: the last event is stepped again over the cache
+    assert calls["step"][-1] == 1 and calls["prefill"] == [2]
+
+
+@pytest.mark.parametrize("method", ["rec2pm-a", "kv-mask-o"])
+def test_batched_hits_equal_uncached_scores(method):
+    torch.set_num_threads(1)
+    model = small_model(method, "hstu-small")
+    cached = Recommender(model, "memory://", device="cpu")
+    uncached = Recommender(model, cached.store, session_cache_bytes=0, device="cpu")
+    users = ["a", "b", "c"]
+    streams = [history(3 * S, seed=i).tolist() for i in range(3)]
+    for t in range(3 * S):
+        runs = [[s[t]] if (t + b) % 3 else [] for b, s in enumerate(streams)]  # ragged: not every user each time
+        cached.observe(users, runs)
+        if t >= 1:
+            torch.testing.assert_close(cached.scores(users), uncached.scores(users), rtol=0, atol=1e-5)
+    assert cached.cache.hits > 2 * len(users)
+
+
+def test_the_cache_is_bounded_by_bytes():
+    torch.set_num_threads(1)
+    rec = Recommender(small_model("rec2pm-o"), "memory://", device="cpu")
+    rec.observe(["a", "b"], [[1, 2], [3]])
+    rec.scores(["a"])
+    one_entry = rec.cache.nbytes
+    assert one_entry > 0
+    bounded = Recommender(rec.model, rec.store, session_cache_bytes=one_entry * 3 // 2, device="cpu")
+    for user in ["a", "b", "a", "b"]:
+        bounded.scores([user])
+        assert bounded.cache.nbytes <= one_entry * 3 // 2 and len(bounded.cache) == 1
+    assert bounded.cache.evictions == 3 and bounded.cache.hits == 0
+    tiny = Recommender(rec.model, rec.store, session_cache_bytes=one_entry - 1, device="cpu")
+    tiny.scores(["a", "b"])
+    assert len(tiny.cache) == 0 and tiny.cache.nbytes == 0
+
+
+def test_an_archive_drops_the_entry():
+    torch.set_num_threads(1)
+    rec = Recommender(small_model("rec2pm-o"), "memory://", device="cpu")
+    rec.observe(["u"], [history(S).tolist()])
+    rec.scores(["u"])
+    assert rec.cache.get("u") is not None
+    assert rec.observe(["u"], [[1]]).archived == [1]
+    assert rec.cache.get("u") is None
+
+
+@pytest.mark.parametrize("method", ["rec2pm-o", "kv-mask-o"])
+def test_another_writer_archiving_is_seen(tmp_path, method):
+    torch.set_num_threads(1)
+    model = small_model(method)
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    server, writer = Recommender(model, url, device="cpu"), Recommender(model, url, device="cpu")
+    events = history(2 * S + 1)
+    server.observe(["u"], [events[:S - 1]])
+    server.scores(["u"])  # cached on the first S - 1 events
+    writer.observe(["u"], [events[S - 1:]])  # archives behind the server's back
+    ref, baseline = reference_scores(model, events, torch.tensor([0, len(events)]))
+    from rec2pm_kernels.testing import assert_within_budget
+
+    assert_within_budget("after another writer's archive", server.scores(["u"])[:, 1:], ref[:, 1:], baseline[:, 1:])
+
+
+def test_a_rewritten_memory_with_the_same_counts_is_not_served_from_the_cache():
+    torch.set_num_threads(1)
+    rec = Recommender(small_model("rec2pm-o"), "memory://", device="cpu")
+    rec.observe(["u"], [history(S + 2).tolist()])
+    before = rec.scores(["u"])
+    record = rec.store.get("u")
+    memory = bytearray(record.memory)
+    memory[:4] = b"\x00\x00\x80\x3f"  # the first float becomes 1.0: as a backfill by another encoder would
+    rec.store.put_many([Write(replace(record, version=record.version + 1, memory=bytes(memory)), record.version)])
+    after = rec.scores(["u"])
+    fresh = Recommender(rec.model, rec.store, session_cache_bytes=0, device="cpu").scores(["u"])
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=1e-6)
