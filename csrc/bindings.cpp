@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "cpu/attention_ops.h"
+#include "cpu/decoder_step_ops.h"
 #include "cpu/patterns_ops.h"
 #include "rec2pm/attention_math.h"
 
@@ -44,6 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cache_seqlens"), pybind11::arg("append"),
         pybind11::arg("score"),
         pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"));
+  m.def("decoder_step", &rec2pm::decoder_step_cpu,
+        "One serving step of a whole SASRec or HSTU decoder over its per-layer caches (CPU, in place)",
+        pybind11::arg("x"), pybind11::arg("position_rows"), pybind11::arg("cu_seqlens_new"),
+        pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("cache_seqlens"), pybind11::arg("layers"),
+        pybind11::arg("backbone"), pybind11::arg("num_heads"), pybind11::arg("silu_norm"),
+        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"));
 #ifdef REC2PM_WITH_CUDA
   m.def("visibility_mask_cuda", &rec2pm::visibility_mask_cuda, "Dense (n, n) bool mask of a pattern on a GPU",
         pybind11::arg("pattern"), pybind11::arg("n"), pybind11::arg("segment_len"),

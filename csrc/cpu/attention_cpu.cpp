@@ -26,12 +26,20 @@ namespace rec2pm {
 namespace {
 
 constexpr int64_t kRowBlock = 16;  // rows per task: enough work to amortise scheduling
-constexpr int64_t kKeyTile = 16;  // keys whose scores accumulate together (one AVX-512 vector of fp32)
+constexpr int64_t kKeyTile = 16;
+// Multiply-adds a thread should get before work is split: a serving step is a few thousand
+// per layer, and waking threads for it costs more than it saves (and much more when the
+// cores are shared).
+constexpr int64_t kMinWorkPerThread = 1 << 16;
+
+int64_t grain_size(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
+}  // keys whose scores accumulate together (one AVX-512 vector of fp32)
 
 // x (tokens, heads, dim) -> out (heads, dim, tokens).
 template <typename T>
 void transpose_heads(const T* x, int64_t tokens, int64_t heads, int64_t dim, T* out) {
-  at::parallel_for(0, heads * dim, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, heads * dim, grain_size(tokens), [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const int64_t h = i / dim, d = i % dim;
       T* row = out + i * tokens;
@@ -247,7 +255,8 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
     longest = std::max(longest, length);
     first_task[b + 1] = first_task[b] + (length + kRowBlock - 1) / kRowBlock * p.heads;
   }
-  at::parallel_for(0, first_task[batch], 1, [&](int64_t first, int64_t last) {
+  const int64_t work_per_task = kRowBlock * (longest / 2 + 1) * (p.dim + p.dim_v);
+  at::parallel_for(0, first_task[batch], grain_size(work_per_task), [&](int64_t first, int64_t last) {
     std::vector<T> scores(std::max<int64_t>(longest, 1)), acc(p.dim_v);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
@@ -342,7 +351,10 @@ void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, 
   }
   int64_t longest = 1;
   for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, cached[b] + cu[b + 1] - cu[b]);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
+  int64_t new_rows = 0;
+  for (int64_t b = 0; b < batch; ++b) new_rows = std::max(new_rows, cu[b + 1] - cu[b]);
+  const int64_t work_per_task = std::max<int64_t>(new_rows, 1) * longest * (dim + dim_v);
+  at::parallel_for(0, batch * heads, grain_size(work_per_task), [&](int64_t first, int64_t last) {
     std::vector<T> scores(longest), acc(dim_v);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / heads, h = task % heads;

@@ -21,6 +21,7 @@ from torch import nn
 from rec2pm_kernels import cached_step_attention, segment_attention
 
 from ..config import ModelConfig
+from . import fused_step
 from .hstu import HSTUBlock
 from .sasrec import SASRecBlock
 
@@ -34,6 +35,9 @@ class LayerCache:
 
 
 class Decoder(nn.Module):
+    # Serving steps go through the one-call C++ step where it applies (rec2pm/backbones/fused_step.py).
+    use_fused_step = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -67,10 +71,13 @@ class Decoder(nn.Module):
         if self.position is not None:
             nn.init.normal_(self.position.weight, std=std)
 
-    def _with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _check_positions(self, positions: torch.Tensor) -> None:
         if positions.numel() and int(positions.max()) >= self.config.max_positions:
             raise ValueError(f"a stream position reaches {int(positions.max())}, but the model was configured "
                              f"with max_positions={self.config.max_positions}; shorten the history or raise it")
+
+    def _with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._check_positions(positions)
         if self.position is None:
             return x
         return x + self.position(positions)
@@ -101,6 +108,9 @@ class Decoder(nn.Module):
         """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
+        if fused_step.applies(self, x_new, caches):
+            self._check_positions(positions_new)
+            return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)
         h = self._with_positions(x_new, positions_new)
         for block, cache in zip(self.blocks, caches):
             def attend(q, k, v, cache=cache, **score_options):

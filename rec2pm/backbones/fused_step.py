@@ -1,0 +1,65 @@
+"""The decoder's serving step in one C++ call (``rec2pm_kernels._C.decoder_step``).
+
+On the CPU a step of a few new events through 16 small layers costs mostly the overhead
+of the Python and dispatcher calls per op (about 60 of them per layer); the fused step runs
+every layer's norms, projections, gating, residuals and cached-step attention in one call.
+``Decoder.step`` takes it when it applies (see ``applies``) and otherwise runs block by
+block; ``tests/model/test_fused_step.py`` checks that both give the same outputs and caches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rec2pm_kernels import _extension
+from rec2pm_kernels import validation as check
+
+BACKBONE_CODES = {"sasrec": 0, "hstu": 1}
+
+
+def available() -> bool:
+    return _extension.C is not None and hasattr(_extension.C, "decoder_step")
+
+
+def applies(decoder, x_new: torch.Tensor, caches) -> bool:
+    """The fused step reproduces ``Decoder.step`` for an eval-mode fp32/fp64 decoder on the CPU
+    with caches of the same dtype, when no gradient is recorded."""
+    if not (decoder.use_fused_step and available()) or decoder.training or torch.is_grad_enabled():
+        return False
+    dtype = x_new.dtype
+    if x_new.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return False
+    weight = decoder.final_norm.weight
+    return weight.dtype == dtype and weight.device.type == "cpu" and all(
+        cache.k.dtype == dtype and cache.v.dtype == dtype and cache.k.device.type == "cpu" for cache in caches)
+
+
+def layer_weights(block, backbone: str) -> list[torch.Tensor]:
+    """One block's tensors in the order the C++ step reads them."""
+    if backbone == "sasrec":
+        return [block.attn_norm.weight, block.attn_norm.bias, block.query.weight, block.query.bias, block.key.weight,
+                block.value.weight, block.value.bias, block.attn_out.weight, block.attn_out.bias,
+                block.ffn_norm.weight, block.ffn_norm.bias, block.ffn[0].weight, block.ffn[0].bias,
+                block.ffn[3].weight, block.ffn[3].bias]
+    return [block.input_norm.weight, block.input_norm.bias, block.f1.weight, block.f1.bias, block.rel_bias,
+            block.output_norm.weight, block.output_norm.bias, block.f2.weight, block.f2.bias]
+
+
+def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens) -> torch.Tensor:
+    """``Decoder.step`` in one call (positions already checked by the caller).
+
+    The index checks that each layer's ``cached_step_attention`` would make run once here:
+    the C++ step writes the caches in place and must never write past their capacity.
+    """
+    counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], "x_new")
+    if caches:
+        check.check_cache_seqlens_values(cache_seqlens, counts, min(min(c.k.shape[1], c.v.shape[1]) for c in caches))
+    backbone = decoder.config.backbone
+    position_rows = decoder.position(positions_new) if decoder.position is not None else None
+    return _extension.C.decoder_step(
+        x=x_new, position_rows=position_rows, cu_seqlens_new=cu_seqlens_new,
+        k_caches=[cache.k for cache in caches], v_caches=[cache.v for cache in caches], cache_seqlens=cache_seqlens,
+        layers=[layer_weights(block, backbone) for block in decoder.blocks], backbone=BACKBONE_CODES[backbone],
+        num_heads=decoder.config.num_heads, silu_norm=decoder.config.attention_norm,
+        final_norm_weight=decoder.final_norm.weight, final_norm_bias=decoder.final_norm.bias,
+        eps=decoder.final_norm.eps)

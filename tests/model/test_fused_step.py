@@ -1,0 +1,87 @@
+"""The one-call C++ decoder step equals Decoder.step block by block, for both backbones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rec2pm.backbones import fused_step
+from rec2pm.backbones.decoder import caches_from_kv
+from rec2pm.config import named_config
+from rec2pm.methods import build_model
+from rec2pm_kernels.testing import cu_seqlens_of
+
+from ..conftest import require_extension
+
+
+@pytest.fixture(autouse=True)
+def _needs_extension():
+    require_extension()
+    assert fused_step.available()
+
+
+def randomised_decoder(backbone: str, dtype):
+    model = build_model("full", named_config(f"{backbone}-small", num_items=50, dropout=0.0)).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # every weight in play, LayerNorm and bias terms too
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.decoder
+
+
+def step_both_ways(decoder, dtype, prefix, new):
+    """Prefill [prefix] per user, then one step of `new` rows per user, fused and block by block."""
+    d = decoder.config.d_model
+    cu = cu_seqlens_of(prefix)
+    x = torch.randn(sum(prefix), d, dtype=dtype)
+    positions = torch.cat([torch.arange(n) for n in prefix])
+    with torch.no_grad():
+        _, kv = decoder(x, positions, cu, max(prefix), collect_kv=True)
+    results = []
+    x_new = torch.randn(sum(new), d, dtype=dtype)
+    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new)])
+    for fused in (True, False):
+        caches, seqlens = caches_from_kv(kv, cu, capacity=max(prefix) + max(new) + 2)
+        decoder.use_fused_step = fused
+        try:
+            with torch.no_grad():
+                out = decoder.step(x_new, positions_new, cu_seqlens_of(new), max(new), caches, seqlens)
+        finally:
+            decoder.use_fused_step = True
+        results.append((out, caches))
+    return results
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_step_equals_the_block_by_block_step(backbone, dtype):
+    decoder = randomised_decoder(backbone, dtype)
+    (fused, fused_caches), (plain, plain_caches) = step_both_ways(decoder, dtype, prefix=[5, 1, 9, 3],
+                                                                  new=[1, 3, 0, 2])
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(fused, plain, rtol=tolerance, atol=tolerance)
+    for a, b in zip(fused_caches, plain_caches):  # the same K/V appended in the same slots
+        torch.testing.assert_close(a.k, b.k, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(a.v, b.v, rtol=tolerance, atol=tolerance)
+
+
+def test_the_fused_step_refuses_to_write_past_the_capacity():
+    decoder = randomised_decoder("hstu", torch.float64)
+    d = decoder.config.d_model
+    with torch.no_grad():
+        _, kv = decoder(torch.randn(4, d, dtype=torch.float64), torch.arange(4), cu_seqlens_of([4]), 4,
+                        collect_kv=True)
+        caches, seqlens = caches_from_kv(kv, cu_seqlens_of([4]), capacity=5)
+        with pytest.raises(ValueError, match="k_cache capacity 5 is too small: user 0"):
+            decoder.step(torch.randn(2, d, dtype=torch.float64), torch.tensor([4, 5]), cu_seqlens_of([2]), 2,
+                         caches, seqlens)
+
+
+def test_training_mode_and_gradients_take_the_block_by_block_path():
+    decoder = randomised_decoder("sasrec", torch.float32)
+    x = torch.randn(2, decoder.config.d_model)
+    assert not fused_step.applies(decoder, x, [])  # gradients are recorded here
+    with torch.no_grad():
+        assert fused_step.applies(decoder, x, [])
+        assert not fused_step.applies(decoder, x.half(), [])
+        decoder.train()
+        assert not fused_step.applies(decoder, x, [])
