@@ -61,7 +61,8 @@ def main_encode(args, parser) -> int:
                                   seen_limit=args.seen_limit, session_cache_bytes=0)
         summary = encode_histories(recommender, list(data.user_ids), data.items, data.cu_seqlens,
                                    batch_size=args.batch_size, iterative=not args.one_shot,
-                                   rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                                   rank=int(os.environ.get("RANK", "0")),
+                                   world_size=int(os.environ.get("WORLD_SIZE", "1")),
                                    progress=not args.no_progress)
     except (ValueError, TypeError, OSError, StoreError) as exc:
         parser.exit(2, f"rec2pm encode: error: {exc}\n")

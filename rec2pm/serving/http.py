@@ -61,7 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0 or length > MAX_BODY_BYTES:
             self.close_connection = True
             return self._reply(413 if length > 0 else 400,
-                               {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}, got {self.headers.get('Content-Length')!r}"})
+                               {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}, "
+                                         f"got {self.headers.get('Content-Length')!r}"})
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
             if not isinstance(body, dict):

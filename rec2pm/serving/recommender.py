@@ -153,7 +153,8 @@ class Recommender:
         return memory.to(TORCH_DTYPES[self.memory_dtype]).to(memory.dtype)
 
     def _memory_bytes(self, memory: torch.Tensor) -> bytes:
-        return memory.detach().to("cpu", TORCH_DTYPES[self.memory_dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+        stored = memory.detach().to("cpu", TORCH_DTYPES[self.memory_dtype]).contiguous()
+        return stored.view(torch.uint8).numpy().tobytes()
 
     # -- observe -------------------------------------------------------------------------------
     def observe(self, user_ids: Sequence, items, cu_seqlens=None) -> ObserveResult:

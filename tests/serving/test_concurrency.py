@@ -33,7 +33,8 @@ def test_threads(shared_url):
     writers = 4
     model = small_model("rec2pm-o")
     with ThreadPoolExecutor(writers) as pool:
-        done = list(pool.map(lambda w: observe_many(shared_url, w, CALLS, model), range(writers)))  # raises what a thread raised
+        # list() raises what a thread raised.
+        done = list(pool.map(lambda w: observe_many(shared_url, w, CALLS, model), range(writers)))
     assert done == [CALLS] * writers
     check_totals(shared_url, writers)
 
@@ -41,7 +42,8 @@ def test_threads(shared_url):
 def test_processes(shared_url):
     writers = 3
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "rec2pm.serving.recommender", "tests.serving.concurrent_writer"])
+    context.set_forkserver_preload(["torch", "torch._dynamo", "rec2pm.serving.recommender",
+                                    "tests.serving.concurrent_writer"])
     with context.Pool(writers) as pool:
         done = pool.starmap(observe_many, [(shared_url, w, CALLS) for w in range(writers)])
     assert done == [CALLS] * writers

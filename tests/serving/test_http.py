@@ -86,7 +86,8 @@ def test_mixed_load_loses_no_acknowledged_event(server):
             user = (c * 3 + r) % len(users)
             start = time.perf_counter()
             if r % 2 == 0 or r < 2:
-                status, reply = call(conn, "POST", "/observe", {"users": [users[user]], "items": [[1 + (c + r) % N_ITEMS]]})
+                body = {"users": [users[user]], "items": [[1 + (c + r) % N_ITEMS]]}
+                status, reply = call(conn, "POST", "/observe", body)
                 assert status == 200, reply
                 acknowledged[c][user] += reply["stored"][0]
             else:

@@ -37,7 +37,8 @@ def test_sigkill_during_observe_and_archive(tmp_path):
     # A fresh process that never ran torch, forked per writer; it imports what a first kernel call
     # would import (torch._dynamo: over a second) once, so every writer starts working at once.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "rec2pm.serving.recommender", "tests.serving.kill_writer"])
+    context.set_forkserver_preload(["torch", "torch._dynamo", "rec2pm.serving.recommender",
+                                    "tests.serving.kill_writer"])
     rng = random.Random(0)
     start, unacknowledged_commits = 0, 0
     for _ in range(KILLS):
