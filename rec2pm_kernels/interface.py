@@ -220,20 +220,7 @@ def cached_step_attention(
     heads, dim, dim_v = q_new.shape[1], q_new.shape[2], v_new.shape[2]
     check.check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, q_new.shape[0], q_new.device)
     batch = cu_seqlens_new.numel() - 1
-    check.check_tensor("k_cache", k_cache, rank=4)
-    check.check_tensor("v_cache", v_cache, rank=4)
-    check.check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "dtype")
-    check.check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "device")
-    if k_cache.shape[0] != batch or k_cache.shape[2:] != (heads, dim):
-        raise ValueError(f"k_cache must have shape (batch={batch}, capacity, heads={heads}, head_dim={dim}), "
-                         f"got {tuple(k_cache.shape)}")
-    if v_cache.shape != (batch, k_cache.shape[1], heads, dim_v):
-        raise ValueError(f"v_cache must have shape ({batch}, {k_cache.shape[1]}, {heads}, {dim_v}) to match "
-                         f"k_cache and v_new, got {tuple(v_cache.shape)}")
-    check.check_tensor("cache_seqlens", cache_seqlens, rank=1, dtypes=check.INDEX_DTYPES)
-    if cache_seqlens.shape != (batch,) or cache_seqlens.device != q_new.device:
-        raise ValueError(f"cache_seqlens must have shape ({batch},) on {q_new.device}, "
-                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    check.check_caches(q_new, v_new, batch, k_cache, v_cache, cache_seqlens)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, heads, q_new)
     if torch.is_grad_enabled():
         for name, t in (("q_new", q_new), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache),
@@ -243,7 +230,6 @@ def cached_step_attention(
                                  "call it under torch.no_grad() or torch.inference_mode()")
     chosen = resolve_backend(backend, "cached_step_attention", q_new.device, needs_grad=False, dtype=q_new.dtype)
     check.check_flag("allow_tf32", allow_tf32)
-    check.check_cache_layout(("k_cache", "v_cache"), k_cache, v_cache)
     check_contents = check.should_check_values(q_new.device, validate)
     counts = None
     if check.reads_host_indices(cu_seqlens_new) or check_contents:

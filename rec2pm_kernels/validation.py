@@ -155,6 +155,27 @@ def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name
     return lengths
 
 
+def check_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, k_cache, v_cache, cache_seqlens) -> None:
+    """One layer's K/V cache and its filled lengths fit the new rows ``(total_new, heads, dim)``
+    of ``batch`` users; every check reads shapes and strides only."""
+    heads, dim, dim_v = q_new.shape[1], q_new.shape[2], v_new.shape[2]
+    check_tensor("k_cache", k_cache, rank=4)
+    check_tensor("v_cache", v_cache, rank=4)
+    check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "dtype")
+    check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "device")
+    if k_cache.shape[0] != batch or k_cache.shape[2:] != (heads, dim):
+        raise ValueError(f"k_cache must have shape (batch={batch}, capacity, heads={heads}, head_dim={dim}), "
+                         f"got {tuple(k_cache.shape)}")
+    if v_cache.shape != (batch, k_cache.shape[1], heads, dim_v):
+        raise ValueError(f"v_cache must have shape ({batch}, {k_cache.shape[1]}, {heads}, {dim_v}) to match "
+                         f"k_cache and v_new, got {tuple(v_cache.shape)}")
+    check_tensor("cache_seqlens", cache_seqlens, rank=1, dtypes=INDEX_DTYPES)
+    if cache_seqlens.shape != (batch,) or cache_seqlens.device != q_new.device:
+        raise ValueError(f"cache_seqlens must have shape ({batch},) on {q_new.device}, "
+                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    check_cache_layout(("k_cache", "v_cache"), k_cache, v_cache)
+
+
 def check_cache_layout(names: tuple[str, str], k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Each cache owns every slot it exposes, and the two share none: an append to one slot
     must never change another slot, another user's or the other cache's.  (Skipped while

@@ -419,8 +419,26 @@ torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::T
   }
   TORCH_CHECK(k_cache.scalar_type() == q_new.scalar_type() && v_cache.scalar_type() == q_new.scalar_type(),
               "k_cache and v_cache must have q_new's dtype");
-  TORCH_CHECK(cu_seqlens_new.scalar_type() == torch::kLong && cache_seqlens.scalar_type() == torch::kLong,
-              "cu_seqlens_new and cache_seqlens must be int64");
+  TORCH_CHECK(cu_seqlens_new.scalar_type() == torch::kLong && cache_seqlens.scalar_type() == torch::kLong &&
+                  cu_seqlens_new.is_contiguous() && cache_seqlens.is_contiguous(),
+              "cu_seqlens_new and cache_seqlens must be contiguous int64");
+  // The appends write in place: never past the caches this call was given.
+  const int64_t batch = cache_seqlens.numel();
+  TORCH_CHECK(cu_seqlens_new.numel() == batch + 1, "cu_seqlens_new must have batch + 1 entries");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.size(0) == batch && v_cache.size(0) == batch &&
+                  k_cache.size(2) == q_new.size(1) && k_cache.size(3) == q_new.size(2) &&
+                  v_cache.size(2) == v_new.size(1) && v_cache.size(3) == v_new.size(2) &&
+                  v_cache.size(1) == k_cache.size(1),
+              "k_cache / v_cache must be (batch, capacity, heads, head_dim) matching the new rows");
+  const int64_t* cu_ptr = cu_seqlens_new.data_ptr<int64_t>();
+  const int64_t* filled_ptr = cache_seqlens.data_ptr<int64_t>();
+  TORCH_CHECK(batch == 0 || (cu_ptr[0] == 0 && cu_ptr[batch] == q_new.size(0)),
+              "cu_seqlens_new must start at 0 and end at the number of new rows");
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(cu_ptr[b + 1] >= cu_ptr[b] && filled_ptr[b] >= 0 &&
+                    filled_ptr[b] + cu_ptr[b + 1] - cu_ptr[b] <= k_cache.size(1),
+                "user ", b, ": cache_seqlens plus new rows must fit the cache capacity ", k_cache.size(1));
+  }
   auto out = torch::empty({q_new.size(0), q_new.size(1), v_new.size(2)}, q_new.options());
   const CacheLayout ks{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)};
   const CacheLayout vs{v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};

@@ -51,9 +51,15 @@ def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seql
     The index checks that each layer's ``cached_step_attention`` would make run once here:
     the C++ step writes the caches in place and must never write past their capacity.
     """
+    check.check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], x_new.device)
     counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], "x_new")
-    if caches:
-        check.check_cache_seqlens_values(cache_seqlens, counts, min(min(c.k.shape[1], c.v.shape[1]) for c in caches))
+    # The shapes and layouts every layer's cached_step_attention would check, for the rows
+    # (tokens, heads, head_dim) each layer appends.
+    config = decoder.config
+    rows = x_new.new_empty((x_new.shape[0], config.num_heads, config.head_dim))
+    for cache in caches:
+        check.check_caches(rows, rows, counts.numel(), cache.k, cache.v, cache_seqlens)
+        check.check_cache_seqlens_values(cache_seqlens, counts, cache.k.shape[1])
     backbone = decoder.config.backbone
     position_rows = decoder.position(positions_new) if decoder.position is not None else None
     return _extension.C.decoder_step(

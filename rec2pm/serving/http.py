@@ -25,6 +25,7 @@ MAX_BODY_BYTES = 16 << 20
 
 
 class _Handler(BaseHTTPRequestHandler):
+    timeout = 60  # seconds an idle keep-alive connection may hold its thread
     recommender = None  # set on the subclass make_server builds
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
     # Headers and body go out in two writes; with Nagle on, the second waits for the client's
@@ -39,6 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # say so, so that the client does not send more on this connection
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -54,6 +57,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path not in routes:
             self._drain()
             return self._reply(404, {"error": f"no such path {self.path!r}; expected POST /observe or /recommend"})
+        if self.headers.get("Transfer-Encoding"):  # only Content-Length framing; anything else would desync
+            self.close_connection = True
+            return self._reply(411, {"error": "send the body with a Content-Length header, not Transfer-Encoding"})
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -76,6 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(500, {"error": str(exc)})
         except (ValueError, TypeError) as exc:
             self._reply(400, {"error": str(exc)})
+        except Exception as exc:  # never drop a request without an answer
+            self._reply(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     def _drain(self):
         length = self.headers.get("Content-Length")

@@ -100,6 +100,8 @@ class Recommender:
         self.fingerprint = model_fingerprint(self.model)
         self.store = open_store(store)
         self.cache = SessionCache(session_cache_bytes)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 1:
+            raise ValueError(f"max_retries must be an int >= 1 (compare-and-swap attempts), got {max_retries!r}")
         self.memory_dtype, self.seen_limit, self.max_retries = memory_dtype, seen_limit, max_retries
         config = self.model.config
         self.num_items, self.segment_len = config.num_items, config.segment_len
@@ -112,6 +114,8 @@ class Recommender:
         if isinstance(user_ids, (str, int)):
             raise TypeError("user_ids must be a sequence of user ids (one per user of the batch), got a single id")
         keys = [user_key(u) for u in user_ids]
+        if not keys:
+            raise ValueError("user_ids is empty; expected at least one user")
         if len(set(keys)) != len(keys):
             twice = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"user_ids holds user {twice!r} more than once; send each user's events as one run")

@@ -87,23 +87,33 @@ class SQLiteStore(MemoryStore):
 
     def _get_blobs(self, keys):
         conn = self._connection()
-        if len(keys) <= CHUNK:  # one statement reads one snapshot
-            return self._select(conn, keys)
-        conn.execute("BEGIN")
         try:
-            return self._select(conn, keys)
-        finally:
-            conn.execute("COMMIT")
+            if len(keys) <= CHUNK:  # one statement reads one snapshot
+                return self._select(conn, keys)
+            conn.execute("BEGIN")
+            try:
+                return self._select(conn, keys)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # locked past the busy timeout, I/O errors: a store error naming the file
+            raise StoreError(f"{self.path}: reading records failed ({exc})") from None
 
     def _put(self, writes):
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot take the write lock ({exc}; busy_timeout_ms="
+                             f"{self.options['busy_timeout_ms']})") from None
         try:
             to_write, result = plan_writes(writes, self._select(conn, [w.record.user for w in writes]))
             conn.executemany("INSERT OR REPLACE INTO records (user, version, blob) VALUES (?, ?, ?)", to_write)
             conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            if conn.in_transaction:  # a failed COMMIT may have ended the transaction already
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{self.path}: writing records failed, nothing was written ({exc})") from None
             raise
         return result
 

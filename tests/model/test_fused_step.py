@@ -85,3 +85,27 @@ def test_training_mode_and_gradients_take_the_block_by_block_path():
         assert not fused_step.applies(decoder, x.half(), [])
         decoder.train()
         assert not fused_step.applies(decoder, x, [])
+
+
+def test_the_fused_step_checks_the_cache_shapes_like_every_cached_step():
+    """The C++ step writes in place: a cache of another batch or layout is refused, never written past."""
+    decoder = randomised_decoder("hstu", torch.float64)
+    d, heads = decoder.config.d_model, decoder.config.num_heads
+    with torch.no_grad():
+        _, kv = decoder(torch.randn(3, d, dtype=torch.float64), torch.arange(3), cu_seqlens_of([3]), 3,
+                        collect_kv=True)
+        caches, _ = caches_from_kv(kv, cu_seqlens_of([3]), capacity=8)  # one user's caches
+        seqlens = torch.tensor([3, 3], dtype=torch.int32)
+        with pytest.raises(ValueError, match="k_cache must have shape \\(batch=2"):
+            decoder.step(torch.randn(2, d, dtype=torch.float64), torch.tensor([3, 3]), cu_seqlens_of([1, 1]), 1,
+                         caches, seqlens)
+        swapped = [type(c)(c.k.transpose(2, 3), c.v) for c in caches]  # heads and head dim exchanged
+        if heads != d // heads:
+            with pytest.raises(ValueError, match="k_cache must have shape"):
+                decoder.step(torch.randn(1, d, dtype=torch.float64), torch.tensor([3]), cu_seqlens_of([1]), 1,
+                             swapped, seqlens[:1])
+    ext = require_extension()
+    with pytest.raises(RuntimeError, match="must be \\(batch, capacity, heads, head_dim\\)"):
+        q = torch.randn(2, heads, d // heads, dtype=torch.float64)
+        ext.cached_step_forward(q, q, q, torch.tensor([0, 1, 2]), caches[0].k, caches[0].v, torch.tensor([3, 3]),
+                                True, 0, 1.0, None, 1.0)

@@ -65,6 +65,7 @@ def test_health_observe_recommend(server):
     ("POST", "/observe", b"{not json", 400, "Expecting property name"),
     ("POST", "/observe", [1, 2], 400, "JSON object"),
     ("POST", "/recommend", {"users": ["a"], "k": 0}, 400, "k must be"),
+    ("POST", "/recommend", {"users": [], "k": 3}, 400, "user_ids is empty"),
     ("POST", "/nowhere", {}, 404, "no such path '/nowhere'"),
     ("GET", "/metrics", None, 404, "no such path '/metrics'"),
 ])
@@ -130,3 +131,25 @@ def test_a_port_in_use_is_named():
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"127.0.0.1:{port}.*in use"):
             make_server(None, "127.0.0.1", port)
+
+
+def test_chunked_bodies_are_refused_and_the_connection_closed(server):
+    conn = connect(server)
+    conn.putrequest("POST", "/observe")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"5\r\nhello\r\n0\r\n\r\n")
+    response = conn.getresponse()
+    assert response.status == 411 and b"Content-Length" in response.read()
+    assert response.getheader("Connection", "").lower() == "close" or response.will_close
+
+
+def test_an_unexpected_failure_is_a_500_reply_not_a_dropped_connection(server, monkeypatch):
+    from rec2pm.serving.recommender import Recommender as Served
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Served, "recommend", broken)
+    status, reply = call(connect(server), "POST", "/recommend", {"users": ["a"], "k": 3})
+    assert status == 500 and "RuntimeError: boom" in reply["error"]

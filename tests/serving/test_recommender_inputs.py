@@ -75,3 +75,9 @@ def test_exclude_seen_drops_recent_and_bounded_archived_ids(rec):
     assert int(torch.isfinite(scores[0]).sum()) == N_ITEMS - len(excluded)
     everything, _ = rec.recommend(["u"], N_ITEMS, exclude_seen=False)
     assert sorted(everything[0].tolist()) == list(range(1, N_ITEMS + 1))
+
+
+@pytest.mark.parametrize("retries", [0, -1, 2.0, True])
+def test_max_retries_must_be_a_positive_int(retries):
+    with pytest.raises(ValueError, match="max_retries must be an int >= 1"):
+        Recommender(small_model("rec2pm-o"), "memory://", device="cpu", max_retries=retries)

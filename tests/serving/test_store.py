@@ -180,3 +180,19 @@ def test_sqlite_file_growth_per_user(tmp_path):
             store.put_many([Write(make_record(f"user-{u}", recent=(7,)), 0) for u in range(start, start + 1000)])
         per_user = (size() - empty) / 10_000
     assert 1100 <= per_user <= 1500, per_user
+
+
+def test_a_locked_sqlite_file_is_a_store_error_naming_it(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    store = open_store(f"sqlite:///{path}?busy_timeout_ms=100")
+    store.put_many([Write(make_record("u", version=1), expected_version=0)])
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the write lock past the busy timeout
+    try:
+        with pytest.raises(StoreError, match=f"{path}: cannot take the write lock"):
+            store.put_many([Write(make_record("u", version=2), expected_version=1)])
+    finally:
+        holder.execute("ROLLBACK")
+    store.put_many([Write(make_record("u", version=2), expected_version=1)])  # and works once it is free
