@@ -12,6 +12,7 @@ with snapshots only (RDB) everything since the last snapshot.
 from __future__ import annotations
 
 from .errors import StoreError, VersionConflict
+from .record import user_key
 from .store import MemoryStore, PutResult
 
 PREFIX = "rec2pm:user:"
@@ -74,6 +75,20 @@ class RedisStore(MemoryStore):
             return pipe.execute()
 
         return {key: blob for key, blob in zip(keys, self._call("get_many", read)) if blob is not None}
+
+    def versions(self, user_ids):
+        """The ``version`` fields the compare-and-swap script checks (a damaged blob header
+        must not make a backfill's expected version disagree with them forever)."""
+        keys = list(dict.fromkeys(user_key(u) for u in user_ids))
+
+        def read():
+            pipe = self._client.pipeline(transaction=True)
+            for key in keys:
+                pipe.hget(PREFIX + key, "version")
+            return pipe.execute()
+
+        stored = self._call("versions", read) if keys else []
+        return {key: int(version) for key, version in zip(keys, stored) if version is not None}
 
     def _put(self, writes):
         args = []

@@ -196,3 +196,13 @@ def test_a_locked_sqlite_file_is_a_store_error_naming_it(tmp_path):
     finally:
         holder.execute("ROLLBACK")
     store.put_many([Write(make_record("u", version=2), expected_version=1)])  # and works once it is free
+
+
+def test_a_damaged_version_header_does_not_block_its_replacement(store_url):
+    """Backfill replaces corrupt records: the version it reads must be the one the CAS checks."""
+    store = open_store(store_url)
+    store.put_many([Write(make_record("u", version=3), expected_version=0)])
+    store.corrupt_for_tests("u", offset=8)  # a byte of the header's version field
+    expected = store.versions(["u"])["u"]
+    store.put_many([Write(make_record("u", version=expected + 1), expected_version=expected)])
+    assert store.get_many(["u"], fingerprint=FINGERPRINT)["u"].version == expected + 1
