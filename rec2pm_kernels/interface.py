@@ -108,8 +108,8 @@ def segment_attention(
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpp"``.  ``"auto"`` runs ``triton`` on
             CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the extension is
             built (except softmax with ``causal`` or ``global`` over sequences longer than
-            512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is forward only.  ``rec2pm_kernels.backends()``
-            says which are available here and why not.
+            512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is
+            forward only.  ``rec2pm_kernels.backends()`` says which are available here and why not.
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -217,7 +217,7 @@ def cached_step_attention(
     under ``torch.no_grad()`` or ``torch.inference_mode()``.
     """
     check.check_qkv(("q_new", "k_new", "v_new"), q_new, k_new, v_new)
-    heads, dim, dim_v = q_new.shape[1], q_new.shape[2], v_new.shape[2]
+    heads = q_new.shape[1]
     check.check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, q_new.shape[0], q_new.device)
     batch = cu_seqlens_new.numel() - 1
     check.check_caches(q_new, v_new, batch, k_cache, v_cache, cache_seqlens)

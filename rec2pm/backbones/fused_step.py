@@ -57,9 +57,10 @@ def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seql
     # (tokens, heads, head_dim) each layer appends.
     config = decoder.config
     rows = x_new.new_empty((x_new.shape[0], config.num_heads, config.head_dim))
-    for cache in caches:
+    for cache in caches:  # shapes and strides only: free
         check.check_caches(rows, rows, counts.numel(), cache.k, cache.v, cache_seqlens)
-        check.check_cache_seqlens_values(cache_seqlens, counts, cache.k.shape[1])
+    if caches:  # the filled lengths are the same for every layer: checked once, against the smallest cache
+        check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
     backbone = decoder.config.backbone
     position_rows = decoder.position(positions_new) if decoder.position is not None else None
     return _extension.C.decoder_step(

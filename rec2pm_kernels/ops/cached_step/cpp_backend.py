@@ -57,6 +57,6 @@ def cached_step_cpp(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cac
                     rel_bias, silu_norm):
     """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
     run = cpp_cached_step_op if torch.compiler.is_compiling() else run_cpp_cached_step
-    out = run(q_new, k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens, score,
-                             float(scale), rel_bias, float(silu_norm) if silu_norm is not None else 1.0)
+    out = run(q_new, k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens, score, float(scale), rel_bias,
+              float(silu_norm) if silu_norm is not None else 1.0)
     return out.to(v_new.dtype)

@@ -54,6 +54,6 @@ def segment_attention_cpp(q, k, v, cu_seqlens, *, pattern, segment_len, num_memo
                           silu_norm):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation; no autograd."""
     run = cpp_segment_attention_op if torch.compiler.is_compiling() else run_cpp_segment_attention
-    out = run(q, k, v, cu_seqlens, pattern, segment_len or 1, num_memory_tokens or 0, score,
-                                   float(scale), rel_bias, float(silu_norm) if silu_norm is not None else 1.0)
+    out = run(q, k, v, cu_seqlens, pattern, segment_len or 1, num_memory_tokens or 0, score, float(scale), rel_bias,
+              float(silu_norm) if silu_norm is not None else 1.0)
     return out.to(v.dtype)
