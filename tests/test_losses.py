@@ -1,11 +1,18 @@
-"""Next-item losses: full softmax, sampled softmax with in-batch and random negatives."""
+"""Next-item losses: full softmax, sampled softmax with in-batch and random negatives, and the
+binary cross-entropy against random negatives of SASRec and S3-Rec."""
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from rec2pm.losses import full_softmax_loss, sampled_softmax_loss
+from rec2pm.losses import (
+    binary_cross_entropy_loss,
+    full_softmax_loss,
+    next_item_loss,
+    random_other_items,
+    sampled_softmax_loss,
+)
 
 
 def test_full_softmax_excludes_padding():
@@ -54,5 +61,60 @@ def test_sampled_loss_at_uniform_scores_is_log_candidates():
 def test_empty_targets_give_zero_with_a_graph():
     hidden = torch.randn(0, 4, requires_grad=True)
     for loss in (full_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4)),
-                 sampled_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 3)):
+                 sampled_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 3),
+                 binary_cross_entropy_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 1)):
         assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_bce_negatives_are_uniform_over_the_other_items():
+    targets = torch.tensor([1, 4, 7, 7])
+    draws = random_other_items(targets, num_items=7, per_row=30_000, generator=torch.Generator().manual_seed(0))
+    assert draws.min() >= 1 and draws.max() <= 7
+    for row, target in enumerate(targets.tolist()):
+        counts = torch.bincount(draws[row], minlength=8)
+        assert counts[0] == 0 and counts[target] == 0  # never padding, never the row's own target
+        others = counts[[i for i in range(1, 8) if i != target]].double()
+        assert (others / others.sum() - 1 / 6).abs().max() < 0.01  # uniform over the six others
+
+
+def test_bce_by_hand_with_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(9, 4, dtype=torch.float64, generator=gen)
+    hidden = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.tensor([1, 8, 3, 3, 5])
+    loss = binary_cross_entropy_loss(hidden, targets, weight, num_negatives=2,
+                                     generator=torch.Generator().manual_seed(11))
+    negatives = random_other_items(targets, 8, 2, torch.Generator().manual_seed(11))
+    by_hand = 0.0
+    for n in range(5):
+        pos = float(hidden[n] @ weight[targets[n]])
+        by_hand -= math.log(1 / (1 + math.exp(-pos)))
+        for j in range(2):
+            neg = float(hidden[n] @ weight[negatives[n, j]])
+            by_hand -= math.log(1 - 1 / (1 + math.exp(-neg)))
+    assert math.isclose(loss.item(), by_hand / 5, rel_tol=1e-12)
+    loss.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_bce_stays_finite_at_extreme_scores():
+    weight = torch.zeros(4, 1)
+    weight[1:, 0] = torch.tensor([1.0, 2.0, 3.0])
+    hidden = torch.tensor([[-1e4]])  # s(target) = -1e4: log(sigmoid) underflows in the naive form
+    loss = binary_cross_entropy_loss(hidden, torch.tensor([1]), weight, 1, torch.Generator().manual_seed(0))
+    assert math.isfinite(loss.item()) and loss.item() > 9_999
+
+
+def test_bce_through_the_dispatcher_and_too_small_catalogue():
+    weight = torch.randn(6, 4)
+    hidden, targets = torch.randn(3, 4), torch.tensor([1, 2, 5])
+    torch.manual_seed(0)
+    first = next_item_loss("bce", hidden, targets, weight, num_negatives=1)
+    torch.manual_seed(0)
+    assert first.item() == next_item_loss("bce", hidden, targets, weight, num_negatives=1).item()
+    try:
+        binary_cross_entropy_loss(hidden[:1], torch.tensor([1]), torch.randn(2, 4), 1)
+    except ValueError as exc:
+        assert "at least 2 items" in str(exc)
+    else:
+        raise AssertionError("a one-item catalogue has no negative to draw")

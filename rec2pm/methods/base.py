@@ -36,8 +36,11 @@ class TrainingOptions:
             (default off: the Stage 1 write path then learns from the items that read it,
             which is how the write tokens get a next-item signal at all).
         memory_norm: ``"layernorm"`` re-normalises memory vectors before they are re-injected.
-        loss: ``"full"`` softmax over the catalogue or ``"sampled"`` (in-batch + random).
-        num_negatives: random negatives of the sampled softmax.
+        loss: ``"full"`` softmax over the catalogue, ``"sampled"`` softmax (in-batch +
+            random negatives) or ``"bce"``: binary cross-entropy of the target against
+            random negatives, the loss of SASRec and S3-Rec (``rec2pm.losses``).
+        num_negatives: random negatives of the sampled softmax, or per target of ``"bce"``
+            (S3-Rec: 1).
         serial_truncation: Tok-Serial only: back-propagate through at most this many
             segment steps (``None``: through the whole loop).
 
