@@ -41,8 +41,10 @@ def _extension_modules():
         from torch.utils import cpp_extension
     except ImportError as exc:
         if build == "1":
-            sys.exit(f"rec2pm: REC2PM_BUILD_EXT=1 but torch is not importable ({exc}); install torch first "
-                     "and build with --no-build-isolation")
+            sys.exit(
+                f"rec2pm: REC2PM_BUILD_EXT=1 but torch is not importable ({exc}); install torch first "
+                "and build with --no-build-isolation"
+            )
         print(f"rec2pm: torch is not importable ({exc}); installing without rec2pm_kernels._C")
         return [], {}
     compiler = os.environ.get("CXX", "c++")
@@ -57,22 +59,29 @@ def _extension_modules():
     sources.append("csrc/bindings.cpp")
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     cuda_switch = _switch("REC2PM_BUILD_CUDA")
-    has_nvcc = cpp_extension.CUDA_HOME is not None and shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    has_nvcc = cpp_extension.CUDA_HOME is not None and shutil.which(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    )
     with_cuda = cuda_switch == "1" or (cuda_switch == "auto" and torch.version.cuda is not None and bool(has_nvcc))
     if cuda_switch == "1" and (torch.version.cuda is None or not has_nvcc):
         sys.exit("rec2pm: REC2PM_BUILD_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME)")
     if with_cuda:
         sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.c*"))]
         ext = cpp_extension.CUDAExtension(
-            "rec2pm_kernels._C", sources, include_dirs=include,
+            "rec2pm_kernels._C",
+            sources,
+            include_dirs=include,
             define_macros=[("REC2PM_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
-            "rec2pm_kernels._C", sources, include_dirs=include,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            "rec2pm_kernels._C",
+            sources,
+            include_dirs=include,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     print(f"rec2pm: building rec2pm_kernels._C ({'CPU + CUDA' if with_cuda else 'CPU'})")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

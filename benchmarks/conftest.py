@@ -27,8 +27,12 @@ _results: list[Result] = []
 
 def pytest_addoption(parser):
     group = parser.getgroup("rec2pm benchmarks")
-    group.addoption("--bench-mode", choices=sorted(ROUNDS), default=os.environ.get("REC2PM_BENCH_MODE", "quick"),
-                    help="quick: small sizes, few rounds (default); full: every size")
+    group.addoption(
+        "--bench-mode",
+        choices=sorted(ROUNDS),
+        default=os.environ.get("REC2PM_BENCH_MODE", "quick"),
+        help="quick: small sizes, few rounds (default); full: every size",
+    )
     group.addoption("--bench-results", default=str(RESULTS_DIR), help="folder for the run's JSON record")
 
 
@@ -46,8 +50,16 @@ def measure(benchmark, bench_mode, request):
     """
     disabled = request.config.getoption("benchmark_disable", False)
 
-    def run(fn, *, group: str, name: str, device: torch.device, baseline: bool = False,
-            flops: float | None = None, params: dict | None = None):
+    def run(
+        fn,
+        *,
+        group: str,
+        name: str,
+        device: torch.device,
+        baseline: bool = False,
+        flops: float | None = None,
+        params: dict | None = None,
+    ):
         call = synchronized(fn, device)
         benchmark.group = group
         benchmark.extra_info.update(case=name, baseline=baseline, flops=flops, **(params or {}))
@@ -55,9 +67,19 @@ def measure(benchmark, bench_mode, request):
         stats = getattr(benchmark, "stats", None)
         median = None if disabled or stats is None else stats.stats.median
         peak = None if disabled else peak_memory_bytes(call, device)
-        _results.append(Result(group=group, name=name, baseline=baseline, device=str(device), median_s=median,
-                               rounds=0 if median is None else ROUNDS[bench_mode], flops=flops,
-                               peak_bytes=peak, params=params or {}))
+        _results.append(
+            Result(
+                group=group,
+                name=name,
+                baseline=baseline,
+                device=str(device),
+                median_s=median,
+                rounds=0 if median is None else ROUNDS[bench_mode],
+                flops=flops,
+                peak_bytes=peak,
+                params=params or {},
+            )
+        )
 
     return run
 
@@ -72,8 +94,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     meta = run_metadata()
     meta["bench_mode"] = config.getoption("--bench-mode")
     terminalreporter.section("rec2pm: time relative to each group's baseline")
-    terminalreporter.write_line(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
-                                f"{meta['torch_threads']} threads | mode {meta['bench_mode']} | rev {meta['git_revision']}")
+    terminalreporter.write_line(
+        f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
+        f"{meta['torch_threads']} threads | mode {meta['bench_mode']} | rev {meta['git_revision']}"
+    )
     terminalreporter.write_line(ratio_tables(_results))
     path = save_run(_results, meta, Path(config.getoption("--bench-results")))
     terminalreporter.write_line(f"\nsaved {path}")

@@ -31,7 +31,7 @@ DTYPE = torch.bfloat16
 
 def compare(name: str, got, ref, baseline) -> bool:
     ok = True
-    for label, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref, baseline):
+    for label, g, r, b in zip(("out", "dq", "dk", "dv"), got, ref, baseline, strict=True):
         err, budget = max_abs_error(g, r), error_budget(r, b, DTYPE)
         good = err <= budget  # False for NaN
         ok &= good
@@ -69,8 +69,9 @@ def check_cached_step() -> bool:
     cu = torch.arange(users + 1, device="cuda", dtype=torch.int32)
     with torch.inference_mode():
         baseline = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, upcast=False)
-        ref = cached_step_attention(q.float(), k.float(), v.float(), cu, 1, k_cache.float(), v_cache.float(),
-                                    seqlens, backend="torch")
+        ref = cached_step_attention(
+            q.float(), k.float(), v.float(), cu, 1, k_cache.float(), v_cache.float(), seqlens, backend="torch"
+        )
         got = cached_step_attention(q, k, v, cu, 1, k_cache.clone(), v_cache.clone(), seqlens, backend="triton")
         torch.cuda.synchronize()
     return compare("cached_step_attention", (got,), (ref,), (baseline,))
@@ -78,8 +79,10 @@ def check_cached_step() -> bool:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print(f"gpu smoke: no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-              "nothing to check")
+        print(
+            f"gpu smoke: no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "nothing to check"
+        )
         return 2
     status = backends()["triton"]
     print(f"gpu smoke: {torch.cuda.get_device_name()} | torch {torch.__version__} | {status.reason}")
@@ -87,8 +90,10 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     ok = True
-    for name, check in [*((f"segment_attention/{p}", lambda p=p: check_pattern(p)) for p in PATTERNS),
-                        ("cached_step_attention", check_cached_step)]:
+    for name, check in [
+        *((f"segment_attention/{p}", lambda p=p: check_pattern(p)) for p in PATTERNS),
+        ("cached_step_attention", check_cached_step),
+    ]:
         start = time.perf_counter()
         try:
             passed = check()

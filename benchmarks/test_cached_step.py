@@ -46,6 +46,7 @@ def make_call(case: str, users: int, slots: int, head_dim: int, device: torch.de
     cache_seqlens = torch.full((users,), slots, device=device, dtype=torch.int32)
     # Every call writes the same slot (cache_seqlens is not advanced), so repeated calls do identical work.
     if backend == "sdpa":
+
         def call():
             k_cache[:, slots] = k
             v_cache[:, slots] = v
@@ -54,8 +55,9 @@ def make_call(case: str, users: int, slots: int, head_dim: int, device: torch.de
         from flash_attn import flash_attn_with_kvcache
 
         def call():
-            return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, k=k[:, None], v=v[:, None],
-                                           cache_seqlens=cache_seqlens, causal=True)
+            return flash_attn_with_kvcache(
+                q[:, None], k_cache, v_cache, k=k[:, None], v=v[:, None], cache_seqlens=cache_seqlens, causal=True
+            )
     else:
         cu = torch.arange(users + 1, device=device, dtype=torch.int32)
 
@@ -70,8 +72,12 @@ def make_call(case: str, users: int, slots: int, head_dim: int, device: torch.de
 
 
 def size_params():
-    return [pytest.param(slots, head_dim, case, id=f"N{slots}-d{head_dim}-{case}")
-            for slots in SLOTS["full"] for head_dim in HEAD_DIMS["full"] for case in CASES]
+    return [
+        pytest.param(slots, head_dim, case, id=f"N{slots}-d{head_dim}-{case}")
+        for slots in SLOTS["full"]
+        for head_dim in HEAD_DIMS["full"]
+        for case in CASES
+    ]
 
 
 @pytest.mark.parametrize("slots, head_dim, case", size_params())
@@ -84,19 +90,27 @@ def test_cached_step(measure, bench_mode, slots, head_dim, case):
     backend = case.split("/")[0]
     from .test_segment_attention import cpp_skip_reason
 
-    reason = {"triton": triton_skip_reason, "flash_attn": flash_attn_skip_reason,
-              "cpp": cpp_skip_reason}.get(backend, lambda d: None)(device)
+    reason = {"triton": triton_skip_reason, "flash_attn": flash_attn_skip_reason, "cpp": cpp_skip_reason}.get(
+        backend, lambda d: None
+    )(device)
     if reason:
         pytest.skip(reason)
     dtype = bench_dtype(device)
     users = USERS[device.type]
     torch.manual_seed(0)
     call = make_call(case, users, slots, head_dim, device, dtype)
-    params = dict(users=users, slots=slots, heads=HEADS, head_dim=head_dim, new_rows=1,
-                  dtype=str(dtype).removeprefix("torch."))
+    params = dict(
+        users=users, slots=slots, heads=HEADS, head_dim=head_dim, new_rows=1, dtype=str(dtype).removeprefix("torch.")
+    )
     if backend == "sdpa":
         params["sdpa_backend"] = sdpa_backend_name(device, dtype)
     # Each new row sees its N cached slots and itself.
-    measure(call, group=f"cached_step users={users} slots={slots} H={HEADS} d={head_dim}", name=case,
-            baseline=backend == "sdpa", device=device,
-            flops=attention_flops(users * (slots + 1), HEADS, head_dim, head_dim, "fwd"), params=params)
+    measure(
+        call,
+        group=f"cached_step users={users} slots={slots} H={HEADS} d={head_dim}",
+        name=case,
+        baseline=backend == "sdpa",
+        device=device,
+        flops=attention_flops(users * (slots + 1), HEADS, head_dim, head_dim, "fwd"),
+        params=params,
+    )

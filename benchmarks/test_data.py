@@ -15,10 +15,19 @@ SIZES = {"quick": (200, 2_000), "full": (10_000, 2_000)}
 def test_lifelong_generator(measure, bench_mode, case):
     users, length = SIZES[bench_mode]
     if case == "randint":
+
         def run():
             return torch.randint(1, 10_001, (users * length,), generator=torch.Generator().manual_seed(0))
     else:
+
         def run():
             return lifelong_histories(users, length, 10_000, seed=0)
-    measure(run, group=f"data generation {users}x{length}", name=case, baseline=case == "randint",
-            device=torch.device("cpu"), params=dict(users=users, length=length))
+
+    measure(
+        run,
+        group=f"data generation {users}x{length}",
+        name=case,
+        baseline=case == "randint",
+        device=torch.device("cpu"),
+        params=dict(users=users, length=length),
+    )

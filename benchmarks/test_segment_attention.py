@@ -30,6 +30,8 @@ Quick mode: L = 1k, d = 16.  Full mode: L = 1k, 4k, 16k and d = 16, 64.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -56,8 +58,13 @@ CUDA_TOKENS_PER_BATCH = 32768
 SIZES = {"quick": [1024], "full": [1024, 4096, 16384]}
 HEAD_DIMS = {"quick": [16], "full": [16, 64]}
 DIRECTIONS = ["fwd", "bwd", "fwd+bwd"]
-CASES = (["sdpa/causal", "flash_attn/causal"] + [f"flex/{p}" for p in PATTERNS]
-         + [f"torch/{p}" for p in PATTERNS] + [f"triton/{p}" for p in PATTERNS] + [f"cpp/{p}" for p in PATTERNS])
+CASES = (
+    ["sdpa/causal", "flash_attn/causal"]
+    + [f"flex/{p}" for p in PATTERNS]
+    + [f"torch/{p}" for p in PATTERNS]
+    + [f"triton/{p}" for p in PATTERNS]
+    + [f"cpp/{p}" for p in PATTERNS]
+)
 
 
 def stream_length(items: int) -> int:
@@ -109,6 +116,7 @@ def make_forward(backend: str, pattern: str, batch: int, n: int, head_dim: int, 
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * n
 
     if backend == "sdpa":
+
         def forward():
             return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     elif backend == "flash_attn":
@@ -144,11 +152,8 @@ def make_call(case: str, items: int, head_dim: int, direction: str, device: torc
     out = forward()
     grad_out = torch.randn_like(out)
     if direction == "bwd":
-        def backward():
-            return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
-
-        return n, pattern, batch, backward
-    del out
+        return n, pattern, batch, functools.partial(torch.autograd.grad, out, inputs, grad_out, retain_graph=True)
+    del out  # fwd+bwd times a fresh forward each call; the graph above is not needed
 
     def fwd_bwd():
         return torch.autograd.grad(forward(), inputs, grad_out)
@@ -158,9 +163,13 @@ def make_call(case: str, items: int, head_dim: int, direction: str, device: torc
 
 def case_params():
     """Every (L, d, direction, case), smallest sizes first (a run cut short keeps the small ones)."""
-    return [pytest.param(items, head_dim, direction, case, id=f"L{items}-d{head_dim}-{direction}-{case}")
-            for items in SIZES["full"] for head_dim in HEAD_DIMS["full"]
-            for direction in DIRECTIONS for case in CASES]
+    return [
+        pytest.param(items, head_dim, direction, case, id=f"L{items}-d{head_dim}-{direction}-{case}")
+        for items in SIZES["full"]
+        for head_dim in HEAD_DIMS["full"]
+        for direction in DIRECTIONS
+        for case in CASES
+    ]
 
 
 @pytest.mark.parametrize("items, head_dim, direction, case", case_params())
@@ -178,13 +187,27 @@ def test_segment_attention(measure, bench_mode, items, head_dim, direction, case
     n, pattern, batch, call = make_call(case, items, head_dim, direction, device, dtype)
     kw = pattern_kwargs(pattern)
     pairs = batch * visible_pairs(pattern, n, kw.get("segment_len"), kw.get("num_memory_tokens"))
-    params = dict(items=items, tokens=n, batch=batch, heads=HEADS, head_dim=head_dim, pattern=pattern,
-                  direction=direction, dtype=str(dtype).removeprefix("torch."))
+    params = dict(
+        items=items,
+        tokens=n,
+        batch=batch,
+        heads=HEADS,
+        head_dim=head_dim,
+        pattern=pattern,
+        direction=direction,
+        dtype=str(dtype).removeprefix("torch."),
+    )
     if case.startswith("sdpa"):
         params["sdpa_backend"] = sdpa_backend_name(device, dtype)
-    measure(call, group=f"segment_attention {direction} L={items} B={batch} H={HEADS} d={head_dim}",
-            name=case, baseline=case.startswith("sdpa"), device=device,
-            flops=attention_flops(pairs, HEADS, head_dim, head_dim, direction), params=params)
+    measure(
+        call,
+        group=f"segment_attention {direction} L={items} B={batch} H={HEADS} d={head_dim}",
+        name=case,
+        baseline=case.startswith("sdpa"),
+        device=device,
+        flops=attention_flops(pairs, HEADS, head_dim, head_dim, direction),
+        params=params,
+    )
 
 
 SERVING_SHAPES = {"sasrec": (4, 16, "softmax"), "hstu": (8, 8, "silu")}
@@ -218,11 +241,17 @@ def test_serving_block(measure, bench_mode, users, shape, case):
         def call():
             return sdpa(*batched, is_causal=True)
     else:
+
         def call():
             return segment_attention(q, k, v, cu, n, backend=case, **options)
 
     pairs = users * visible_pairs("causal", n, None, None)
-    measure(call, group=f"serving block [M ; {SEGMENT_LEN}] {shape} B={users} H={heads} d={head_dim} {score}",
-            name=case, baseline=case == "torch", device=device,
-            flops=attention_flops(pairs, heads, head_dim, head_dim, "fwd"),
-            params=dict(users=users, tokens=n, heads=heads, head_dim=head_dim, score=score))
+    measure(
+        call,
+        group=f"serving block [M ; {SEGMENT_LEN}] {shape} B={users} H={heads} d={head_dim} {score}",
+        name=case,
+        baseline=case == "torch",
+        device=device,
+        flops=attention_flops(pairs, heads, head_dim, head_dim, "fwd"),
+        params=dict(users=users, tokens=n, heads=heads, head_dim=head_dim, score=score),
+    )

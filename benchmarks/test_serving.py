@@ -60,8 +60,12 @@ def histories(length: int, recent: int, users: int):
 def served(method: str, backbone: str, length: int, recent: int, users: int, cached: bool):
     folder = tempfile.mkdtemp(prefix="rec2pm-bench-")  # removed at exit
     atexit.register(shutil.rmtree, folder, True)
-    rec = Recommender(model_of(method, backbone), f"sqlite:///{folder}/memories.db", device="cpu",
-                      session_cache_bytes=(1 << 30) if cached else 0)
+    rec = Recommender(
+        model_of(method, backbone),
+        f"sqlite:///{folder}/memories.db",
+        device="cpu",
+        session_cache_bytes=(1 << 30) if cached else 0,
+    )
     items, cu = histories(length, recent, users)
     rec.backfill(list(range(users)), items, cu)
     return rec
@@ -114,8 +118,14 @@ def test_archive_cost(measure, method, backbone):
         with torch.no_grad():
             return rec.engine.archive([memory], segment, [4])
 
-    measure(call, group=f"archive one segment (S={S}) {backbone}", name=method, baseline=method == "rec2pm-o",
-            device=CPU, params={"method": method, "backbone": backbone, "per_event": "divide by 200"})
+    measure(
+        call,
+        group=f"archive one segment (S={S}) {backbone}",
+        name=method,
+        baseline=method == "rec2pm-o",
+        device=CPU,
+        params={"method": method, "backbone": backbone, "per_event": "divide by 200"},
+    )
 
 
 def store_urls(tmp_path):
@@ -126,9 +136,17 @@ def store_urls(tmp_path):
 
 
 def bench_record(user, version):
-    return UserRecord(user=str(user), version=version, archived_events=1000, recent=tuple(range(1, 101)),
-                      memory=bytes(4 * 64 * 4), memory_rows=4, memory_width=64, memory_dtype="fp32",
-                      fingerprint="0" * 32)
+    return UserRecord(
+        user=str(user),
+        version=version,
+        archived_events=1000,
+        recent=tuple(range(1, 101)),
+        memory=bytes(4 * 64 * 4),
+        memory_rows=4,
+        memory_width=64,
+        memory_dtype="fp32",
+        fingerprint="0" * 32,
+    )
 
 
 @pytest.mark.parametrize("users", [1, 64])
@@ -145,14 +163,22 @@ def test_store(measure, tmp_path, engine, operation, users):
     current = {k: v + 1 for k, v in current.items()}
 
     if operation == "get_many":
+
         def call():
             return store.get_many(keys)
     else:
+
         def call():
             store.put_many([Write(bench_record(k, current[k] + 1), current[k]) for k in keys])
             for k in keys:
                 current[k] += 1
 
-    measure(call, group=f"store {operation} {users} users (C=4, d=64 fp32, 100 recent)", name=engine,
-            baseline=engine == "memory", device=CPU, params={"engine": engine, "users": users})
+    measure(
+        call,
+        group=f"store {operation} {users} users (C=4, d=64 fp32, 100 recent)",
+        name=engine,
+        baseline=engine == "memory",
+        device=CPU,
+        params={"engine": engine, "users": users},
+    )
     store.close()

@@ -29,5 +29,11 @@ def test_training_step(measure, bench_mode, method):
         model.zero_grad(set_to_none=True)
         model(items, cu).loss.backward()
 
-    measure(step, group=f"training step {users}x{length} sasrec S=200 C=4", name=method, baseline=method == "full",
-            device=torch.device("cpu"), params=dict(users=users, length=length, method=method))
+    measure(
+        step,
+        group=f"training step {users}x{length} sasrec S=200 C=4",
+        name=method,
+        baseline=method == "full",
+        device=torch.device("cpu"),
+        params=dict(users=users, length=length, method=method),
+    )

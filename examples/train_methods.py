@@ -33,11 +33,14 @@ def main(argv=None) -> dict[str, list[float]]:
     args = parser.parse_args(argv)
 
     items, cu = toy_histories(args.users, args.length, args.items, seed=args.seed)
-    config = named_config(args.config, num_items=args.items,
-                          max_positions=max(named_config(args.config).max_positions, 2 * args.length))
+    config = named_config(
+        args.config, num_items=args.items, max_positions=max(named_config(args.config).max_positions, 2 * args.length)
+    )
     history: dict[str, list[float]] = {}
-    print(f"{args.users} users x {args.length} events, {args.items} items, config {args.config} "
-          f"(S={config.segment_len}, C={config.num_memory_tokens}), {torch.get_num_threads()} threads")
+    print(
+        f"{args.users} users x {args.length} events, {args.items} items, config {args.config} "
+        f"(S={config.segment_len}, C={config.num_memory_tokens}), {torch.get_num_threads()} threads"
+    )
     for method in args.methods:
         torch.manual_seed(args.seed)
         model = build_model(method, config)

@@ -18,8 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a TOML config")
     train.add_argument("config", nargs="?", help="TOML file (tables data, model, method, train); defaults if omitted")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                       help="override one config value, e.g. --set train.lr=1e-3 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override one config value, e.g. --set train.lr=1e-3 (repeatable)",
+    )
     train.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     evaluate = sub.add_parser("evaluate", help="print the metrics of a checkpoint")
@@ -31,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("checkpoint")
     encode.add_argument("--store", required=True, help="memory store URL: sqlite:///PATH, redis://HOST:PORT/DB")
     encode.add_argument("--data", help="the data file, if it moved since training")
-    encode.add_argument("--one-shot", action="store_true", help="one Stage 1 pass per user instead of one "
-                        "memory update per segment (what serving computes)")
+    encode.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="one Stage 1 pass per user instead of one memory update per segment (what serving computes)",
+    )
     encode.add_argument("--batch-size", type=int, default=64)
     encode.add_argument("--memory-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     encode.add_argument("--seen-limit", type=int, default=1024, help="archived item ids kept per user")
@@ -78,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     from .training import evaluate_checkpoint
 
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, data_path=args.data, split_name=args.split,
-                                      progress=not args.no_progress)
+        metrics = evaluate_checkpoint(
+            args.checkpoint, data_path=args.data, split_name=args.split, progress=not args.no_progress
+        )
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
     print(format_metrics(metrics))

@@ -49,8 +49,16 @@ class ModelConfig:
         check_instance_types(self)
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        for name in ("num_items", "num_layers", "num_heads", "d_model", "max_positions", "num_buckets",
-                     "segment_len", "num_memory_tokens"):
+        for name in (
+            "num_items",
+            "num_layers",
+            "num_heads",
+            "d_model",
+            "max_positions",
+            "num_buckets",
+            "segment_len",
+            "num_memory_tokens",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -76,15 +84,22 @@ class ModelConfig:
 # The paper's reference settings (docs/method.md): SASRec 4 layers x 4 heads, HSTU 16 layers x 8 heads,
 # d = 64, S = 200, C = 4.
 REFERENCE_CONFIGS = {
-    "sasrec": ModelConfig(backbone="sasrec", num_layers=4, num_heads=4, d_model=64, dropout=0.2,
-                          max_positions=20_000),
-    "hstu": ModelConfig(backbone="hstu", num_layers=16, num_heads=8, d_model=64, dropout=0.2,
-                        max_positions=20_000),
+    "sasrec": ModelConfig(backbone="sasrec", num_layers=4, num_heads=4, d_model=64, dropout=0.2, max_positions=20_000),
+    "hstu": ModelConfig(backbone="hstu", num_layers=16, num_heads=8, d_model=64, dropout=0.2, max_positions=20_000),
     # Small and fast, for tests and examples.
-    "sasrec-small": ModelConfig(backbone="sasrec", num_layers=2, num_heads=2, d_model=16, segment_len=8,
-                                num_memory_tokens=2, max_positions=512),
-    "hstu-small": ModelConfig(backbone="hstu", num_layers=2, num_heads=2, d_model=16, segment_len=8,
-                              num_memory_tokens=2, max_positions=512, num_buckets=32),
+    "sasrec-small": ModelConfig(
+        backbone="sasrec", num_layers=2, num_heads=2, d_model=16, segment_len=8, num_memory_tokens=2, max_positions=512
+    ),
+    "hstu-small": ModelConfig(
+        backbone="hstu",
+        num_layers=2,
+        num_heads=2,
+        d_model=16,
+        segment_len=8,
+        num_memory_tokens=2,
+        max_positions=512,
+        num_buckets=32,
+    ),
 }
 
 

@@ -13,7 +13,7 @@ Shapes: U users with packed histories ``items`` (total,) and ``cu_seqlens`` (U +
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -27,14 +27,18 @@ def _check_ids(name: str, ids: torch.Tensor, num_items: int) -> None:
         low, high = int(ids.min()), int(ids.max())
         if low < 1 or high > num_items:
             bad = low if low < 1 else high
-            raise ValueError(f"{name} holds item id {bad}, outside the catalogue 1..{num_items} "
-                             "(0 is padding and never a target or history item)")
+            raise ValueError(
+                f"{name} holds item id {bad}, outside the catalogue 1..{num_items} "
+                "(0 is padding and never a target or history item)"
+            )
 
 
 def _check_int_tensor(name: str, value, dim: int) -> None:
     if not isinstance(value, torch.Tensor) or value.dim() != dim or value.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"{name} must be a {dim}-D integer tensor, got "
-                        f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+        raise TypeError(
+            f"{name} must be a {dim}-D integer tensor, got "
+            f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}"
+        )
 
 
 def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
@@ -46,20 +50,27 @@ def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
 
 def _check_cu_seqlens(cu_seqlens, total: int) -> torch.Tensor:
     """Validates packed offsets; returns them as CPU int64 (slicing reads them on the host)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-            or cu_seqlens.dtype not in _INTEGER_DTYPES:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor (users + 1,) with at least one user, got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
-                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if (
+        not isinstance(cu_seqlens, torch.Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.numel() < 2
+        or cu_seqlens.dtype not in _INTEGER_DTYPES
+    ):
+        raise ValueError(
+            "cu_seqlens must be a 1-D integer tensor (users + 1,) with at least one user, got "
+            f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+            f"{tuple(getattr(cu_seqlens, 'shape', ()))}"
+        )
     cu = cu_seqlens.detach().cpu().long()
     if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu.diff() < 0).any()):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at {total} (the number of "
-                         f"items), got {cu.tolist()[:8]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at {total} (the number of "
+            f"items), got {cu.tolist()[:8]}"
+        )
     return cu
 
 
-def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
-                      exclude: torch.Tensor | None = None) -> torch.Tensor:
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """1-based rank of each target among the candidates, ties counted against the target.
 
     Args:
@@ -71,10 +82,16 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
     Returns:
         (B,) int64: ``1 + #(candidates other than the target with score >= target score)``.
     """
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] < 2 \
-            or not scores.is_floating_point():
-        raise ValueError("scores must be a 2-D float tensor (batch, num_items + 1), got "
-                         f"{getattr(scores, 'dtype', type(scores).__name__)} {tuple(getattr(scores, 'shape', ()))}")
+    if (
+        not isinstance(scores, torch.Tensor)
+        or scores.dim() != 2
+        or scores.shape[1] < 2
+        or not scores.is_floating_point()
+    ):
+        raise ValueError(
+            "scores must be a 2-D float tensor (batch, num_items + 1), got "
+            f"{getattr(scores, 'dtype', type(scores).__name__)} {tuple(getattr(scores, 'shape', ()))}"
+        )
     batch, width = scores.shape
     _check_int_tensor("targets", targets, 1)
     if targets.shape[0] != batch:
@@ -84,15 +101,17 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores contains NaN; ranks would be meaningless")
     targets = targets.to(scores.device, torch.int64).unsqueeze(1)
-    beats = scores >= scores.gather(1, targets)            # (B, N + 1), >= makes ties pessimistic
-    beats[:, 0] = False                                    # padding is never a candidate
+    beats = scores >= scores.gather(1, targets)  # (B, N + 1), >= makes ties pessimistic
+    beats[:, 0] = False  # padding is never a candidate
     if exclude is not None:
         if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.bool or exclude.shape != scores.shape:
-            raise ValueError(f"exclude must be a bool tensor of shape {tuple(scores.shape)} like scores, got "
-                             f"{getattr(exclude, 'dtype', type(exclude).__name__)} "
-                             f"{tuple(getattr(exclude, 'shape', ()))}")
+            raise ValueError(
+                f"exclude must be a bool tensor of shape {tuple(scores.shape)} like scores, got "
+                f"{getattr(exclude, 'dtype', type(exclude).__name__)} "
+                f"{tuple(getattr(exclude, 'shape', ()))}"
+            )
         beats &= ~exclude.to(scores.device)
-    beats.scatter_(1, targets, False)                      # the target is not its own competitor
+    beats.scatter_(1, targets, False)  # the target is not its own competitor
     return beats.sum(1) + 1
 
 
@@ -121,8 +140,9 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int] = (1, 10, 50)) -> 
     return out
 
 
-def history_mask(items: torch.Tensor, cu_seqlens: torch.Tensor, rows: slice | torch.Tensor,
-                 num_items: int) -> torch.Tensor:
+def history_mask(
+    items: torch.Tensor, cu_seqlens: torch.Tensor, rows: slice | torch.Tensor, num_items: int
+) -> torch.Tensor:
     """Which items each selected user's history holds.
 
     Args:
@@ -154,11 +174,21 @@ def _history_mask(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor, nu
     return mask
 
 
-def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], items: torch.Tensor,
-             cu_seqlens: torch.Tensor, targets: torch.Tensor, num_items: int, *, exclude_history: bool = True,
-             ks: Iterable[int] = (1, 10, 50), batch_size: int = 256, progress: bool = True,
-             description: str = "evaluate", exclude_items: torch.Tensor | None = None,
-             exclude_cu_seqlens: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    items: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    targets: torch.Tensor,
+    num_items: int,
+    *,
+    exclude_history: bool = True,
+    ks: Iterable[int] = (1, 10, 50),
+    batch_size: int = 256,
+    progress: bool = True,
+    description: str = "evaluate",
+    exclude_items: torch.Tensor | None = None,
+    exclude_cu_seqlens: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Full-ranking evaluation of next-item scores over all users, in batches.
 
     Args:
@@ -192,8 +222,7 @@ def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ite
     users = cu.numel() - 1
     _check_int_tensor("targets", targets, 1)
     if targets.shape != (users,):
-        raise ValueError(f"targets must have shape ({users},), one per user of cu_seqlens, got "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(f"targets must have shape ({users},), one per user of cu_seqlens, got {tuple(targets.shape)}")
     _check_ids("items", items, num_items)
     _check_ids("targets", targets, num_items)
     if (exclude_items is None) != (exclude_cu_seqlens is None):
@@ -209,13 +238,13 @@ def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ite
     model = getattr(score_fn, "__self__", None)
     if isinstance(model, torch.nn.Module) and model.training:
         # Dropout would make the metrics noisy and lower than the model's real quality.
-        warnings.warn("evaluate: score_fn belongs to a module in training mode; call model.eval() first",
-                      stacklevel=2)
+        warnings.warn("evaluate: score_fn belongs to a module in training mode; call model.eval() first", stacklevel=2)
 
     bar = None
     if progress:
         try:  # tqdm is optional; without it, evaluate runs silently.
             from tqdm import tqdm
+
             bar = tqdm(total=users, desc=description, unit="user")
         except ImportError:
             pass
@@ -226,14 +255,19 @@ def evaluate(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ite
                 end = min(start + batch_size, users)
                 lo, hi = int(cu[start]), int(cu[end])
                 # Offsets rebased to 0 for the batch, in the caller's dtype and device.
-                scores = score_fn(items[lo:hi], cu_seqlens[start:end + 1] - cu_seqlens[start])
+                scores = score_fn(items[lo:hi], cu_seqlens[start : end + 1] - cu_seqlens[start])
                 if not isinstance(scores, torch.Tensor) or scores.shape != (end - start, num_items + 1):
-                    raise ValueError(f"score_fn must return a tensor of shape ({end - start}, {num_items + 1}) "
-                                     f"(batch, num_items + 1) for users {start}..{end - 1}, got "
-                                     f"{tuple(getattr(scores, 'shape', ())) or type(scores).__name__}")
+                    raise ValueError(
+                        f"score_fn must return a tensor of shape ({end - start}, {num_items + 1}) "
+                        f"(batch, num_items + 1) for users {start}..{end - 1}, got "
+                        f"{tuple(getattr(scores, 'shape', ())) or type(scores).__name__}"
+                    )
                 # Inputs were checked once above, so the per-batch mask skips the checks.
-                exclude = (_history_mask(exclude_items, exclude_cu, torch.arange(start, end), num_items)
-                           if exclude_history else None)
+                exclude = (
+                    _history_mask(exclude_items, exclude_cu, torch.arange(start, end), num_items)
+                    if exclude_history
+                    else None
+                )
                 ranks.append(ranks_from_scores(scores, targets[start:end], exclude).cpu())
                 if bar is not None:
                     bar.update(end - start)

@@ -96,8 +96,9 @@ class PackedLayout:
         """The last row of every sequence (serving scores the next item from it)."""
         return self.cu_seqlens[1:].long() - 1
 
-    def embed(self, items: torch.Tensor, write_tokens: torch.Tensor | None = None,
-              memory: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, items: torch.Tensor, write_tokens: torch.Tensor | None = None, memory: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Input embeddings of the stream, ``(T, d)``.
 
         Args:
@@ -132,8 +133,12 @@ class PackedLayout:
         return back.index_put((self.item_index[rows],), outputs[rows])
 
     def to(self, device) -> PackedLayout:
-        return PackedLayout(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-                               for f in fields(self)})
+        return PackedLayout(
+            **{
+                f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                for f in fields(self)
+            }
+        )
 
 
 def _as_counts(name: str, values, minimum: int) -> torch.Tensor:
@@ -248,8 +253,9 @@ def _blocks(block_user, mem_count, item_first, item_count, with_write, items_cu,
     return counts, block, offset, is_mem, is_write, fields_
 
 
-def stage2_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_memory_tokens: int,
-                  mode: str = "overwrite") -> PackedLayout:
+def stage2_layout(
+    lengths: Sequence[int] | torch.Tensor, segment_len: int, num_memory_tokens: int, mode: str = "overwrite"
+) -> PackedLayout:
     """The Stage 2 blocks of every user, ``K + 1`` per user in history order.
 
     Memory tokens read the reference memories from the Stage 1 stream of the same
@@ -269,7 +275,8 @@ def stage2_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_m
     item_count = torch.where(is_last, lengths[block_user] - h * S, S)
     mem_count = (h * C) if mode == "append" else torch.where(h > 0, C, 0)
     counts, block, offset, is_mem, is_write, f = _blocks(
-        block_user, mem_count, item_first, item_count, ~is_last, _offsets(lengths), lengths[block_user], C)
+        block_user, mem_count, item_first, item_count, ~is_last, _offsets(lengths), lengths[block_user], C
+    )
     user, hb = f["user"], h[block]
     stage1_start = _offsets(lengths + archived * C)[:-1][user]
     # Memory token i reads segment g = h-1 (overwrite) or i // C (append), slot i % C.
@@ -285,11 +292,16 @@ def stage2_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_m
     )
 
 
-def block_layout(memory_counts: Sequence[int] | torch.Tensor, item_counts: Sequence[int] | torch.Tensor,
-                 num_memory_tokens: int, *, with_write: bool | Sequence[bool] = False,
-                 users: Sequence[int] | torch.Tensor | None = None,
-                 item_first: Sequence[int] | torch.Tensor | None = None,
-                 history_lengths: Sequence[int] | torch.Tensor | None = None) -> PackedLayout:
+def block_layout(
+    memory_counts: Sequence[int] | torch.Tensor,
+    item_counts: Sequence[int] | torch.Tensor,
+    num_memory_tokens: int,
+    *,
+    with_write: bool | Sequence[bool] = False,
+    users: Sequence[int] | torch.Tensor | None = None,
+    item_first: Sequence[int] | torch.Tensor | None = None,
+    history_lengths: Sequence[int] | torch.Tensor | None = None,
+) -> PackedLayout:
     """General blocks ``[M ; items ; (w)]``, one per entry; ``update_layout`` and
     ``serving_layout`` are its common cases.
 
@@ -305,8 +317,9 @@ def block_layout(memory_counts: Sequence[int] | torch.Tensor, item_counts: Seque
     item_counts = _as_counts("item_counts", item_counts, 1)
     n = item_counts.numel()
     if memory_counts.numel() != n:
-        raise ValueError(f"memory_counts and item_counts must have one entry per block, got "
-                         f"{memory_counts.numel()} and {n}")
+        raise ValueError(
+            f"memory_counts and item_counts must have one entry per block, got {memory_counts.numel()} and {n}"
+        )
     users = torch.arange(n) if users is None else _as_counts("users", users, 0)
     item_first = torch.zeros_like(item_counts) if item_first is None else _as_counts("item_first", item_first, 0)
     history = item_counts if history_lengths is None else _as_counts("history_lengths", history_lengths, 1)
@@ -319,7 +332,8 @@ def block_layout(memory_counts: Sequence[int] | torch.Tensor, item_counts: Seque
     if n and bool((item_first + item_counts > history[users]).any()):
         raise ValueError("item_first + item_counts runs past the end of a history (history_lengths)")
     counts, block, offset, is_mem, _, f = _blocks(
-        users, memory_counts, item_first, item_counts, writes, _offsets(history), history[users], num_memory_tokens)
+        users, memory_counts, item_first, item_counts, writes, _offsets(history), history[users], num_memory_tokens
+    )
     minus = torch.full_like(offset, -1)
     return _layout(
         counts,
@@ -330,8 +344,9 @@ def block_layout(memory_counts: Sequence[int] | torch.Tensor, item_counts: Seque
     )
 
 
-def update_layout(memory_counts: Sequence[int] | torch.Tensor, segment_lengths: Sequence[int] | torch.Tensor,
-                  num_memory_tokens: int) -> PackedLayout:
+def update_layout(
+    memory_counts: Sequence[int] | torch.Tensor, segment_lengths: Sequence[int] | torch.Tensor, num_memory_tokens: int
+) -> PackedLayout:
     """Memory-update blocks ``[M ; S_h ; w]``, one per user.
 
     ``memory_counts[u]``: memory tokens of user ``u`` (0 before the first segment, C in
@@ -343,8 +358,9 @@ def update_layout(memory_counts: Sequence[int] | torch.Tensor, segment_lengths: 
     return block_layout(memory_counts, segment_lengths, num_memory_tokens, with_write=True)
 
 
-def serving_layout(memory_counts: Sequence[int] | torch.Tensor, recent_lengths: Sequence[int] | torch.Tensor,
-                   num_memory_tokens: int) -> PackedLayout:
+def serving_layout(
+    memory_counts: Sequence[int] | torch.Tensor, recent_lengths: Sequence[int] | torch.Tensor, num_memory_tokens: int
+) -> PackedLayout:
     """Serving blocks ``[M ; recent items]``, one per user; score from ``last_rows``."""
     recent_lengths = _as_counts("recent_lengths", recent_lengths, 1)
     return block_layout(memory_counts, recent_lengths, num_memory_tokens)

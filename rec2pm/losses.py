@@ -19,8 +19,13 @@ def full_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weight: 
     return F.cross_entropy(logits, targets - 1)
 
 
-def sampled_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
-                         num_negatives: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sampled_softmax_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_weight: torch.Tensor,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Softmax over the target, the other rows' targets (in-batch) and uniform random negatives.
 
     Candidates equal to the row's own target (accidental hits) are masked out.
@@ -38,8 +43,9 @@ def sampled_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weigh
     return F.cross_entropy(logits, own)
 
 
-def random_other_items(targets: torch.Tensor, num_items: int, per_row: int,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def random_other_items(
+    targets: torch.Tensor, num_items: int, per_row: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``(n, per_row)`` items drawn uniformly from ``1..N`` without the row's own target.
 
     Drawing from ``N - 1`` values and stepping over the target keeps the draw exactly
@@ -49,8 +55,13 @@ def random_other_items(targets: torch.Tensor, num_items: int, per_row: int,
     return draw + (draw >= targets[:, None]).long()
 
 
-def binary_cross_entropy_loss(hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
-                              num_negatives: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def binary_cross_entropy_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_weight: torch.Tensor,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """SASRec's and S3-Rec's loss: ``-log sigmoid(s_pos) - sum log(1 - sigmoid(s_neg))`` per row.
 
     Each row draws ``num_negatives`` items uniformly from the catalogue other than its own
@@ -69,8 +80,9 @@ def binary_cross_entropy_loss(hidden: torch.Tensor, targets: torch.Tensor, item_
     return (F.softplus(-positive) + F.softplus(negative).sum(-1)).mean()
 
 
-def next_item_loss(kind: str, hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor,
-                   num_negatives: int = 256) -> torch.Tensor:
+def next_item_loss(
+    kind: str, hidden: torch.Tensor, targets: torch.Tensor, item_weight: torch.Tensor, num_negatives: int = 256
+) -> torch.Tensor:
     if kind == "full":
         return full_softmax_loss(hidden, targets, item_weight)
     if kind == "sampled":

@@ -20,14 +20,14 @@ from pathlib import Path
 
 DEFAULTS: dict[str, dict] = {
     "data": {
-        "kind": "synthetic",        # movielens | s3rec | table | synthetic
-        "path": "",                 # the source file (not for synthetic)
-        "max_length": 200,          # keep each user's last max_length events (truncation from the left)
-        "user_col": "user_id",      # table only
+        "kind": "synthetic",  # movielens | s3rec | table | synthetic
+        "path": "",  # the source file (not for synthetic)
+        "max_length": 200,  # keep each user's last max_length events (truncation from the left)
+        "user_col": "user_id",  # table only
         "item_col": "item_id",
         "time_col": "timestamp",
         "sep": ",",
-        "synthetic_users": 500,     # synthetic only
+        "synthetic_users": 500,  # synthetic only
         "synthetic_length": 120,
         "synthetic_items": 1000,
         "synthetic_noise": 0.1,
@@ -40,19 +40,19 @@ DEFAULTS: dict[str, dict] = {
         "batch_size": 128,
         "lr": 1e-3,
         "weight_decay": 0.0,
-        "schedule": "constant",     # constant | cosine
+        "schedule": "constant",  # constant | cosine
         "warmup_steps": 0,
-        "patience": 0,              # early stopping on valid NDCG@10; 0 = off
-        "eval_every": 1,            # epochs between validations
+        "patience": 0,  # early stopping on valid NDCG@10; 0 = off
+        "eval_every": 1,  # epochs between validations
         "eval_batch_size": 256,
-        "exclude_history": True,    # remove already-seen items from the candidates (off for data that repeats)
-        "checkpoint_every": 0,      # also checkpoint every N steps inside an epoch; 0 = epoch ends only
+        "exclude_history": True,  # remove already-seen items from the candidates (off for data that repeats)
+        "checkpoint_every": 0,  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
         "seed": 0,
-        "threads": 0,               # torch threads; 0 = leave as is
-        "device": "auto",           # auto (cuda when available) | cpu | cuda
+        "threads": 0,  # torch threads; 0 = leave as is
+        "device": "auto",  # auto (cuda when available) | cpu | cuda
         "out_dir": "runs/default",
         "progress": True,
-        "stop_after_steps": 0,      # stop (as if interrupted) after this many steps; 0 = never. For tests.
+        "stop_after_steps": 0,  # stop (as if interrupted) after this many steps; 0 = never. For tests.
     },
 }
 
@@ -102,11 +102,26 @@ def build_run_config(path: str | Path | None = None, overrides: list[str] = ()) 
 
 # Ranges of the numeric run settings (inclusive); a type comes from the default's type.
 RANGES = {
-    "data": {"max_length": (2, None), "synthetic_users": (1, None), "synthetic_length": (1, None),
-             "synthetic_items": (1, None), "synthetic_noise": (0.0, 1.0)},
-    "train": {"epochs": (1, None), "batch_size": (1, None), "eval_batch_size": (1, None), "eval_every": (1, None),
-              "lr": (0.0, None), "weight_decay": (0.0, None), "warmup_steps": (0, None), "patience": (0, None),
-              "checkpoint_every": (0, None), "threads": (0, None), "stop_after_steps": (0, None)},
+    "data": {
+        "max_length": (2, None),
+        "synthetic_users": (1, None),
+        "synthetic_length": (1, None),
+        "synthetic_items": (1, None),
+        "synthetic_noise": (0.0, 1.0),
+    },
+    "train": {
+        "epochs": (1, None),
+        "batch_size": (1, None),
+        "eval_batch_size": (1, None),
+        "eval_every": (1, None),
+        "lr": (0.0, None),
+        "weight_decay": (0.0, None),
+        "warmup_steps": (0, None),
+        "patience": (0, None),
+        "checkpoint_every": (0, None),
+        "threads": (0, None),
+        "stop_after_steps": (0, None),
+    },
 }
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 
 
-def toy_histories(num_users: int, length: int, num_items: int, *, strides: tuple[int, ...] = (1, 2, 3),
-                  noise: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def toy_histories(
+    num_users: int,
+    length: int,
+    num_items: int,
+    *,
+    strides: tuple[int, ...] = (1, 2, 3),
+    noise: float = 0.1,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed histories ``(items, cu_seqlens)``: ``num_users`` users of ``length`` events."""
     if num_users < 1 or length < 1 or num_items < 2:
         raise ValueError("toy_histories needs num_users >= 1, length >= 1 and num_items >= 2")

@@ -35,8 +35,13 @@ SELECTION_METRIC = "NDCG@10"
 # -- data --------------------------------------------------------------------------------------
 def load_data(data: dict) -> InteractionData:
     if data["kind"] == "synthetic":
-        return lifelong_histories(data["synthetic_users"], data["synthetic_length"], data["synthetic_items"],
-                                  noise=data["synthetic_noise"], seed=data["seed"])
+        return lifelong_histories(
+            data["synthetic_users"],
+            data["synthetic_length"],
+            data["synthetic_items"],
+            noise=data["synthetic_noise"],
+            seed=data["seed"],
+        )
     kwargs = {}
     if data["kind"] == "table":
         kwargs = dict(user_col=data["user_col"], item_col=data["item_col"], time_col=data["time_col"], sep=data["sep"])
@@ -99,9 +104,12 @@ def lr_lambda(train: dict, total_steps: int):
 def rng_state() -> dict:
     """Every RNG state, in types ``torch.load(weights_only=True)`` accepts (tensors, tuples, numbers)."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -126,8 +134,10 @@ def save_atomically(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-CHECKPOINT_KEYS = {"best": ("model", "run", "num_items"),
-                   "last": ("model", "optimizer", "scheduler", "rng", "state", "run", "num_items")}
+CHECKPOINT_KEYS = {
+    "best": ("model", "run", "num_items"),
+    "last": ("model", "optimizer", "scheduler", "rng", "state", "run", "num_items"),
+}
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", kind: str = "best") -> dict:
@@ -168,9 +178,11 @@ def load_weights(model: torch.nn.Module, weights, path: Path) -> None:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise ValueError(f"{path}: the weights do not match the model its run config builds "
-                         f"({type(model).__name__}, {model.config.backbone} {model.config.num_layers}x"
-                         f"{model.config.num_heads}, d={model.config.d_model}): {detail[:600]}") from None
+        raise ValueError(
+            f"{path}: the weights do not match the model its run config builds "
+            f"({type(model).__name__}, {model.config.backbone} {model.config.num_layers}x"
+            f"{model.config.num_heads}, d={model.config.d_model}): {detail[:600]}"
+        ) from None
 
 
 class MetricsLog:
@@ -191,8 +203,11 @@ def train(run: dict, *, resume: bool = True) -> dict:
     train_cfg, data_cfg = run["train"], run["data"]
     if train_cfg["threads"]:
         torch.set_num_threads(train_cfg["threads"])
-    device = torch.device("cuda" if train_cfg["device"] == "auto" and torch.cuda.is_available()
-                          else ("cpu" if train_cfg["device"] == "auto" else train_cfg["device"]))
+    device = torch.device(
+        "cuda"
+        if train_cfg["device"] == "auto" and torch.cuda.is_available()
+        else ("cpu" if train_cfg["device"] == "auto" else train_cfg["device"])
+    )
     ctx = distributed.setup(device)
     out_dir = Path(train_cfg["out_dir"])
     if ctx.is_main:
@@ -221,11 +236,20 @@ def train(run: dict, *, resume: bool = True) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     num_train = train_cu.numel() - 1
     batches_per_epoch = math.ceil(num_train / train_cfg["batch_size"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lr_lambda(train_cfg, batches_per_epoch * train_cfg["epochs"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train_cfg, batches_per_epoch * train_cfg["epochs"])
+    )
     # Everything the loop needs to continue exactly where a checkpoint left it.
-    state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0,
-             "loss_sum": 0.0, "loss_count": 0}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "best": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "loss_sum": 0.0,
+        "loss_count": 0,
+    }
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path, kind="last")
@@ -243,18 +267,35 @@ def train(run: dict, *, resume: bool = True) -> dict:
             rngs = [None] * ctx.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
         if ctx.is_main:
-            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": rngs, "state": dict(state),
-                             "run": run, "num_items": data.num_items}, path)
+            save_atomically(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs,
+                    "state": dict(state),
+                    "run": run,
+                    "num_items": data.num_items,
+                },
+                path,
+            )
         ctx.barrier()
 
     def validate_model() -> dict:
         model.eval()
-        metrics = evaluate(model.score_history, valid[0].to(device), valid[1].to(device),
-                           split.valid_targets.to(device), data.num_items, batch_size=train_cfg["eval_batch_size"],
-                           exclude_history=train_cfg["exclude_history"], exclude_items=valid_seen[0],
-                           exclude_cu_seqlens=valid_seen[1],
-                           progress=train_cfg["progress"] and ctx.is_main, description="valid")
+        metrics = evaluate(
+            model.score_history,
+            valid[0].to(device),
+            valid[1].to(device),
+            split.valid_targets.to(device),
+            data.num_items,
+            batch_size=train_cfg["eval_batch_size"],
+            exclude_history=train_cfg["exclude_history"],
+            exclude_items=valid_seen[0],
+            exclude_cu_seqlens=valid_seen[1],
+            progress=train_cfg["progress"] and ctx.is_main,
+            description="valid",
+        )
         model.train()
         return metrics
 
@@ -271,7 +312,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
 
             progress = tqdm(progress, desc=f"epoch {epoch}", leave=False)
         for b in progress:
-            users = batches[b][ctx.rank::ctx.world_size]
+            users = batches[b][ctx.rank :: ctx.world_size]
             items, cu = gather(train_items, train_cu, users)
             out = trained(items.to(device), cu.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -293,12 +334,22 @@ def train(run: dict, *, resume: bool = True) -> dict:
             metrics = validate_model() if ctx.is_main else {}
             record["valid"] = metrics
             if ctx.is_main:
-                say(f"epoch {epoch}: loss {record['train_loss']:.4f}  valid " +
-                    "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users"))
+                say(
+                    f"epoch {epoch}: loss {record['train_loss']:.4f}  valid "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users")
+                )
                 if metrics[SELECTION_METRIC] > state["best"]:
                     state["best"], state["best_epoch"], state["bad_epochs"] = metrics[SELECTION_METRIC], epoch, 0
-                    save_atomically({"model": model.state_dict(), "run": run, "num_items": data.num_items,
-                                     "epoch": epoch, "valid": metrics}, best_path)
+                    save_atomically(
+                        {
+                            "model": model.state_dict(),
+                            "run": run,
+                            "num_items": data.num_items,
+                            "epoch": epoch,
+                            "valid": metrics,
+                        },
+                        best_path,
+                    )
                 else:
                     state["bad_epochs"] += 1
             stop = bool(train_cfg["patience"]) and state["bad_epochs"] >= train_cfg["patience"]
@@ -314,23 +365,34 @@ def train(run: dict, *, resume: bool = True) -> dict:
         if best_path.exists():
             load_weights(model, load_checkpoint(best_path)["model"], best_path)
         model.eval()
-        test_metrics = evaluate(model.score_history, test[0].to(device), test[1].to(device),
-                                split.test_targets.to(device), data.num_items,
-                                batch_size=train_cfg["eval_batch_size"], progress=train_cfg["progress"],
-                                exclude_history=train_cfg["exclude_history"], exclude_items=test_seen[0],
-                                exclude_cu_seqlens=test_seen[1], description="test")
+        test_metrics = evaluate(
+            model.score_history,
+            test[0].to(device),
+            test[1].to(device),
+            split.test_targets.to(device),
+            data.num_items,
+            batch_size=train_cfg["eval_batch_size"],
+            progress=train_cfg["progress"],
+            exclude_history=train_cfg["exclude_history"],
+            exclude_items=test_seen[0],
+            exclude_cu_seqlens=test_seen[1],
+            description="test",
+        )
         summary["test"] = test_metrics
         summary["wall_s"] = round(time.perf_counter() - started, 3)
         log.write(final=summary)
-        say(f"best epoch {state['best_epoch']} (valid {SELECTION_METRIC} {state['best']:.4f}); test:\n"
-            + format_metrics(test_metrics))
+        say(
+            f"best epoch {state['best_epoch']} (valid {SELECTION_METRIC} {state['best']:.4f}); test:\n"
+            + format_metrics(test_metrics)
+        )
     ctx.barrier()
     distributed.teardown(ctx)
     return summary
 
 
-def evaluate_checkpoint(path: str | Path, *, data_path: str | None = None, split_name: str = "test",
-                        progress: bool = True) -> dict:
+def evaluate_checkpoint(
+    path: str | Path, *, data_path: str | None = None, split_name: str = "test", progress: bool = True
+) -> dict:
     """Metrics of a saved model (``best.pt`` or ``last.pt``) on its run's data split."""
     path = Path(path)
     ckpt = load_checkpoint(path)
@@ -347,7 +409,16 @@ def evaluate_checkpoint(path: str | Path, *, data_path: str | None = None, split
     model = build(run, data.num_items)
     load_weights(model, ckpt["model"], path)
     model.eval()
-    return evaluate(model.score_history, items, cu, targets, data.num_items,
-                    batch_size=run["train"]["eval_batch_size"], exclude_history=run["train"]["exclude_history"],
-                    exclude_items=history.items, exclude_cu_seqlens=history.cu_seqlens,
-                    progress=progress, description=split_name)
+    return evaluate(
+        model.score_history,
+        items,
+        cu,
+        targets,
+        data.num_items,
+        batch_size=run["train"]["eval_batch_size"],
+        exclude_history=run["train"]["exclude_history"],
+        exclude_items=history.items,
+        exclude_cu_seqlens=history.cu_seqlens,
+        progress=progress,
+        description=split_name,
+    )

@@ -9,9 +9,17 @@ Public API:
 """
 
 from .backends import backends
-from .modules import SegmentAttention
 from .interface import cached_step_attention, segment_attention
+from .modules import SegmentAttention
 from .patterns import PATTERNS, SCORES
 
 __version__ = "0.1.0"
-__all__ = ["segment_attention", "cached_step_attention", "SegmentAttention", "backends", "PATTERNS", "SCORES", "__version__"]
+__all__ = [
+    "segment_attention",
+    "cached_step_attention",
+    "SegmentAttention",
+    "backends",
+    "PATTERNS",
+    "SCORES",
+    "__version__",
+]

@@ -110,10 +110,16 @@ class Specialisation:
         return f"M{self.block_m}_N{self.block_n}_w{self.num_warps}_s{self.num_stages}"
 
     def describe(self) -> str:
-        switches = [f"pattern={self.pattern}" if self.pattern is not None else f"splits={self.num_splits}",
-                    f"score={SCORE_NAMES[self.score]}", f"bias={int(self.has_bias)}", self.precision]
-        return (f"{self.kernel:<16} {' '.join(switches):<40} {self.dtype} d{self.head_dim:<3} "
-                f"{self.config:<15} sm_{self.arch}")
+        switches = [
+            f"pattern={self.pattern}" if self.pattern is not None else f"splits={self.num_splits}",
+            f"score={SCORE_NAMES[self.score]}",
+            f"bias={int(self.has_bias)}",
+            self.precision,
+        ]
+        return (
+            f"{self.kernel:<16} {' '.join(switches):<40} {self.dtype} d{self.head_dim:<3} "
+            f"{self.config:<15} sm_{self.arch}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,8 +145,9 @@ def all_specialisations(archs=ARCHS) -> list[Specialisation]:
         for config in configs(kernel, DTYPES[dtype], head_dim, arch):
             tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
             for pattern, score, has_bias, precision, splits in switches:
-                out.append(Specialisation(kernel, arch, dtype, head_dim, pattern, score, has_bias, precision,
-                                          splits, *tile))
+                out.append(
+                    Specialisation(kernel, arch, dtype, head_dim, pattern, score, has_bias, precision, splits, *tile)
+                )
     return out
 
 
@@ -186,12 +193,16 @@ def _kernel_function(kernel: str):
     """The ``@triton.jit`` function; imported late so ``TRITON_INTERPRET`` is checked first."""
     if kernel == "cached_step":
         from .ops.cached_step.triton_kernel import cached_step_kernel
+
         return cached_step_kernel
     from .ops.segment_attention import triton_backward, triton_bias_grad, triton_forward
-    return {"segment_fwd": triton_forward.segment_fwd_kernel,
-            "segment_bwd_dkdv": triton_backward.segment_bwd_dkdv_kernel,
-            "segment_bwd_dq": triton_backward.segment_bwd_dq_kernel,
-            "segment_bwd_bias": triton_bias_grad.segment_bwd_bias_kernel}[kernel]
+
+    return {
+        "segment_fwd": triton_forward.segment_fwd_kernel,
+        "segment_bwd_dkdv": triton_backward.segment_bwd_dkdv_kernel,
+        "segment_bwd_dq": triton_backward.segment_bwd_dq_kernel,
+        "segment_bwd_bias": triton_bias_grad.segment_bwd_bias_kernel,
+    }[kernel]
 
 
 def _pointer_types(spec: Specialisation) -> dict[str, str]:
@@ -202,23 +213,53 @@ def _pointer_types(spec: Specialisation) -> dict[str, str]:
         lse = "*fp32" if spec.score == 0 else t
         return dict(Q=t, K=t, V=t, OUT=t, LSE=lse, CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32")
     if spec.kernel == "segment_bwd_dkdv":
-        return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DK=t, DV=t, DBIAS="*fp32",
-                    CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32")
+        return dict(
+            Q=t,
+            K=t,
+            V=t,
+            DO=t,
+            LSE="*fp32",
+            DELTA="*fp32",
+            DK=t,
+            DV=t,
+            DBIAS="*fp32",
+            CU_SEQLENS="*i32",
+            BIAS=t,
+            TILE_COUNTS="*fp32",
+        )
     if spec.kernel == "segment_bwd_dq":
-        return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, CU_SEQLENS="*i32", BIAS=t,
-                    TILE_COUNTS="*fp32")
+        return dict(
+            Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32"
+        )
     if spec.kernel == "segment_bwd_bias":
         return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
     # Cached step: with one split the launcher passes ``out`` for both partial buffers.
     partial = "*fp32" if spec.num_splits > 1 else t
-    return dict(Q=t, K_CACHE=t, V_CACHE=t, OUT=t, PARTIAL_ACC=partial, PARTIAL_STATS=partial, CU_NEW="*i32",
-                CACHE_SEQLENS="*i32", BIAS=t)
+    return dict(
+        Q=t,
+        K_CACHE=t,
+        V_CACHE=t,
+        OUT=t,
+        PARTIAL_ACC=partial,
+        PARTIAL_STATS=partial,
+        CU_NEW="*i32",
+        CACHE_SEQLENS="*i32",
+        BIAS=t,
+    )
 
 
 def _constexprs(spec: Specialisation) -> dict:
     block_d = padded_head_dim(spec.head_dim)
-    values = dict(HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim, BLOCK_D=block_d, BLOCK_DV=block_d,
-                  SCORE=spec.score, INPUT_PRECISION=spec.precision, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n)
+    values = dict(
+        HEAD_DIM=spec.head_dim,
+        HEAD_DIM_V=spec.head_dim,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_d,
+        SCORE=spec.score,
+        INPUT_PRECISION=spec.precision,
+        BLOCK_M=spec.block_m,
+        BLOCK_N=spec.block_n,
+    )
     if spec.kernel == "cached_step":
         return dict(values, HAS_BIAS=spec.has_bias, SPLIT_K=spec.num_splits > 1)
     values["PATTERN"] = spec.pattern
@@ -262,6 +303,7 @@ def compile_source(spec: Specialisation):
 
 def _cuobjdump() -> str:
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -270,8 +312,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        report = subprocess.run([_cuobjdump(), "-res-usage", handle.name], capture_output=True, text=True,
-                                check=True).stdout
+        report = subprocess.run(
+            [_cuobjdump(), "-res-usage", handle.name], capture_output=True, text=True, check=True
+        ).stdout
     match = _RES_USAGE.search(report)
     if match is None:
         raise RuntimeError(f"no resource usage in cuobjdump output:\n{report}")
@@ -295,15 +338,27 @@ def compile_and_measure(spec: Specialisation, scratch_cache: bool = False, stric
     import triton
     from triton.backends.compiler import GPUTarget
 
-    result = dict(dataclasses.asdict(spec), config=spec.config, shared=None, registers=None, stack=None,
-                  local=None, spill=None, seconds=None, failures=[])
+    result = dict(
+        dataclasses.asdict(spec),
+        config=spec.config,
+        shared=None,
+        registers=None,
+        stack=None,
+        local=None,
+        spill=None,
+        seconds=None,
+        failures=[],
+    )
     started = time.perf_counter()
     scratch = tempfile.TemporaryDirectory(prefix="rec2pm-aot-") if scratch_cache else None
     try:
         if scratch is not None:
             os.environ["TRITON_CACHE_DIR"] = scratch.name
-        compiled = triton.compile(compile_source(spec), target=GPUTarget("cuda", spec.arch, 32),
-                                  options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        compiled = triton.compile(
+            compile_source(spec),
+            target=GPUTarget("cuda", spec.arch, 32),
+            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages),
+        )
         result.update(shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]))
     except Exception as error:  # a compile error is a finding, not a crash of the check
         lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
@@ -327,8 +382,10 @@ def format_result(spec: Specialisation, result: dict) -> str:
     if result["shared"] is None:
         figures = "-"
     else:
-        figures = (f"shared {result['shared']:>6} B  regs {result['registers']:>3}  "
-                   f"stack {result['stack']}  local {result['local']}")
+        figures = (
+            f"shared {result['shared']:>6} B  regs {result['registers']:>3}  "
+            f"stack {result['stack']}  local {result['local']}"
+        )
     if result["failures"]:
         verdict = "FAIL: " + "; ".join(result["failures"])
     else:
@@ -346,8 +403,9 @@ def _expected_cost(spec: Specialisation) -> float:
     return tile * (4 if spec.dtype == "fp32" and spec.precision == "ieee" else 1)
 
 
-def run_all(specs: list[Specialisation], jobs: int, scratch_cache: bool = False,
-            strict_spills: bool = False) -> list[dict]:
+def run_all(
+    specs: list[Specialisation], jobs: int, scratch_cache: bool = False, strict_spills: bool = False
+) -> list[dict]:
     """Compile ``specs`` in a pool of ``jobs`` processes, printing each line as it finishes."""
     ordered = sorted(specs, key=_expected_cost, reverse=True)
     results: dict[Specialisation, dict] = {}
@@ -382,8 +440,12 @@ def summarise(results: list[dict], wall_seconds: float) -> dict:
             compile_errors=sum(1 for r in rows if r["shared"] is None),
             failures=sum(1 for r in rows if r["failures"]),
         )
-    return dict(archs=by_arch, specialisations=len(results), wall_seconds=round(wall_seconds, 1),
-                failures=sum(1 for r in results if r["failures"]))
+    return dict(
+        archs=by_arch,
+        specialisations=len(results),
+        wall_seconds=round(wall_seconds, 1),
+        failures=sum(1 for r in results if r["failures"]),
+    )
 
 
 def _label(result: dict) -> str:
@@ -394,13 +456,17 @@ def _label(result: dict) -> str:
 def print_summary(summary: dict, failed: list[str]) -> None:
     print("\n=== summary ===")
     for arch, s in summary["archs"].items():
-        print(f"sm_{arch}: {s['specialisations']} specialisations, worst shared memory {s['worst_shared']} B "
-              f"of {s['shared_limit']} B ({s['worst_shared_of']}), max registers {s['max_registers']} "
-              f"({s['max_registers_of']}), register-pressure spills {s['pressure_spills']}, occupancy spills "
-              f"{s['occupancy_spills']} (largest {s['largest_occupancy_spill']} B), "
-              f"compile errors {s['compile_errors']}")
-    print(f"total: {summary['specialisations']} specialisations, {summary['failures']} failing, "
-          f"wall time {summary['wall_seconds']} s")
+        print(
+            f"sm_{arch}: {s['specialisations']} specialisations, worst shared memory {s['worst_shared']} B "
+            f"of {s['shared_limit']} B ({s['worst_shared_of']}), max registers {s['max_registers']} "
+            f"({s['max_registers_of']}), register-pressure spills {s['pressure_spills']}, occupancy spills "
+            f"{s['occupancy_spills']} (largest {s['largest_occupancy_spill']} B), "
+            f"compile errors {s['compile_errors']}"
+        )
+    print(
+        f"total: {summary['specialisations']} specialisations, {summary['failures']} failing, "
+        f"wall time {summary['wall_seconds']} s"
+    )
     if failed:
         print(f"\n=== {len(failed)} failures ===")
         print("\n".join(failed))
@@ -409,32 +475,48 @@ def print_summary(summary: dict, failed: list[str]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rec2pm_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", action="store_true", help="a covering subset instead of the full product")
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_MEMORY_LIMIT),
-                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=list(ARCHS),
+        choices=sorted(SHARED_MEMORY_LIMIT),
+        help="compute capabilities to compile for (default: 80 90)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     parser.add_argument("--json", metavar="FILE", help="write every result and the summary to FILE")
-    parser.add_argument("--strict-spills", action="store_true",
-                        help="fail on occupancy spills too (a few bytes ptxas spills to fit one more block per SM)")
+    parser.add_argument(
+        "--strict-spills",
+        action="store_true",
+        help="fail on occupancy spills too (a few bytes ptxas spills to fit one more block per SM)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("rec2pm_kernels.aot: TRITON_INTERPRET is set. @triton.jit reads it when the kernels are "
-              "imported, so they would be interpreter functions that cannot be compiled; run this "
-              "check in a process without TRITON_INTERPRET.", file=sys.stderr)
+        print(
+            "rec2pm_kernels.aot: TRITON_INTERPRET is set. @triton.jit reads it when the kernels are "
+            "imported, so they would be interpreter functions that cannot be compiled; run this "
+            "check in a process without TRITON_INTERPRET.",
+            file=sys.stderr,
+        )
         return 2
     specs = all_specialisations(tuple(args.arch))
     if args.subset:
         specs = covering_subset(specs)
-    print(f"compiling {len(specs)} specialisations for {', '.join(f'sm_{a}' for a in args.arch)} "
-          f"with {args.jobs} processes", flush=True)
+    print(
+        f"compiling {len(specs)} specialisations for {', '.join(f'sm_{a}' for a in args.arch)} "
+        f"with {args.jobs} processes",
+        flush=True,
+    )
     started = time.perf_counter()
-    results = run_all(specs, max(1, args.jobs), scratch_cache=not os.environ.get("TRITON_CACHE_DIR"),
-                      strict_spills=args.strict_spills)
+    results = run_all(
+        specs, max(1, args.jobs), scratch_cache=not os.environ.get("TRITON_CACHE_DIR"), strict_spills=args.strict_spills
+    )
     summary = summarise(results, time.perf_counter() - started)
-    failed = [format_result(spec, result) for spec, result in zip(specs, results) if result["failures"]]
+    failed = [format_result(spec, result) for spec, result in zip(specs, results, strict=True) if result["failures"]]
     print_summary(summary, failed)
     if args.json:
         with open(args.json, "w") as handle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 import torch
 
 from . import _extension
@@ -45,8 +46,12 @@ def _probe_triton(cuda: bool, interpreting: bool) -> BackendStatus:
     except ImportError as exc:
         return BackendStatus("triton", False, (), f"triton is not importable ({exc})")
     if not (cuda or interpreting):
-        return BackendStatus("triton", False, (),
-                             f"triton {triton.__version__} needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)")
+        return BackendStatus(
+            "triton",
+            False,
+            (),
+            f"triton {triton.__version__} needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)",
+        )
     where = "CUDA" if cuda else "CPU tensors through the interpreter (TRITON_INTERPRET=1)"
     return BackendStatus("triton", True, OPS, f"triton {triton.__version__} on {where}")
 
@@ -62,12 +67,23 @@ def _cpp_status() -> BackendStatus:
 
 def _probe_cpp() -> BackendStatus:
     if _extension.C is None:
-        return BackendStatus("cpp", False, (), f"the extension rec2pm_kernels._C is not built: {_extension.IMPORT_ERROR}")
+        return BackendStatus(
+            "cpp", False, (), f"the extension rec2pm_kernels._C is not built: {_extension.IMPORT_ERROR}"
+        )
     if not hasattr(_extension.C, "segment_attention_forward"):
-        return BackendStatus("cpp", False, (), "rec2pm_kernels._C is built without attention kernels (rebuild it: "
-                             "pip install --no-build-isolation -e .)")
-    return BackendStatus("cpp", True, OPS, "rec2pm_kernels._C on CPU tensors: forward only (no gradients), fp32/fp64 "
-                         "math (fp16/bf16 inputs computed in fp32)")
+        return BackendStatus(
+            "cpp",
+            False,
+            (),
+            "rec2pm_kernels._C is built without attention kernels (rebuild it: pip install --no-build-isolation -e .)",
+        )
+    return BackendStatus(
+        "cpp",
+        True,
+        OPS,
+        "rec2pm_kernels._C on CPU tensors: forward only (no gradients), fp32/fp64 "
+        "math (fp16/bf16 inputs computed in fp32)",
+    )
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -96,8 +112,14 @@ def cpp_preferred(score: str, pattern: str, max_seqlen: int) -> bool:
     return score == "silu" or pattern.startswith("kv_memory") or max_seqlen <= CPP_SOFTMAX_MAX_LEN
 
 
-def resolve_backend(requested: str, op: str, device: torch.device, needs_grad: bool,
-                    dtype: torch.dtype = torch.float32, prefer_cpp: bool = True) -> str:
+def resolve_backend(
+    requested: str,
+    op: str,
+    device: torch.device,
+    needs_grad: bool,
+    dtype: torch.dtype = torch.float32,
+    prefer_cpp: bool = True,
+) -> str:
     """The backend that runs ``op``: the requested one if it can, else a clear ``ValueError``.
 
     ``auto`` picks ``triton`` for CUDA tensors of fp16, bf16 or fp32 when Triton is
@@ -121,9 +143,12 @@ def resolve_backend(requested: str, op: str, device: torch.device, needs_grad: b
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
         if needs_grad:
-            raise ValueError(f"backend='cpp' is forward only, but an input of {op} requires grad; use "
-                             "backend='torch' (or 'auto', which picks it) for gradients, or call it under torch.no_grad()")
+            raise ValueError(
+                f"backend='cpp' is forward only, but an input of {op} requires grad; use "
+                "backend='torch' (or 'auto', which picks it) for gradients, or call it under torch.no_grad()"
+            )
     if requested == "triton" and not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-                         f"got tensors on {device}")
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+        )
     return requested

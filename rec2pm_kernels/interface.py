@@ -50,8 +50,11 @@ def _cached_step_triton(*args, **options):
 
 
 # Launchers by backend name; resolve_backend only returns names that have an entry here.
-SEGMENT_ATTENTION_IMPLS = {"torch": _segment_attention_torch, "triton": _segment_attention_triton,
-                           "cpp": _segment_attention_cpp}
+SEGMENT_ATTENTION_IMPLS = {
+    "torch": _segment_attention_torch,
+    "triton": _segment_attention_triton,
+    "cpp": _segment_attention_cpp,
+}
 CACHED_STEP_IMPLS = {"torch": _cached_step_torch, "triton": _cached_step_triton, "cpp": _cached_step_cpp}
 
 
@@ -138,8 +141,7 @@ def segment_attention(
     check.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
     check.check_pattern(pattern, segment_len, num_memory_tokens)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, rel_bias))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_bias))
     check.check_flag("allow_tf32", allow_tf32)
     check.check_flag("deterministic", deterministic, allow_none=True)
     if deterministic is None:
@@ -156,12 +158,24 @@ def segment_attention(
     # An upper bound that sizes work: no sequence is longer than all the tokens.
     max_seqlen = min(max_seqlen, q.shape[0])
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
-    chosen = resolve_backend(backend, "segment_attention", q.device, needs_grad, q.dtype,
-                             prefer_cpp=cpp_preferred(score, pattern, longest))
+    chosen = resolve_backend(
+        backend, "segment_attention", q.device, needs_grad, q.dtype, prefer_cpp=cpp_preferred(score, pattern, longest)
+    )
     return SEGMENT_ATTENTION_IMPLS[chosen](
-        q, k, v, cu_seqlens, max_seqlen, pattern=pattern, segment_len=segment_len,
-        num_memory_tokens=num_memory_tokens, score=score, scale=scale, rel_bias=rel_bias,
-        silu_norm=silu_norm, allow_tf32=allow_tf32, deterministic=bool(deterministic),
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        pattern=pattern,
+        segment_len=segment_len,
+        num_memory_tokens=num_memory_tokens,
+        score=score,
+        scale=scale,
+        rel_bias=rel_bias,
+        silu_norm=silu_norm,
+        allow_tf32=allow_tf32,
+        deterministic=bool(deterministic),
     )
 
 
@@ -223,11 +237,19 @@ def cached_step_attention(
     check.check_caches(q_new, v_new, batch, k_cache, v_cache, cache_seqlens)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, heads, q_new)
     if torch.is_grad_enabled():
-        for name, t in (("q_new", q_new), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache),
-                        ("v_cache", v_cache), ("rel_bias", rel_bias)):
+        for name, t in (
+            ("q_new", q_new),
+            ("k_new", k_new),
+            ("v_new", v_new),
+            ("k_cache", k_cache),
+            ("v_cache", v_cache),
+            ("rel_bias", rel_bias),
+        ):
             if t is not None and t.requires_grad:
-                raise ValueError(f"cached_step_attention is forward only, but {name} requires grad; "
-                                 "call it under torch.no_grad() or torch.inference_mode()")
+                raise ValueError(
+                    f"cached_step_attention is forward only, but {name} requires grad; "
+                    "call it under torch.no_grad() or torch.inference_mode()"
+                )
     chosen = resolve_backend(backend, "cached_step_attention", q_new.device, needs_grad=False, dtype=q_new.dtype)
     check.check_flag("allow_tf32", allow_tf32)
     check_contents = check.should_check_values(q_new.device, validate)
@@ -241,6 +263,18 @@ def cached_step_attention(
         check.check_filled_cache_finite(("k_cache", "v_cache"), (k_cache, v_cache), cache_seqlens)
     # An upper bound that sizes work: no user has more new rows than there are.
     max_new = min(max_new, q_new.shape[0])
-    return CACHED_STEP_IMPLS[chosen](q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens,
-                                     score=score, scale=scale, rel_bias=rel_bias, silu_norm=silu_norm,
-                                     allow_tf32=allow_tf32)
+    return CACHED_STEP_IMPLS[chosen](
+        q_new,
+        k_new,
+        v_new,
+        cu_seqlens_new,
+        max_new,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        score=score,
+        scale=scale,
+        rel_bias=rel_bias,
+        silu_norm=silu_norm,
+        allow_tf32=allow_tf32,
+    )

@@ -29,9 +29,19 @@ class SegmentAttention(nn.Module):
     Inputs may also be ``(total_tokens, heads * dim)``; the output then has that form too.
     """
 
-    def __init__(self, num_heads: int, *, pattern: str = "causal", segment_len: int | None = None,
-                 num_memory_tokens: int | None = None, score: str = "softmax", scale: float | None = None,
-                 silu_norm: float | None = None, num_buckets: int | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        pattern: str = "causal",
+        segment_len: int | None = None,
+        num_memory_tokens: int | None = None,
+        score: str = "softmax",
+        scale: float | None = None,
+        silu_norm: float | None = None,
+        num_buckets: int | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         # The options are checked here, so a bad module fails where it is built, not at its first call.
         check.check_positive_int("num_heads", num_heads)
@@ -41,18 +51,28 @@ class SegmentAttention(nn.Module):
             check.check_positive_int("num_buckets", num_buckets)
         check.check_score_options(score, scale, silu_norm, None, num_heads, torch.empty(0, num_heads, 1))
         self.num_heads = num_heads
-        self.options = dict(pattern=pattern, segment_len=segment_len, num_memory_tokens=num_memory_tokens,
-                            score=score, scale=scale, silu_norm=silu_norm, backend=backend)
+        self.options = dict(
+            pattern=pattern,
+            segment_len=segment_len,
+            num_memory_tokens=num_memory_tokens,
+            score=score,
+            scale=scale,
+            silu_norm=silu_norm,
+            backend=backend,
+        )
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, num_buckets)) if num_buckets else None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
         flat = isinstance(q, torch.Tensor) and q.dim() == 2
         if flat:
             for name, x in (("q", q), ("k", k), ("v", v)):
                 if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[-1] % self.num_heads:
-                    raise ValueError(f"{name} must be (total_tokens, heads * dim) with a last dim divisible by "
-                                     f"num_heads={self.num_heads} (like q), got {tuple(getattr(x, 'shape', ()))}")
+                    raise ValueError(
+                        f"{name} must be (total_tokens, heads * dim) with a last dim divisible by "
+                        f"num_heads={self.num_heads} (like q), got {tuple(getattr(x, 'shape', ()))}"
+                    )
             q, k, v = (x.unflatten(-1, (self.num_heads, -1)) for x in (q, k, v))
         out = segment_attention(q, k, v, cu_seqlens, max_seqlen, rel_bias=self.rel_bias, **self.options)
         return out.flatten(1) if flat else out

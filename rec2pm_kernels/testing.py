@@ -33,8 +33,9 @@ def error_budget(ref: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype) 
     return 2 * max_abs_error(baseline, ref) + 2 * torch.finfo(dtype).eps * scale
 
 
-def assert_within_budget(name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
-                         dtype: torch.dtype | None = None) -> None:
+def assert_within_budget(
+    name: str, out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype | None = None
+) -> None:
     """Raise ``AssertionError`` if ``out`` is further from ``ref`` than the budget allows."""
     if out.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
@@ -44,11 +45,18 @@ def assert_within_budget(name: str, out: torch.Tensor, ref: torch.Tensor, baseli
     if not err <= budget:  # also catches NaN
         raise AssertionError(
             f"{name}: max abs error {err:.3e} exceeds the budget {budget:.3e} "
-            f"(same-dtype baseline error {max_abs_error(baseline, ref):.3e}, dtype {dtype})")
+            f"(same-dtype baseline error {max_abs_error(baseline, ref):.3e}, dtype {dtype})"
+        )
 
 
-def interleaved_lengths(generator: torch.Generator, batch: int, max_units: int, segment_len: int,
-                        num_memory_tokens: int, allow_empty: bool = True) -> list[int]:
+def interleaved_lengths(
+    generator: torch.Generator,
+    batch: int,
+    max_units: int,
+    segment_len: int,
+    num_memory_tokens: int,
+    allow_empty: bool = True,
+) -> list[int]:
     """Random sequence lengths that never end inside a write block.
 
     Each is a number of complete units plus 0..S trailing items (0 allowed only as the

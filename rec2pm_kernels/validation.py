@@ -71,7 +71,7 @@ def check_tensor(name: str, x, *, rank: int, dtypes=FLOAT_DTYPES) -> None:
 def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], what: str) -> None:
     """All tensors share ``what`` ('dtype' or 'device')."""
     first = getattr(tensors[0], what)
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:], strict=True):
         if getattr(t, what) != first:
             raise (TypeError if what == "dtype" else ValueError)(
                 f"{name} must have the same {what} as {names[0]} ({first}), got {getattr(t, what)}"
@@ -95,7 +95,7 @@ def check_positive_int(name: str, value) -> int:
 
 def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
     """``q, k``: ``(tokens, heads, head_dim)``; ``v``: ``(tokens, heads, head_dim_v)``."""
-    for name, x in zip(names, (q, k, v)):
+    for name, x in zip(names, (q, k, v), strict=True):
         check_tensor(name, x, rank=3)
     check_same(names, (q, k, v), "dtype")
     check_same(names, (q, k, v), "device")
@@ -107,7 +107,9 @@ def check_qkv(names: tuple[str, str, str], q, k, v) -> None:
             f"(tokens, heads), got {tuple(v.shape)}"
         )
     if q.shape[1] < 1 or q.shape[2] < 1 or v.shape[2] < 1:
-        raise ValueError(f"heads and head dims must be >= 1, got {names[0]} {tuple(q.shape)}, {names[2]} {tuple(v.shape)}")
+        raise ValueError(
+            f"heads and head dims must be >= 1, got {names[0]} {tuple(q.shape)}, {names[2]} {tuple(v.shape)}"
+        )
 
 
 def check_score_options(score, scale, silu_norm, rel_bias, heads: int, q: torch.Tensor) -> tuple[float, float | None]:
@@ -120,7 +122,12 @@ def check_score_options(score, scale, silu_norm, rel_bias, heads: int, q: torch.
     if score == "silu":
         if silu_norm is None:
             raise ValueError("silu_norm is required for score='silu' (HSTU uses its maximum sequence length)")
-        if isinstance(silu_norm, bool) or not isinstance(silu_norm, Real) or not math.isfinite(silu_norm) or silu_norm <= 0:
+        if (
+            isinstance(silu_norm, bool)
+            or not isinstance(silu_norm, Real)
+            or not math.isfinite(silu_norm)
+            or silu_norm <= 0
+        ):
             raise ValueError(f"silu_norm must be a finite number > 0, got {silu_norm!r}")
         silu_norm = float(silu_norm)
     elif silu_norm is not None:
@@ -164,15 +171,21 @@ def check_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, k_cache, 
     check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "dtype")
     check_same(("q_new", "k_cache", "v_cache"), (q_new, k_cache, v_cache), "device")
     if k_cache.shape[0] != batch or k_cache.shape[2:] != (heads, dim):
-        raise ValueError(f"k_cache must have shape (batch={batch}, capacity, heads={heads}, head_dim={dim}), "
-                         f"got {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must have shape (batch={batch}, capacity, heads={heads}, head_dim={dim}), "
+            f"got {tuple(k_cache.shape)}"
+        )
     if v_cache.shape != (batch, k_cache.shape[1], heads, dim_v):
-        raise ValueError(f"v_cache must have shape ({batch}, {k_cache.shape[1]}, {heads}, {dim_v}) to match "
-                         f"k_cache and v_new, got {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"v_cache must have shape ({batch}, {k_cache.shape[1]}, {heads}, {dim_v}) to match "
+            f"k_cache and v_new, got {tuple(v_cache.shape)}"
+        )
     check_tensor("cache_seqlens", cache_seqlens, rank=1, dtypes=INDEX_DTYPES)
     if cache_seqlens.shape != (batch,) or cache_seqlens.device != q_new.device:
-        raise ValueError(f"cache_seqlens must have shape ({batch},) on {q_new.device}, "
-                         f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+        raise ValueError(
+            f"cache_seqlens must have shape ({batch},) on {q_new.device}, "
+            f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
+        )
     check_cache_layout(("k_cache", "v_cache"), k_cache, v_cache)
 
 
@@ -182,21 +195,25 @@ def check_cache_layout(names: tuple[str, str], k_cache: torch.Tensor, v_cache: t
     ``torch.compile`` traces: storage addresses are not known then.)"""
     if torch.compiler.is_compiling():
         return
-    for name, cache in zip(names, (k_cache, v_cache)):
+    for name, cache in zip(names, (k_cache, v_cache), strict=True):
         if _has_internal_overlap(cache):
-            raise ValueError(f"{name} must not overlap itself in memory, got shape {tuple(cache.shape)} with strides "
-                             f"{cache.stride()} (an expanded or as_strided view); pass a tensor that owns each slot, "
-                             "e.g. .contiguous()")
+            raise ValueError(
+                f"{name} must not overlap itself in memory, got shape {tuple(cache.shape)} with strides "
+                f"{cache.stride()} (an expanded or as_strided view); pass a tensor that owns each slot, "
+                "e.g. .contiguous()"
+            )
     if _may_share_elements(k_cache, v_cache):
-        raise ValueError(f"{names[0]} and {names[1]} must not share memory: appending to one would overwrite the "
-                         "other; pass separate tensors (or disjoint views of one buffer)")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must not share memory: appending to one would overwrite the "
+            "other; pass separate tensors (or disjoint views of one buffer)"
+        )
 
 
 def _has_internal_overlap(t: torch.Tensor) -> bool:
     """True unless each stride steps past everything the smaller strides reach (a sufficient
     condition for distinct elements; every layout torch creates without as_strided meets it)."""
     reach = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1):
         if stride < reach:
             return True
         reach += (size - 1) * stride
@@ -210,7 +227,7 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
 
     def byte_range(t):
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
         return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
@@ -223,7 +240,7 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     rest, item = divmod(abs(b0 - a0), a.element_size())
     if item:
         return False
-    for stride, size in sorted(((st, n) for n, st in zip(a.shape, a.stride()) if n > 1), reverse=True):
+    for stride, size in sorted(((st, n) for n, st in zip(a.shape, a.stride(), strict=True) if n > 1), reverse=True):
         digit = min(rest // stride, size - 1)
         rest -= digit * stride
     return rest == 0
@@ -239,12 +256,15 @@ def check_cache_seqlens_values(cache_seqlens: torch.Tensor, counts: torch.Tensor
     ends = cache_seqlens.long() + counts.long()
     if bool((ends > capacity).any()):
         b = int(torch.nonzero(ends > capacity)[0, 0])
-        raise ValueError(f"k_cache capacity {capacity} is too small: user {b} has "
-                         f"cache_seqlens={int(cache_seqlens[b])} and {int(counts[b])} new rows")
+        raise ValueError(
+            f"k_cache capacity {capacity} is too small: user {b} has "
+            f"cache_seqlens={int(cache_seqlens[b])} and {int(counts[b])} new rows"
+        )
 
 
-def check_filled_cache_finite(names: tuple[str, str], caches: tuple[torch.Tensor, torch.Tensor],
-                              cache_seqlens: torch.Tensor) -> None:
+def check_filled_cache_finite(
+    names: tuple[str, str], caches: tuple[torch.Tensor, torch.Tensor], cache_seqlens: torch.Tensor
+) -> None:
     """No NaN or Inf in the slots ``[0, cache_seqlens[b])`` that the new rows read."""
     if not cache_seqlens.numel():
         return
@@ -252,15 +272,17 @@ def check_filled_cache_finite(names: tuple[str, str], caches: tuple[torch.Tensor
     if filled_max == 0:
         return
     filled = torch.arange(filled_max, device=cache_seqlens.device)[None, :] < cache_seqlens[:, None].long()
-    for name, cache in zip(names, caches):
+    for name, cache in zip(names, caches, strict=True):
         if all_finite(cache[:, :filled_max]):  # the usual case, in one pass
             continue
         # Something is not finite: it is an error only inside a user's filled prefix.
         bad = (~torch.isfinite(cache[:, :filled_max])).flatten(2).any(-1) & filled  # (batch, slots)
         if bool(bad.any()):
             b, slot = (int(x) for x in torch.nonzero(bad)[0])
-            raise ValueError(f"{name} contains NaN or Inf in filled slot {slot} of user {b} "
-                             f"(cache_seqlens[{b}]={int(cache_seqlens[b])})")
+            raise ValueError(
+                f"{name} contains NaN or Inf in filled slot {slot} of user {b} "
+                f"(cache_seqlens[{b}]={int(cache_seqlens[b])})"
+            )
 
 
 def check_max_seqlen(name: str, max_seqlen, lengths: torch.Tensor | None) -> int:
@@ -283,7 +305,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor | None, ...]) -> None:
-    for name, t in zip(names, tensors):
+    for name, t in zip(names, tensors, strict=True):
         if t is not None and t.numel() and not all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf")
 
@@ -296,8 +318,10 @@ def check_pattern(pattern, segment_len, num_memory_tokens) -> None:
         check_positive_int("segment_len", segment_len)
         check_positive_int("num_memory_tokens", num_memory_tokens)
         if segment_len + num_memory_tokens > MAX_POSITION:
-            raise ValueError(f"segment_len + num_memory_tokens must be <= {MAX_POSITION} (positions are 32-bit in "
-                             f"the kernels), got {segment_len} + {num_memory_tokens}")
+            raise ValueError(
+                f"segment_len + num_memory_tokens must be <= {MAX_POSITION} (positions are 32-bit in "
+                f"the kernels), got {segment_len} + {num_memory_tokens}"
+            )
     elif segment_len is not None or num_memory_tokens is not None:
         raise ValueError(
             "segment_len and num_memory_tokens apply only to the interleaved patterns "

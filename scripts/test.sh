@@ -13,6 +13,8 @@ run_stage() {
   names+=("$name"); seconds+=("$(( $(date +%s) - start ))")
 }
 
+# Lint first: it needs nothing but ruff (pinned: a new ruff release must not fail CI by itself).
+run_stage "lint (ruff check, ruff format --check)" bash scripts/lint.sh
 run_stage "install + extension build" bash scripts/bootstrap.sh test
 if command -v "${CXX:-c++}" >/dev/null; then export REC2PM_REQUIRE_EXT="${REC2PM_REQUIRE_EXT:-1}"; fi
 # Tests on the real data sets fail, not skip, when the files are missing (0 skips them).

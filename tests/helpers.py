@@ -31,8 +31,9 @@ def score_kwargs(score: str) -> dict:
     return {"score": score, "silu_norm": 7.0 if score == "silu" else None}
 
 
-def make_qkv(total: int, heads: int = 2, dim: int = 8, dim_v: int | None = None, dtype=torch.float32,
-             requires_grad: bool = False):
+def make_qkv(
+    total: int, heads: int = 2, dim: int = 8, dim_v: int | None = None, dtype=torch.float32, requires_grad: bool = False
+):
     dim_v = dim if dim_v is None else dim_v
     q = torch.randn(total, heads, dim, dtype=dtype)
     k = torch.randn(total, heads, dim, dtype=dtype)
@@ -44,8 +45,9 @@ def make_bias(heads: int, num_buckets: int = 9, dtype=torch.float32, requires_gr
     return (0.5 * torch.randn(heads, num_buckets, dtype=dtype)).requires_grad_(requires_grad)
 
 
-def check_against_oracle(lengths, pattern, score, *, with_bias, dtype=torch.float32, heads=2, dim=8, dim_v=None,
-                         grads=True, **backend_kwargs):
+def check_against_oracle(
+    lengths, pattern, score, *, with_bias, dtype=torch.float32, heads=2, dim=8, dim_v=None, grads=True, **backend_kwargs
+):
     """Forward and every gradient of ``segment_attention`` against the oracle, within budget."""
     cu = cu_seqlens_of(lengths)
     q, k, v = make_qkv(sum(lengths), heads, dim, dim_v, dtype, requires_grad=grads)
@@ -64,5 +66,5 @@ def check_against_oracle(lengths, pattern, score, *, with_bias, dtype=torch.floa
     got = torch.autograd.grad(out, inputs, grad_out)
     want = torch.autograd.grad(ref, inputs, grad_out.to(ref.dtype))
     same_dtype = torch.autograd.grad(base, inputs, grad_out)
-    for name, g, r, b in zip(names, got, want, same_dtype):
+    for name, g, r, b in zip(names, got, want, same_dtype, strict=True):
         assert_within_budget(name, g, r, b, dtype)

@@ -28,10 +28,19 @@ def _without_interpreter() -> dict:
 
 def _expected_values(arch: int, kernel: str) -> dict[str, set]:
     """Every value a covering run must show for ``kernel`` on ``arch``."""
-    values = dict(score=set(aot.SCORES), dtype=set(aot.DTYPES), head_dim=set(aot.HEAD_DIMS), precision={"ieee", "tf32"},
-                  has_bias={True} if kernel == "segment_bwd_bias" else {False, True},
-                  config={(dtype, head_dim, config_key(c)) for dtype, torch_dtype in aot.DTYPES.items()
-                          for head_dim in aot.HEAD_DIMS for c in configs(kernel, torch_dtype, head_dim, arch)})
+    values = dict(
+        score=set(aot.SCORES),
+        dtype=set(aot.DTYPES),
+        head_dim=set(aot.HEAD_DIMS),
+        precision={"ieee", "tf32"},
+        has_bias={True} if kernel == "segment_bwd_bias" else {False, True},
+        config={
+            (dtype, head_dim, config_key(c))
+            for dtype, torch_dtype in aot.DTYPES.items()
+            for head_dim in aot.HEAD_DIMS
+            for c in configs(kernel, torch_dtype, head_dim, arch)
+        },
+    )
     if kernel == "cached_step":
         values["num_splits"] = set(aot.NUM_SPLITS)
     else:
@@ -74,16 +83,20 @@ def test_lengths_are_not_specialised():
         spec = next(s for s in specs if s.kernel == kernel)
         fn = aot._kernel_function(kernel)
         unspecialised = {param.name for param in fn.params if param.do_not_specialize}
-        integers = {name for name, kind in aot.compile_source(spec).signature.items()
-                    if kind == "i32" and not name.startswith("stride_")}
+        integers = {
+            name
+            for name, kind in aot.compile_source(spec).signature.items()
+            if kind == "i32" and not name.startswith("stride_")
+        }
         assert integers, kernel
         assert integers <= unspecialised, f"{kernel} specialises {sorted(integers - unspecialised)}"
 
 
 def test_refuses_to_run_under_the_interpreter():
     env = dict(_without_interpreter(), TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "rec2pm_kernels.aot", "--subset"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "rec2pm_kernels.aot", "--subset"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "TRITON_INTERPRET" in result.stderr
 
@@ -93,8 +106,13 @@ def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
     """Every pattern, score, bias, dtype, head dim and config compiles for sm_80 and sm_90,
     within shared memory and without spills; prints the per-specialisation report."""
     report = tmp_path / "aot.json"
-    result = subprocess.run([sys.executable, "-m", "rec2pm_kernels.aot", "--subset", "--json", str(report)],
-                            cwd=ROOT, env=_without_interpreter(), capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "rec2pm_kernels.aot", "--subset", "--json", str(report)],
+        cwd=ROOT,
+        env=_without_interpreter(),
+        capture_output=True,
+        text=True,
+    )
     print(result.stdout)
     print(result.stderr, file=sys.stderr)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

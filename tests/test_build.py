@@ -73,8 +73,19 @@ def test_cuda_sources_compile(arch, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found")
     src = ROOT / "csrc" / "cuda" / "patterns_kernel.cu"
-    cmd = [nvcc, "-c", str(src), "-o", str(tmp_path / "k.o"), "-std=c++17", f"-arch={arch}", "-Xptxas", "-v",
-           "-I", str(ROOT / "csrc" / "include")]
+    cmd = [
+        nvcc,
+        "-c",
+        str(src),
+        "-o",
+        str(tmp_path / "k.o"),
+        "-std=c++17",
+        f"-arch={arch}",
+        "-Xptxas",
+        "-v",
+        "-I",
+        str(ROOT / "csrc" / "include"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     usage = [line.strip() for line in result.stderr.splitlines() if "registers" in line or "spill" in line]

@@ -36,11 +36,15 @@ def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32):
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("filled, new", [
-    ([0, 5, 12, 3, 20], [3, 1, 0, 4, 4]),  # ragged: several rows, empty users
-    ([9, 9, 9], [1, 1, 1]),                # one row each over equal prefixes (the torch backend drops the mask)
-    ([9, 10, 10], [1, 0, 0]),              # equal ends, but users without new rows
-], ids=["ragged", "equal", "equal-ends"])
+@pytest.mark.parametrize(
+    "filled, new",
+    [
+        ([0, 5, 12, 3, 20], [3, 1, 0, 4, 4]),  # ragged: several rows, empty users
+        ([9, 9, 9], [1, 1, 1]),  # one row each over equal prefixes (the torch backend drops the mask)
+        ([9, 10, 10], [1, 0, 0]),  # equal ends, but users without new rows
+    ],
+    ids=["ragged", "equal", "equal-ends"],
+)
 def test_matches_oracle_and_appends(cached_step, score, with_bias, dtype, filled, new):
     heads, dim, dim_v, capacity = 2, 8, 6, 24
     cu = cu_seqlens_of(new)
@@ -55,14 +59,14 @@ def test_matches_oracle_and_appends(cached_step, score, with_bias, dtype, filled
     out = cached_step(q, k, v, cu, max(new), k_cache, v_cache, seqlens, **kw)
     assert_within_budget("out", out, ref, base, dtype)
     assert seqlens.tolist() == filled, "cache_seqlens must not be modified"
-    for b, (c, n) in enumerate(zip(filled, new)):
+    for b, (c, n) in enumerate(zip(filled, new, strict=True)):
         start = int(cu[b])
-        assert torch.equal(k_cache[b, c:c + n], k[start:start + n])
-        assert torch.equal(v_cache[b, c:c + n], v[start:start + n])
+        assert torch.equal(k_cache[b, c : c + n], k[start : start + n])
+        assert torch.equal(v_cache[b, c : c + n], v[start : start + n])
         # Everything else is untouched (NaN compares unequal, so compare the NaN pattern too).
         for cache, before in ((k_cache, k_before), (v_cache, v_before)):
             keep = torch.ones(capacity, dtype=torch.bool)
-            keep[c:c + n] = False
+            keep[c : c + n] = False
             assert torch.equal(cache[b, keep].isnan(), before[b, keep].isnan())
             assert torch.equal(cache[b, keep].nan_to_num(), before[b, keep].nan_to_num())
 
@@ -74,7 +78,7 @@ def test_one_event_at_a_time_equals_causal_pass(cached_step, score, with_bias):
     heads, dim, dim_v = 2, 8, 4
     prefix = [4, 0, 7]  # [M ; earlier items] already cached
     events = [5, 3, 1]  # then fed one at a time
-    lengths = [p + e for p, e in zip(prefix, events)]
+    lengths = [p + e for p, e in zip(prefix, events, strict=True)]
     q, k, v = make_qkv(sum(lengths), heads, dim, dim_v, torch.float64)
     bias = make_bias(heads, num_buckets=6, dtype=torch.float64) if with_bias else None
     kw = dict(rel_bias=bias, **score_kwargs(score))
@@ -83,15 +87,14 @@ def test_one_event_at_a_time_equals_causal_pass(cached_step, score, with_bias):
     starts = cu_seqlens_of(lengths)[:-1].tolist()
     k_cache, v_cache = make_cache(3, max(lengths), heads, dim, dim_v, [0, 0, 0], torch.float64)
     for b, n in enumerate(prefix):
-        k_cache[b, :n] = k[starts[b]:starts[b] + n]
-        v_cache[b, :n] = v[starts[b]:starts[b] + n]
+        k_cache[b, :n] = k[starts[b] : starts[b] + n]
+        v_cache[b, :n] = v[starts[b] : starts[b] + n]
     seqlens = torch.tensor(prefix, dtype=torch.int32)
     for step in range(max(events)):
         users = [b for b in range(3) if step < events[b]]
         rows = torch.tensor([starts[b] + prefix[b] + step for b in users], dtype=torch.long)
         counts = [1 if b in users else 0 for b in range(3)]
-        out = cached_step(q[rows], k[rows], v[rows], cu_seqlens_of(counts), 1, k_cache, v_cache, seqlens,
-                                    **kw)
+        out = cached_step(q[rows], k[rows], v[rows], cu_seqlens_of(counts), 1, k_cache, v_cache, seqlens, **kw)
         torch.testing.assert_close(out, full[rows], rtol=1e-12, atol=1e-12)
         seqlens += torch.tensor(counts, dtype=torch.int32)
 
@@ -102,8 +105,9 @@ def test_several_new_rows_equal_their_causal_rows(cached_step):
     full = segment_attention(q, k, v, cu_seqlens_of([9]), 9)
     k_cache, v_cache = make_cache(1, 12, heads, dim, dim, [4], torch.float64)
     k_cache[0, :4], v_cache[0, :4] = k[:4], v[:4]
-    out = cached_step(q[4:], k[4:], v[4:], cu_seqlens_of([5]), 5, k_cache, v_cache,
-                                torch.tensor([4], dtype=torch.int32))
+    out = cached_step(
+        q[4:], k[4:], v[4:], cu_seqlens_of([5]), 5, k_cache, v_cache, torch.tensor([4], dtype=torch.int32)
+    )
     torch.testing.assert_close(out, full[4:], rtol=1e-12, atol=1e-12)
 
 
@@ -111,11 +115,10 @@ def test_no_new_rows_at_all(cached_step):
     k_cache, v_cache = make_cache(2, 4, 2, 8, 8, [1, 3])
     q, k, v = make_qkv(0)
     before = (k_cache.clone(), v_cache.clone())
-    out = cached_step(q, k, v, cu_seqlens_of([0, 0]), 0, k_cache, v_cache,
-                                torch.tensor([1, 3], dtype=torch.int32))
+    out = cached_step(q, k, v, cu_seqlens_of([0, 0]), 0, k_cache, v_cache, torch.tensor([1, 3], dtype=torch.int32))
     assert out.shape == (0, 2, 8)
     # Nothing to append: every slot, filled or not (NaN), is as it was.
-    for cache, old in zip((k_cache, v_cache), before):
+    for cache, old in zip((k_cache, v_cache), before, strict=True):
         assert torch.equal(cache.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
@@ -129,8 +132,7 @@ def test_runs_under_no_grad_with_parameters(cached_step):
         out = cached_step(q, k, v, cu_seqlens_of([1]), 1, k_cache, v_cache, seqlens, rel_bias=bias)
     assert not out.requires_grad
     ref = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach())
-    base = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach(),
-                              upcast=False)
+    base = cached_step_oracle(q, k, v, cu_seqlens_of([1]), ref_k, ref_v, seqlens, rel_bias=bias.detach(), upcast=False)
     assert_within_budget("out", out, ref, base)
 
 

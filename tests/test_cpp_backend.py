@@ -31,8 +31,9 @@ def test_matches_oracle(pattern, score, with_bias, dtype):
 @pytest.mark.parametrize("pattern", ["causal", "global", "kv_memory_append"])
 def test_head_dims(dim, dim_v, pattern):
     # 8/16/32/64 take the fixed-width value loops, the others the generic one.
-    check_against_oracle(RAGGED, pattern, "softmax", with_bias=True, dim=dim, dim_v=dim_v, heads=3, grads=False,
-                         backend="cpp")
+    check_against_oracle(
+        RAGGED, pattern, "softmax", with_bias=True, dim=dim, dim_v=dim_v, heads=3, grads=False, backend="cpp"
+    )
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -65,8 +66,20 @@ def test_bit_identical_across_runs_and_thread_counts():
     try:
         for count in (1, 2, 1, 3):
             torch.set_num_threads(count)
-            outs.append(segment_attention(q, k, v, cu, 200, pattern="global", rel_bias=bias, backend="cpp",
-                                          **pattern_kwargs("global", 20, 4), **score_kwargs("silu")))
+            outs.append(
+                segment_attention(
+                    q,
+                    k,
+                    v,
+                    cu,
+                    200,
+                    pattern="global",
+                    rel_bias=bias,
+                    backend="cpp",
+                    **pattern_kwargs("global", 20, 4),
+                    **score_kwargs("silu"),
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
@@ -82,8 +95,11 @@ def test_cpp_is_forward_only_and_auto_picks_it_without_gradients(monkeypatch):
     chosen = []
     for name in ("cpp", "torch"):
         real = interface.SEGMENT_ATTENTION_IMPLS[name]
-        monkeypatch.setitem(interface.SEGMENT_ATTENTION_IMPLS, name,
-                            lambda *a, _name=name, _real=real, **kw: chosen.append(_name) or _real(*a, **kw))
+        monkeypatch.setitem(
+            interface.SEGMENT_ATTENTION_IMPLS,
+            name,
+            lambda *a, _name=name, _real=real, **kw: chosen.append(_name) or _real(*a, **kw),
+        )
     with torch.no_grad():
         segment_attention(q, k, v, cu, 9)
     segment_attention(q, k, v, cu, 9).sum().backward()
@@ -96,8 +112,9 @@ def test_bad_input_reaches_the_shared_validation():
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
         segment_attention(q, k, v, torch.tensor([0, 7, 4, 10]), 7, backend="cpp")
     with pytest.raises(ValueError, match="q contains NaN or Inf"):
-        segment_attention(q.index_fill(0, torch.tensor([2]), float("nan")), k, v, cu_seqlens_of([10]), 10,
-                          backend="cpp")
+        segment_attention(
+            q.index_fill(0, torch.tensor([2]), float("nan")), k, v, cu_seqlens_of([10]), 10, backend="cpp"
+        )
 
 
 def test_custom_ops_pass_opcheck():
@@ -107,8 +124,23 @@ def test_custom_ops_pass_opcheck():
 
     q, k, v = make_qkv(12, heads=2, dim=8)
     bias = make_bias(2)
-    torch.library.opcheck(cpp_segment_attention_op, (q, k, v, cu_seqlens_of([5, 7]), "global", S, C, "silu", 0.3,
-                                                     bias, 4.0))
+    torch.library.opcheck(
+        cpp_segment_attention_op, (q, k, v, cu_seqlens_of([5, 7]), "global", S, C, "silu", 0.3, bias, 4.0)
+    )
     k_cache, v_cache = torch.zeros(2, 6, 2, 8), torch.zeros(2, 6, 2, 8)
-    torch.library.opcheck(cpp_cached_step_op, (q[:3], k[:3], v[:3], cu_seqlens_of([2, 1]), k_cache, v_cache,
-                                               torch.tensor([1, 3], dtype=torch.int32), "softmax", 0.35, bias, 1.0))
+    torch.library.opcheck(
+        cpp_cached_step_op,
+        (
+            q[:3],
+            k[:3],
+            v[:3],
+            cu_seqlens_of([2, 1]),
+            k_cache,
+            v_cache,
+            torch.tensor([1, 3], dtype=torch.int32),
+            "softmax",
+            0.35,
+            bias,
+            1.0,
+        ),
+    )

@@ -19,12 +19,13 @@ def packed(histories):
 
 def hash_scores(items, cu, num_items):
     """A deterministic per-user scorer that depends only on that user's own history (integer math, exact)."""
-    sums = torch.stack([items[a:b].sum() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    sums = torch.stack([items[a:b].sum() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)])
     ids = torch.arange(num_items + 1)
     return ((ids[None] * 2654435761 + sums[:, None] * 40503) % 1000003).float()
 
 
 # ---------------------------------------------------------------- metrics by hand
+
 
 def test_metrics_by_hand():
     # ranks [1, 3, 12, 60]:
@@ -53,6 +54,7 @@ def test_metrics_other_ks():
 
 # ---------------------------------------------------------------- ranks
 
+
 def test_ranks_padding_never_counts():
     # The padding column holds the highest score, yet the target (item 2, 0.5) ranks behind item 1 only.
     scores = torch.tensor([[9.0, 0.7, 0.5, 0.1]])
@@ -60,11 +62,14 @@ def test_ranks_padding_never_counts():
 
 
 def test_ranks_exclusion_removes_items_but_never_the_target():
-    scores = torch.tensor([[0.0, 0.9, 0.8, 0.5, 0.1],
-                           [0.0, 0.9, 0.8, 0.5, 0.1]])
+    scores = torch.tensor([[0.0, 0.9, 0.8, 0.5, 0.1], [0.0, 0.9, 0.8, 0.5, 0.1]])
     targets = torch.tensor([3, 3])
-    exclude = torch.tensor([[False, True, False, False, False],    # item 1 removed: rank 3 -> 2
-                            [True, True, True, True, True]])       # everything, the target included, flagged
+    exclude = torch.tensor(
+        [
+            [False, True, False, False, False],  # item 1 removed: rank 3 -> 2
+            [True, True, True, True, True],
+        ]
+    )  # everything, the target included, flagged
     assert ranks_from_scores(scores, targets).tolist() == [3, 3]
     assert ranks_from_scores(scores, targets, exclude).tolist() == [2, 1]
 
@@ -82,6 +87,7 @@ def test_ranks_ties_are_pessimistic():
 
 # ---------------------------------------------------------------- no leak
 
+
 def random_histories(num_users, num_items, gen, max_len=200):
     lengths = torch.randint(1, max_len, (num_users,), generator=gen)
     items = torch.randint(1, num_items + 1, (int(lengths.sum()),), generator=gen)
@@ -97,8 +103,16 @@ def test_random_model_gets_chance_level(exclude_history):
     gen = torch.Generator().manual_seed(1)
     items, cu, targets = random_histories(U, N, gen, max_len=800)
     score_gen = torch.Generator().manual_seed(2)
-    m = evaluate(lambda i, c: torch.rand(c.numel() - 1, N + 1, generator=score_gen), items, cu, targets, N,
-                 exclude_history=exclude_history, batch_size=512, progress=False)
+    m = evaluate(
+        lambda i, c: torch.rand(c.numel() - 1, N + 1, generator=score_gen),
+        items,
+        cu,
+        targets,
+        N,
+        exclude_history=exclude_history,
+        batch_size=512,
+        progress=False,
+    )
     if exclude_history:
         # Candidates: every item not in the history, plus the target even when it repeats.
         seen = history_mask(items, cu, slice(None), N)
@@ -121,7 +135,7 @@ def test_random_model_gets_chance_level(exclude_history):
 def test_target_excluded_only_when_it_truly_repeats():
     N = 10
     histories = [[1, 2, 3], [4, 5, 6, 4], [7], [2, 9]]
-    targets = torch.tensor([4, 4, 7, 9])   # users 1, 2 and 3 repeat a history item; user 0 does not
+    targets = torch.tensor([4, 4, 7, 9])  # users 1, 2 and 3 repeat a history item; user 0 does not
     items, cu = packed(histories)
     mask = history_mask(items, cu, slice(None), N)
     assert mask[torch.arange(4), targets].tolist() == [False, True, True, True]
@@ -150,13 +164,14 @@ def test_target_excluded_only_when_it_truly_repeats():
 
 # ---------------------------------------------------------------- oracle and a real model
 
+
 def test_oracle_model_gets_hr1_of_one():
     """Walks with a per-user stride: the oracle reads the stride from the last two items it is given."""
     N, U, length = 50, 60, 30
     gen = torch.Generator().manual_seed(3)
     start = torch.randint(0, N, (U, 1), generator=gen)
     stride = torch.randint(1, 4, (U, 1), generator=gen)
-    walk = (start + stride * torch.arange(length + 1)) % N + 1      # stride 2 and 3 wrap: targets repeat
+    walk = (start + stride * torch.arange(length + 1)) % N + 1  # stride 2 and 3 wrap: targets repeat
     items, targets = walk[:, :-1].flatten(), walk[:, -1]
     cu = torch.arange(U + 1) * length
 
@@ -190,12 +205,15 @@ def test_with_a_model_score_history():
 
 # ---------------------------------------------------------------- batching and progress
 
+
 def test_batch_size_does_not_change_results():
     N, U = 80, 50
     gen = torch.Generator().manual_seed(4)
     items, cu, targets = random_histories(U, N, gen, max_len=20)
-    results = [evaluate(lambda i, c: hash_scores(i, c, N), items, cu, targets, N, batch_size=b, progress=False)
-               for b in (1, 7, 1000)]
+    results = [
+        evaluate(lambda i, c: hash_scores(i, c, N), items, cu, targets, N, batch_size=b, progress=False)
+        for b in (1, 7, 1000)
+    ]
     assert results[0] == results[1] == results[2]
     ranks = ranks_from_scores(hash_scores(items, cu, N), targets, history_mask(items, cu, slice(None), N))
     assert results[0] == {**metrics_from_ranks(ranks), "users": U}
@@ -217,7 +235,7 @@ def test_cu_batch_is_rebased_and_keeps_dtype():
 def test_progress_bar_with_and_without_tqdm(monkeypatch):
     items, cu = packed([[1], [2], [3]])
     args = (lambda i, c: torch.zeros(c.numel() - 1, 4), items, cu, torch.tensor([1, 2, 3]), 3)
-    monkeypatch.setitem(sys.modules, "tqdm", None)          # import fails: no bar, no error
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails: no bar, no error
     assert evaluate(*args, batch_size=2)["users"] == 3
     calls = []
 
@@ -241,58 +259,85 @@ def test_format_metrics():
     lines = text.splitlines()
     assert lines[0].split() == ["metric", "value"]
     assert lines[2].split() == ["HR@10", "0.5000"] and lines[-1].split() == ["users", "4"]
-    assert len({len(line) for line in lines}) == 1       # right-aligned values: equal widths
+    assert len({len(line) for line in lines}) == 1  # right-aligned values: equal widths
 
 
 # ---------------------------------------------------------------- bad input
 
+
 def good_args():
     items, cu = packed([[1, 2], [3]])
-    return dict(score_fn=lambda i, c: torch.zeros(c.numel() - 1, 6), items=items, cu_seqlens=cu,
-                targets=torch.tensor([4, 5]), num_items=5)
+    return dict(
+        score_fn=lambda i, c: torch.zeros(c.numel() - 1, 6),
+        items=items,
+        cu_seqlens=cu,
+        targets=torch.tensor([4, 5]),
+        num_items=5,
+    )
 
 
-@pytest.mark.parametrize("change,text", [
-    (dict(targets=torch.tensor([4, 5, 1])), "targets must have shape (2,)"),
-    (dict(targets=torch.tensor([[4, 5]])), "targets must be a 1-D integer tensor"),
-    (dict(targets=torch.tensor([4.0, 5.0])), "targets must be a 1-D integer tensor"),
-    (dict(targets=torch.tensor([0, 5])), "targets holds item id 0, outside the catalogue 1..5"),
-    (dict(targets=torch.tensor([4, 6])), "targets holds item id 6, outside the catalogue 1..5"),
-    (dict(items=torch.tensor([1, 9, 3])), "items holds item id 9"),
-    (dict(items=torch.tensor([1, 2])), "cu_seqlens must start at 0, be non-decreasing and end at 2"),
-    (dict(cu_seqlens=torch.tensor([0, 3])), "targets must have shape (1,)"),
-    (dict(cu_seqlens=torch.tensor([0.0, 2.0, 3.0])), "cu_seqlens must be a 1-D integer tensor"),
-    (dict(score_fn=lambda i, c: torch.zeros(c.numel() - 1, 5)), "score_fn must return a tensor of shape (2, 6)"),
-    (dict(score_fn=lambda i, c: torch.zeros(1, 6)), "score_fn must return a tensor of shape (2, 6)"),
-    (dict(score_fn=lambda i, c: [0.0] * 6), "score_fn must return a tensor of shape (2, 6)"),
-    (dict(score_fn=lambda i, c: torch.full((2, 6), math.nan)), "scores contains NaN"),
-    (dict(num_items=0), "num_items must be an int >= 1"),
-    (dict(batch_size=0), "batch_size must be an int >= 1"),
-    (dict(ks=(0, 10)), "ks must be a non-empty sequence of ints >= 1"),
-    (dict(ks=()), "ks must be a non-empty sequence of ints >= 1"),
-])
+@pytest.mark.parametrize(
+    "change,text",
+    [
+        (dict(targets=torch.tensor([4, 5, 1])), "targets must have shape (2,)"),
+        (dict(targets=torch.tensor([[4, 5]])), "targets must be a 1-D integer tensor"),
+        (dict(targets=torch.tensor([4.0, 5.0])), "targets must be a 1-D integer tensor"),
+        (dict(targets=torch.tensor([0, 5])), "targets holds item id 0, outside the catalogue 1..5"),
+        (dict(targets=torch.tensor([4, 6])), "targets holds item id 6, outside the catalogue 1..5"),
+        (dict(items=torch.tensor([1, 9, 3])), "items holds item id 9"),
+        (dict(items=torch.tensor([1, 2])), "cu_seqlens must start at 0, be non-decreasing and end at 2"),
+        (dict(cu_seqlens=torch.tensor([0, 3])), "targets must have shape (1,)"),
+        (dict(cu_seqlens=torch.tensor([0.0, 2.0, 3.0])), "cu_seqlens must be a 1-D integer tensor"),
+        (dict(score_fn=lambda i, c: torch.zeros(c.numel() - 1, 5)), "score_fn must return a tensor of shape (2, 6)"),
+        (dict(score_fn=lambda i, c: torch.zeros(1, 6)), "score_fn must return a tensor of shape (2, 6)"),
+        (dict(score_fn=lambda i, c: [0.0] * 6), "score_fn must return a tensor of shape (2, 6)"),
+        (dict(score_fn=lambda i, c: torch.full((2, 6), math.nan)), "scores contains NaN"),
+        (dict(num_items=0), "num_items must be an int >= 1"),
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(ks=(0, 10)), "ks must be a non-empty sequence of ints >= 1"),
+        (dict(ks=()), "ks must be a non-empty sequence of ints >= 1"),
+    ],
+)
 def test_evaluate_bad_input(change, text):
     args = {**good_args(), **change}
     with pytest.raises((ValueError, TypeError)) as info:
-        evaluate(args.pop("score_fn"), args.pop("items"), args.pop("cu_seqlens"), args.pop("targets"),
-                 args.pop("num_items"), progress=False, **args)
+        evaluate(
+            args.pop("score_fn"),
+            args.pop("items"),
+            args.pop("cu_seqlens"),
+            args.pop("targets"),
+            args.pop("num_items"),
+            progress=False,
+            **args,
+        )
     assert text in str(info.value)
 
 
-@pytest.mark.parametrize("call,text", [
-    (lambda: ranks_from_scores(torch.zeros(2, 6), torch.tensor([1])), "targets must have shape (2,)"),
-    (lambda: ranks_from_scores(torch.zeros(6), torch.tensor([1])), "scores must be a 2-D float tensor"),
-    (lambda: ranks_from_scores(torch.zeros(1, 6, dtype=torch.long), torch.tensor([1])), "scores must be a 2-D float"),
-    (lambda: ranks_from_scores(torch.zeros(1, 6), torch.tensor([6])), "targets holds item id 6"),
-    (lambda: ranks_from_scores(torch.zeros(1, 6), torch.tensor([1]), torch.zeros(1, 6)), "exclude must be a bool"),
-    (lambda: ranks_from_scores(torch.zeros(1, 6), torch.tensor([1]), torch.zeros(1, 5, dtype=torch.bool)),
-     "exclude must be a bool tensor of shape (1, 6)"),
-    (lambda: metrics_from_ranks(torch.tensor([1, 0])), "ranks must be >= 1"),
-    (lambda: metrics_from_ranks(torch.tensor([], dtype=torch.long)), "ranks is empty"),
-    (lambda: metrics_from_ranks(torch.tensor([1.0])), "ranks must be a 1-D integer tensor"),
-    (lambda: history_mask(torch.tensor([1, 7]), torch.tensor([0, 2]), slice(None), 6), "items holds item id 7"),
-    (lambda: history_mask(torch.tensor([1, 2]), torch.tensor([0, 3]), slice(None), 6), "cu_seqlens must start at 0"),
-])
+@pytest.mark.parametrize(
+    "call,text",
+    [
+        (lambda: ranks_from_scores(torch.zeros(2, 6), torch.tensor([1])), "targets must have shape (2,)"),
+        (lambda: ranks_from_scores(torch.zeros(6), torch.tensor([1])), "scores must be a 2-D float tensor"),
+        (
+            lambda: ranks_from_scores(torch.zeros(1, 6, dtype=torch.long), torch.tensor([1])),
+            "scores must be a 2-D float",
+        ),
+        (lambda: ranks_from_scores(torch.zeros(1, 6), torch.tensor([6])), "targets holds item id 6"),
+        (lambda: ranks_from_scores(torch.zeros(1, 6), torch.tensor([1]), torch.zeros(1, 6)), "exclude must be a bool"),
+        (
+            lambda: ranks_from_scores(torch.zeros(1, 6), torch.tensor([1]), torch.zeros(1, 5, dtype=torch.bool)),
+            "exclude must be a bool tensor of shape (1, 6)",
+        ),
+        (lambda: metrics_from_ranks(torch.tensor([1, 0])), "ranks must be >= 1"),
+        (lambda: metrics_from_ranks(torch.tensor([], dtype=torch.long)), "ranks is empty"),
+        (lambda: metrics_from_ranks(torch.tensor([1.0])), "ranks must be a 1-D integer tensor"),
+        (lambda: history_mask(torch.tensor([1, 7]), torch.tensor([0, 2]), slice(None), 6), "items holds item id 7"),
+        (
+            lambda: history_mask(torch.tensor([1, 2]), torch.tensor([0, 3]), slice(None), 6),
+            "cu_seqlens must start at 0",
+        ),
+    ],
+)
 def test_parts_bad_input(call, text):
     with pytest.raises((ValueError, TypeError)) as info:
         call()
@@ -302,7 +347,7 @@ def test_parts_bad_input(call, text):
 def test_exclusion_can_come_from_a_longer_history_than_the_model_reads():
     # The model reads only the last item; the exclusion covers the whole history.
     num_items = 6
-    full_items = torch.tensor([5, 4, 1])          # one user, history 5 4 1
+    full_items = torch.tensor([5, 4, 1])  # one user, history 5 4 1
     full_cu = torch.tensor([0, 3])
     window_items, window_cu = torch.tensor([1]), torch.tensor([0, 1])
     scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 6.0, 5.0, 4.0]])  # items 4, 5 score above the target 6
@@ -312,8 +357,16 @@ def test_exclusion_can_come_from_a_longer_history_than_the_model_reads():
 
     target = torch.tensor([6])
     only_window = evaluate(score_fn, window_items, window_cu, target, num_items, progress=False)
-    whole = evaluate(score_fn, window_items, window_cu, target, num_items, progress=False,
-                     exclude_items=full_items, exclude_cu_seqlens=full_cu)
+    whole = evaluate(
+        score_fn,
+        window_items,
+        window_cu,
+        target,
+        num_items,
+        progress=False,
+        exclude_items=full_items,
+        exclude_cu_seqlens=full_cu,
+    )
     assert only_window["HR@1"] == 0.0 and only_window["MRR"] == 1 / 3
     assert whole["HR@1"] == 1.0
     with pytest.raises(ValueError, match="exclude_items and exclude_cu_seqlens go together"):

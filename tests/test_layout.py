@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from rec2pm.layout import (
-    ITEM, MEMORY, MODES, WRITE, history_shape, serving_layout, stage1_layout, stage2_layout, update_layout,
+    ITEM,
+    MEMORY,
+    MODES,
+    WRITE,
+    history_shape,
+    serving_layout,
+    stage1_layout,
+    stage2_layout,
+    update_layout,
 )
 from rec2pm_kernels import segment_attention
 from rec2pm_kernels.patterns import bias_positions, is_write_token
@@ -26,8 +34,8 @@ def test_history_shape():
 def test_stage1_stream_matches_global_pattern_roles_and_positions():
     lay = stage1_layout(LENGTHS, S, C)
     archived, _ = history_shape(LENGTHS, S)
-    assert lay.cu_seqlens.diff().tolist() == [n + k * C for n, k in zip(LENGTHS, archived.tolist())]
-    for u, (start, end) in enumerate(zip(lay.cu_seqlens[:-1].tolist(), lay.cu_seqlens[1:].tolist())):
+    assert lay.cu_seqlens.diff().tolist() == [n + k * C for n, k in zip(LENGTHS, archived.tolist(), strict=True)]
+    for u, (start, end) in enumerate(zip(lay.cu_seqlens[:-1].tolist(), lay.cu_seqlens[1:].tolist(), strict=True)):
         p = torch.arange(end - start)
         assert torch.equal(lay.role[start:end] == WRITE, is_write_token(p, S, C))
         assert torch.equal(lay.position[start:end], bias_positions("global", p, S, C))
@@ -35,7 +43,7 @@ def test_stage1_stream_matches_global_pattern_roles_and_positions():
     # Every history item appears once, in order; each predicts the next one of its history.
     items = lay.rows(ITEM)
     assert lay.item_index[items].tolist() == list(range(sum(LENGTHS)))
-    last_items = {o + n - 1 for o, n in zip(history_offsets(LENGTHS), LENGTHS)}
+    last_items = {o + n - 1 for o, n in zip(history_offsets(LENGTHS), LENGTHS, strict=True)}
     for row in items.tolist():
         idx = int(lay.item_index[row])
         assert int(lay.target_index[row]) == (-1 if idx in last_items else idx + 1)
@@ -49,9 +57,9 @@ def test_stage2_blocks(mode):
     lay = stage2_layout(LENGTHS, S, C, mode)
     archived, _ = history_shape(LENGTHS, S)
     assert lay.num_sequences == int((archived + 1).sum())
-    blocks = list(zip(lay.cu_seqlens[:-1].tolist(), lay.cu_seqlens[1:].tolist()))
+    blocks = list(zip(lay.cu_seqlens[:-1].tolist(), lay.cu_seqlens[1:].tolist(), strict=True))
     b = 0
-    for u, (n, k) in enumerate(zip(LENGTHS, archived.tolist())):
+    for u, (n, k) in enumerate(zip(LENGTHS, archived.tolist(), strict=True)):
         for h in range(k + 1):
             start, end = blocks[b]
             b += 1
@@ -100,7 +108,7 @@ def test_stage2_block_equals_update_block(mode):
     start, end = s2.cu_seqlens[h].item(), s2.cu_seqlens[h + 1].item()
     mem_rows = s2.memory_index[start:end][s2.role[start:end] == MEMORY]
     upd = update_layout([mem_rows.numel()], [S], C)
-    segment_items = items[h * S:(h + 1) * S]
+    segment_items = items[h * S : (h + 1) * S]
 
     def attend_update(memory):
         x = upd.embed(segment_items.flatten(1), write.flatten(1), memory.flatten(1)).view(-1, 2, 8)
@@ -140,23 +148,30 @@ def test_to_history_inverts_embed():
 def test_stage1_streams_are_valid_global_inputs():
     lay = stage1_layout(LENGTHS, S, C)
     x = torch.randn(lay.num_tokens, 1, 4)
-    out = segment_attention(x, x, x, lay.cu_seqlens, lay.max_seqlen, pattern="global", segment_len=S,
-                            num_memory_tokens=C)
+    out = segment_attention(
+        x, x, x, lay.cu_seqlens, lay.max_seqlen, pattern="global", segment_len=S, num_memory_tokens=C
+    )
     assert out.shape == x.shape
 
 
-@pytest.mark.parametrize("call,exc,text", [
-    (lambda: stage1_layout([3, 0], S, C), ValueError, "lengths[1] must be >= 1"),
-    (lambda: stage1_layout([3.5], S, C), TypeError, "lengths must hold ints"),
-    (lambda: stage1_layout([[3]], S, C), ValueError, "lengths must be a 1-D"),
-    (lambda: stage1_layout([3], 0, C), ValueError, "segment_len must be an int >= 1"),
-    (lambda: stage2_layout([3], S, C, mode="both"), ValueError, "mode must be one of"),
-    (lambda: update_layout([C], [S, S], C), ValueError, "memory_counts and item_counts"),
-    (lambda: serving_layout([-1], [2], C), ValueError, "memory_counts[0] must be >= 0"),
-    (lambda: serving_layout([C], [0], C), ValueError, "recent_lengths[0] must be >= 1"),
-    (lambda: stage2_layout([S + 1], S, C).embed(torch.randn(S + 1, 3), torch.randn(C, 3)), ValueError,
-     "memory is required"),
-])
+@pytest.mark.parametrize(
+    "call,exc,text",
+    [
+        (lambda: stage1_layout([3, 0], S, C), ValueError, "lengths[1] must be >= 1"),
+        (lambda: stage1_layout([3.5], S, C), TypeError, "lengths must hold ints"),
+        (lambda: stage1_layout([[3]], S, C), ValueError, "lengths must be a 1-D"),
+        (lambda: stage1_layout([3], 0, C), ValueError, "segment_len must be an int >= 1"),
+        (lambda: stage2_layout([3], S, C, mode="both"), ValueError, "mode must be one of"),
+        (lambda: update_layout([C], [S, S], C), ValueError, "memory_counts and item_counts"),
+        (lambda: serving_layout([-1], [2], C), ValueError, "memory_counts[0] must be >= 0"),
+        (lambda: serving_layout([C], [0], C), ValueError, "recent_lengths[0] must be >= 1"),
+        (
+            lambda: stage2_layout([S + 1], S, C).embed(torch.randn(S + 1, 3), torch.randn(C, 3)),
+            ValueError,
+            "memory is required",
+        ),
+    ],
+)
 def test_bad_input(call, exc, text):
     with pytest.raises(exc) as info:
         call()

@@ -28,9 +28,13 @@ def test_sampled_softmax_in_batch_and_accidental_hits_by_hand():
     one's copy of it in the other row is an accidental hit and is masked out."""
     weight = torch.zeros(11, 3)
     weight[4], weight[7] = torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0])
-    hidden = torch.tensor([[2.0, 1.0, 0.0],   # s(4) = 2 (target), s(7) = 1
-                           [0.0, 3.0, 0.0],   # s(7) = 3 (target), s(4) = 0, twice (rows 0 and 2)
-                           [1.0, 1.0, 0.0]])  # s(4) = 1 (target), s(7) = 1
+    hidden = torch.tensor(
+        [
+            [2.0, 1.0, 0.0],  # s(4) = 2 (target), s(7) = 1
+            [0.0, 3.0, 0.0],  # s(7) = 3 (target), s(4) = 0, twice (rows 0 and 2)
+            [1.0, 1.0, 0.0],
+        ]
+    )  # s(4) = 1 (target), s(7) = 1
     targets = torch.tensor([4, 7, 4])
     loss = sampled_softmax_loss(hidden, targets, weight, num_negatives=0)
     e = math.e
@@ -44,8 +48,10 @@ def test_random_negatives_are_uniform_items_and_never_padding():
     weight[0] = torch.tensor([50.0, 0.0])
     hidden = torch.tensor([[1.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
-    losses = [sampled_softmax_loss(hidden, torch.tensor([3]), weight, num_negatives=40, generator=gen).item()
-              for _ in range(25)]
+    losses = [
+        sampled_softmax_loss(hidden, torch.tensor([3]), weight, num_negatives=40, generator=gen).item()
+        for _ in range(25)
+    ]
     # All scores 0 but the target's own accidental hits masked: log(1 + #negatives that are not item 3).
     assert max(losses) < math.log(41) + 1e-6 and min(losses) > math.log(1 + 20)
 
@@ -60,9 +66,11 @@ def test_sampled_loss_at_uniform_scores_is_log_candidates():
 
 def test_empty_targets_give_zero_with_a_graph():
     hidden = torch.randn(0, 4, requires_grad=True)
-    for loss in (full_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4)),
-                 sampled_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 3),
-                 binary_cross_entropy_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 1)):
+    for loss in (
+        full_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4)),
+        sampled_softmax_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 3),
+        binary_cross_entropy_loss(hidden, torch.zeros(0, dtype=torch.long), torch.randn(5, 4), 1),
+    ):
         assert loss.item() == 0.0 and loss.requires_grad
 
 
@@ -82,8 +90,9 @@ def test_bce_by_hand_with_float64_reference():
     weight = torch.randn(9, 4, dtype=torch.float64, generator=gen)
     hidden = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     targets = torch.tensor([1, 8, 3, 3, 5])
-    loss = binary_cross_entropy_loss(hidden, targets, weight, num_negatives=2,
-                                     generator=torch.Generator().manual_seed(11))
+    loss = binary_cross_entropy_loss(
+        hidden, targets, weight, num_negatives=2, generator=torch.Generator().manual_seed(11)
+    )
     negatives = random_other_items(targets, 8, 2, torch.Generator().manual_seed(11))
     by_hand = 0.0
     for n in range(5):

@@ -61,7 +61,7 @@ def test_stage2_block_equals_update_and_score(backbone, mode, memory_norm):
         role = layout.role[start:end]
         mem_rows = layout.memory_index[start:end][role == 2]
         memory = Memory(bank[mem_rows], torch.tensor([mem_rows.numel()]))
-        segment = items[h * S:min((h + 1) * S, lengths[0])]
+        segment = items[h * S : min((h + 1) * S, lengths[0])]
         item_rows = torch.arange(start, end)[role == ITEM]
         if h < 3:  # archived segment: the update writes the block's memory
             new = r.update(memory, segment, torch.tensor([0, segment.numel()]))
@@ -69,8 +69,8 @@ def test_stage2_block_equals_update_and_score(backbone, mode, memory_norm):
             expected = written if mode == "overwrite" else torch.cat([memory.vectors, written])
             torch.testing.assert_close(new.vectors, expected, **TIGHT)
         for j in (0, segment.numel() - 1):  # item predictions = score on [M ; items up to j]
-            logits = r.score(memory, segment[:j + 1], torch.tensor([0, j + 1]))
-            torch.testing.assert_close(logits, r.logits(out2[item_rows[j:j + 1]]), **TIGHT)
+            logits = r.score(memory, segment[: j + 1], torch.tensor([0, j + 1]))
+            torch.testing.assert_close(logits, r.logits(out2[item_rows[j : j + 1]]), **TIGHT)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -219,11 +219,16 @@ def test_cached_steps_equal_score_on_whole_block(backbone, mode):
             new = torch.stack([tail[int(tail_cu[b]) + step] for b in users])
             new_cu = torch.tensor([0] + [1 if b in users else 0 for b in range(3)]).cumsum(0)
             logits = r.step(state, new, new_cu)
-            for i, b in enumerate(users):
-                whole = r.score(Memory(memory.vectors[int(memory.counts[:b].sum()):int(memory.counts[:b + 1].sum())],
-                                       memory.counts[b:b + 1]),
-                                tail[int(tail_cu[b]):int(tail_cu[b]) + step + 1], torch.tensor([0, step + 1]))
-                torch.testing.assert_close(logits[b:b + 1], whole, **TIGHT)
+            for b in users:
+                whole = r.score(
+                    Memory(
+                        memory.vectors[int(memory.counts[:b].sum()) : int(memory.counts[: b + 1].sum())],
+                        memory.counts[b : b + 1],
+                    ),
+                    tail[int(tail_cu[b]) : int(tail_cu[b]) + step + 1],
+                    torch.tensor([0, step + 1]),
+                )
+                torch.testing.assert_close(logits[b : b + 1], whole, **TIGHT)
 
 
 def test_tok_serial_truncation_changes_gradients_not_the_loss():

@@ -15,44 +15,53 @@ def rec2pm_o():
     return build_model("rec2pm-o", CFG)
 
 
-@pytest.mark.parametrize("items,cu,text", [
-    (torch.tensor([1, 31, 2]), torch.tensor([0, 3]), "item id 31, outside the catalogue 1..30"),
-    (torch.tensor([1, 0, 2]), torch.tensor([0, 3]), "item id 0, outside the catalogue"),
-    (torch.tensor([1, 2, 3]), torch.tensor([0, 3, 3]), "history 1 is empty"),
-    (torch.tensor([1.0, 2.0]), torch.tensor([0, 2]), "items must be a 1-D int32/int64 tensor"),
-    (torch.tensor([1, 2]), torch.tensor([0, 3]), "must start at 0, be non-decreasing and end at 2"),
-    (torch.ones(70, dtype=torch.long), torch.tensor([0, 70]), "max_positions=64"),
-    (torch.tensor([1, 2, 3]), torch.tensor([0.0, 1.5, 3.0]), "cu_seqlens for items must be int32 or int64 offsets"),
-    (torch.tensor([1, 2, 3]), [0, 3], "cu_seqlens for items must be a 1-D tensor"),
-])
+@pytest.mark.parametrize(
+    "items,cu,text",
+    [
+        (torch.tensor([1, 31, 2]), torch.tensor([0, 3]), "item id 31, outside the catalogue 1..30"),
+        (torch.tensor([1, 0, 2]), torch.tensor([0, 3]), "item id 0, outside the catalogue"),
+        (torch.tensor([1, 2, 3]), torch.tensor([0, 3, 3]), "history 1 is empty"),
+        (torch.tensor([1.0, 2.0]), torch.tensor([0, 2]), "items must be a 1-D int32/int64 tensor"),
+        (torch.tensor([1, 2]), torch.tensor([0, 3]), "must start at 0, be non-decreasing and end at 2"),
+        (torch.ones(70, dtype=torch.long), torch.tensor([0, 70]), "max_positions=64"),
+        (torch.tensor([1, 2, 3]), torch.tensor([0.0, 1.5, 3.0]), "cu_seqlens for items must be int32 or int64 offsets"),
+        (torch.tensor([1, 2, 3]), [0, 3], "cu_seqlens for items must be a 1-D tensor"),
+    ],
+)
 def test_bad_histories(rec2pm_o, items, cu, text):
     with pytest.raises((ValueError, TypeError)) as info:
         rec2pm_o(items, cu)
     assert text in str(info.value)
 
 
-@pytest.mark.parametrize("memory,counts,text", [
-    (torch.zeros(3, CFG.d_model), [3], "multiples of num_memory_tokens=2"),
-    (torch.zeros(2, CFG.d_model + 1), [2], "memory must have shape (memory_tokens, d_model=16)"),
-    (torch.zeros(2, CFG.d_model, dtype=torch.float64), [2], "memory must be torch.float32"),
-    (torch.zeros(4, CFG.d_model), [4], "overwrite mode keeps at most C=2"),
-    (torch.zeros(4, CFG.d_model), [2], "memory_counts sums to 2 but memory has 4 rows"),
-])
+@pytest.mark.parametrize(
+    "memory,counts,text",
+    [
+        (torch.zeros(3, CFG.d_model), [3], "multiples of num_memory_tokens=2"),
+        (torch.zeros(2, CFG.d_model + 1), [2], "memory must have shape (memory_tokens, d_model=16)"),
+        (torch.zeros(2, CFG.d_model, dtype=torch.float64), [2], "memory must be torch.float32"),
+        (torch.zeros(4, CFG.d_model), [4], "overwrite mode keeps at most C=2"),
+        (torch.zeros(4, CFG.d_model), [2], "memory_counts sums to 2 but memory has 4 rows"),
+    ],
+)
 def test_bad_memory(rec2pm_o, memory, counts, text):
     with pytest.raises((ValueError, TypeError)) as info:
         rec2pm_o.score(Memory(memory, torch.tensor(counts)), torch.tensor([1, 2]), torch.tensor([0, 2]))
     assert text in str(info.value)
 
 
-@pytest.mark.parametrize("changes,text", [
-    (dict(backbone="gru"), "backbone must be one of"),
-    (dict(d_model=30, num_heads=4), "must be divisible by num_heads"),
-    (dict(num_items=0), "num_items must be an int >= 1"),
-    (dict(dropout=1.0), "dropout must be in [0, 1)"),
-    (dict(dropout="0.5"), "dropout must be a finite number, got '0.5' (str)"),
-    (dict(num_layers=True), "num_layers must be an int, got True (bool)"),
-    (dict(silu_norm="max"), "silu_norm must be a finite number or None"),
-])
+@pytest.mark.parametrize(
+    "changes,text",
+    [
+        (dict(backbone="gru"), "backbone must be one of"),
+        (dict(d_model=30, num_heads=4), "must be divisible by num_heads"),
+        (dict(num_items=0), "num_items must be an int >= 1"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+        (dict(dropout="0.5"), "dropout must be a finite number, got '0.5' (str)"),
+        (dict(num_layers=True), "num_layers must be an int, got True (bool)"),
+        (dict(silu_norm="max"), "silu_norm must be a finite number or None"),
+    ],
+)
 def test_bad_config(changes, text):
     with pytest.raises((ValueError, TypeError), match=text.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
         ModelConfig(**changes)
@@ -81,14 +90,17 @@ def served(rec2pm_o):
     return rec2pm_o, state
 
 
-@pytest.mark.parametrize("new_items, new_cu, text", [
-    (torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3]), "must have batch + 1 = 3 entries"),
-    (torch.tensor([1, 2]), torch.tensor([0, 2]), "must have batch + 1 = 3 entries"),
-    (torch.tensor([1, 2]), torch.tensor([0, 2, 1]), "must start at 0, be non-decreasing and end at 2"),
-    (torch.tensor([1, 40]), torch.tensor([0, 1, 2]), "item id 40, outside the catalogue 1..30"),
-    (torch.tensor([1, 2]), torch.tensor([0.0, 1.0, 2.0]), "must be int32 or int64 offsets"),
-    (torch.arange(1, 21), torch.tensor([0, 12, 20]), "the serving state is full: user 0"),
-])
+@pytest.mark.parametrize(
+    "new_items, new_cu, text",
+    [
+        (torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2, 3]), "must have batch + 1 = 3 entries"),
+        (torch.tensor([1, 2]), torch.tensor([0, 2]), "must have batch + 1 = 3 entries"),
+        (torch.tensor([1, 2]), torch.tensor([0, 2, 1]), "must start at 0, be non-decreasing and end at 2"),
+        (torch.tensor([1, 40]), torch.tensor([0, 1, 2]), "item id 40, outside the catalogue 1..30"),
+        (torch.tensor([1, 2]), torch.tensor([0.0, 1.0, 2.0]), "must be int32 or int64 offsets"),
+        (torch.arange(1, 21), torch.tensor([0, 12, 20]), "the serving state is full: user 0"),
+    ],
+)
 def test_step_rejects_events_that_do_not_match_the_state(served, new_items, new_cu, text):
     model, state = served
     before = state.seqlens.clone()
@@ -106,28 +118,43 @@ def test_prefill_capacity_must_be_a_positive_int(rec2pm_o, capacity):
 
 
 def test_segment_attention_module_matches_function():
-    attn = SegmentAttention(2, pattern="global", segment_len=3, num_memory_tokens=1, score="silu", silu_norm=9.0,
-                            num_buckets=6)
+    attn = SegmentAttention(
+        2, pattern="global", segment_len=3, num_memory_tokens=1, score="silu", silu_norm=9.0, num_buckets=6
+    )
     with torch.no_grad():
         attn.rel_bias.normal_()
     q, k, v = (torch.randn(9, 2 * 4) for _ in range(3))
     cu = torch.tensor([0, 9])
     out = attn(q, k, v, cu, 9)
-    want = segment_attention(q.view(9, 2, 4), k.view(9, 2, 4), v.view(9, 2, 4), cu, 9, pattern="global",
-                             segment_len=3, num_memory_tokens=1, score="silu", silu_norm=9.0, rel_bias=attn.rel_bias)
+    want = segment_attention(
+        q.view(9, 2, 4),
+        k.view(9, 2, 4),
+        v.view(9, 2, 4),
+        cu,
+        9,
+        pattern="global",
+        segment_len=3,
+        num_memory_tokens=1,
+        score="silu",
+        silu_norm=9.0,
+        rel_bias=attn.rel_bias,
+    )
     assert torch.equal(out, want.flatten(1))
     out.sum().backward()
     assert attn.rel_bias.grad is not None and torch.count_nonzero(attn.rel_bias.grad) > 0
 
 
-@pytest.mark.parametrize("kwargs, text", [
-    (dict(num_heads=0), "num_heads must be >= 1"),
-    (dict(num_heads=2, pattern="sliding"), "pattern must be one of"),
-    (dict(num_heads=2, pattern="global"), "needs segment_len (S) and num_memory_tokens (C)"),
-    (dict(num_heads=2, score="silu"), "silu_norm is required"),
-    (dict(num_heads=2, num_buckets=0), "num_buckets must be >= 1"),
-    (dict(num_heads=2, backend="cuda"), "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [
+        (dict(num_heads=0), "num_heads must be >= 1"),
+        (dict(num_heads=2, pattern="sliding"), "pattern must be one of"),
+        (dict(num_heads=2, pattern="global"), "needs segment_len (S) and num_memory_tokens (C)"),
+        (dict(num_heads=2, score="silu"), "silu_norm is required"),
+        (dict(num_heads=2, num_buckets=0), "num_buckets must be >= 1"),
+        (dict(num_heads=2, backend="cuda"), "backend must be one of"),
+    ],
+)
 def test_segment_attention_module_checks_its_options_when_built(kwargs, text):
     with pytest.raises((ValueError, TypeError), match=text.replace("(", r"\(").replace(")", r"\)")):
         SegmentAttention(**kwargs)

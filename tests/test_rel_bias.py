@@ -94,7 +94,7 @@ def loop_attention(q, k, v, lengths, pattern, seg, mem, table, score, silu_norm)
                     weights = [w / sum(weights) for w in weights]
                 else:
                     weights = [silu(s) / silu_norm for s in scores]
-                for w, c in zip(weights, cols):
+                for w, c in zip(weights, cols, strict=True):
                     out[start + row, h] += w * v[start + c, h]
         start += n
     return out
@@ -123,16 +123,19 @@ def test_cached_step_bias_matches_an_independent_loop():
     v_cache = torch.randn(3, 8, heads, 4, dtype=torch.float64)
     keys, values = k_cache.clone(), v_cache.clone()
     table = torch.randn(heads, buckets, dtype=torch.float64)
-    out = cached_step_attention(q, k, v, cu_seqlens_of(new), 3, k_cache, v_cache, torch.tensor(filled),
-                                rel_bias=table)
+    out = cached_step_attention(q, k, v, cu_seqlens_of(new), 3, k_cache, v_cache, torch.tensor(filled), rel_bias=table)
     row = 0
-    for b, (m, n) in enumerate(zip(filled, new)):
-        keys[b, m:m + n], values[b, m:m + n] = k[row:row + n], v[row:row + n]
+    for b, (m, n) in enumerate(zip(filled, new, strict=True)):
+        keys[b, m : m + n], values[b, m : m + n] = k[row : row + n], v[row : row + n]
         for t in range(n):
             for h in range(heads):
                 position = m + t
-                scores = torch.stack([q[row + t, h] @ keys[b, j, h] * 0.5 + table[h, min(position - j, buckets - 1)]
-                                      for j in range(position + 1)])
-                want = torch.softmax(scores, 0) @ values[b, :position + 1, h]
+                scores = torch.stack(
+                    [
+                        q[row + t, h] @ keys[b, j, h] * 0.5 + table[h, min(position - j, buckets - 1)]
+                        for j in range(position + 1)
+                    ]
+                )
+                want = torch.softmax(scores, 0) @ values[b, : position + 1, h]
                 torch.testing.assert_close(out[row + t, h], want, rtol=0, atol=1e-12)
         row += n

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from rec2pm_kernels import PATTERNS, segment_attention
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
-from rec2pm_kernels.patterns import bias_bucket, bias_positions, visible
 from rec2pm_kernels.ops.segment_attention.torch_backend import group_by_length, segment_attention_torch
+from rec2pm_kernels.patterns import bias_bucket, bias_positions, visible
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, interleaved_lengths
 
 from .helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
@@ -65,15 +65,21 @@ def test_row_chunking_matches_one_chunk(pattern, score):
     cu = cu_seqlens_of(lengths)
     q, k, v = make_qkv(sum(lengths), dtype=torch.float64, requires_grad=True)
     bias = make_bias(2, dtype=torch.float64, requires_grad=True)
-    kw = dict(pattern=pattern, segment_len=S if pattern != "causal" else None,
-              num_memory_tokens=C if pattern != "causal" else None, scale=0.3, rel_bias=bias,
-              silu_norm=7.0 if score == "silu" else None, score=score)
+    kw = dict(
+        pattern=pattern,
+        segment_len=S if pattern != "causal" else None,
+        num_memory_tokens=C if pattern != "causal" else None,
+        scale=0.3,
+        rel_bias=bias,
+        silu_norm=7.0 if score == "silu" else None,
+        score=score,
+    )
     results = []
     for max_chunk in (1 << 30, 2 * 2 * 26, 1):  # one chunk; 2 rows per chunk; one row per chunk
         out = segment_attention_torch(q, k, v, cu, max_chunk_elements=max_chunk, **kw)
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, bias))))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -102,7 +108,7 @@ def test_deterministic_across_runs():
     for _ in range(2):
         out = segment_attention(q, k, v, cu, 40, pattern="global", segment_len=S, num_memory_tokens=C, rel_bias=bias)
         runs.append((out, *torch.autograd.grad(out.sum(), (q, k, v, bias))))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -128,11 +134,22 @@ def test_global_item_rows_equal_causal_over_items(score, with_bias):
     lengths = [3 * (S + C) + 2, S, 2 * (S + C), 1]
     q, k, v = make_qkv(sum(lengths), dtype=torch.float64)
     bias = make_bias(2, num_buckets=20, dtype=torch.float64) if with_bias else None
-    glob = segment_attention(q, k, v, cu_seqlens_of(lengths), max(lengths), pattern="global", segment_len=S,
-                             num_memory_tokens=C, rel_bias=bias, **score_kwargs(score))
+    glob = segment_attention(
+        q,
+        k,
+        v,
+        cu_seqlens_of(lengths),
+        max(lengths),
+        pattern="global",
+        segment_len=S,
+        num_memory_tokens=C,
+        rel_bias=bias,
+        **score_kwargs(score),
+    )
     rows, item_lengths = _items_only(lengths, S, C)
-    causal = segment_attention(q[rows], k[rows], v[rows], cu_seqlens_of(item_lengths), max(item_lengths),
-                               rel_bias=bias, **score_kwargs(score))
+    causal = segment_attention(
+        q[rows], k[rows], v[rows], cu_seqlens_of(item_lengths), max(item_lengths), rel_bias=bias, **score_kwargs(score)
+    )
     torch.testing.assert_close(glob[rows], causal, rtol=1e-12, atol=1e-12)
 
 
@@ -178,8 +195,15 @@ def test_gradcheck(pattern, score, with_bias):
 
     def fn(*args):
         bias = args[3] if with_bias else None
-        return segment_attention(*args[:3], cu, max(lengths), pattern=pattern, rel_bias=bias,
-                                 **pattern_kwargs(pattern), **score_kwargs(score))
+        return segment_attention(
+            *args[:3],
+            cu,
+            max(lengths),
+            pattern=pattern,
+            rel_bias=bias,
+            **pattern_kwargs(pattern),
+            **score_kwargs(score),
+        )
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
@@ -255,14 +279,24 @@ def test_torch_backend_memory_stays_within_its_chunk_budget(score):
     bias = make_bias(heads, num_buckets=32, requires_grad=True)
 
     def forward_backward():
-        out = segment_attention_torch(q, k, v, cu_seqlens_of([n]), pattern="global", segment_len=200,
-                                      num_memory_tokens=4, rel_bias=bias, scale=0.25, max_chunk_elements=chunk,
-                                      **score_kwargs(score))
+        out = segment_attention_torch(
+            q,
+            k,
+            v,
+            cu_seqlens_of([n]),
+            pattern="global",
+            segment_len=200,
+            num_memory_tokens=4,
+            rel_bias=bias,
+            scale=0.25,
+            max_chunk_elements=chunk,
+            **score_kwargs(score),
+        )
         out.sum().backward()
 
     peak = peak_memory_bytes(forward_backward, torch.device("cpu"))
     if peak is None:
         pytest.skip("the profiler cannot report allocations in this torch build")
     dense_scores = heads * n * n * 4  # one fp32 score tensor over the whole sequence: 8 MiB
-    inputs = 6 * q.numel() * 4        # q, k, v and their gradients
+    inputs = 6 * q.numel() * 4  # q, k, v and their gradients
     assert peak <= inputs + 24 * chunk * 4, (peak, dense_scores)  # about 1/5 of dense_scores

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,20 @@ from rec2pm.training import epoch_batches, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    'data.kind="synthetic"', "data.synthetic_users=40", "data.synthetic_length=22", "data.synthetic_items=60",
-    "data.max_length=20", 'model.config="sasrec-small"', "model.segment_len=6", "model.num_memory_tokens=2",
-    'method.name="rec2pm-o"', "train.epochs=3", "train.batch_size=8", "train.progress=false",
-    "train.eval_batch_size=16", "train.threads=1",
+    'data.kind="synthetic"',
+    "data.synthetic_users=40",
+    "data.synthetic_length=22",
+    "data.synthetic_items=60",
+    "data.max_length=20",
+    'model.config="sasrec-small"',
+    "model.segment_len=6",
+    "model.num_memory_tokens=2",
+    'method.name="rec2pm-o"',
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.progress=false",
+    "train.eval_batch_size=16",
+    "train.threads=1",
 ]
 
 
@@ -49,14 +58,18 @@ def test_overrides_and_unknown_keys():
 
 # Everything a resume must restore: dropout masks and sampled negatives (RNG streams), and a
 # schedule whose learning rate changes every step (warm-up, then cosine).
-STOCHASTIC = ("model.dropout=0.3", 'method.loss="sampled"', "method.num_negatives=16", 'train.schedule="cosine"',
-              "train.warmup_steps=4")
+STOCHASTIC = (
+    "model.dropout=0.3",
+    'method.loss="sampled"',
+    "method.num_negatives=16",
+    'train.schedule="cosine"',
+    "train.warmup_steps=4",
+)
 
 
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     whole = train(run_config(tmp_path / "whole", *STOCHASTIC))
-    first = train(run_config(tmp_path / "resumed", *STOCHASTIC, "train.checkpoint_every=3",
-                             "train.stop_after_steps=8"))
+    first = train(run_config(tmp_path / "resumed", *STOCHASTIC, "train.checkpoint_every=3", "train.stop_after_steps=8"))
     assert first == {"interrupted": True, "step": 8}
     assert load_checkpoint(tmp_path / "resumed" / "last.pt", kind="last")["state"]["step"] == 6  # the last checkpoint
     resumed = train(run_config(tmp_path / "resumed", *STOCHASTIC, "train.checkpoint_every=3"))
@@ -68,8 +81,11 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
 
 def test_cli_train_and_evaluate(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["train"] + [a for s in SMALL for a in ("--set", s)] + ["--set", f'train.out_dir="{out}"',
-                                                                    "--set", "train.epochs=1"]
+    args = (
+        ["train"]
+        + [a for s in SMALL for a in ("--set", s)]
+        + ["--set", f'train.out_dir="{out}"', "--set", "train.epochs=1"]
+    )
     assert main(args) == 0
     assert main(["evaluate", str(out / "best.pt"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -83,15 +99,30 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
-    sets = [a for s in SMALL + ["train.epochs=1", "model.dropout=0.0", 'method.loss="full"']
-            for a in ("--set", s)]
+    sets = [a for s in SMALL + ["train.epochs=1", "model.dropout=0.0", 'method.loss="full"'] for a in ("--set", s)]
     single = tmp_path / "single"
     assert main(["train", *sets, "--set", f'train.out_dir="{single}"']) == 0
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "rec2pm", "train", *sets,
-                             "--set", f'train.out_dir="{double}"'], capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "rec2pm",
+            "train",
+            *sets,
+            "--set",
+            f'train.out_dir="{double}"',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one = load_checkpoint(single / "last.pt", kind="last")["model"]
     two = load_checkpoint(double / "last.pt", kind="last")["model"]
@@ -122,23 +153,26 @@ def test_early_stop_survives_resume_and_no_resume_starts_clean(tmp_path):
     assert len([x for x in log_lines(tmp_path / "es") if "epoch" in x]) == 1
 
 
-@pytest.mark.parametrize("override, text", [
-    ("train.batch_size=true", "train.batch_size must be an int, got True (bool)"),
-    ("train.patience=-1", "train.patience must be >= 0, got -1"),
-    ('train.lr="fast"', "train.lr must be a finite number, got 'fast' (str)"),
-    ("train.lr=-0.1", "train.lr must be >= 0.0"),
-    ("train.epochs=2.5", "train.epochs must be an int, got 2.5 (float)"),
-    ('train.progress="yes"', "train.progress must be true or false"),
-    ('train.device="gpu"', "train.device must be one of"),
-    ('data.max_length="50"', "data.max_length must be an int"),
-    ("data.synthetic_noise=1.5", "data.synthetic_noise must be in [0.0, 1.0]"),
-    ('model.dropout="0.5"', "model.dropout must be a finite number, got '0.5' (str)"),
-    ("model.num_layers=2.0", "model.num_layers must be an int, got 2.0 (float)"),
-    ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
-    ('method.con_weight="1"', "method.con_weight must be a finite number, got '1' (str)"),
-    ("method.num_negatives=-1", "method: num_negatives must be >= 1, got -1"),
-    ("method.stage1_ar=1", "method.stage1_ar must be true or false, got 1 (int)"),
-])
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        ("train.batch_size=true", "train.batch_size must be an int, got True (bool)"),
+        ("train.patience=-1", "train.patience must be >= 0, got -1"),
+        ('train.lr="fast"', "train.lr must be a finite number, got 'fast' (str)"),
+        ("train.lr=-0.1", "train.lr must be >= 0.0"),
+        ("train.epochs=2.5", "train.epochs must be an int, got 2.5 (float)"),
+        ('train.progress="yes"', "train.progress must be true or false"),
+        ('train.device="gpu"', "train.device must be one of"),
+        ('data.max_length="50"', "data.max_length must be an int"),
+        ("data.synthetic_noise=1.5", "data.synthetic_noise must be in [0.0, 1.0]"),
+        ('model.dropout="0.5"', "model.dropout must be a finite number, got '0.5' (str)"),
+        ("model.num_layers=2.0", "model.num_layers must be an int, got 2.0 (float)"),
+        ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
+        ('method.con_weight="1"', "method.con_weight must be a finite number, got '1' (str)"),
+        ("method.num_negatives=-1", "method: num_negatives must be >= 1, got -1"),
+        ("method.stage1_ar=1", "method.stage1_ar must be true or false, got 1 (int)"),
+    ],
+)
 def test_wrong_typed_or_out_of_range_settings_are_errors_naming_the_key(override, text, capsys):
     with pytest.raises((ValueError, TypeError)) as info:
         build_run_config(None, [override])
@@ -238,7 +272,7 @@ def test_training_excludes_the_whole_history_not_the_window(tmp_path, monkeypatc
     run["train"]["exclude_history"] = DEFAULTS["train"]["exclude_history"]
     train(run)
     split = leave_one_out(training.load_data(run["data"]))
-    for call, history in zip(calls, (split.valid_history, split.test_history)):
+    for call, history in zip(calls, (split.valid_history, split.test_history), strict=True):
         assert call["exclude_history"] is True
         assert int(call["cu"].diff().max()) == 5  # the model reads the window...
         assert torch.equal(call["exclude_items"], history.items)  # ...exclusion sees everything
@@ -256,6 +290,17 @@ def test_a_malformed_toml_file_is_named(tmp_path, capsys):
 
 def test_a_missing_data_file_is_a_message_not_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
-        main(["train", "--set", 'data.kind="s3rec"', "--set", f'data.path="{tmp_path / "absent.txt"}"',
-              "--set", f'train.out_dir="{tmp_path / "out"}"', "--set", "train.progress=false"])
+        main(
+            [
+                "train",
+                "--set",
+                'data.kind="s3rec"',
+                "--set",
+                f'data.path="{tmp_path / "absent.txt"}"',
+                "--set",
+                f'train.out_dir="{tmp_path / "out"}"',
+                "--set",
+                "train.progress=false",
+            ]
+        )
     assert code.value.code == 2 and "absent.txt: no such file" in capsys.readouterr().err

@@ -52,13 +52,18 @@ SEGMENT_CASES = {
     "missing segment_len": (dict(pattern="global", num_memory_tokens=1), ValueError, "segment_len"),
     "missing num_memory_tokens": (dict(pattern="kv_memory_append", segment_len=2), ValueError, "num_memory_tokens"),
     "segment_len zero": (dict(pattern="global", segment_len=0, num_memory_tokens=1), ValueError, "segment_len"),
-    "num_memory_tokens float": (dict(pattern="global", segment_len=2, num_memory_tokens=1.0), TypeError,
-                                "num_memory_tokens must be an int"),
+    "num_memory_tokens float": (
+        dict(pattern="global", segment_len=2, num_memory_tokens=1.0),
+        TypeError,
+        "num_memory_tokens must be an int",
+    ),
     "segment_len with causal": (dict(segment_len=2), ValueError, "segment_len and num_memory_tokens apply only"),
     # S = 2, C = 2: units of 4 tokens, so a sequence of 3 stops after the first of two write tokens.
-    "ends inside write block": (dict(pattern="global", segment_len=2, num_memory_tokens=2,
-                                     cu_seqlens=torch.tensor([0, 3, 10]), max_seqlen=7), ValueError,
-                                "cu_seqlens: sequence 0 (length 3) ends inside a write block"),
+    "ends inside write block": (
+        dict(pattern="global", segment_len=2, num_memory_tokens=2, cu_seqlens=torch.tensor([0, 3, 10]), max_seqlen=7),
+        ValueError,
+        "cu_seqlens: sequence 0 (length 3) ends inside a write block",
+    ),
     "unknown score": (dict(score="relu"), ValueError, "score must be one of"),
     "silu without silu_norm": (dict(score="silu"), ValueError, "silu_norm is required"),
     "silu_norm with softmax": (dict(silu_norm=10.0), ValueError, "silu_norm applies only"),
@@ -81,8 +86,9 @@ def test_segment_attention_rejects(case):
     changes, exc, text = SEGMENT_CASES[case]
     args = with_changes(**changes)
     with pytest.raises(exc) as info:
-        segment_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens"),
-                          args.pop("max_seqlen"), **args)
+        segment_attention(
+            args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens"), args.pop("max_seqlen"), **args
+        )
     assert text in str(info.value)
 
 
@@ -96,26 +102,36 @@ def test_validate_false_skips_only_the_content_scan_on_host_tensors():
     out = segment_attention(**with_changes(q=nan_q()), validate=False)
     assert out.shape == (T, H, D) and bool(out.isnan().any())
     # The O(batch) index checks on host tensors cost nothing and always run.
-    for changes, text in ((dict(max_seqlen=5), "max_seqlen=5 is smaller"),
-                          (dict(cu_seqlens=torch.tensor([0, 7, 4, 10])), "cu_seqlens must be non-decreasing"),
-                          (dict(cu_seqlens=torch.tensor([1, 4, 10])), "cu_seqlens must start at 0"),
-                          (dict(cu_seqlens=torch.tensor([0, 4, 9])), "cu_seqlens[-1] must equal"),
-                          (dict(pattern="global", segment_len=2, num_memory_tokens=2,
-                                cu_seqlens=torch.tensor([0, 3, 10]), max_seqlen=7), "ends inside a write block"),
-                          (dict(q=torch.randn(T, H * D)), "q must have rank 3")):
+    for changes, text in (
+        (dict(max_seqlen=5), "max_seqlen=5 is smaller"),
+        (dict(cu_seqlens=torch.tensor([0, 7, 4, 10])), "cu_seqlens must be non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([1, 4, 10])), "cu_seqlens must start at 0"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 9])), "cu_seqlens[-1] must equal"),
+        (
+            dict(
+                pattern="global", segment_len=2, num_memory_tokens=2, cu_seqlens=torch.tensor([0, 3, 10]), max_seqlen=7
+            ),
+            "ends inside a write block",
+        ),
+        (dict(q=torch.randn(T, H * D)), "q must have rank 3"),
+    ):
         with pytest.raises((ValueError, TypeError), match=re.escape(text)):
             segment_attention(**with_changes(**changes), validate=False)
 
 
-@pytest.mark.parametrize("segment_len, num_memory_tokens, text", [
-    (2**62, 1, "segment_len must be <= 2147483647"),
-    (1, 2**63 - 1, "num_memory_tokens must be <= 2147483647"),
-    (2**31 - 2, 2, "segment_len + num_memory_tokens must be <= 2147483647"),
-])
+@pytest.mark.parametrize(
+    "segment_len, num_memory_tokens, text",
+    [
+        (2**62, 1, "segment_len must be <= 2147483647"),
+        (1, 2**63 - 1, "num_memory_tokens must be <= 2147483647"),
+        (2**31 - 2, 2, "segment_len + num_memory_tokens must be <= 2147483647"),
+    ],
+)
 def test_pattern_arguments_past_32_bit_positions_are_refused(segment_len, num_memory_tokens, text):
     with pytest.raises(ValueError, match=re.escape(text)):
-        segment_attention(**with_changes(pattern="global", segment_len=segment_len,
-                                         num_memory_tokens=num_memory_tokens))
+        segment_attention(
+            **with_changes(pattern="global", segment_len=segment_len, num_memory_tokens=num_memory_tokens)
+        )
 
 
 def test_max_seqlen_is_an_upper_bound_only():
@@ -142,43 +158,84 @@ def test_rec2pm_validate_turns_on_value_checks_for_cuda_tensors(monkeypatch):
 def good_cache_args():
     new = [2, 0, 1]
     q, k, v = (torch.randn(3, H, D) for _ in range(3))
-    return dict(q_new=q, k_new=k, v_new=v, cu_seqlens_new=cu_seqlens_of(new), max_new=2,
-                k_cache=torch.zeros(3, 5, H, D), v_cache=torch.zeros(3, 5, H, D),
-                cache_seqlens=torch.tensor([3, 1, 4], dtype=torch.int32))
+    return dict(
+        q_new=q,
+        k_new=k,
+        v_new=v,
+        cu_seqlens_new=cu_seqlens_of(new),
+        max_new=2,
+        k_cache=torch.zeros(3, 5, H, D),
+        v_cache=torch.zeros(3, 5, H, D),
+        cache_seqlens=torch.tensor([3, 1, 4], dtype=torch.int32),
+    )
 
 
 CACHE_CASES = {
-    "capacity": (dict(cache_seqlens=torch.tensor([4, 1, 4], dtype=torch.int32)), ValueError,
-                 "k_cache capacity 5 is too small: user 0"),
+    "capacity": (
+        dict(cache_seqlens=torch.tensor([4, 1, 4], dtype=torch.int32)),
+        ValueError,
+        "k_cache capacity 5 is too small: user 0",
+    ),
     "k_cache batch": (dict(k_cache=torch.zeros(2, 5, H, D)), ValueError, "k_cache must have shape (batch=3"),
     "k_cache rank": (dict(k_cache=torch.zeros(3, 5, H * D)), ValueError, "k_cache must have rank 4"),
     "v_cache shape": (dict(v_cache=torch.zeros(3, 6, H, D)), ValueError, "v_cache must have shape"),
-    "cache dtype": (dict(k_cache=torch.zeros(3, 5, H, D, dtype=torch.float64)), TypeError,
-                    "k_cache must have the same dtype"),
-    "cache_seqlens dtype": (dict(cache_seqlens=torch.tensor([3.0, 1.0, 4.0])), TypeError,
-                            "cache_seqlens must have dtype"),
-    "cache_seqlens shape": (dict(cache_seqlens=torch.tensor([3, 1], dtype=torch.int32)), ValueError,
-                            "cache_seqlens must have shape (3,)"),
-    "cache_seqlens negative": (dict(cache_seqlens=torch.tensor([3, -1, 4], dtype=torch.int32)), ValueError,
-                               "cache_seqlens must be >= 0"),
+    "cache dtype": (
+        dict(k_cache=torch.zeros(3, 5, H, D, dtype=torch.float64)),
+        TypeError,
+        "k_cache must have the same dtype",
+    ),
+    "cache_seqlens dtype": (
+        dict(cache_seqlens=torch.tensor([3.0, 1.0, 4.0])),
+        TypeError,
+        "cache_seqlens must have dtype",
+    ),
+    "cache_seqlens shape": (
+        dict(cache_seqlens=torch.tensor([3, 1], dtype=torch.int32)),
+        ValueError,
+        "cache_seqlens must have shape (3,)",
+    ),
+    "cache_seqlens negative": (
+        dict(cache_seqlens=torch.tensor([3, -1, 4], dtype=torch.int32)),
+        ValueError,
+        "cache_seqlens must be >= 0",
+    ),
     "max_new small": (dict(max_new=1), ValueError, "max_new=1 is smaller"),
-    "grad-requiring input": (dict(q_new=torch.randn(3, H, D, requires_grad=True)), ValueError,
-                             "q_new requires grad"),
-    "cu_seqlens_new end": (dict(cu_seqlens_new=torch.tensor([0, 2, 2, 2])), ValueError,
-                           "cu_seqlens_new[-1] must equal"),
-    "expanded k_cache": (dict(k_cache=torch.zeros(1, 5, H, D).expand(3, 5, H, D)), ValueError,
-                         "k_cache must not overlap itself in memory"),
-    "overlapping v_cache": (dict(v_cache=torch.zeros(3 * 5 * H * D).as_strided((3, 5, H, D), (D, H * D, D, 1))),
-                            ValueError, "v_cache must not overlap itself in memory"),
-    "k_cache is v_cache": (dict(k_cache=(kv := torch.zeros(3, 5, H, D)), v_cache=kv), ValueError,
-                           "k_cache and v_cache must not share memory"),
-    "v_cache inside k_cache": (dict(k_cache=(kv := torch.zeros(3, 6, H, D))[:, :5], v_cache=kv[:, 1:]), ValueError,
-                               "k_cache and v_cache must not share memory"),
-    "NaN in a filled k_cache slot": (dict(k_cache=torch.zeros(3, 5, H, D).index_fill_(1, torch.tensor([2]), 1e400)),
-                                     ValueError, "k_cache contains NaN or Inf in filled slot 2 of user 0"),
-    "NaN in a filled v_cache slot": (dict(v_cache=torch.zeros(3, 5, H, D).index_fill_(1, torch.tensor([0]),
-                                                                                       float("nan"))),
-                                     ValueError, "v_cache contains NaN or Inf in filled slot 0 of user 0"),
+    "grad-requiring input": (dict(q_new=torch.randn(3, H, D, requires_grad=True)), ValueError, "q_new requires grad"),
+    "cu_seqlens_new end": (
+        dict(cu_seqlens_new=torch.tensor([0, 2, 2, 2])),
+        ValueError,
+        "cu_seqlens_new[-1] must equal",
+    ),
+    "expanded k_cache": (
+        dict(k_cache=torch.zeros(1, 5, H, D).expand(3, 5, H, D)),
+        ValueError,
+        "k_cache must not overlap itself in memory",
+    ),
+    "overlapping v_cache": (
+        dict(v_cache=torch.zeros(3 * 5 * H * D).as_strided((3, 5, H, D), (D, H * D, D, 1))),
+        ValueError,
+        "v_cache must not overlap itself in memory",
+    ),
+    "k_cache is v_cache": (
+        dict(k_cache=(kv := torch.zeros(3, 5, H, D)), v_cache=kv),
+        ValueError,
+        "k_cache and v_cache must not share memory",
+    ),
+    "v_cache inside k_cache": (
+        dict(k_cache=(kv := torch.zeros(3, 6, H, D))[:, :5], v_cache=kv[:, 1:]),
+        ValueError,
+        "k_cache and v_cache must not share memory",
+    ),
+    "NaN in a filled k_cache slot": (
+        dict(k_cache=torch.zeros(3, 5, H, D).index_fill_(1, torch.tensor([2]), 1e400)),
+        ValueError,
+        "k_cache contains NaN or Inf in filled slot 2 of user 0",
+    ),
+    "NaN in a filled v_cache slot": (
+        dict(v_cache=torch.zeros(3, 5, H, D).index_fill_(1, torch.tensor([0]), float("nan"))),
+        ValueError,
+        "v_cache contains NaN or Inf in filled slot 0 of user 0",
+    ),
     "q_new has NaN": (dict(q_new=torch.full((3, H, D), float("nan"))), ValueError, "q_new contains NaN or Inf"),
 }
 
@@ -194,12 +251,12 @@ def test_cached_step_rejects(case):
 
 
 def test_cache_index_checks_run_on_host_tensors_even_with_validate_false():
-    for changes, text in ((dict(cache_seqlens=torch.tensor([4, 1, 4], dtype=torch.int32)),
-                           "k_cache capacity 5 is too small: user 0"),
-                          (dict(cache_seqlens=torch.tensor([3, -1, 4], dtype=torch.int32)),
-                           "cache_seqlens must be >= 0"),
-                          (dict(max_new=1), "max_new=1 is smaller"),
-                          (dict(cu_seqlens_new=torch.tensor([0, 2, 1, 3])), "cu_seqlens_new must be non-decreasing")):
+    for changes, text in (
+        (dict(cache_seqlens=torch.tensor([4, 1, 4], dtype=torch.int32)), "k_cache capacity 5 is too small: user 0"),
+        (dict(cache_seqlens=torch.tensor([3, -1, 4], dtype=torch.int32)), "cache_seqlens must be >= 0"),
+        (dict(max_new=1), "max_new=1 is smaller"),
+        (dict(cu_seqlens_new=torch.tensor([0, 2, 1, 3])), "cu_seqlens_new must be non-decreasing"),
+    ):
         args = good_cache_args()
         args.update(changes)
         with pytest.raises(ValueError, match=re.escape(text)):
@@ -236,8 +293,12 @@ def test_max_new_is_an_upper_bound_and_never_sizes_a_buffer():
     direct = good_cache_args()
     direct.update(max_new=2**40, q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"])
     out = cached_step_torch(*direct.values(), score="softmax", scale=D**-0.5, rel_bias=None, silu_norm=None)
-    assert torch.equal(out, cached_step_attention(**good_cache_args() | dict(
-        q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"]), backend="torch"))
+    assert torch.equal(
+        out,
+        cached_step_attention(
+            **good_cache_args() | dict(q_new=args["q_new"], k_new=args["k_new"], v_new=args["v_new"]), backend="torch"
+        ),
+    )
 
 
 def test_good_arguments_pass():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +79,13 @@ def flex_skip_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         # Measured on a 2-core CPU with torch 2.13: compiling one forward shape takes ~30 s, and
         # flex_attention refuses inputs that require grad on CPU.
-        return ("FlexAttention runs on CUDA only here: on CPU it has no backward and torch.compile "
-                "takes ~30 s per shape")
+        return "FlexAttention runs on CUDA only here: on CPU it has no backward and torch.compile takes ~30 s per shape"
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled_flex_attention():
     """``torch.compile(flex_attention)``, static shapes, with room for every shape of a full run."""
     import torch._dynamo.config as dynamo_config
@@ -110,10 +109,10 @@ def pattern_mask_mod(pattern: str, segment_len: int | None, num_memory_tokens: i
 
 
 @lru_cache(maxsize=32)
-def flex_block_mask(pattern: str, length: int, segment_len: int | None, num_memory_tokens: int | None,
-                    device: str):
+def flex_block_mask(pattern: str, length: int, segment_len: int | None, num_memory_tokens: int | None, device: str):
     """Block mask of one pattern over sequences of ``length`` tokens (shared by every batch row and head)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(pattern_mask_mod(pattern, segment_len, num_memory_tokens), None, None, length, length,
-                             device=device)
+    return create_block_mask(
+        pattern_mask_mod(pattern, segment_len, num_memory_tokens), None, None, length, length, device=device
+    )

@@ -12,8 +12,13 @@ BACKWARD_FLOPS_FACTOR = 2.5  # backward = 2.5 x forward matmul work (FlashAttent
 
 
 @lru_cache(maxsize=256)
-def visible_pairs(pattern: str, length: int, segment_len: int | None = None, num_memory_tokens: int | None = None,
-                  rows_per_chunk: int = 1024) -> int:
+def visible_pairs(
+    pattern: str,
+    length: int,
+    segment_len: int | None = None,
+    num_memory_tokens: int | None = None,
+    rows_per_chunk: int = 1024,
+) -> int:
     """Number of visible (row, column) pairs in one sequence of ``length`` tokens."""
     if pattern == "causal":
         return length * (length + 1) // 2

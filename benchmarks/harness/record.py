@@ -35,7 +35,7 @@ class Result:
 def run_metadata() -> dict:
     """Machine, device and versions, stored with every run."""
     meta = {
-        "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -54,7 +54,10 @@ def run_metadata() -> dict:
         meta["triton"] = None
     try:
         meta["git_revision"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -88,8 +91,9 @@ def ratio_tables(results: list[Result]) -> str:
             if base is not None and base.median_s and r.median_s is not None:
                 ratio = f"{r.median_s / base.median_s:.2f}x"
             tflops = "n/a" if r.tflops is None else f"{r.tflops:.4f}"
-            lines.append(f"  {r.name:<34} {_fmt_time(r.median_s):>12} {ratio:>11} {tflops:>9} "
-                         f"{_fmt_bytes(r.peak_bytes):>12}")
+            lines.append(
+                f"  {r.name:<34} {_fmt_time(r.median_s):>12} {ratio:>11} {tflops:>9} {_fmt_bytes(r.peak_bytes):>12}"
+            )
     return "\n".join(lines)
 
 

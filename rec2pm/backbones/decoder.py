@@ -46,8 +46,10 @@ class Decoder(nn.Module):
             self.blocks = nn.ModuleList(SASRecBlock(d, heads, config.dropout) for _ in range(config.num_layers))
             self.position = nn.Embedding(config.max_positions, d)
         else:
-            self.blocks = nn.ModuleList(HSTUBlock(d, heads, config.dropout, config.num_buckets,
-                                                  config.attention_norm) for _ in range(config.num_layers))
+            self.blocks = nn.ModuleList(
+                HSTUBlock(d, heads, config.dropout, config.num_buckets, config.attention_norm)
+                for _ in range(config.num_layers)
+            )
             self.position = None  # HSTU's positions enter through the relative bias only
         self.input_dropout = nn.Dropout(config.dropout)
         self.final_norm = nn.LayerNorm(d)
@@ -73,8 +75,10 @@ class Decoder(nn.Module):
 
     def _check_positions(self, positions: torch.Tensor) -> None:
         if positions.numel() and int(positions.max()) >= self.config.max_positions:
-            raise ValueError(f"a stream position reaches {int(positions.max())}, but the model was configured "
-                             f"with max_positions={self.config.max_positions}; shorten the history or raise it")
+            raise ValueError(
+                f"a stream position reaches {int(positions.max())}, but the model was configured "
+                f"with max_positions={self.config.max_positions}; shorten the history or raise it"
+            )
 
     def _with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self._check_positions(positions)
@@ -82,9 +86,18 @@ class Decoder(nn.Module):
             return x
         return x + self.position(positions)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
-                pattern: str = "causal", segment_len: int | None = None, num_memory_tokens: int | None = None,
-                collect_kv: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        pattern: str = "causal",
+        segment_len: int | None = None,
+        num_memory_tokens: int | None = None,
+        collect_kv: bool = False,
+    ):
         """``x (T, d)`` token embeddings at ``positions (T,)`` (the layout's λ) -> ``(T, d)``.
 
         With ``collect_kv`` also returns every layer's packed ``(k, v)``, ``(T, H, D)`` each.
@@ -95,16 +108,33 @@ class Decoder(nn.Module):
         def attend(q, k, v, **score_options):
             if collect_kv:
                 kv.append((k, v))
-            return segment_attention(q, k, v, cu_seqlens, max_seqlen, pattern=pattern, segment_len=segment_len,
-                                     num_memory_tokens=num_memory_tokens, validate=False, **score_options)
+            return segment_attention(
+                q,
+                k,
+                v,
+                cu_seqlens,
+                max_seqlen,
+                pattern=pattern,
+                segment_len=segment_len,
+                num_memory_tokens=num_memory_tokens,
+                validate=False,
+                **score_options,
+            )
 
         for block in self.blocks:
             h = block(h, attend)
         out = self.final_norm(h)
         return (out, kv) if collect_kv else out
 
-    def step(self, x_new: torch.Tensor, positions_new: torch.Tensor, cu_seqlens_new: torch.Tensor, max_new: int,
-             caches: list[LayerCache], cache_seqlens: torch.Tensor) -> torch.Tensor:
+    def step(
+        self,
+        x_new: torch.Tensor,
+        positions_new: torch.Tensor,
+        cu_seqlens_new: torch.Tensor,
+        max_new: int,
+        caches: list[LayerCache],
+        cache_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
         """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
@@ -112,17 +142,20 @@ class Decoder(nn.Module):
             self._check_positions(positions_new)
             return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)
         h = self._with_positions(x_new, positions_new)
-        for block, cache in zip(self.blocks, caches):
+        for block, cache in zip(self.blocks, caches, strict=True):
+
             def attend(q, k, v, cache=cache, **score_options):
-                return cached_step_attention(q, k, v, cu_seqlens_new, max_new, cache.k, cache.v, cache_seqlens,
-                                             validate=False, **score_options)
+                return cached_step_attention(
+                    q, k, v, cu_seqlens_new, max_new, cache.k, cache.v, cache_seqlens, validate=False, **score_options
+                )
 
             h = block(h, attend)
         return self.final_norm(h)
 
 
-def caches_from_kv(kv: list[tuple[torch.Tensor, torch.Tensor]], cu_seqlens: torch.Tensor,
-                   capacity: int) -> tuple[list[LayerCache], torch.Tensor]:
+def caches_from_kv(
+    kv: list[tuple[torch.Tensor, torch.Tensor]], cu_seqlens: torch.Tensor, capacity: int
+) -> tuple[list[LayerCache], torch.Tensor]:
     """Per-layer caches holding each packed sequence's K/V in slots ``[0, n_b)``.
 
     Returns the caches and ``cache_seqlens`` (int32, the sequence lengths).

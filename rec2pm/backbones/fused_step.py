@@ -30,19 +30,44 @@ def applies(decoder, x_new: torch.Tensor, caches) -> bool:
     if x_new.device.type != "cpu" or dtype not in (torch.float32, torch.float64):
         return False
     weight = decoder.final_norm.weight
-    return weight.dtype == dtype and weight.device.type == "cpu" and all(
-        cache.k.dtype == dtype and cache.v.dtype == dtype and cache.k.device.type == "cpu" for cache in caches)
+    return (
+        weight.dtype == dtype
+        and weight.device.type == "cpu"
+        and all(cache.k.dtype == dtype and cache.v.dtype == dtype and cache.k.device.type == "cpu" for cache in caches)
+    )
 
 
 def layer_weights(block, backbone: str) -> list[torch.Tensor]:
     """One block's tensors in the order the C++ step reads them."""
     if backbone == "sasrec":
-        return [block.attn_norm.weight, block.attn_norm.bias, block.query.weight, block.query.bias, block.key.weight,
-                block.value.weight, block.value.bias, block.attn_out.weight, block.attn_out.bias,
-                block.ffn_norm.weight, block.ffn_norm.bias, block.ffn[0].weight, block.ffn[0].bias,
-                block.ffn[3].weight, block.ffn[3].bias]
-    return [block.input_norm.weight, block.input_norm.bias, block.f1.weight, block.f1.bias, block.rel_bias,
-            block.output_norm.weight, block.output_norm.bias, block.f2.weight, block.f2.bias]
+        return [
+            block.attn_norm.weight,
+            block.attn_norm.bias,
+            block.query.weight,
+            block.query.bias,
+            block.key.weight,
+            block.value.weight,
+            block.value.bias,
+            block.attn_out.weight,
+            block.attn_out.bias,
+            block.ffn_norm.weight,
+            block.ffn_norm.bias,
+            block.ffn[0].weight,
+            block.ffn[0].bias,
+            block.ffn[3].weight,
+            block.ffn[3].bias,
+        ]
+    return [
+        block.input_norm.weight,
+        block.input_norm.bias,
+        block.f1.weight,
+        block.f1.bias,
+        block.rel_bias,
+        block.output_norm.weight,
+        block.output_norm.bias,
+        block.f2.weight,
+        block.f2.bias,
+    ]
 
 
 def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens) -> torch.Tensor:
@@ -64,9 +89,17 @@ def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seql
     backbone = decoder.config.backbone
     position_rows = decoder.position(positions_new) if decoder.position is not None else None
     return _extension.C.decoder_step(
-        x=x_new, position_rows=position_rows, cu_seqlens_new=cu_seqlens_new,
-        k_caches=[cache.k for cache in caches], v_caches=[cache.v for cache in caches], cache_seqlens=cache_seqlens,
-        layers=[layer_weights(block, backbone) for block in decoder.blocks], backbone=BACKBONE_CODES[backbone],
-        num_heads=decoder.config.num_heads, silu_norm=decoder.config.attention_norm,
-        final_norm_weight=decoder.final_norm.weight, final_norm_bias=decoder.final_norm.bias,
-        eps=decoder.final_norm.eps)
+        x=x_new,
+        position_rows=position_rows,
+        cu_seqlens_new=cu_seqlens_new,
+        k_caches=[cache.k for cache in caches],
+        v_caches=[cache.v for cache in caches],
+        cache_seqlens=cache_seqlens,
+        layers=[layer_weights(block, backbone) for block in decoder.blocks],
+        backbone=BACKBONE_CODES[backbone],
+        num_heads=decoder.config.num_heads,
+        silu_norm=decoder.config.attention_norm,
+        final_norm_weight=decoder.final_norm.weight,
+        final_norm_bias=decoder.final_norm.bias,
+        eps=decoder.final_norm.eps,
+    )

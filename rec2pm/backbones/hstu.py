@@ -27,6 +27,12 @@ class HSTUBlock(nn.Module):
         tokens, d = x.shape
         u, v, q, k = torch.nn.functional.silu(self.f1(self.input_norm(x))).split(d, dim=-1)
         shape = (tokens, self.num_heads, d // self.num_heads)
-        a = attend(q.reshape(shape), k.reshape(shape), v.reshape(shape), score="silu", rel_bias=self.rel_bias,
-                   silu_norm=self.silu_norm)
+        a = attend(
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            score="silu",
+            rel_bias=self.rel_bias,
+            silu_norm=self.silu_norm,
+        )
         return x + self.dropout(self.f2(self.output_norm(a.reshape(tokens, d)) * u))

@@ -25,8 +25,9 @@ class SASRecBlock(nn.Module):
         self.value = nn.Linear(d_model, d_model)
         self.attn_out = nn.Linear(d_model, d_model)
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(d_model, d_model))
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, d_model)
+        )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attend) -> torch.Tensor:

@@ -22,7 +22,18 @@ from .synthetic import LifelongPlan, item_clusters, lifelong_histories, lifelong
 from .table import load_interactions_table
 
 __all__ = [
-    "InteractionData", "from_events", "load_movielens", "load_s3rec", "load_interactions_table", "load_dataset",
-    "save_processed", "load_processed", "lifelong_histories", "lifelong_planted", "LifelongPlan", "item_clusters",
-    "LeaveOneOut", "leave_one_out",
+    "InteractionData",
+    "from_events",
+    "load_movielens",
+    "load_s3rec",
+    "load_interactions_table",
+    "load_dataset",
+    "save_processed",
+    "load_processed",
+    "lifelong_histories",
+    "lifelong_planted",
+    "LifelongPlan",
+    "item_clusters",
+    "LeaveOneOut",
+    "leave_one_out",
 ]

@@ -20,8 +20,8 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -74,8 +74,15 @@ def save_processed(data: InteractionData, stem, *, key: str = "") -> None:
     """Write ``data`` as ``<stem>.pt`` (tensors) and ``<stem>.json`` (mappings, skips, source)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"version": FORMAT_VERSION, "key": key, "num_items": data.num_items, "item_ids": data.item_ids,
-            "user_ids": data.user_ids, "skipped": data.skipped, "source": data.source}
+    meta = {
+        "version": FORMAT_VERSION,
+        "key": key,
+        "num_items": data.num_items,
+        "item_ids": data.item_ids,
+        "user_ids": data.user_ids,
+        "skipped": data.skipped,
+        "source": data.source,
+    }
     tmp = f".tmp{os.getpid()}"
     torch.save({"items": data.items, "cu_seqlens": data.cu_seqlens}, f"{stem}.pt{tmp}")
     os.replace(f"{stem}.pt{tmp}", f"{stem}.pt")
@@ -89,9 +96,15 @@ def load_processed(stem) -> InteractionData:
     with open(f"{stem}.json", encoding="utf-8") as f:
         meta = json.load(f)
     tensors = torch.load(f"{stem}.pt", weights_only=True)
-    return InteractionData(items=tensors["items"], cu_seqlens=tensors["cu_seqlens"], num_items=meta["num_items"],
-                           item_ids=meta["item_ids"], user_ids=meta["user_ids"], skipped=meta["skipped"],
-                           source=meta["source"])
+    return InteractionData(
+        items=tensors["items"],
+        cu_seqlens=tensors["cu_seqlens"],
+        num_items=meta["num_items"],
+        item_ids=meta["item_ids"],
+        user_ids=meta["user_ids"],
+        skipped=meta["skipped"],
+        source=meta["source"],
+    )
 
 
 def _try_load(stem: Path, key: str) -> InteractionData | None:

@@ -25,8 +25,9 @@ BLOCK_CHARS = 1 << 24  # ~16 M characters per block: bounds the token lists to a
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def read_columns(path, *, sep: str, roles: dict[str, str | int], header: bool,
-                 num_fields: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def read_columns(
+    path, *, sep: str, roles: dict[str, str | int], header: bool, num_fields: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Parse the columns named in ``roles`` (role -> header name, or field index when ``header=False``).
 
     ``num_fields`` is the number of fields per line when there is no header (with a header it is
@@ -40,8 +41,10 @@ def read_columns(path, *, sep: str, roles: dict[str, str | int], header: bool,
         if header:
             first = f.readline()
             if not first:
-                raise ValueError(f"{path}: empty file, expected a header line naming the columns "
-                                 f"{', '.join(map(repr, roles.values()))}")
+                raise ValueError(
+                    f"{path}: empty file, expected a header line naming the columns "
+                    f"{', '.join(map(repr, roles.values()))}"
+                )
             line_no = 1
             names = _split_line(first.rstrip("\n"), sep)
             names = [name.strip() for name in names]
@@ -85,8 +88,9 @@ def _column_indices(path, names: list[str], roles: dict[str, str | int]) -> dict
     for role, name in roles.items():
         if names.count(name) != 1:
             problem = "missing column" if name not in names else "ambiguous column"
-            raise ValueError(f"{path}: {problem} {name!r} for the {role}; expected it once in the header, "
-                             f"which has columns {names}")
+            raise ValueError(
+                f"{path}: {problem} {name!r} for the {role}; expected it once in the header, which has columns {names}"
+            )
         index[role] = names.index(name)
     return index
 
@@ -115,10 +119,10 @@ class _BlockParser:
         n, k, sep = chunk.count("\n"), self.k, self.sep
         tokens = chunk.replace("\n", sep + "\n" + sep).split(sep)
         tokens.pop()  # the empty token after the last marker
-        if len(tokens) != n * (k + 1) or tokens[k::k + 1].count("\n") != n:
+        if len(tokens) != n * (k + 1) or tokens[k :: k + 1].count("\n") != n:
             return None
         try:
-            return {role: (_times if role == "time" else _ints)(tokens[i::k + 1]) for role, i in self.index.items()}
+            return {role: (_times if role == "time" else _ints)(tokens[i :: k + 1]) for role, i in self.index.items()}
         except (ValueError, OverflowError):
             return None
 
@@ -133,13 +137,17 @@ class _BlockParser:
                 continue
             fields = _split_line(line, self.sep)
             if len(fields) != self.k:
-                raise ValueError(f"{self.path}, line {line_no}: expected {self.k} fields separated by "
-                                 f"{self.sep!r}{self._layout()}, got {len(fields)}: {line[:120]!r}")
+                raise ValueError(
+                    f"{self.path}, line {line_no}: expected {self.k} fields separated by "
+                    f"{self.sep!r}{self._layout()}, got {len(fields)}: {line[:120]!r}"
+                )
             for role, i in self.index.items():
                 values[role].append(self._value(fields[i], role, i, line_no))
         # Values are Python numbers here: a float time makes its column float64 (never truncated).
-        return {role: np.array(v, dtype=np.float64 if any(isinstance(x, float) for x in v) else np.int64)
-                for role, v in values.items()}
+        return {
+            role: np.array(v, dtype=np.float64 if any(isinstance(x, float) for x in v) else np.int64)
+            for role, v in values.items()
+        }
 
     def _value(self, text: str, role: str, i: int, line_no: int):
         column = repr(self.names[i]) if self.names else f"{i + 1}"

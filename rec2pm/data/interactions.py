@@ -49,13 +49,16 @@ class InteractionData:
         if cu.dtype != torch.int64 or cu.dim() != 1 or cu.numel() < 1:
             raise ValueError(f"cu_seqlens must be a non-empty 1-D int64 tensor, got {cu.dtype} {tuple(cu.shape)}")
         if cu[0].item() != 0 or cu[-1].item() != items.numel():
-            raise ValueError(f"cu_seqlens must run from 0 to len(items) = {items.numel()}, "
-                             f"got {cu[0].item()} .. {cu[-1].item()}")
+            raise ValueError(
+                f"cu_seqlens must run from 0 to len(items) = {items.numel()}, got {cu[0].item()} .. {cu[-1].item()}"
+            )
         if cu.numel() > 1 and bool((cu[1:] <= cu[:-1]).any()):
             raise ValueError("every user needs at least one event (cu_seqlens must be strictly increasing)")
         if items.numel() and (items.min().item() < 1 or items.max().item() > self.num_items):
-            raise ValueError(f"item ids must lie in 1..num_items = {self.num_items}, "
-                             f"got {items.min().item()} .. {items.max().item()}")
+            raise ValueError(
+                f"item ids must lie in 1..num_items = {self.num_items}, "
+                f"got {items.min().item()} .. {items.max().item()}"
+            )
         if len(self.item_ids) != self.num_items:
             raise ValueError(f"item_ids has {len(self.item_ids)} entries for num_items = {self.num_items}")
         if len(self.user_ids) != cu.numel() - 1:
@@ -74,23 +77,26 @@ class InteractionData:
         if not -n <= u < n:
             raise IndexError(f"user index {u} out of range for {n} users")
         u %= n
-        return self.items[self.cu_seqlens[u]:self.cu_seqlens[u + 1]]
+        return self.items[self.cu_seqlens[u] : self.cu_seqlens[u + 1]]
 
     def summary(self) -> str:
         """One line: users, items, interactions, length min/median/mean/max and skipped counts."""
         lengths = self.lengths().numpy()
         if lengths.size:
             # numpy's median averages the two middle values (the data README's convention, e.g. 70.5).
-            stats = (f"{lengths.min():,} / {np.median(lengths):,.1f} / {lengths.mean():,.1f} / {lengths.max():,}")
+            stats = f"{lengths.min():,} / {np.median(lengths):,.1f} / {lengths.mean():,.1f} / {lengths.max():,}"
         else:
             stats = "- / - / - / -"
         skipped = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(self.skipped.items())) or "none"
-        return (f"{self.num_users():,} users, {self.num_items:,} items, {self.items.numel():,} interactions, "
-                f"length min/median/mean/max {stats}, skipped: {skipped}")
+        return (
+            f"{self.num_users():,} users, {self.num_items:,} items, {self.items.numel():,} interactions, "
+            f"length min/median/mean/max {stats}, skipped: {skipped}"
+        )
 
 
-def from_events(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, skipped: dict | None = None,
-                source: str = "") -> InteractionData:
+def from_events(
+    users: np.ndarray, items: np.ndarray, times: np.ndarray, *, skipped: dict | None = None, source: str = ""
+) -> InteractionData:
     """Build ``InteractionData`` from raw event columns (order, deduplicate, remap; see the module docstring).
 
     ``users`` and ``items`` are ``(rows,)`` integer arrays of original ids, ``times`` a ``(rows,)``
@@ -100,8 +106,9 @@ def from_events(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, skip
     items = np.asarray(items, dtype=np.int64)
     times = np.asarray(times)
     if not users.shape == items.shape == times.shape or users.ndim != 1:
-        raise ValueError(f"users, items and times must be 1-D of one length, got "
-                         f"{users.shape}, {items.shape}, {times.shape}")
+        raise ValueError(
+            f"users, items and times must be 1-D of one length, got {users.shape}, {items.shape}, {times.shape}"
+        )
     if users.size == 0:
         raise ValueError(f"{source or 'input'}: no interactions")
     skipped = dict(skipped or {})
@@ -118,6 +125,9 @@ def from_events(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, skip
     return InteractionData(
         items=torch.from_numpy((remapped.reshape(-1) + 1).astype(np.int64)),
         cu_seqlens=torch.from_numpy(cu.astype(np.int64)),
-        num_items=len(item_ids), item_ids=item_ids.tolist(), user_ids=user_ids.tolist(),
-        skipped=skipped, source=source,
+        num_items=len(item_ids),
+        item_ids=item_ids.tolist(),
+        user_ids=user_ids.tolist(),
+        skipped=skipped,
+        source=source,
     )

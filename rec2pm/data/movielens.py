@@ -33,13 +33,20 @@ def parse_movielens(path) -> InteractionData:
     with open_text(path) as f:
         first = f.readline()
     if not first.strip():
-        raise ValueError(f"{path}: empty file, expected MovieLens ratings "
-                         "(a 'userId,movieId,rating,timestamp' header, or 'UserID::MovieID::Rating::Timestamp' lines)")
+        raise ValueError(
+            f"{path}: empty file, expected MovieLens ratings "
+            "(a 'userId,movieId,rating,timestamp' header, or 'UserID::MovieID::Rating::Timestamp' lines)"
+        )
     if "::" in first:
         columns, skipped = read_columns(path, sep="::", roles=DAT_FIELDS, header=False, num_fields=4)
         fmt = "MovieLens ratings.dat"
     else:
         columns, skipped = read_columns(path, sep=",", roles=CSV_COLUMNS, header=True)
         fmt = "MovieLens ratings.csv"
-    return from_events(columns["user"], columns["item"], columns["time"], skipped=skipped,
-                       source=f"{fmt}, ordered by (timestamp, movieId)")
+    return from_events(
+        columns["user"],
+        columns["item"],
+        columns["time"],
+        skipped=skipped,
+        source=f"{fmt}, ordered by (timestamp, movieId)",
+    )

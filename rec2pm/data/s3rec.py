@@ -29,7 +29,7 @@ def load_s3rec(path, *, cache_dir=None) -> InteractionData:
 def parse_s3rec(path) -> InteractionData:
     """Parse without the cache; ``source`` is the format description only."""
     skipped: dict[str, int] = {}
-    lines_of: dict[int, int] = {}   # user -> line it was read from
+    lines_of: dict[int, int] = {}  # user -> line it was read from
     histories: dict[int, list[int]] = {}
     line_no = 0
     with open_text(path) as f:
@@ -45,8 +45,10 @@ def parse_s3rec(path) -> InteractionData:
                 continue
             if user in histories:
                 if histories[user] != items:
-                    raise ValueError(f"{path}, line {line_no}: user {user} already has a different history "
-                                     f"on line {lines_of[user]}; expected one line per user")
+                    raise ValueError(
+                        f"{path}, line {line_no}: user {user} already has a different history "
+                        f"on line {lines_of[user]}; expected one line per user"
+                    )
                 skipped["duplicate rows"] = skipped.get("duplicate rows", 0) + 1
                 continue
             histories[user], lines_of[user] = items, line_no
@@ -61,7 +63,10 @@ def parse_s3rec(path) -> InteractionData:
     return InteractionData(
         items=torch.from_numpy(remapped.reshape(-1).astype(np.int64) + 1),
         cu_seqlens=torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)))),
-        num_items=len(item_ids), item_ids=item_ids.tolist(), user_ids=user_ids, skipped=skipped,
+        num_items=len(item_ids),
+        item_ids=item_ids.tolist(),
+        user_ids=user_ids,
+        skipped=skipped,
         source="S3-Rec format, file order per user",
     )
 
@@ -80,6 +85,8 @@ def _integers(tokens: list[str], path, line_no: int) -> list[int]:
         except ValueError:
             pass
         what = "the user id" if position == 1 else f"item {position - 1}"
-        raise ValueError(f"{path}, line {line_no}: field {position} ({what}) must be an integer id, got {token!r}; "
-                         "expected 'user item_1 item_2 ...'")
+        raise ValueError(
+            f"{path}, line {line_no}: field {position} ({what}) must be an integer id, got {token!r}; "
+            "expected 'user item_1 item_2 ...'"
+        )
     raise AssertionError("unreachable")

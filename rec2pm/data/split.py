@@ -41,7 +41,7 @@ def leave_one_out(data: InteractionData) -> LeaveOneOut:
     if not bool(kept.any()):
         raise ValueError(f"leave_one_out: no user has >= 3 events ({data.source})")
     ends = data.cu_seqlens[1:][kept]
-    user_ids = [u for u, keep in zip(data.user_ids, kept.tolist()) if keep]
+    user_ids = [u for u, keep in zip(data.user_ids, kept.tolist(), strict=True) if keep]
     skipped = dict(data.skipped)
     skipped[SKIP_SHORT] = skipped.get(SKIP_SHORT, 0) + int((~kept).sum())
     train = _cut(data, kept, drop_last=2, user_ids=user_ids, skipped=skipped, part="train")
@@ -54,8 +54,9 @@ def leave_one_out(data: InteractionData) -> LeaveOneOut:
     )
 
 
-def _cut(data: InteractionData, kept: torch.Tensor, *, drop_last: int, user_ids: list, skipped: dict,
-         part: str) -> InteractionData:
+def _cut(
+    data: InteractionData, kept: torch.Tensor, *, drop_last: int, user_ids: list, skipped: dict, part: str
+) -> InteractionData:
     """Kept users' histories without their last ``drop_last`` events (one vectorised mask)."""
     lengths = data.lengths()
     position = torch.arange(data.items.numel()) - torch.repeat_interleave(data.cu_seqlens[:-1], lengths)
@@ -64,6 +65,9 @@ def _cut(data: InteractionData, kept: torch.Tensor, *, drop_last: int, user_ids:
     return InteractionData(
         items=data.items[position < limit],
         cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(new_lengths, 0)]),
-        num_items=data.num_items, item_ids=data.item_ids, user_ids=list(user_ids), skipped=dict(skipped),
+        num_items=data.num_items,
+        item_ids=data.item_ids,
+        user_ids=list(user_ids),
+        skipped=dict(skipped),
         source=f"{data.source} [leave-one-out {part}]",
     )

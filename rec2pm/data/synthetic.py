@@ -52,9 +52,9 @@ import torch
 
 from .interactions import InteractionData
 
-DRIFT_BLOCK = 64         # events per random-walk step of the interest logits
-DRIFT_UNIT = 1000.0      # `drift` is the logit std accumulated over this many events
-CHUNK_EVENTS = 1 << 22   # events generated at once: bounds the temporaries to ~100 MB
+DRIFT_BLOCK = 64  # events per random-walk step of the interest logits
+DRIFT_UNIT = 1000.0  # `drift` is the logit std accumulated over this many events
+CHUNK_EVENTS = 1 << 22  # events generated at once: bounds the temporaries to ~100 MB
 
 
 @dataclass
@@ -85,22 +85,26 @@ class LifelongPlan:
     def best_metrics(self, k: int, positions: torch.Tensor | None = None) -> dict[str, float]:
         """Best achievable ``{"hr": HR@k, "ndcg": NDCG@k}`` for targets at ``positions`` (default: last events)."""
         w = self.weights(positions)
-        sizes = (self.bounds[1:] - self.bounds[:-1])[self.interests].double()   # (users, K)
+        sizes = (self.bounds[1:] - self.bounds[:-1])[self.interests].double()  # (users, K)
         base = self.noise / self.num_items
-        per_item = (1 - self.noise) * w / sizes + base                          # p of an item of interest j
+        per_item = (1 - self.noise) * w / sizes + base  # p of an item of interest j
         per_item, order = per_item.sort(dim=-1, descending=True)
         sizes = sizes.gather(1, order)
-        discount = torch.cat([torch.zeros(1, dtype=torch.float64),
-                              torch.cumsum(1 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64)), 0)])
+        discount = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.float64),
+                torch.cumsum(1 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64)), 0),
+            ]
+        )
         hr = torch.zeros(w.shape[0], dtype=torch.float64)
         ndcg = torch.zeros_like(hr)
-        used = torch.zeros_like(hr)                       # ranks filled so far
-        for j in range(per_item.shape[1]):                # interest clusters, most probable items first
+        used = torch.zeros_like(hr)  # ranks filled so far
+        for j in range(per_item.shape[1]):  # interest clusters, most probable items first
             take = torch.minimum(sizes[:, j], k - used)
             hr += per_item[:, j] * take
             ndcg += per_item[:, j] * (discount[(used + take).long()] - discount[used.long()])
             used += take
-        hr += base * (k - used)                           # the remaining ranks: items outside the interests
+        hr += base * (k - used)  # the remaining ranks: items outside the interests
         ndcg += base * (discount[k] - discount[used.long()])
         return {"hr": hr.mean().item(), "ndcg": ndcg.mean().item()}
 
@@ -112,9 +116,18 @@ def item_clusters(num_items: int, num_clusters: int) -> torch.Tensor:
     return torch.where(ids > 0, torch.searchsorted(bounds, ids, right=True) - 1, -1)
 
 
-def lifelong_histories(num_users: int, length: int, num_items: int, *, num_interests: int = 4,
-                       num_clusters: int | None = None, drift: float = 1.0, noise: float = 0.1, seed: int = 0,
-                       min_length: int | None = None) -> InteractionData:
+def lifelong_histories(
+    num_users: int,
+    length: int,
+    num_items: int,
+    *,
+    num_interests: int = 4,
+    num_clusters: int | None = None,
+    drift: float = 1.0,
+    noise: float = 0.1,
+    seed: int = 0,
+    min_length: int | None = None,
+) -> InteractionData:
     """Generated lifelong histories (see the module docstring for the planted signal).
 
     ``length``: events per user, or the longest when ``min_length`` is given (lengths then
@@ -122,13 +135,31 @@ def lifelong_histories(num_users: int, length: int, num_items: int, *, num_inter
     min(64, num_items // 16))``, at most ``num_items``.  Items keep their ids (``item_ids[i - 1] == i``);
     users are ``0 .. num_users - 1``.
     """
-    return lifelong_planted(num_users, length, num_items, num_interests=num_interests, num_clusters=num_clusters,
-                            drift=drift, noise=noise, seed=seed, min_length=min_length)[0]
+    return lifelong_planted(
+        num_users,
+        length,
+        num_items,
+        num_interests=num_interests,
+        num_clusters=num_clusters,
+        drift=drift,
+        noise=noise,
+        seed=seed,
+        min_length=min_length,
+    )[0]
 
 
-def lifelong_planted(num_users: int, length: int, num_items: int, *, num_interests: int = 4,
-                     num_clusters: int | None = None, drift: float = 1.0, noise: float = 0.1, seed: int = 0,
-                     min_length: int | None = None) -> tuple[InteractionData, LifelongPlan]:
+def lifelong_planted(
+    num_users: int,
+    length: int,
+    num_items: int,
+    *,
+    num_interests: int = 4,
+    num_clusters: int | None = None,
+    drift: float = 1.0,
+    noise: float = 0.1,
+    seed: int = 0,
+    min_length: int | None = None,
+) -> tuple[InteractionData, LifelongPlan]:
     """``lifelong_histories`` together with its ``LifelongPlan`` (same arguments, same data)."""
     if num_clusters is None:
         num_clusters = min(num_items, max(num_interests, min(64, num_items // 16)))
@@ -138,7 +169,8 @@ def lifelong_planted(num_users: int, length: int, num_items: int, *, num_interes
         lengths = torch.full((num_users,), length, dtype=torch.int64)
     else:  # log-uniform: lifelong data has many short and a few very long histories
         log_len = math.log(min_length) + torch.rand(num_users, generator=gen, dtype=torch.float64) * (
-            math.log(length + 1) - math.log(min_length))
+            math.log(length + 1) - math.log(min_length)
+        )
         lengths = log_len.exp().long().clamp(min_length, length)
     bounds = _bounds(num_items, num_clusters)
     interests = torch.rand(num_users, num_clusters, generator=gen).argsort(dim=1)[:, :num_interests].contiguous()
@@ -156,14 +188,21 @@ def lifelong_planted(num_users: int, length: int, num_items: int, *, num_interes
         lo, hi = int(cu[users[0]]), int(cu[users[-1] + 1])
         items[lo:hi] = _sample(users, lengths[users], blocks, cdf, interests, bounds, noise, num_items, gen)
     data = InteractionData(
-        items=items, cu_seqlens=cu, num_items=num_items, item_ids=list(range(1, num_items + 1)),
-        user_ids=list(range(num_users)), skipped={},
-        source=(f"lifelong_histories(num_users={num_users}, length={length}, num_items={num_items}, "
-                f"num_interests={num_interests}, num_clusters={num_clusters}, drift={drift}, noise={noise}, "
-                f"seed={seed}, min_length={min_length})"),
+        items=items,
+        cu_seqlens=cu,
+        num_items=num_items,
+        item_ids=list(range(1, num_items + 1)),
+        user_ids=list(range(num_users)),
+        skipped={},
+        source=(
+            f"lifelong_histories(num_users={num_users}, length={length}, num_items={num_items}, "
+            f"num_interests={num_interests}, num_clusters={num_clusters}, drift={drift}, noise={noise}, "
+            f"seed={seed}, min_length={min_length})"
+        ),
     )
-    plan = LifelongPlan(bounds=bounds, interests=interests, logits=logits, lengths=lengths, noise=noise,
-                        num_items=num_items)
+    plan = LifelongPlan(
+        bounds=bounds, interests=interests, logits=logits, lengths=lengths, noise=noise, num_items=num_items
+    )
     return data, plan
 
 
@@ -173,14 +212,14 @@ def _sample(users, lengths, blocks, cdf, interests, bounds, noise, num_items, ge
     owner = torch.repeat_interleave(users, lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     position = torch.arange(total) - torch.repeat_interleave(starts, lengths)
-    row = owner * blocks + position // DRIFT_BLOCK          # row of cdf: (user, block)
+    row = owner * blocks + position // DRIFT_BLOCK  # row of cdf: (user, block)
     u_interest = torch.rand(total, generator=gen)
     u_item = torch.rand(total, generator=gen, dtype=torch.float64)
     is_noise = torch.rand(total, generator=gen) < noise
     noise_items = torch.randint(1, num_items + 1, (total,), generator=gen)
     num_interests = interests.shape[1]
     interest = torch.zeros(total, dtype=torch.int64)
-    for j in range(num_interests - 1):                       # K is small: K - 1 gathers beat a (total, K) one
+    for j in range(num_interests - 1):  # K is small: K - 1 gathers beat a (total, K) one
         interest += u_interest > cdf[row, j]
     cluster = interests.view(-1)[owner * num_interests + interest]
     start, size = bounds[cluster], bounds[cluster + 1] - bounds[cluster]

@@ -23,8 +23,9 @@ from .interactions import InteractionData, from_events
 PARQUET_EXTRA = "pip install 'rec2pm[data]'"
 
 
-def load_interactions_table(path, *, user_col: str, item_col: str, time_col: str, sep: str = ",",
-                            cache_dir=None) -> InteractionData:
+def load_interactions_table(
+    path, *, user_col: str, item_col: str, time_col: str, sep: str = ",", cache_dir=None
+) -> InteractionData:
     """Load a CSV (or ``.parquet``) interactions table, ordered per user by ``(time, item)`` (cached)."""
     args = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "sep": sep}
     roles = {"user": user_col, "item": item_col, "time": time_col}
@@ -39,9 +40,14 @@ def parse_table(path, roles: dict[str, str], sep: str = ",") -> InteractionData:
     if not sep or "\n" in sep:
         raise ValueError(f"sep must be a non-empty separator without newlines, got {sep!r}")
     columns, skipped = read_columns(path, sep=sep, roles=roles, header=True)
-    return from_events(columns["user"], columns["item"], columns["time"], skipped=skipped,
-                       source=f"table sep={sep!r} user={roles['user']!r} item={roles['item']!r} "
-                              f"time={roles['time']!r}, ordered by (time, item)")
+    return from_events(
+        columns["user"],
+        columns["item"],
+        columns["time"],
+        skipped=skipped,
+        source=f"table sep={sep!r} user={roles['user']!r} item={roles['item']!r} "
+        f"time={roles['time']!r}, ordered by (time, item)",
+    )
 
 
 def parse_parquet(path, roles: dict[str, str]) -> InteractionData:
@@ -54,14 +60,18 @@ def parse_parquet(path, roles: dict[str, str]) -> InteractionData:
     values = {}
     for role, name in roles.items():
         if name not in frame.columns:
-            raise ValueError(f"{path}: missing column {name!r} for the {role}; the table has columns "
-                             f"{list(map(str, frame.columns))}")
+            raise ValueError(
+                f"{path}: missing column {name!r} for the {role}; the table has columns {list(map(str, frame.columns))}"
+            )
         values[role] = _parquet_column(pd, frame[name], path, name, role)
     if len(frame) == 0:
         raise ValueError(f"{path}: no rows")
-    return from_events(values["user"], values["item"], values["time"],
-                       source=f"Parquet user={roles['user']!r} item={roles['item']!r} time={roles['time']!r}, "
-                              "ordered by (time, item)")
+    return from_events(
+        values["user"],
+        values["item"],
+        values["time"],
+        source=f"Parquet user={roles['user']!r} item={roles['item']!r} time={roles['time']!r}, ordered by (time, item)",
+    )
 
 
 def _parquet_column(pd, column, path, name: str, role: str) -> np.ndarray:
@@ -84,8 +94,9 @@ def _parquet_column(pd, column, path, name: str, role: str) -> np.ndarray:
         return values
     row = int(np.flatnonzero(bad)[0])
     expected = "a finite number or a datetime (the time)" if role == "time" else f"an integer id (the {role})"
-    raise ValueError(f"{path}, row {row}: column {name!r} must be {expected}, got {column.iloc[row]!r} "
-                     f"(dtype {column.dtype})")
+    raise ValueError(
+        f"{path}, row {row}: column {name!r} must be {expected}, got {column.iloc[row]!r} (dtype {column.dtype})"
+    )
 
 
 def _require_pandas():
@@ -93,6 +104,7 @@ def _require_pandas():
         import pandas as pd
         import pyarrow  # noqa: F401  (pandas reads Parquet through it)
     except ImportError as exc:
-        raise ImportError(f"reading Parquet needs pandas and pyarrow ({exc}); install them with "
-                          f"{PARQUET_EXTRA}") from exc
+        raise ImportError(
+            f"reading Parquet needs pandas and pyarrow ({exc}); install them with {PARQUET_EXTRA}"
+        ) from exc
     return pd

@@ -42,12 +42,15 @@ def open_text(path) -> Iterator[io.TextIOBase]:
         yield text
     except UnicodeDecodeError:
         line, snippet = _first_undecodable_line(path, compressed)
-        raise ValueError(f"{path}, line {line}: not UTF-8 text ({snippet!r}); expected a UTF-8 text file"
-                         f"{', gzip-compressed or plain' if compressed else ''}: is it binary, or text in another "
-                         "encoding such as Latin-1 (re-encode it as UTF-8)?") from None
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text ({snippet!r}); expected a UTF-8 text file"
+            f"{', gzip-compressed or plain' if compressed else ''}: is it binary, or text in another "
+            "encoding such as Latin-1 (re-encode it as UTF-8)?"
+        ) from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise ValueError(f"{path}: damaged gzip file ({exc}); expected a complete gzip stream (was the download "
-                         "or copy cut short?)") from None
+        raise ValueError(
+            f"{path}: damaged gzip file ({exc}); expected a complete gzip stream (was the download or copy cut short?)"
+        ) from None
     finally:
         text.close()
 
@@ -61,7 +64,7 @@ def _first_undecodable_line(path: Path, compressed: bool) -> tuple[int | str, by
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    return number, line[max(exc.start - 10, 0):exc.start + 10]
+                    return number, line[max(exc.start - 10, 0) : exc.start + 10]
     except (OSError, EOFError, zlib.error):
         pass
     return "?", b""

@@ -38,8 +38,10 @@ def build_model(method: str, config: ModelConfig, options: TrainingOptions | Non
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a rec2pm.config.ModelConfig (for example named_config('sasrec', "
-                        f"num_items=N), or ModelConfig(**fields)), got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a rec2pm.config.ModelConfig (for example named_config('sasrec', "
+            f"num_items=N), or ModelConfig(**fields)), got {type(config).__name__}"
+        )
     if options is not None and not isinstance(options, TrainingOptions):
         raise TypeError(f"options must be a TrainingOptions or None, got {type(options).__name__}")
     cls, mode = METHODS[method]
@@ -49,5 +51,19 @@ def build_model(method: str, config: ModelConfig, options: TrainingOptions | Non
     return cls(config, options)
 
 
-__all__ = ["METHODS", "build_model", "RecModel", "TokenMemoryModel", "Rec2PM", "TokSerial", "FullAttention",
-           "RecentOnly", "KVMask", "KVMemory", "Memory", "ServingState", "TrainingOptions", "LossOutput"]
+__all__ = [
+    "METHODS",
+    "build_model",
+    "RecModel",
+    "TokenMemoryModel",
+    "Rec2PM",
+    "TokSerial",
+    "FullAttention",
+    "RecentOnly",
+    "KVMask",
+    "KVMemory",
+    "Memory",
+    "ServingState",
+    "TrainingOptions",
+    "LossOutput",
+]

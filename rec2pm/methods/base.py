@@ -104,8 +104,7 @@ class RecModel(nn.Module):
         self.decoder = Decoder(config)
         if self.uses_write_tokens:
             # The same scale as the item embeddings they sit among in every stream.
-            self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model)
-                                             * config.init_std)
+            self.write_tokens = nn.Parameter(torch.randn(config.num_memory_tokens, config.d_model) * config.init_std)
 
     # -- inputs ------------------------------------------------------------------------------
     def check_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str = "items") -> torch.Tensor:
@@ -118,47 +117,61 @@ class RecModel(nn.Module):
             raise ValueError(f"{name}: history {user} is empty; every user needs at least one item")
         return lengths
 
-    def check_packed_items(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str,
-                           batch: int | None = None) -> torch.Tensor:
+    def check_packed_items(
+        self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str, batch: int | None = None
+    ) -> torch.Tensor:
         """Packed item ids and their offsets (sequences may be empty); returns the lengths (CPU int64).
 
         ``batch``: the number of sequences the offsets must describe, when the caller knows it.
         """
         if not isinstance(items, torch.Tensor) or items.dim() != 1 or items.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be a 1-D int32/int64 tensor of item ids, got "
-                            f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}")
+            raise TypeError(
+                f"{name} must be a 1-D int32/int64 tensor of item ids, got "
+                f"{getattr(items, 'dtype', type(items).__name__)} {tuple(getattr(items, 'shape', ()))}"
+            )
         offsets = f"cu_seqlens for {name}"
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"{offsets} must be a 1-D tensor (batch + 1,), got "
-                             f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+            raise ValueError(
+                f"{offsets} must be a 1-D tensor (batch + 1,), got "
+                f"{type(cu_seqlens).__name__} {tuple(getattr(cu_seqlens, 'shape', ()))}"
+            )
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{offsets} must be int32 or int64 offsets, got {cu_seqlens.dtype} "
-                            "(floating offsets would be truncated)")
+            raise TypeError(
+                f"{offsets} must be int32 or int64 offsets, got {cu_seqlens.dtype} "
+                "(floating offsets would be truncated)"
+            )
         if batch is not None and cu_seqlens.numel() != batch + 1:
-            raise ValueError(f"{offsets} must have batch + 1 = {batch + 1} entries (one user per row of the "
-                             f"serving state), got {cu_seqlens.numel()}")
+            raise ValueError(
+                f"{offsets} must have batch + 1 = {batch + 1} entries (one user per row of the "
+                f"serving state), got {cu_seqlens.numel()}"
+            )
         cu = cu_seqlens.detach().cpu().long()
         lengths = cu.diff()
         if int(cu[0]) != 0 or int(cu[-1]) != items.numel() or bool((lengths < 0).any()):
-            raise ValueError(f"{offsets} must start at 0, be non-decreasing and end at "
-                             f"{items.numel()}, got {cu.tolist()[:8]}")
+            raise ValueError(
+                f"{offsets} must start at 0, be non-decreasing and end at {items.numel()}, got {cu.tolist()[:8]}"
+            )
         if items.numel():
             low, high = int(items.min()), int(items.max())
             if low < 1 or high > self.config.num_items:
                 bad = low if low < 1 else high
-                raise ValueError(f"{name} holds item id {bad}, outside the catalogue 1..{self.config.num_items} "
-                                 "(0 is padding and never an input)")
+                raise ValueError(
+                    f"{name} holds item id {bad}, outside the catalogue 1..{self.config.num_items} "
+                    "(0 is padding and never an input)"
+                )
         return lengths
 
     def check_memory(self, memory: torch.Tensor, counts: torch.Tensor, batch: int) -> None:
         d = self.config.d_model
         ref = self.item_embedding.weight
         if not isinstance(memory, torch.Tensor) or memory.dim() != 2 or memory.shape[1] != d:
-            raise ValueError(f"memory must have shape (memory_tokens, d_model={d}), got "
-                             f"{tuple(getattr(memory, 'shape', ()))}")
+            raise ValueError(
+                f"memory must have shape (memory_tokens, d_model={d}), got {tuple(getattr(memory, 'shape', ()))}"
+            )
         if memory.dtype != ref.dtype or memory.device != ref.device:
-            raise TypeError(f"memory must be {ref.dtype} on {ref.device} like the model, got "
-                            f"{memory.dtype} on {memory.device}")
+            raise TypeError(
+                f"memory must be {ref.dtype} on {ref.device} like the model, got {memory.dtype} on {memory.device}"
+            )
         counts = torch.as_tensor(counts)
         if counts.shape != (batch,):
             raise ValueError(f"memory_counts must have shape ({batch},), got {tuple(counts.shape)}")
@@ -185,8 +198,9 @@ class RecModel(nn.Module):
         """Next-item loss over the item rows of ``layout`` that have a target."""
         rows = torch.nonzero((layout.role == ITEM) & (layout.target_index >= 0)).flatten().to(hidden.device)
         targets = items[layout.target_index.to(items.device)[rows]]
-        loss = next_item_loss(self.options.loss, hidden[rows], targets, self.item_embedding.weight,
-                              self.options.num_negatives)
+        loss = next_item_loss(
+            self.options.loss, hidden[rows], targets, self.item_embedding.weight, self.options.num_negatives
+        )
         return loss, rows.numel()
 
     def memory_input(self, memory: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,9 @@ class RecentOnly(RecModel):
         h_index = torch.cat([torch.arange(k + 1) for k in archived.tolist()])
         first = h_index * S
         counts = torch.minimum(lengths[users] - first, torch.full_like(first, S))
-        layout = block_layout(torch.zeros_like(counts), counts, 1, users=users, item_first=first,
-                              history_lengths=lengths)
+        layout = block_layout(
+            torch.zeros_like(counts), counts, 1, users=users, item_first=first, history_lengths=lengths
+        )
         h = self.run(layout, layout.embed(self.item_embedding(items)))
         ar, n = self.ar_loss(layout, h, items)
         return self.loss_output(ar, None, n)

@@ -42,8 +42,16 @@ class KVMask(RecModel):
         layout = stage1_layout(lengths, S, C)
         positions = torch.arange(layout.num_tokens) - layout.cu_seqlens[:-1].long()[layout.user]
         x = layout.embed(self.item_embedding(items), self.write_tokens)
-        result = self.decoder(x, positions.to(x.device), layout.cu_seqlens.to(x.device), layout.max_seqlen,
-                              pattern=self.pattern, segment_len=S, num_memory_tokens=C, collect_kv=collect_kv)
+        result = self.decoder(
+            x,
+            positions.to(x.device),
+            layout.cu_seqlens.to(x.device),
+            layout.max_seqlen,
+            pattern=self.pattern,
+            segment_len=S,
+            num_memory_tokens=C,
+            collect_kv=collect_kv,
+        )
         return layout, result
 
     def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> LossOutput:
@@ -72,8 +80,14 @@ class KVMask(RecModel):
         tail_counts = (tail_cu[1:] - tail_cu[:-1]).cpu()
         memory_cu = torch.cat([memory.counts.new_zeros(1), memory.counts.cumsum(0)]).to(device)
         caches, cache_seqlens = caches_from_kv(memory.layers, memory_cu, int((memory.counts + tail_counts).max()))
-        return self.decoder.step(self.item_embedding(tail_items), tail_positions.to(device), tail_cu.to(device),
-                                 int(tail_counts.max()), caches, cache_seqlens)
+        return self.decoder.step(
+            self.item_embedding(tail_items),
+            tail_positions.to(device),
+            tail_cu.to(device),
+            int(tail_counts.max()),
+            caches,
+            cache_seqlens,
+        )
 
     def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         memory, tail, tail_cu, positions = self.encode(items, cu_seqlens)

@@ -29,13 +29,21 @@ class TokSerial(TokenMemoryModel):
             users = torch.nonzero(archived >= h).flatten()
             writes = archived[users] > h
             counts = torch.where(writes, S, lengths[users] - h * S)
-            layout = block_layout(torch.full_like(users, memory.shape[1]), counts, C, with_write=writes,
-                                  users=users, item_first=torch.full_like(users, h * S), history_lengths=lengths)
+            layout = block_layout(
+                torch.full_like(users, memory.shape[1]),
+                counts,
+                C,
+                with_write=writes,
+                users=users,
+                item_first=torch.full_like(users, h * S),
+                history_lengths=lengths,
+            )
             active = memory[users.to(memory.device)].reshape(-1, d)
             out = self.run(layout, layout.embed(embeddings, self.write_tokens, self.memory_input(active)))
             yield layout, out
             new = memory.new_zeros((batch, C, d)).index_put(
-                (users[writes].to(memory.device),), out[layout.rows(WRITE).to(out.device)].view(-1, C, d))
+                (users[writes].to(memory.device),), out[layout.rows(WRITE).to(out.device)].view(-1, C, d)
+            )
             memory = new if self.options.mode == "overwrite" else torch.cat([memory, new], dim=1)
             if self.options.serial_truncation and (h + 1) % self.options.serial_truncation == 0:
                 memory = memory.detach()

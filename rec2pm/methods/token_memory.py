@@ -136,8 +136,9 @@ class TokenMemoryModel(RecModel):
         return self.logits(h[layout.last_rows])
 
     @torch.no_grad()
-    def prefill(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor,
-                capacity: int) -> tuple[torch.Tensor, ServingState]:
+    def prefill(
+        self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, ServingState]:
         """``score`` that also keeps every layer's K/V of ``[M ; recent]`` for ``step``.
 
         ``capacity``: cache slots per user, at least the longest ``[M ; recent]`` block plus
@@ -160,20 +161,30 @@ class TokenMemoryModel(RecModel):
             raise TypeError(f"state must be the ServingState that prefill returned, got {type(state).__name__}")
         counts = self.check_packed_items(new_items, new_cu, "new_items", batch=state.seqlens.numel()).to(new_cu.device)
         if new_items.device != state.seqlens.device or new_cu.device != state.seqlens.device:
-            raise ValueError(f"new_items and new_cu must be on the serving state's device {state.seqlens.device}, "
-                             f"got {new_items.device} and {new_cu.device}")
+            raise ValueError(
+                f"new_items and new_cu must be on the serving state's device {state.seqlens.device}, "
+                f"got {new_items.device} and {new_cu.device}"
+            )
         capacity = state.caches[0].k.shape[1] if state.caches else 0
         ends = state.seqlens.long().cpu() + counts.cpu()
         if ends.numel() and int(ends.max()) > capacity:
             user = int(ends.argmax())
-            raise ValueError(f"the serving state is full: user {user} holds {int(state.seqlens[user])} of "
-                             f"{capacity} cache slots and got {int(counts[user])} new events; prefill with a "
-                             "larger capacity")
+            raise ValueError(
+                f"the serving state is full: user {user} holds {int(state.seqlens[user])} of "
+                f"{capacity} cache slots and got {int(counts[user])} new events; prefill with a "
+                "larger capacity"
+            )
         user = torch.repeat_interleave(torch.arange(counts.numel(), device=new_cu.device), counts)
         t = torch.arange(new_items.numel(), device=new_cu.device) - new_cu[:-1].long()[user]
         positions = state.seqlens.long()[user] + t
-        h = self.decoder.step(self.item_embedding(new_items), positions, new_cu, int(counts.max()) if counts.numel() else 0,
-                              state.caches, state.seqlens)
+        h = self.decoder.step(
+            self.item_embedding(new_items),
+            positions,
+            new_cu,
+            int(counts.max()) if counts.numel() else 0,
+            state.caches,
+            state.seqlens,
+        )
         state.seqlens += counts.to(torch.int32)
         last = (new_cu[1:] - 1).clamp(min=0)
         return self.logits(h[last]) if new_items.numel() else h.new_zeros((counts.numel(), self.config.num_items + 1))

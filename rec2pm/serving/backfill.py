@@ -14,16 +14,25 @@ import time
 import torch
 
 
-def encode_histories(recommender, user_ids: list, items: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                     batch_size: int = 64, iterative: bool = True, rank: int = 0, world_size: int = 1,
-                     progress: bool = False) -> dict:
+def encode_histories(
+    recommender,
+    user_ids: list,
+    items: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    iterative: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> dict:
     """Backfill ``user_ids`` (their histories packed in ``items`` / ``cu_seqlens``) in batches."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1 = {world_size - 1}, got {rank}")
     mine = list(range(rank, len(user_ids), world_size))
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     if progress:
         from tqdm import tqdm
 
@@ -31,14 +40,20 @@ def encode_histories(recommender, user_ids: list, items: torch.Tensor, cu_seqlen
     started, users, events, segments = time.perf_counter(), 0, 0, 0
     cu = cu_seqlens.tolist()
     for batch in batches:
-        runs = [items[cu[u]:cu[u + 1]] for u in batch]
+        runs = [items[cu[u] : cu[u + 1]] for u in batch]
         lengths = torch.tensor([0] + [len(r) for r in runs]).cumsum(0)
         result = recommender.backfill([user_ids[u] for u in batch], torch.cat(runs), lengths, iterative=iterative)
         users += len(batch)
         events += sum(result.stored)
         segments += sum(result.archived)
-    return {"users": users, "events": events, "segments": segments, "rank": rank, "world_size": world_size,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "users": users,
+        "events": events,
+        "segments": segments,
+        "rank": rank,
+        "world_size": world_size,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def main_encode(args, parser) -> int:
@@ -55,15 +70,26 @@ def main_encode(args, parser) -> int:
             run = {**run, "data": {**run["data"], "path": args.data}}
         data = load_data(run["data"])
         if data.num_items != ckpt["num_items"]:
-            raise ValueError(f"--data has {data.num_items} items but the checkpoint was trained on "
-                             f"{ckpt['num_items']}")
-        recommender = Recommender(args.checkpoint, args.store, device=args.device, memory_dtype=args.memory_dtype,
-                                  seen_limit=args.seen_limit, session_cache_bytes=0)
-        summary = encode_histories(recommender, list(data.user_ids), data.items, data.cu_seqlens,
-                                   batch_size=args.batch_size, iterative=not args.one_shot,
-                                   rank=int(os.environ.get("RANK", "0")),
-                                   world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                                   progress=not args.no_progress)
+            raise ValueError(f"--data has {data.num_items} items but the checkpoint was trained on {ckpt['num_items']}")
+        recommender = Recommender(
+            args.checkpoint,
+            args.store,
+            device=args.device,
+            memory_dtype=args.memory_dtype,
+            seen_limit=args.seen_limit,
+            session_cache_bytes=0,
+        )
+        summary = encode_histories(
+            recommender,
+            list(data.user_ids),
+            data.items,
+            data.cu_seqlens,
+            batch_size=args.batch_size,
+            iterative=not args.one_shot,
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            progress=not args.no_progress,
+        )
     except (ValueError, TypeError, OSError, StoreError) as exc:
         parser.exit(2, f"rec2pm encode: error: {exc}\n")
     print(json.dumps({"store": args.store, **summary}))

@@ -38,8 +38,11 @@ class TokenMemoryEngine:
         """Whole histories -> (memories, archived segments, tails), one entry per user."""
         memory, tail, tail_cu = self.model.encode(items, cu, iterative=iterative)
         archived, _ = history_shape(cu.diff().cpu(), self.model.config.segment_len)
-        return (list(memory.vectors.split(memory.counts.tolist())), archived.tolist(),
-                [t.tolist() for t in tail.split(tail_cu.diff().tolist())])
+        return (
+            list(memory.vectors.split(memory.counts.tolist())),
+            archived.tolist(),
+            [t.tolist() for t in tail.split(tail_cu.diff().tolist())],
+        )
 
     def archive(self, memories, segments: list[list[int]], archived_segments: list[int]) -> list[torch.Tensor]:
         weight = self.model.item_embedding.weight
@@ -55,8 +58,14 @@ class TokenMemoryEngine:
         logits, state = self.model.prefill(Memory(vectors, counts), items, cu, capacity)
         return logits, state.caches, state.seqlens
 
-    def step(self, caches: list[LayerCache], seqlens: torch.Tensor, new_items: list[list[int]],
-             recent_starts: list[int], archived_segments: list[int]) -> torch.Tensor:
+    def step(
+        self,
+        caches: list[LayerCache],
+        seqlens: torch.Tensor,
+        new_items: list[list[int]],
+        recent_starts: list[int],
+        archived_segments: list[int],
+    ) -> torch.Tensor:
         items, cu = _packed_items(new_items, seqlens.device)
         return self.model.step(ServingState(caches, seqlens), items, cu)
 
@@ -93,8 +102,11 @@ class KVMaskEngine:
         memory, tail, tail_cu, _ = self.model.encode(items, cu)
         rows = torch.stack([torch.stack([k, v], 1) for k, v in memory.layers], 1)  # (rows, layers, 2, H, D)
         archived, _ = history_shape(cu.diff().cpu(), self.model.config.segment_len)
-        return (list(rows.reshape(rows.shape[0], self.width).split(memory.counts.tolist())), archived.tolist(),
-                [t.tolist() for t in tail.split(tail_cu.diff().tolist())])
+        return (
+            list(rows.reshape(rows.shape[0], self.width).split(memory.counts.tolist())),
+            archived.tolist(),
+            [t.tolist() for t in tail.split(tail_cu.diff().tolist())],
+        )
 
     def archive(self, memories, segments, archived_segments):
         S, C = self.model.config.segment_len, self.model.config.num_memory_tokens
@@ -102,24 +114,33 @@ class KVMaskEngine:
         device = seqlens.device
         items = torch.tensor(segments, dtype=torch.long, device=device)  # (B, S)
         batch = items.shape[0]
-        x = torch.cat([self.model.item_embedding(items),
-                       self.model.write_tokens.expand(batch, C, -1)], dim=1).reshape(-1, self.model.config.d_model)
+        x = torch.cat([self.model.item_embedding(items), self.model.write_tokens.expand(batch, C, -1)], dim=1).reshape(
+            -1, self.model.config.d_model
+        )
         units = torch.tensor(archived_segments, dtype=torch.long, device=device)
         positions = (units[:, None] * (S + C) + torch.arange(S + C, device=device)).flatten()
         self._run(x, positions, torch.full((batch,), S + C, dtype=torch.long), caches, seqlens)
         out = []
         for b in range(batch):
             first = int(counts[b]) + S  # the write tokens' slots, after the memory and the segment
-            new = torch.stack([torch.stack([c.k[b, first:first + C], c.v[b, first:first + C]], 1) for c in caches], 1)
+            new = torch.stack(
+                [torch.stack([c.k[b, first : first + C], c.v[b, first : first + C]], 1) for c in caches], 1
+            )
             new = new.reshape(C, self.width)
             out.append(new if self.model.options.mode == "overwrite" else torch.cat([memories[b], new]))
         return out
 
     def _tail_positions(self, new_items, recent_starts, archived_segments, device):
         S, C = self.model.config.segment_len, self.model.config.num_memory_tokens
-        return torch.tensor([a * (S + C) + start + t for items, start, a in
-                             zip(new_items, recent_starts, archived_segments) for t in range(len(items))],
-                            dtype=torch.long, device=device)
+        return torch.tensor(
+            [
+                a * (S + C) + start + t
+                for items, start, a in zip(new_items, recent_starts, archived_segments, strict=True)
+                for t in range(len(items))
+            ],
+            dtype=torch.long,
+            device=device,
+        )
 
     def prefill(self, memories, recents, archived_segments, capacity):
         caches, seqlens, _ = self._caches(memories, capacity)
@@ -144,5 +165,7 @@ def engine_for(model) -> TokenMemoryEngine | KVMaskEngine:
         return TokenMemoryEngine(model)
     if isinstance(model, KVMask):
         return KVMaskEngine(model)
-    raise TypeError(f"the Recommender serves methods with a memory (rec2pm-o/-a, tok-serial-o/-a, kv-mask-o/-a), "
-                    f"got a {type(model).__name__} ({getattr(model, 'method', '?')}), which keeps none")
+    raise TypeError(
+        f"the Recommender serves methods with a memory (rec2pm-o/-a, tok-serial-o/-a, kv-mask-o/-a), "
+        f"got a {type(model).__name__} ({getattr(model, 'method', '?')}), which keeps none"
+    )

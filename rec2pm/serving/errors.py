@@ -19,6 +19,8 @@ class VersionConflict(StoreError):
     """A compare-and-swap write found another version than expected; nothing was written."""
 
     def __init__(self, users: list[str], detail: str):
-        super().__init__(f"version conflict for user(s) {users[:8]}{' ...' if len(users) > 8 else ''}: {detail}; "
-                         "nothing in the batch was written (re-read the records and retry)")
+        super().__init__(
+            f"version conflict for user(s) {users[:8]}{' ...' if len(users) > 8 else ''}: {detail}; "
+            "nothing in the batch was written (re-read the records and retry)"
+        )
         self.users = users

@@ -49,8 +49,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/health":
             return self._reply(404, {"error": f"no such path {self.path!r}; expected GET /health"})
         rec = self.recommender
-        self._reply(200, {"status": "ok", "method": rec.model.method, "fingerprint": rec.fingerprint,
-                          "store": rec.store.url})
+        self._reply(
+            200, {"status": "ok", "method": rec.model.method, "fingerprint": rec.fingerprint, "store": rec.store.url}
+        )
 
     def do_POST(self):
         routes = {"/observe": self._observe, "/recommend": self._recommend}
@@ -66,9 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
             length = -1
         if length < 0 or length > MAX_BODY_BYTES:
             self.close_connection = True
-            return self._reply(413 if length > 0 else 400,
-                               {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}, "
-                                         f"got {self.headers.get('Content-Length')!r}"})
+            return self._reply(
+                413 if length > 0 else 400,
+                {"error": f"Content-Length must be 0..{MAX_BODY_BYTES}, got {self.headers.get('Content-Length')!r}"},
+            )
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
             if not isinstance(body, dict):
@@ -105,8 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(exclude, bool):
             raise TypeError(f"exclude_seen must be true or false, got {exclude!r}")
         items, scores = self.recommender.recommend(self._field(body, "users"), self._field(body, "k", 10), exclude)
-        return {"items": items.tolist(),
-                "scores": [[s if math.isfinite(s) else None for s in row] for row in scores.tolist()]}
+        return {
+            "items": items.tolist(),
+            "scores": [[s if math.isfinite(s) else None for s in row] for row in scores.tolist()],
+        }
 
 
 def make_server(recommender, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
@@ -118,8 +122,10 @@ def make_server(recommender, host: str = "127.0.0.1", port: int = 8080) -> Threa
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}"
-                                 f"{' (the port is in use)' if exc.errno == 98 else ''}") from None
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {host}:{port}: {exc.strerror}{' (the port is in use)' if exc.errno == 98 else ''}",
+        ) from None
     server.daemon_threads = True
     return server
 
@@ -128,14 +134,19 @@ def main_serve(args, parser) -> int:
     from .recommender import Recommender
 
     try:
-        recommender = Recommender(args.checkpoint, args.store, device=args.device,
-                                  session_cache_bytes=args.session_cache_mb << 20)
+        recommender = Recommender(
+            args.checkpoint, args.store, device=args.device, session_cache_bytes=args.session_cache_mb << 20
+        )
         server = make_server(recommender, args.host, args.port)
     except (ValueError, TypeError, OSError, StoreError) as exc:
         parser.exit(2, f"rec2pm serve: error: {exc}\n")
     host, port = server.server_address[:2]
-    print(json.dumps({"listening": f"http://{host}:{port}", "method": recommender.model.method,
-                      "store": recommender.store.url}), flush=True)
+    print(
+        json.dumps(
+            {"listening": f"http://{host}:{port}", "method": recommender.model.method, "store": recommender.store.url}
+        ),
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

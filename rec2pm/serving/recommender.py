@@ -57,8 +57,10 @@ def load_model(checkpoint_or_model) -> torch.nn.Module:
     if isinstance(checkpoint_or_model, torch.nn.Module):
         return checkpoint_or_model
     if not isinstance(checkpoint_or_model, (str, Path)):
-        raise TypeError(f"checkpoint_or_model must be a checkpoint path or a model from build_model, got "
-                        f"{type(checkpoint_or_model).__name__}")
+        raise TypeError(
+            f"checkpoint_or_model must be a checkpoint path or a model from build_model, got "
+            f"{type(checkpoint_or_model).__name__}"
+        )
     from ..training import build, load_checkpoint, load_weights
 
     path = Path(checkpoint_or_model)
@@ -86,9 +88,17 @@ class Recommender:
         max_retries: compare-and-swap attempts of one ``observe`` before the conflict is raised.
     """
 
-    def __init__(self, checkpoint_or_model, store: MemoryStore | str, *, device="auto",
-                 session_cache_bytes: int = 256 << 20, memory_dtype: str = "fp32", seen_limit: int = 1024,
-                 max_retries: int = 32):
+    def __init__(
+        self,
+        checkpoint_or_model,
+        store: MemoryStore | str,
+        *,
+        device="auto",
+        session_cache_bytes: int = 256 << 20,
+        memory_dtype: str = "fp32",
+        seen_limit: int = 1024,
+        max_retries: int = 32,
+    ):
         if memory_dtype not in TORCH_DTYPES:
             raise ValueError(f"memory_dtype must be one of {tuple(TORCH_DTYPES)}, got {memory_dtype!r}")
         if isinstance(seen_limit, bool) or not isinstance(seen_limit, int) or not 0 <= seen_limit <= 1 << 20:
@@ -124,18 +134,26 @@ class Recommender:
     def _events(self, keys: list[str], items, cu_seqlens) -> list[list[int]]:
         if cu_seqlens is None:
             if isinstance(items, torch.Tensor) or len(items) != len(keys):
-                raise ValueError(f"without cu_seqlens, items must be one sequence of item ids per user "
-                                 f"({len(keys)}), got {type(items).__name__} of {len(items)}")
+                raise ValueError(
+                    f"without cu_seqlens, items must be one sequence of item ids per user "
+                    f"({len(keys)}), got {type(items).__name__} of {len(items)}"
+                )
             runs = [list(x.tolist() if isinstance(x, torch.Tensor) else x) for x in items]
         else:
             flat = items.tolist() if isinstance(items, torch.Tensor) else list(items)
             cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-            if len(cu) != len(keys) + 1 or cu[0] != 0 or cu[-1] != len(flat) or any(
-                    b < a for a, b in itertools.pairwise(cu)):
-                raise ValueError(f"cu_seqlens must be {len(keys) + 1} non-decreasing offsets from 0 to "
-                                 f"len(items)={len(flat)}, got {cu[:8]}")
+            if (
+                len(cu) != len(keys) + 1
+                or cu[0] != 0
+                or cu[-1] != len(flat)
+                or any(b < a for a, b in itertools.pairwise(cu))
+            ):
+                raise ValueError(
+                    f"cu_seqlens must be {len(keys) + 1} non-decreasing offsets from 0 to "
+                    f"len(items)={len(flat)}, got {cu[:8]}"
+                )
             runs = [flat[a:b] for a, b in itertools.pairwise(cu)]
-        for key, run in zip(keys, runs):
+        for key, run in zip(keys, runs, strict=True):
             for item in run:
                 if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= self.num_items:
                     raise ValueError(f"user {key!r}: item id {item!r} is outside the catalogue 1..{self.num_items}")
@@ -145,8 +163,10 @@ class Recommender:
     def _memory_tensor(self, record: UserRecord) -> torch.Tensor:
         weight = self.model.item_embedding.weight
         if record.memory_width != self.engine.width:
-            raise FingerprintMismatch(f"user {record.user!r}: stored memory rows hold {record.memory_width} floats, "
-                                      f"this model uses {self.engine.width}")
+            raise FingerprintMismatch(
+                f"user {record.user!r}: stored memory rows hold {record.memory_width} floats, "
+                f"this model uses {self.engine.width}"
+            )
         if record.memory_rows == 0:
             return weight.new_zeros((0, self.engine.width))
         raw = torch.frombuffer(bytearray(record.memory), dtype=TORCH_DTYPES[record.memory_dtype])
@@ -166,7 +186,7 @@ class Recommender:
         sequence per user.  Returns after the store committed them."""
         keys = self._user_keys(user_ids)
         runs = self._events(keys, items, cu_seqlens)
-        active = [(k, run) for k, run in zip(keys, runs) if run]
+        active = [(k, run) for k, run in zip(keys, runs, strict=True) if run]
         segments: dict[str, int] = {}
         with self._lock, torch.no_grad():
             for attempt in range(self.max_retries):
@@ -179,10 +199,13 @@ class Recommender:
                     break
                 except VersionConflict as conflict:
                     if attempt == self.max_retries - 1:
-                        raise VersionConflict(conflict.users, f"still conflicting after {self.max_retries} "
-                                              "attempts (raise max_retries, or write fewer users per batch)") from None
+                        raise VersionConflict(
+                            conflict.users,
+                            f"still conflicting after {self.max_retries} "
+                            "attempts (raise max_retries, or write fewer users per batch)",
+                        ) from None
                     # Random, growing back-off: writers that collided do not collide again in step.
-                    time.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** attempt)))
+                    time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
             for k, s in states.items():
                 segments[k] = s.segments
                 if s.segments:
@@ -191,10 +214,17 @@ class Recommender:
 
     def _state(self, record: UserRecord | None, run: list[int]) -> _UserState:
         if record is None:
-            return _UserState(0, 0, list(run), self.model.item_embedding.weight.new_zeros((0, self.engine.width)),
-                              [], False)
-        return _UserState(record.version, record.archived_events, list(record.recent) + list(run),
-                          self._memory_tensor(record), list(record.seen), record.seen_truncated)
+            return _UserState(
+                0, 0, list(run), self.model.item_embedding.weight.new_zeros((0, self.engine.width)), [], False
+            )
+        return _UserState(
+            record.version,
+            record.archived_events,
+            list(record.recent) + list(run),
+            self._memory_tensor(record),
+            list(record.seen),
+            record.seen_truncated,
+        )
 
     def _archive(self, states: dict[str, _UserState]) -> None:
         """Archive every full segment, oldest first, one batched update per round."""
@@ -203,9 +233,10 @@ class Recommender:
             due = [s for s in states.values() if len(s.recent) > S]
             if not due:
                 return
-            new = self.engine.archive([s.memory for s in due], [s.recent[:S] for s in due],
-                                      [s.archived_events // S for s in due])
-            for s, memory in zip(due, new):
+            new = self.engine.archive(
+                [s.memory for s in due], [s.recent[:S] for s in due], [s.archived_events // S for s in due]
+            )
+            for s, memory in zip(due, new, strict=True):
                 self._remember_seen(s, s.recent[:S])
                 s.memory, s.recent = self._stored(memory), s.recent[S:]
                 s.archived_events += S
@@ -218,18 +249,28 @@ class Recommender:
         newest = list(dict.fromkeys(reversed(segment)))
         merged = newest + [i for i in state.seen if i not in set(newest)]
         state.seen_truncated = state.seen_truncated or len(merged) > self.seen_limit
-        state.seen = merged[:self.seen_limit]
+        state.seen = merged[: self.seen_limit]
 
     def _record(self, key: str, s: _UserState) -> UserRecord:
-        return UserRecord(user=key, version=s.version + 1, archived_events=s.archived_events, recent=tuple(s.recent),
-                          memory=self._memory_bytes(s.memory), memory_rows=s.memory.shape[0],
-                          memory_width=self.engine.width, memory_dtype=self.memory_dtype,
-                          fingerprint=self.fingerprint, seen=tuple(s.seen), seen_truncated=s.seen_truncated,
-                          write_id=os.urandom(8))
+        return UserRecord(
+            user=key,
+            version=s.version + 1,
+            archived_events=s.archived_events,
+            recent=tuple(s.recent),
+            memory=self._memory_bytes(s.memory),
+            memory_rows=s.memory.shape[0],
+            memory_width=self.engine.width,
+            memory_dtype=self.memory_dtype,
+            fingerprint=self.fingerprint,
+            seen=tuple(s.seen),
+            seen_truncated=s.seen_truncated,
+            write_id=os.urandom(8),
+        )
 
     # -- backfill ------------------------------------------------------------------------------
-    def backfill(self, user_ids: Sequence, items: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                 iterative: bool = True) -> ObserveResult:
+    def backfill(
+        self, user_ids: Sequence, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = True
+    ) -> ObserveResult:
         """Write each user's record from its whole history (``items`` packed by ``cu_seqlens``),
         replacing whatever is stored (another model's record, a corrupt one), with CAS on the
         stored versions.  ``iterative``: one memory update per segment, exactly what ``observe``
@@ -246,10 +287,10 @@ class Recommender:
             for attempt in range(self.max_retries):
                 versions = self.store.versions(keys)
                 writes = []
-                for key, run, memory, segments, tail in zip(keys, runs, memories, archived, tails):
+                for key, run, memory, segments, tail in zip(keys, runs, memories, archived, tails, strict=True):
                     state = _UserState(versions.get(key, 0), segments * S, tail, self._stored(memory), [], False)
                     for h in range(segments):
-                        self._remember_seen(state, run[h * S:(h + 1) * S])
+                        self._remember_seen(state, run[h * S : (h + 1) * S])
                     writes.append(Write(self._record(key, state), state.version))
                 try:
                     self.store.put_many(writes)
@@ -311,35 +352,45 @@ class Recommender:
         for b, entry in hits:
             by_capacity.setdefault(entry.capacity, []).append((b, entry))
         for group in by_capacity.values():
-            for (b, _), row in zip(group, self._step_hits([(records[b], e) for b, e in group])):
+            for (b, _), row in zip(group, self._step_hits([(records[b], e) for b, e in group]), strict=True):
                 out[b] = row
         if misses:
-            for b, row in zip(misses, self._prefill([records[b] for b in misses])):
+            for b, row in zip(misses, self._prefill([records[b] for b in misses]), strict=True):
                 out[b] = row
         return torch.stack(out)
 
     def _entry_serves(self, entry: SessionEntry, record: UserRecord) -> bool:
         cached = entry.cached_items
-        return (entry.archived_events == record.archived_events and len(cached) <= len(record.recent)
-                and tuple(record.recent[:len(cached)]) == cached and entry.memory_digest == _digest(record.memory)
-                and entry.memory_rows + len(record.recent) <= entry.capacity)
+        return (
+            entry.archived_events == record.archived_events
+            and len(cached) <= len(record.recent)
+            and tuple(record.recent[: len(cached)]) == cached
+            and entry.memory_digest == _digest(record.memory)
+            and entry.memory_rows + len(record.recent) <= entry.capacity
+        )
 
     def _step_hits(self, group: list[tuple[UserRecord, SessionEntry]]) -> torch.Tensor:
         """Step each user's events after its cached ones (at least the last, whose output is the answer)."""
         starts = [min(len(e.cached_items), len(r.recent) - 1) for r, e in group]
-        new_items = [list(r.recent[s:]) for (r, _), s in zip(group, starts)]
-        seqlens = torch.tensor([e.memory_rows + s for (_, e), s in zip(group, starts)], dtype=torch.int32,
-                               device=self.device)
+        new_items = [list(r.recent[s:]) for (r, _), s in zip(group, starts, strict=True)]
+        seqlens = torch.tensor(
+            [e.memory_rows + s for (_, e), s in zip(group, starts, strict=True)], dtype=torch.int32, device=self.device
+        )
         entries = [e for _, e in group]
         layers = range(len(entries[0].layers))
         if len(group) == 1:  # a view: the step appends into the entry itself
             caches = [LayerCache(entries[0].layers[i][0][None], entries[0].layers[i][1][None]) for i in layers]
         else:
-            caches = [LayerCache(torch.stack([e.layers[i][0] for e in entries]),
-                                 torch.stack([e.layers[i][1] for e in entries])) for i in layers]
-        logits = self.engine.step(caches, seqlens, new_items, starts, [r.archived_events // self.segment_len
-                                                                          for r, _ in group])
-        for b, ((record, entry), start) in enumerate(zip(group, starts)):
+            caches = [
+                LayerCache(
+                    torch.stack([e.layers[i][0] for e in entries]), torch.stack([e.layers[i][1] for e in entries])
+                )
+                for i in layers
+            ]
+        logits = self.engine.step(
+            caches, seqlens, new_items, starts, [r.archived_events // self.segment_len for r, _ in group]
+        )
+        for b, ((record, entry), start) in enumerate(zip(group, starts, strict=True)):
             if len(group) > 1:
                 first, end = entry.memory_rows + start, entry.memory_rows + len(record.recent)
                 for i in layers:
@@ -352,14 +403,22 @@ class Recommender:
     def _prefill(self, records: list[UserRecord]) -> torch.Tensor:
         memories = [self._memory_tensor(r) for r in records]
         capacity = max(m.shape[0] for m in memories) + self.segment_len
-        logits, caches, _ = self.engine.prefill(memories, [list(r.recent) for r in records],
-                                                [r.archived_events // self.segment_len for r in records], capacity)
+        logits, caches, _ = self.engine.prefill(
+            memories,
+            [list(r.recent) for r in records],
+            [r.archived_events // self.segment_len for r in records],
+            capacity,
+        )
         if self.cache.max_bytes:
-            for b, (record, memory) in enumerate(zip(records, memories)):
+            for b, (record, memory) in enumerate(zip(records, memories, strict=True)):
                 end = memory.shape[0] + self.segment_len
                 layers = [(c.k[b, :end].clone(), c.v[b, :end].clone()) for c in caches]
-                self.cache.put(record.user, SessionEntry(_digest(record.memory), record.archived_events,
-                                                         memory.shape[0], tuple(record.recent), layers))
+                self.cache.put(
+                    record.user,
+                    SessionEntry(
+                        _digest(record.memory), record.archived_events, memory.shape[0], tuple(record.recent), layers
+                    ),
+                )
         return logits
 
     def close(self) -> None:

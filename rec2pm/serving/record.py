@@ -98,8 +98,10 @@ class UserRecord:
             raise ValueError(f"user {self.user!r}: a stored record has version >= 1, got {self.version}")
         expected = self.memory_rows * self.memory_width * MEMORY_DTYPES[self.memory_dtype][1]
         if len(self.memory) != expected:
-            raise ValueError(f"user {self.user!r}: memory holds {len(self.memory)} bytes, expected {expected} "
-                             f"({self.memory_rows} x {self.memory_width} {self.memory_dtype})")
+            raise ValueError(
+                f"user {self.user!r}: memory holds {len(self.memory)} bytes, expected {expected} "
+                f"({self.memory_rows} x {self.memory_width} {self.memory_dtype})"
+            )
         fingerprint_bytes(self.fingerprint)
         if not isinstance(self.write_id, bytes) or len(self.write_id) != 8:
             raise ValueError(f"user {self.user!r}: write_id must be 8 bytes, got {self.write_id!r}")
@@ -109,12 +111,29 @@ class UserRecord:
             ids = getattr(self, name)
             if ids and (min(ids) < 0 or max(ids) > MAX_ITEM_ID):
                 raise ValueError(f"user {self.user!r}: {name} holds an item id outside 0..{MAX_ITEM_ID}")
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, MEMORY_DTYPES[self.memory_dtype][0],
-                             FLAG_SEEN_TRUNCATED if self.seen_truncated else 0, 0, self.version,
-                             self.archived_events, self.memory_rows, self.memory_width, len(self.recent),
-                             len(self.seen), fingerprint_bytes(self.fingerprint), self.write_id)
-        body = b"".join((header, self.memory, struct.pack(f"<{len(self.recent)}I", *self.recent),
-                         struct.pack(f"<{len(self.seen)}I", *self.seen)))
+        header = HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            MEMORY_DTYPES[self.memory_dtype][0],
+            FLAG_SEEN_TRUNCATED if self.seen_truncated else 0,
+            0,
+            self.version,
+            self.archived_events,
+            self.memory_rows,
+            self.memory_width,
+            len(self.recent),
+            len(self.seen),
+            fingerprint_bytes(self.fingerprint),
+            self.write_id,
+        )
+        body = b"".join(
+            (
+                header,
+                self.memory,
+                struct.pack(f"<{len(self.recent)}I", *self.recent),
+                struct.pack(f"<{len(self.seen)}I", *self.seen),
+            )
+        )
         return body + _checksum(body)
 
 
@@ -126,28 +145,45 @@ def decode_record(user: str, blob: bytes, expected_fingerprint: str | None = Non
     """Parse and verify a stored record; a bad checksum or another model's record raises."""
     blob = bytes(blob)
     if len(blob) < HEADER.size + CHECKSUM_BYTES or _checksum(blob[:-CHECKSUM_BYTES]) != blob[-CHECKSUM_BYTES:]:
-        raise CorruptRecord(f"the stored record of user {user!r} fails its checksum ({len(blob)} bytes); "
-                            "it is not used: rewrite it (python -m rec2pm encode) or delete it")
-    (magic, fmt, dtype_code, flags, _, version, archived, rows, width, n_recent, n_seen,
-     fingerprint, write_id) = HEADER.unpack_from(blob)
+        raise CorruptRecord(
+            f"the stored record of user {user!r} fails its checksum ({len(blob)} bytes); "
+            "it is not used: rewrite it (python -m rec2pm encode) or delete it"
+        )
+    (magic, fmt, dtype_code, flags, _, version, archived, rows, width, n_recent, n_seen, fingerprint, write_id) = (
+        HEADER.unpack_from(blob)
+    )
     if magic != MAGIC or fmt != FORMAT_VERSION or dtype_code not in DTYPE_BY_CODE:
-        raise CorruptRecord(f"the stored record of user {user!r} has format {fmt} (magic {magic!r}, dtype code "
-                            f"{dtype_code}); this version reads format {FORMAT_VERSION}")
+        raise CorruptRecord(
+            f"the stored record of user {user!r} has format {fmt} (magic {magic!r}, dtype code "
+            f"{dtype_code}); this version reads format {FORMAT_VERSION}"
+        )
     dtype = DTYPE_BY_CODE[dtype_code]
     memory_end = HEADER.size + rows * width * MEMORY_DTYPES[dtype][1]
     if memory_end + 4 * (n_recent + n_seen) + CHECKSUM_BYTES != len(blob):
-        raise CorruptRecord(f"the stored record of user {user!r} has {len(blob)} bytes, which does not match "
-                            "its header")
+        raise CorruptRecord(
+            f"the stored record of user {user!r} has {len(blob)} bytes, which does not match its header"
+        )
     if expected_fingerprint is not None and fingerprint.hex() != expected_fingerprint:
         raise FingerprintMismatch(
             f"the stored record of user {user!r} was written by model {fingerprint.hex()}, but this model is "
-            f"{expected_fingerprint}; re-encode the memories with this model (python -m rec2pm encode)")
+            f"{expected_fingerprint}; re-encode the memories with this model (python -m rec2pm encode)"
+        )
     recent = struct.unpack_from(f"<{n_recent}I", blob, memory_end)
     seen = struct.unpack_from(f"<{n_seen}I", blob, memory_end + 4 * n_recent)
-    return UserRecord(user=user, version=version, archived_events=archived, recent=recent,
-                      memory=blob[HEADER.size:memory_end], memory_rows=rows, memory_width=width,
-                      memory_dtype=dtype, fingerprint=fingerprint.hex(), seen=seen,
-                      seen_truncated=bool(flags & FLAG_SEEN_TRUNCATED), write_id=write_id)
+    return UserRecord(
+        user=user,
+        version=version,
+        archived_events=archived,
+        recent=recent,
+        memory=blob[HEADER.size : memory_end],
+        memory_rows=rows,
+        memory_width=width,
+        memory_dtype=dtype,
+        fingerprint=fingerprint.hex(),
+        seen=seen,
+        seen_truncated=bool(flags & FLAG_SEEN_TRUNCATED),
+        write_id=write_id,
+    )
 
 
 def record_version(blob: bytes) -> int:

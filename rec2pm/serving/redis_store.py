@@ -54,8 +54,9 @@ class RedisStore(MemoryStore):
         self.url = url
         self._redis = redis
         try:
-            self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
-                                                socket_connect_timeout=socket_timeout)
+            self._client = redis.Redis.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            )
             self._client.ping()
         except (redis.RedisError, ValueError) as exc:
             raise StoreError(f"store URL {url!r}: cannot reach the Redis server ({exc})") from None
@@ -74,7 +75,7 @@ class RedisStore(MemoryStore):
                 pipe.hget(PREFIX + key, "blob")
             return pipe.execute()
 
-        return {key: blob for key, blob in zip(keys, self._call("get_many", read)) if blob is not None}
+        return {key: blob for key, blob in zip(keys, self._call("get_many", read), strict=True) if blob is not None}
 
     def versions(self, user_ids):
         """The ``version`` fields the compare-and-swap script checks (a damaged blob header
@@ -88,7 +89,7 @@ class RedisStore(MemoryStore):
             return pipe.execute()
 
         stored = self._call("versions", read) if keys else []
-        return {key: int(version) for key, version in zip(keys, stored) if version is not None}
+        return {key: int(version) for key, version in zip(keys, stored, strict=True) if version is not None}
 
     def _put(self, writes):
         args = []
@@ -100,12 +101,14 @@ class RedisStore(MemoryStore):
             expected = writes[int(reply[1]) - 1].expected_version
             raise VersionConflict([user], f"user {user!r} expected version {expected}, stored {int(reply[2])}")
         unchanged = {int(i) - 1 for i in reply[1:]}
-        return PutResult(written=[w.record.user for i, w in enumerate(writes) if i not in unchanged],
-                         unchanged=[writes[i].record.user for i in sorted(unchanged)])
+        return PutResult(
+            written=[w.record.user for i, w in enumerate(writes) if i not in unchanged],
+            unchanged=[writes[i].record.user for i in sorted(unchanged)],
+        )
 
     def users(self):
         keys = self._call("users", lambda: list(self._client.scan_iter(match=PREFIX + "*", count=1000)))
-        return sorted(k.decode()[len(PREFIX):] for k in keys)
+        return sorted(k.decode()[len(PREFIX) :] for k in keys)
 
     def delete_all_for_tests(self) -> None:
         for user in self.users():

@@ -70,8 +70,10 @@ class SQLiteStore(MemoryStore):
             conn.execute(f"PRAGMA synchronous = {self.options['synchronous']}")
             # A rowid table keeps a ~1 KB record inside its leaf page; WITHOUT ROWID would move
             # every record of more than ~1/4 page to an overflow page of its own (4 KB per user).
-            conn.execute("CREATE TABLE IF NOT EXISTS records (user TEXT PRIMARY KEY, version INTEGER NOT NULL, "
-                         "blob BLOB NOT NULL)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS records (user TEXT PRIMARY KEY, version INTEGER NOT NULL, "
+                "blob BLOB NOT NULL)"
+            )
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open it as a SQLite memory store ({exc})") from None
         self._local.conn, self._local.pid = conn, os.getpid()
@@ -80,7 +82,7 @@ class SQLiteStore(MemoryStore):
     def _select(self, conn, keys):
         out = {}
         for i in range(0, len(keys), CHUNK):
-            chunk = keys[i:i + CHUNK]
+            chunk = keys[i : i + CHUNK]
             rows = conn.execute(f"SELECT user, blob FROM records WHERE user IN ({','.join('?' * len(chunk))})", chunk)
             out.update(rows)
         return out
@@ -103,8 +105,9 @@ class SQLiteStore(MemoryStore):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot take the write lock ({exc}; busy_timeout_ms="
-                             f"{self.options['busy_timeout_ms']})") from None
+            raise StoreError(
+                f"{self.path}: cannot take the write lock ({exc}; busy_timeout_ms={self.options['busy_timeout_ms']})"
+            ) from None
         try:
             to_write, result = plan_writes(writes, self._select(conn, [w.record.user for w in writes]))
             conn.executemany("INSERT OR REPLACE INTO records (user, version, blob) VALUES (?, ?, ?)", to_write)

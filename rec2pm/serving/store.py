@@ -39,12 +39,17 @@ class Write:
     def __post_init__(self):
         if not isinstance(self.record, UserRecord):
             raise TypeError(f"Write.record must be a UserRecord, got {type(self.record).__name__}")
-        if isinstance(self.expected_version, bool) or not isinstance(self.expected_version, int) \
-                or self.expected_version < 0:
+        if (
+            isinstance(self.expected_version, bool)
+            or not isinstance(self.expected_version, int)
+            or self.expected_version < 0
+        ):
             raise ValueError(f"expected_version must be an int >= 0, got {self.expected_version!r}")
         if self.record.version <= self.expected_version:
-            raise ValueError(f"user {self.record.user!r}: versions only grow; the new version "
-                             f"{self.record.version} must exceed the expected {self.expected_version}")
+            raise ValueError(
+                f"user {self.record.user!r}: versions only grow; the new version "
+                f"{self.record.version} must exceed the expected {self.expected_version}"
+            )
 
 
 @dataclass
@@ -122,19 +127,17 @@ class MemoryStore(ABC):
         return self._put(writes) if writes else PutResult()
 
     @abstractmethod
-    def _get_blobs(self, keys: list[str]) -> dict[str, bytes]:
-        ...
+    def _get_blobs(self, keys: list[str]) -> dict[str, bytes]: ...
 
     @abstractmethod
-    def _put(self, writes: list[Write]) -> PutResult:
-        ...
+    def _put(self, writes: list[Write]) -> PutResult: ...
 
     @abstractmethod
     def users(self) -> list[str]:
         """Every user with a record (for maintenance, not the request path)."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 -- optional: stores without a connection have nothing to close
+        """Release the connection, if the store holds one."""
 
     def __enter__(self):
         return self
@@ -160,8 +163,9 @@ class InProcessStore(MemoryStore):
 
     def _put(self, writes):
         with self._lock:
-            to_write, result = plan_writes(writes, {w.record.user: self._blobs.get(w.record.user)
-                                                    for w in writes if w.record.user in self._blobs})
+            to_write, result = plan_writes(
+                writes, {w.record.user: self._blobs.get(w.record.user) for w in writes if w.record.user in self._blobs}
+            )
             for user, _, blob in to_write:
                 self._blobs[user] = blob
         return result
@@ -199,5 +203,6 @@ def open_store(url: str) -> MemoryStore:
         from .redis_store import RedisStore
 
         return RedisStore(url)
-    raise StoreError(f"store URL {url!r}: unknown scheme {scheme!r}; expected one of "
-                     "memory://, sqlite:///PATH, redis://HOST:PORT/DB")
+    raise StoreError(
+        f"store URL {url!r}: unknown scheme {scheme!r}; expected one of memory://, sqlite:///PATH, redis://HOST:PORT/DB"
+    )

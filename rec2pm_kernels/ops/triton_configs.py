@@ -41,37 +41,65 @@ BIAS_WINDOW = 32
 # is 16 x 16 by design (its per-bucket sums build a (16, 16, BIAS_WINDOW) one-hot tile).
 _MEASURED = {
     "segment_fwd": {
-        "fp32": {8: ((64, 64, 8, 2), (128, 64, 8, 2)), 16: ((128, 64, 8, 2), (128, 64, 8, 2)),
-                 32: ((32, 32, 4, 2), (32, 32, 4, 2)), 64: ((32, 32, 4, 2), (32, 16, 4, 2)),
-                 128: ((32, 16, 4, 2), (16, 16, 4, 2))},
-        "16-bit": {8: ((128, 64, 8, 2), (128, 64, 8, 2)), 16: ((128, 64, 8, 2), (128, 64, 8, 2)),
-                   32: ((128, 64, 8, 2), (128, 64, 8, 2)), 64: ((64, 64, 8, 2), (128, 64, 8, 2)),
-                   128: ((64, 64, 8, 2), (64, 64, 8, 2))},
+        "fp32": {
+            8: ((64, 64, 8, 2), (128, 64, 8, 2)),
+            16: ((128, 64, 8, 2), (128, 64, 8, 2)),
+            32: ((32, 32, 4, 2), (32, 32, 4, 2)),
+            64: ((32, 32, 4, 2), (32, 16, 4, 2)),
+            128: ((32, 16, 4, 2), (16, 16, 4, 2)),
+        },
+        "16-bit": {
+            8: ((128, 64, 8, 2), (128, 64, 8, 2)),
+            16: ((128, 64, 8, 2), (128, 64, 8, 2)),
+            32: ((128, 64, 8, 2), (128, 64, 8, 2)),
+            64: ((64, 64, 8, 2), (128, 64, 8, 2)),
+            128: ((64, 64, 8, 2), (64, 64, 8, 2)),
+        },
     },
     "segment_bwd_dq": {
-        "fp32": {8: ((64, 64, 8, 2), (64, 64, 8, 2)), 16: ((64, 64, 8, 2), (64, 64, 8, 2)),
-                 32: ((32, 32, 4, 2), (32, 32, 4, 2)), 64: ((32, 32, 4, 2), (16, 16, 4, 2)),
-                 128: ((32, 16, 4, 2), (16, 16, 4, 2))},
-        "16-bit": {8: ((64, 64, 4, 2), (64, 64, 4, 2)), 16: ((64, 64, 4, 2), (64, 64, 4, 2)),
-                   32: ((64, 64, 4, 2), (64, 64, 4, 2)), 64: ((64, 32, 4, 2), (64, 64, 4, 2)),
-                   128: ((32, 32, 4, 2), (64, 64, 8, 2))},
+        "fp32": {
+            8: ((64, 64, 8, 2), (64, 64, 8, 2)),
+            16: ((64, 64, 8, 2), (64, 64, 8, 2)),
+            32: ((32, 32, 4, 2), (32, 32, 4, 2)),
+            64: ((32, 32, 4, 2), (16, 16, 4, 2)),
+            128: ((32, 16, 4, 2), (16, 16, 4, 2)),
+        },
+        "16-bit": {
+            8: ((64, 64, 4, 2), (64, 64, 4, 2)),
+            16: ((64, 64, 4, 2), (64, 64, 4, 2)),
+            32: ((64, 64, 4, 2), (64, 64, 4, 2)),
+            64: ((64, 32, 4, 2), (64, 64, 4, 2)),
+            128: ((32, 32, 4, 2), (64, 64, 8, 2)),
+        },
     },
     "segment_bwd_dkdv": {
-        "fp32": {8: ((16, 32, 4, 2), (16, 32, 4, 2)), 16: ((32, 32, 4, 2), (32, 32, 4, 2)),
-                 32: ((16, 32, 4, 2), (16, 32, 4, 2)), 64: ((16, 16, 4, 2), (16, 16, 4, 2)),
-                 # one stage: two left the global-pattern bias softmax at 255 registers and spilling on sm_90
-                 128: ((16, 16, 8, 1), (16, 16, 8, 1))},
-        "16-bit": {8: ((64, 32, 4, 2), (32, 64, 4, 2)), 16: ((64, 32, 4, 2), (32, 64, 4, 2)),
-                   32: ((32, 32, 4, 2), (32, 64, 4, 2)), 64: ((32, 32, 4, 2), (32, 32, 4, 2)),
-                   128: ((16, 32, 4, 2), (32, 32, 4, 2))},
+        "fp32": {
+            8: ((16, 32, 4, 2), (16, 32, 4, 2)),
+            16: ((32, 32, 4, 2), (32, 32, 4, 2)),
+            32: ((16, 32, 4, 2), (16, 32, 4, 2)),
+            64: ((16, 16, 4, 2), (16, 16, 4, 2)),
+            # one stage: two left the global-pattern bias softmax at 255 registers and spilling on sm_90
+            128: ((16, 16, 8, 1), (16, 16, 8, 1)),
+        },
+        "16-bit": {
+            8: ((64, 32, 4, 2), (32, 64, 4, 2)),
+            16: ((64, 32, 4, 2), (32, 64, 4, 2)),
+            32: ((32, 32, 4, 2), (32, 64, 4, 2)),
+            64: ((32, 32, 4, 2), (32, 32, 4, 2)),
+            128: ((16, 32, 4, 2), (32, 32, 4, 2)),
+        },
     },
     "segment_bwd_bias": {
         inputs: {dim: ((16, 16, 4, 1), (16, 16, 4, 1)) for dim in (8, 16, 32, 64, 128)} for inputs in ("fp32", "16-bit")
     },
     "cached_step": {
-        "fp32": {8: ((16, 128, 4, 2), (16, 128, 4, 2)), 16: ((16, 128, 4, 2), (16, 128, 4, 2)),
-                 32: ((16, 128, 4, 2), (16, 128, 4, 2)), 64: ((16, 64, 4, 2), (16, 64, 4, 2)),
-                 128: ((16, 64, 4, 2), (16, 64, 4, 2))},
+        "fp32": {
+            8: ((16, 128, 4, 2), (16, 128, 4, 2)),
+            16: ((16, 128, 4, 2), (16, 128, 4, 2)),
+            32: ((16, 128, 4, 2), (16, 128, 4, 2)),
+            64: ((16, 64, 4, 2), (16, 64, 4, 2)),
+            128: ((16, 64, 4, 2), (16, 64, 4, 2)),
+        },
         "16-bit": {dim: ((16, 128, 4, 2), (16, 128, 4, 2)) for dim in (8, 16, 32, 64, 128)},
     },
 }
@@ -79,8 +107,13 @@ MEASURED_HEAD_DIMS = (8, 16, 32, 64, 128)
 
 # The smallest tile of each kernel: the fallback where the measured one cannot fit the
 # shared memory of an architecture that was not measured (sm_86 / sm_89: 99 KiB).
-_SMALLEST = {"segment_fwd": (16, 16, 4, 2), "segment_bwd_dq": (16, 16, 4, 2), "segment_bwd_dkdv": (16, 16, 8, 2),
-             "segment_bwd_bias": (16, 16, 4, 1), "cached_step": (16, 64, 4, 2)}
+_SMALLEST = {
+    "segment_fwd": (16, 16, 4, 2),
+    "segment_bwd_dq": (16, 16, 4, 2),
+    "segment_bwd_dkdv": (16, 16, 8, 2),
+    "segment_bwd_bias": (16, 16, 4, 1),
+    "cached_step": (16, 64, 4, 2),
+}
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -92,8 +125,9 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def shared_memory_estimate(kernel: str, block_m: int, block_n: int, stages: int, dtype: torch.dtype,
-                           head_dim: int) -> int:
+def shared_memory_estimate(
+    kernel: str, block_m: int, block_n: int, stages: int, dtype: torch.dtype, head_dim: int
+) -> int:
     """Upper bound on the bytes of shared memory a config needs: pipelined K/V (or Q/dO)
     tiles plus the staged operands.  The compiled kernels measure below it (the check
     reads ``metadata.shared``); it guards the architectures that were not measured."""
@@ -134,7 +168,7 @@ def autotune_configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) 
     """``configs`` cut to the first ``REC2PM_AUTOTUNE_MAX_CONFIGS`` (if set): bounds tuning time."""
     out = configs(kernel, dtype, head_dim, arch)
     limit = os.environ.get("REC2PM_AUTOTUNE_MAX_CONFIGS")
-    return out[:max(1, int(limit))] if limit else out
+    return out[: max(1, int(limit))] if limit else out
 
 
 def config_key(config: triton.Config) -> str:

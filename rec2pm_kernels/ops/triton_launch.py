@@ -47,9 +47,20 @@ def device_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def launch(kernel, name: str, grid, args: tuple, constexprs: dict, *, dtype: torch.dtype, head_dim: int,
-           device: torch.device, config: triton.Config | None = None, reset_to_zero: tuple[str, ...] = (),
-           notes: dict | None = None):
+def launch(
+    kernel,
+    name: str,
+    grid,
+    args: tuple,
+    constexprs: dict,
+    *,
+    dtype: torch.dtype,
+    head_dim: int,
+    device: torch.device,
+    config: triton.Config | None = None,
+    reset_to_zero: tuple[str, ...] = (),
+    notes: dict | None = None,
+):
     """Run ``kernel[grid](*args, **constexprs)`` with ``config``, or the autotuned choice.
 
     ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
@@ -64,8 +75,11 @@ def launch(kernel, name: str, grid, args: tuple, constexprs: dict, *, dtype: tor
         tuned = _autotuned.get(key)
         if tuned is None:
             keys = [k for k in AUTOTUNE_KEY if k in kernel.arg_names]
-            tuned = triton.autotune(configs=autotune_configs(name, dtype, head_dim, arch), key=keys,
-                                    reset_to_zero=list(reset_to_zero) or None)(kernel)
+            tuned = triton.autotune(
+                configs=autotune_configs(name, dtype, head_dim, arch),
+                key=keys,
+                reset_to_zero=list(reset_to_zero) or None,
+            )(kernel)
             _autotuned[key] = tuned
         return tuned[grid](*args, **constexprs)
     if config is None:

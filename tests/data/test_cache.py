@@ -11,8 +11,14 @@ TEXT = "userId,movieId,rating,timestamp\n1,50,4,100\n1,7,3,100\n2,3,1,10\n2,3,1,
 
 
 def same(a, b):
-    return (torch.equal(a.items, b.items) and torch.equal(a.cu_seqlens, b.cu_seqlens) and a.num_items == b.num_items
-            and a.item_ids == b.item_ids and a.user_ids == b.user_ids and a.skipped == b.skipped)
+    return (
+        torch.equal(a.items, b.items)
+        and torch.equal(a.cu_seqlens, b.cu_seqlens)
+        and a.num_items == b.num_items
+        and a.item_ids == b.item_ids
+        and a.user_ids == b.user_ids
+        and a.skipped == b.skipped
+    )
 
 
 def refuse_to_parse(*args, **kwargs):

@@ -16,10 +16,14 @@ USERS = range(1, 400)
 FORMATS = {
     # kind: (loader kwargs, text of a valid file)
     "s3rec": ({}, "".join(f"{u} " + " ".join(str(i) for i in range(1, 40)) + "\n" for u in USERS)),
-    "movielens": ({}, "userId,movieId,rating,timestamp\n" +
-                  "".join(f"{u},{i},4.0,{1000 + i}\n" for u in USERS for i in range(1, 12))),
-    "table": (dict(user_col="u", item_col="i", time_col="t"),
-              "u,i,t\n" + "".join(f"{u},{i},{i}\n" for u in USERS for i in range(1, 12))),
+    "movielens": (
+        {},
+        "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},4.0,{1000 + i}\n" for u in USERS for i in range(1, 12)),
+    ),
+    "table": (
+        dict(user_col="u", item_col="i", time_col="t"),
+        "u,i,t\n" + "".join(f"{u},{i},{i}\n" for u in USERS for i in range(1, 12)),
+    ),
 }
 
 

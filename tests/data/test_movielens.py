@@ -11,9 +11,12 @@ from .files import shared_file, write
 
 HEADER = "userId,movieId,rating,timestamp\n"
 ROWS = [  # user 1 rates 50 and 7 at the same second: (timestamp, movieId) puts 7 first
-    "1,50,4.0,100", "1,7,3.5,100", "1,3,5.0,90",
-    "2,3,1.0,10",   # a user with one event is kept by the loader
-    "9,50,2.0,5", "9,7,2.0,6",
+    "1,50,4.0,100",
+    "1,7,3.5,100",
+    "1,3,5.0,90",
+    "2,3,1.0,10",  # a user with one event is kept by the loader
+    "9,50,2.0,5",
+    "9,7,2.0,6",
 ]
 
 
@@ -63,29 +66,33 @@ def test_exact_duplicate_rows_are_skipped_and_counted(tmp_path):
 
 
 def test_blank_lines_are_counted(tmp_path):
-    data = load_movielens(write(tmp_path / "r.csv", HEADER + "\n".join(ROWS[:3]) + "\n\n  \n" + ROWS[3] + "\n"),
-                          cache_dir=False)
+    data = load_movielens(
+        write(tmp_path / "r.csv", HEADER + "\n".join(ROWS[:3]) + "\n\n  \n" + ROWS[3] + "\n"), cache_dir=False
+    )
     assert data.skipped == {"blank lines": 2}
     assert data.items.numel() == 4
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty file"),
-    ("\n", "empty file"),
-    (HEADER, "no data rows after the header"),
-    ("userId,movieId,rating\n1,2,3\n", "missing column 'timestamp'"),
-    ("user,movieId,rating,timestamp\n1,2,3,4\n", "missing column 'userId'"),
-    ("1,31,2.5,1260759144\n", "missing column 'userId'"),  # a header-less csv
-    (HEADER + "1,2,3,4\nx7,2,3,4\n", r"line 3: column 'userId' must be an integer id \(the user\), got 'x7'"),
-    (HEADER + "1,2,3,4\n1,2.0,3,4\n", r"line 3: column 'movieId' must be an integer id"),
-    (HEADER + "1,2,3,4\n1,3,3,soon\n", r"line 3: column 'timestamp' must be a finite number"),
-    (HEADER + "1,2,3,4\n1,3,3,nan\n", r"line 3: column 'timestamp' must be a finite number"),
-    (HEADER + "1,2,3,4\n1,3,3\n", r"line 3: expected 4 fields separated by ','"),
-    (HEADER + "1,2,3,4,5\n", r"line 2: expected 4 fields"),
-    (HEADER + "99999999999999999999,2,3,4\n", r"line 2: column 'userId' must be an integer id"),
-    ("1::2::3::4\n1::2::3\n", r"line 2: expected 4 fields separated by '::'"),
-    ("1::2::3::4\n1::b::3::4\n", r"line 2: column 2 must be an integer id \(the item\), got 'b'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty file"),
+        ("\n", "empty file"),
+        (HEADER, "no data rows after the header"),
+        ("userId,movieId,rating\n1,2,3\n", "missing column 'timestamp'"),
+        ("user,movieId,rating,timestamp\n1,2,3,4\n", "missing column 'userId'"),
+        ("1,31,2.5,1260759144\n", "missing column 'userId'"),  # a header-less csv
+        (HEADER + "1,2,3,4\nx7,2,3,4\n", r"line 3: column 'userId' must be an integer id \(the user\), got 'x7'"),
+        (HEADER + "1,2,3,4\n1,2.0,3,4\n", r"line 3: column 'movieId' must be an integer id"),
+        (HEADER + "1,2,3,4\n1,3,3,soon\n", r"line 3: column 'timestamp' must be a finite number"),
+        (HEADER + "1,2,3,4\n1,3,3,nan\n", r"line 3: column 'timestamp' must be a finite number"),
+        (HEADER + "1,2,3,4\n1,3,3\n", r"line 3: expected 4 fields separated by ','"),
+        (HEADER + "1,2,3,4,5\n", r"line 2: expected 4 fields"),
+        (HEADER + "99999999999999999999,2,3,4\n", r"line 2: column 'userId' must be an integer id"),
+        ("1::2::3::4\n1::2::3\n", r"line 2: expected 4 fields separated by '::'"),
+        ("1::2::3::4\n1::b::3::4\n", r"line 2: column 2 must be an integer id \(the item\), got 'b'"),
+    ],
+)
 def test_malformed_input_names_file_line_and_expectation(tmp_path, text, message):
     path = write(tmp_path / "ratings.csv", text)
     with pytest.raises(ValueError, match=message) as info:
@@ -101,8 +108,12 @@ def test_float_timestamps_are_kept_as_floats(tmp_path):
 
 def test_blocks_split_anywhere_give_the_same_result_and_true_line_numbers(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
-    rows = [f"{u},{i},3.0,{t}" for u, i, t in zip(rng.integers(1, 30, 3000), rng.integers(1, 400, 3000),
-                                                   rng.integers(0, 50, 3000))]
+    rows = [
+        f"{u},{i},3.0,{t}"
+        for u, i, t in zip(
+            rng.integers(1, 30, 3000), rng.integers(1, 400, 3000), rng.integers(0, 50, 3000), strict=True
+        )
+    ]
     path = write(tmp_path / "r.csv", HEADER + "\n".join(rows) + "\n")
     ref = load_movielens(path, cache_dir=False)
     monkeypatch.setattr(columns, "BLOCK_CHARS", 97)  # blocks end mid-line: the reader must carry the rest
@@ -130,8 +141,10 @@ def test_ml_latest_small_statistics(tmp_path):
         for line in f:
             u, m, _, t = line.split(",")
             times[int(u), int(m)] = int(t)
-    last_two = [(data.user_ids[u], [data.item_ids[i - 1] for i in data.history(u)[-2:].tolist()])
-                for u in range(data.num_users())]
+    last_two = [
+        (data.user_ids[u], [data.item_ids[i - 1] for i in data.history(u)[-2:].tolist()])
+        for u in range(data.num_users())
+    ]
     tied = [(u, a, b) for u, (a, b) in last_two if times[u, a] == times[u, b]]
     assert len(tied) == 94
     assert all(a < b for _, a, b in tied)

@@ -5,9 +5,15 @@ from rec2pm.data import InteractionData, leave_one_out, lifelong_histories
 
 
 def test_leave_one_out_by_hand():
-    data = InteractionData(items=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9]), cu_seqlens=torch.tensor([0, 4, 6, 9]),
-                           num_items=9, item_ids=list(range(11, 20)), user_ids=["a", "b", "c"],
-                           skipped={"duplicate rows": 3}, source="hand")
+    data = InteractionData(
+        items=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        cu_seqlens=torch.tensor([0, 4, 6, 9]),
+        num_items=9,
+        item_ids=list(range(11, 20)),
+        user_ids=["a", "b", "c"],
+        skipped={"duplicate rows": 3},
+        source="hand",
+    )
     split = leave_one_out(data)
     assert split.train.user_ids == ["a", "c"]
     assert [split.train.history(u).tolist() for u in range(2)] == [[1, 2], [7]]
@@ -23,8 +29,9 @@ def test_leave_one_out_by_hand():
 
 
 def test_no_user_long_enough():
-    data = InteractionData(items=torch.tensor([1, 1, 1]), cu_seqlens=torch.tensor([0, 2, 3]), num_items=1,
-                           item_ids=[1], user_ids=[0, 1])
+    data = InteractionData(
+        items=torch.tensor([1, 1, 1]), cu_seqlens=torch.tensor([0, 2, 3]), num_items=1, item_ids=[1], user_ids=[0, 1]
+    )
     with pytest.raises(ValueError, match="no user has >= 3 events"):
         leave_one_out(data)
 

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -73,10 +72,11 @@ def test_events_concentrate_on_the_users_interests():
     counts = cluster_counts(data, num_clusters)
     top = counts.topk(4, dim=1)
     share = top.values.sum(1) / counts.sum(1)
-    assert share.min() > 1 - noise - 0.06                  # each user's 4 busiest clusters hold ~90%
+    assert share.min() > 1 - noise - 0.06  # each user's 4 busiest clusters hold ~90%
     assert (top.indices.sort(1).values == plan.interests.sort(1).values).float().mean() > 0.9  # they are the interests
-    uniform = cluster_counts(lifelong_histories(200, 500, 1000, num_clusters=num_clusters, noise=1.0, seed=4),
-                             num_clusters)
+    uniform = cluster_counts(
+        lifelong_histories(200, 500, 1000, num_clusters=num_clusters, noise=1.0, seed=4), num_clusters
+    )
     assert (uniform.topk(4, dim=1).values.sum(1) / 500).mean() < 0.25  # no interests left at noise = 1
 
 
@@ -92,22 +92,23 @@ def test_drift_changes_the_interest_weights_slowly():
     assert torch.allclose(static_plan.logits, static_plan.logits[:, :1].expand_as(static_plan.logits))
     _, plan, drifting = half_shift(2.0)
     steps = (plan.logits[:, 1:] - plan.logits[:, :-1]).std().item()
-    assert abs(steps - 2.0 * (64 / 1000) ** 0.5) < 0.05     # random-walk step per 64-event block
+    assert abs(steps - 2.0 * (64 / 1000) ** 0.5) < 0.05  # random-walk step per 64-event block
     assert static < 0.1 and drifting > static + 0.15
 
 
 def test_best_metrics_match_the_oracle_on_sampled_targets():
     num_items, num_clusters, noise, k = 120, 12, 0.3, 15
-    data, plan = lifelong_planted(20000, 6, num_items, num_clusters=num_clusters, num_interests=3, noise=noise,
-                                  drift=0.5, seed=6)
+    data, plan = lifelong_planted(
+        20000, 6, num_items, num_clusters=num_clusters, num_interests=3, noise=noise, drift=0.5, seed=6
+    )
     # The oracle's next-item distribution at each user's last event, from the planted parameters.
     w = plan.weights()
     prob = torch.full((data.num_users(), num_items + 1), noise / num_items, dtype=torch.float64)
     prob[:, 0] = -1  # padding is never a candidate
     clusters = item_clusters(num_items, num_clusters)
     for j in range(3):
-        members = clusters[None, :] == plan.interests[:, j:j + 1]
-        prob += members * (1 - noise) * w[:, j:j + 1] / 10
+        members = clusters[None, :] == plan.interests[:, j : j + 1]
+        prob += members * (1 - noise) * w[:, j : j + 1] / 10
     # Items of equal probability are exchangeable, so any order among them has the bound's expectation.
     best = plan.best_metrics(k)
     order = prob.argsort(1, descending=True)[:, :k]
@@ -121,8 +122,9 @@ def test_best_metrics_match_the_oracle_on_sampled_targets():
     top1 = ((1 - noise) * w.max(1).values / 10 + noise / num_items).mean().item()
     assert plan.best_metrics(1)["hr"] == pytest.approx(top1)
     assert plan.best_metrics(7)["hr"] == pytest.approx(7 * top1)
-    assert plan.best_metrics(10)["hr"] == pytest.approx(((1 - noise) * w.max(1).values).mean().item()
-                                                        + noise * 10 / num_items)
+    assert plan.best_metrics(10)["hr"] == pytest.approx(
+        ((1 - noise) * w.max(1).values).mean().item() + noise * 10 / num_items
+    )
     assert plan.best_metrics(num_items)["hr"] == pytest.approx(1.0)
 
 
@@ -131,15 +133,18 @@ def test_works_with_leave_one_out():
     assert split.test_targets.shape == (10,) and split.train.lengths().tolist() == [48] * 10
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_users=0), "num_users"),
-    (dict(length=0), "length"),
-    (dict(num_clusters=101), "num_clusters"),
-    (dict(num_clusters=3), "num_interests"),
-    (dict(noise=1.5), "noise"),
-    (dict(drift=-1.0), "drift"),
-    (dict(min_length=60), "min_length"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_users=0), "num_users"),
+        (dict(length=0), "length"),
+        (dict(num_clusters=101), "num_clusters"),
+        (dict(num_clusters=3), "num_interests"),
+        (dict(noise=1.5), "noise"),
+        (dict(drift=-1.0), "drift"),
+        (dict(min_length=60), "min_length"),
+    ],
+)
 def test_invalid_arguments(kwargs, message):
     args = dict(num_users=3, length=50, num_items=100) | kwargs
     with pytest.raises(ValueError, match=message):

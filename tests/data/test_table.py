@@ -16,11 +16,7 @@ def original(data, u):
 
 
 def test_csv_with_extra_and_quoted_columns(tmp_path):
-    text = ('note,uid,ts,iid\n'
-            '"a, quoted note",4,20,9\n'
-            'plain,4,10,8\n'
-            '"x",2,5,9\n'
-            'tie,4,20,1\n')
+    text = 'note,uid,ts,iid\n"a, quoted note",4,20,9\nplain,4,10,8\n"x",2,5,9\ntie,4,20,1\n'
     data = load_interactions_table(write(tmp_path / "t.csv", text), **COLS, cache_dir=False)
     assert data.user_ids == [2, 4]
     assert [original(data, u) for u in range(2)] == [[9], [8, 1, 9]]  # (time, item): 1 before 9 at ts 20
@@ -34,13 +30,16 @@ def test_tab_separated_gzip_with_duplicates(tmp_path):
     assert data.skipped == {"duplicate rows": 1}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("uid,iid\n1,2\n", "missing column 'ts' for the time"),
-    ("uid,iid,ts,ts\n1,2,3,4\n", "ambiguous column 'ts'"),
-    ("uid,iid,ts\n1,2,3\n1,two,4\n", r"line 3: column 'iid' must be an integer id \(the item\), got 'two'"),
-    ("uid,iid,ts\n", "no data rows"),
-    ("", "empty file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("uid,iid\n1,2\n", "missing column 'ts' for the time"),
+        ("uid,iid,ts,ts\n1,2,3,4\n", "ambiguous column 'ts'"),
+        ("uid,iid,ts\n1,2,3\n1,two,4\n", r"line 3: column 'iid' must be an integer id \(the item\), got 'two'"),
+        ("uid,iid,ts\n", "no data rows"),
+        ("", "empty file"),
+    ],
+)
 def test_malformed_tables(tmp_path, text, message):
     path = write(tmp_path / "t.csv", text)
     with pytest.raises(ValueError, match=message) as info:
@@ -60,8 +59,14 @@ def test_parquet_matches_csv(tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"uid": rng.integers(0, 9, 200), "iid": rng.integers(0, 30, 200),
-                          "ts": rng.integers(0, 20, 200), "other": ["x"] * 200})
+    frame = pd.DataFrame(
+        {
+            "uid": rng.integers(0, 9, 200),
+            "iid": rng.integers(0, 30, 200),
+            "ts": rng.integers(0, 20, 200),
+            "other": ["x"] * 200,
+        }
+    )
     frame.to_parquet(tmp_path / "t.parquet")
     frame.to_csv(tmp_path / "t.csv", index=False)
     a = load_interactions_table(tmp_path / "t.parquet", **COLS, cache_dir=tmp_path / "c")
@@ -73,16 +78,20 @@ def test_parquet_matches_csv(tmp_path):
     with pytest.raises(ValueError, match="row 7: column 'iid'"):
         load_interactions_table(tmp_path / "bad.parquet", **COLS, cache_dir=False)
     with pytest.raises(ValueError, match="missing column 'when'"):
-        load_interactions_table(tmp_path / "t.parquet", user_col="uid", item_col="iid", time_col="when",
-                                cache_dir=False)
+        load_interactions_table(
+            tmp_path / "t.parquet", user_col="uid", item_col="iid", time_col="when", cache_dir=False
+        )
 
 
 def test_load_dataset_dispatches(tmp_path):
     ml = write(tmp_path / "r.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n")
     s3 = write(tmp_path / "s.txt", "1 2 3\n")
     tb = write(tmp_path / "t.csv", "uid,iid,ts\n1,2,3\n")
-    for kind, path, kwargs, loader in [("movielens", ml, {}, load_movielens), ("s3rec", s3, {}, load_s3rec),
-                                       ("table", tb, COLS, load_interactions_table)]:
+    for kind, path, kwargs, loader in [
+        ("movielens", ml, {}, load_movielens),
+        ("s3rec", s3, {}, load_s3rec),
+        ("table", tb, COLS, load_interactions_table),
+    ]:
         got = load_dataset(kind, path, cache_dir=False, **kwargs)
         want = loader(path, cache_dir=False, **kwargs)
         assert torch.equal(got.items, want.items) and got.source == want.source
@@ -99,9 +108,11 @@ def test_parquet_time_types(tmp_path):
         pd.DataFrame({**base, "ts": ts}).to_parquet(tmp_path / "t.parquet")
         data = load_interactions_table(tmp_path / "t.parquet", **COLS, cache_dir=False)
         assert original(data, 0) == order
-    for column, value, message in [("ts", ["a", "b", "c"], "row 0: column 'ts' must be a finite number"),
-                                   ("ts", [1.0, float("nan"), 2.0], "row 1: column 'ts'"),
-                                   ("iid", [1.5, 2.0, 3.0], r"row 0: column 'iid' must be an integer id")]:
+    for column, value, message in [
+        ("ts", ["a", "b", "c"], "row 0: column 'ts' must be a finite number"),
+        ("ts", [1.0, float("nan"), 2.0], "row 1: column 'ts'"),
+        ("iid", [1.5, 2.0, 3.0], r"row 0: column 'iid' must be an integer id"),
+    ]:
         frame = pd.DataFrame({**base, "ts": [1, 2, 3]})
         frame[column] = value
         frame.to_parquet(tmp_path / "bad.parquet")

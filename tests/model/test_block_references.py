@@ -55,8 +55,10 @@ def sasrec_reference(block: SASRecBlock, x):
     for xs in per_sequence(x):
         n, d = xs.shape
         h = layer_norm(xs, block.attn_norm)
-        q, k, v = (linear(h, layer).view(n, HEADS, d // HEADS).transpose(0, 1)
-                   for layer in (block.query, block.key, block.value))
+        q, k, v = (
+            linear(h, layer).view(n, HEADS, d // HEADS).transpose(0, 1)
+            for layer in (block.query, block.key, block.value)
+        )
         scores = q @ k.transpose(1, 2) / (d // HEADS) ** 0.5
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         attended = (scores.softmax(-1) @ v).transpose(0, 1).reshape(n, d)

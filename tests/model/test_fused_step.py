@@ -38,7 +38,7 @@ def step_both_ways(decoder, dtype, prefix, new):
         _, kv = decoder(x, positions, cu, max(prefix), collect_kv=True)
     results = []
     x_new = torch.randn(sum(new), d, dtype=dtype)
-    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new)])
+    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
     for fused in (True, False):
         caches, seqlens = caches_from_kv(kv, cu, capacity=max(prefix) + max(new) + 2)
         decoder.use_fused_step = fused
@@ -55,11 +55,10 @@ def step_both_ways(decoder, dtype, prefix, new):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_fused_step_equals_the_block_by_block_step(backbone, dtype):
     decoder = randomised_decoder(backbone, dtype)
-    (fused, fused_caches), (plain, plain_caches) = step_both_ways(decoder, dtype, prefix=[5, 1, 9, 3],
-                                                                  new=[1, 3, 0, 2])
+    (fused, fused_caches), (plain, plain_caches) = step_both_ways(decoder, dtype, prefix=[5, 1, 9, 3], new=[1, 3, 0, 2])
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(fused, plain, rtol=tolerance, atol=tolerance)
-    for a, b in zip(fused_caches, plain_caches):  # the same K/V appended in the same slots
+    for a, b in zip(fused_caches, plain_caches, strict=True):  # the same K/V appended in the same slots
         torch.testing.assert_close(a.k, b.k, rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(a.v, b.v, rtol=tolerance, atol=tolerance)
 
@@ -68,12 +67,12 @@ def test_the_fused_step_refuses_to_write_past_the_capacity():
     decoder = randomised_decoder("hstu", torch.float64)
     d = decoder.config.d_model
     with torch.no_grad():
-        _, kv = decoder(torch.randn(4, d, dtype=torch.float64), torch.arange(4), cu_seqlens_of([4]), 4,
-                        collect_kv=True)
+        _, kv = decoder(torch.randn(4, d, dtype=torch.float64), torch.arange(4), cu_seqlens_of([4]), 4, collect_kv=True)
         caches, seqlens = caches_from_kv(kv, cu_seqlens_of([4]), capacity=5)
         with pytest.raises(ValueError, match="k_cache capacity 5 is too small: user 0"):
-            decoder.step(torch.randn(2, d, dtype=torch.float64), torch.tensor([4, 5]), cu_seqlens_of([2]), 2,
-                         caches, seqlens)
+            decoder.step(
+                torch.randn(2, d, dtype=torch.float64), torch.tensor([4, 5]), cu_seqlens_of([2]), 2, caches, seqlens
+            )
 
 
 def test_training_mode_and_gradients_take_the_block_by_block_path():
@@ -92,20 +91,27 @@ def test_the_fused_step_checks_the_cache_shapes_like_every_cached_step():
     decoder = randomised_decoder("hstu", torch.float64)
     d, heads = decoder.config.d_model, decoder.config.num_heads
     with torch.no_grad():
-        _, kv = decoder(torch.randn(3, d, dtype=torch.float64), torch.arange(3), cu_seqlens_of([3]), 3,
-                        collect_kv=True)
+        _, kv = decoder(torch.randn(3, d, dtype=torch.float64), torch.arange(3), cu_seqlens_of([3]), 3, collect_kv=True)
         caches, _ = caches_from_kv(kv, cu_seqlens_of([3]), capacity=8)  # one user's caches
         seqlens = torch.tensor([3, 3], dtype=torch.int32)
         with pytest.raises(ValueError, match="k_cache must have shape \\(batch=2"):
-            decoder.step(torch.randn(2, d, dtype=torch.float64), torch.tensor([3, 3]), cu_seqlens_of([1, 1]), 1,
-                         caches, seqlens)
+            decoder.step(
+                torch.randn(2, d, dtype=torch.float64), torch.tensor([3, 3]), cu_seqlens_of([1, 1]), 1, caches, seqlens
+            )
         swapped = [type(c)(c.k.transpose(2, 3), c.v) for c in caches]  # heads and head dim exchanged
         if heads != d // heads:
             with pytest.raises(ValueError, match="k_cache must have shape"):
-                decoder.step(torch.randn(1, d, dtype=torch.float64), torch.tensor([3]), cu_seqlens_of([1]), 1,
-                             swapped, seqlens[:1])
+                decoder.step(
+                    torch.randn(1, d, dtype=torch.float64),
+                    torch.tensor([3]),
+                    cu_seqlens_of([1]),
+                    1,
+                    swapped,
+                    seqlens[:1],
+                )
     ext = require_extension()
     with pytest.raises(RuntimeError, match="must be \\(batch, capacity, heads, head_dim\\)"):
         q = torch.randn(2, heads, d // heads, dtype=torch.float64)
-        ext.cached_step_forward(q, q, q, torch.tensor([0, 1, 2]), caches[0].k, caches[0].v, torch.tensor([3, 3]),
-                                True, 0, 1.0, None, 1.0)
+        ext.cached_step_forward(
+            q, q, q, torch.tensor([0, 1, 2]), caches[0].k, caches[0].v, torch.tensor([3, 3]), True, 0, 1.0, None, 1.0
+        )

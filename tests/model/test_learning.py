@@ -26,15 +26,16 @@ from rec2pm.config import named_config
 from rec2pm.methods import build_model
 from rec2pm.run_config import DEFAULTS
 
-REQUIRED_FRACTION = 0.8   # of the closed-form best HR@10
-EPOCHS_MARKOV = 35        # 16 steps each; about 30 s for SASRec, 20 s for HSTU on one core
-EPOCHS_MEMORY = 20        # 7 steps each; about 10 s
+REQUIRED_FRACTION = 0.8  # of the closed-form best HR@10
+EPOCHS_MARKOV = 35  # 16 steps each; about 30 s for SASRec, 20 s for HSTU on one core
+EPOCHS_MEMORY = 20  # 7 steps each; about 10 s
 
 
 def markov_chain(num_users: int, length: int, num_items: int, successors: int, generator: torch.Generator):
     """``(histories (users, length), transition probabilities (N + 1, N + 1))``; row 0 unused."""
-    next_items = torch.stack([torch.randperm(num_items, generator=generator)[:successors]
-                              for _ in range(num_items)]) + 1
+    next_items = (
+        torch.stack([torch.randperm(num_items, generator=generator)[:successors] for _ in range(num_items)]) + 1
+    )
     zipf = 1.0 / torch.arange(1, successors + 1, dtype=torch.float64)
     zipf /= zipf.sum()
     transition = torch.zeros(num_items + 1, num_items + 1, dtype=torch.float64)
@@ -46,18 +47,27 @@ def markov_chain(num_users: int, length: int, num_items: int, successors: int, g
     return histories, transition
 
 
-def archived_interest(num_users: int, segments: int, segment_len: int, clusters: int, cluster_size: int,
-                      noise_items: int, interest_rate: float, generator: torch.Generator) -> torch.Tensor:
+def archived_interest(
+    num_users: int,
+    segments: int,
+    segment_len: int,
+    clusters: int,
+    cluster_size: int,
+    noise_items: int,
+    interest_rate: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Histories of ``segments * segment_len + 2`` events: archived events from the user's
     cluster with probability ``interest_rate`` (else noise), then one noise event, then one
     event of the cluster.  Items ``1..clusters*cluster_size`` are clusters, then the noise items."""
     archived = segments * segment_len
     interest = torch.randint(clusters, (num_users, 1), generator=generator)
-    from_cluster = 1 + interest * cluster_size + torch.randint(cluster_size, (num_users, archived + 2),
-                                                               generator=generator)
+    from_cluster = (
+        1 + interest * cluster_size + torch.randint(cluster_size, (num_users, archived + 2), generator=generator)
+    )
     noise = 1 + clusters * cluster_size + torch.randint(noise_items, (num_users, archived + 2), generator=generator)
     use_cluster = torch.rand(num_users, archived + 2, generator=generator) < interest_rate
-    use_cluster[:, archived] = False   # the recent event never reveals the interest
+    use_cluster[:, archived] = False  # the recent event never reveals the interest
     use_cluster[:, archived + 1] = True
     return torch.where(use_cluster, from_cluster, noise)
 
@@ -88,7 +98,7 @@ def hit_rate(logits: torch.Tensor, targets: torch.Tensor, k: int = 10) -> float:
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the budget below is per model on one core of a 2-core CI machine
+    torch.set_num_threads(1)  # the budget below is per model on one core of a 2-core CI machine
     yield
     torch.set_num_threads(threads)
 
@@ -112,15 +122,15 @@ def test_full_attention_learns_a_markov_chain(backbone, one_thread):
     assert achieved >= REQUIRED_FRACTION * best, (achieved, best)
 
 
-
 def test_rec2pm_memory_carries_the_archived_interest(one_thread):
     generator = torch.Generator().manual_seed(0)
     segments, clusters, cluster_size, noise_items = 4, 16, 8, 64
     config = named_config("sasrec-small", num_items=clusters * cluster_size + noise_items, d_model=32)
-    histories = archived_interest(1200, segments, config.segment_len, clusters, cluster_size, noise_items, 0.75,
-                                  generator)
+    histories = archived_interest(
+        1200, segments, config.segment_len, clusters, cluster_size, noise_items, 0.75, generator
+    )
     train_users, test_users = histories[:800], histories[800:]
-    best = 1.0   # the target is always one of the interest cluster's 8 items
+    best = 1.0  # the target is always one of the interest cluster's 8 items
 
     torch.manual_seed(0)
     model = build_model("rec2pm-o", config)
@@ -134,8 +144,9 @@ def test_rec2pm_memory_carries_the_archived_interest(one_thread):
         achieved = hit_rate(model.score(memory, tail, tail_cu), targets)
         memory.vectors.zero_()
         without_memory = hit_rate(model.score(memory, tail, tail_cu), targets)
-    print(f"rec2pm-o HR@10 {achieved:.3f} (memory zeroed {without_memory:.3f}) of best {best:.3f}, "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"rec2pm-o HR@10 {achieved:.3f} (memory zeroed {without_memory:.3f}) of best {best:.3f}, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
     assert achieved >= REQUIRED_FRACTION * best, achieved
     assert without_memory <= 0.5 * achieved, (without_memory, achieved)
-

@@ -49,9 +49,22 @@ def store_url(request, tmp_path):
 def checkpoint(tmp_path_factory):
     """A rec2pm-o checkpoint that ``train`` wrote: 12 users x 14 events, 30 items, S = 4, C = 2."""
     out = tmp_path_factory.mktemp("trained")
-    settings = ['data.kind="synthetic"', "data.synthetic_users=12", "data.synthetic_length=14",
-                "data.synthetic_items=30", "data.max_length=14", 'model.config="sasrec-small"', "model.segment_len=4",
-                "model.num_memory_tokens=2", 'method.name="rec2pm-o"', "train.epochs=1", "train.batch_size=6",
-                "train.progress=false", "train.eval_batch_size=12", "train.threads=1", f'train.out_dir="{out}"']
+    settings = [
+        'data.kind="synthetic"',
+        "data.synthetic_users=12",
+        "data.synthetic_length=14",
+        "data.synthetic_items=30",
+        "data.max_length=14",
+        'model.config="sasrec-small"',
+        "model.segment_len=4",
+        "model.num_memory_tokens=2",
+        'method.name="rec2pm-o"',
+        "train.epochs=1",
+        "train.batch_size=6",
+        "train.progress=false",
+        "train.eval_batch_size=12",
+        "train.threads=1",
+        f'train.out_dir="{out}"',
+    ]
     train(build_run_config(None, settings))
     return out / "best.pt"

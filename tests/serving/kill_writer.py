@@ -14,7 +14,7 @@ def expected_events(batches: int) -> dict[str, list[int]]:
     """Every user's events after batches ``0..batches-1``."""
     out: dict[str, list[int]] = {}
     for i in range(batches):
-        for user, events in zip(*batch(i)):
+        for user, events in zip(*batch(i), strict=True):
             out.setdefault(user, []).extend(events)
     return out
 

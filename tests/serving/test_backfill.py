@@ -27,11 +27,15 @@ def test_iterative_backfill_equals_observing_event_by_event(method):
     assert result.stored == [1, S, S + 1, 3 * S + 2] and result.archived == [0, 0, 1, 3]
     observed = Recommender(model, "memory://", device="cpu")
     for t in range(max(len(h) for h in histories)):
-        observed.observe(users, [h[t:t + 1] for h in histories])
+        observed.observe(users, [h[t : t + 1] for h in histories])
     for user in users:
         a, b = filled.store.get(user), observed.store.get(user)
-        assert (a.archived_events, a.recent, a.seen, a.memory_rows) == (b.archived_events, b.recent, b.seen,
-                                                                         b.memory_rows)
+        assert (a.archived_events, a.recent, a.seen, a.memory_rows) == (
+            b.archived_events,
+            b.recent,
+            b.seen,
+            b.memory_rows,
+        )
     torch.testing.assert_close(filled.scores(users), observed.scores(users), rtol=0, atol=1e-5)
 
 
@@ -81,10 +85,13 @@ def test_cli_encode_writes_every_user(tmp_path, checkpoint, capsys):
     assert ckpt["num_items"] == 30
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--store", "ftp://x"], "unknown scheme 'ftp'"),
-    (["--store", "sqlite:///no/such/dir/m.db"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--store", "ftp://x"], "unknown scheme 'ftp'"),
+        (["--store", "sqlite:///no/such/dir/m.db"], "does not exist"),
+    ],
+)
 def test_cli_encode_errors_name_what_was_wrong(checkpoint, capsys, args, message):
     with pytest.raises(SystemExit) as info:
         main(["encode", str(checkpoint), "--no-progress", *args])

@@ -42,8 +42,9 @@ def test_threads(shared_url):
 def test_processes(shared_url):
     writers = 3
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "rec2pm.serving.recommender",
-                                    "tests.serving.concurrent_writer"])
+    context.set_forkserver_preload(
+        ["torch", "torch._dynamo", "rec2pm.serving.recommender", "tests.serving.concurrent_writer"]
+    )
     with context.Pool(writers) as pool:
         done = pool.starmap(observe_many, [(shared_url, w, CALLS) for w in range(writers)])
     assert done == [CALLS] * writers

@@ -58,17 +58,20 @@ def test_health_observe_recommend(server):
     assert everything["items"][0][-1] == 0 and everything["scores"][0][-1] is None  # padding past the candidates
 
 
-@pytest.mark.parametrize("method, path, body, status, message", [
-    ("POST", "/recommend", {"users": ["nobody"], "k": 3}, 404, "'nobody'"),
-    ("POST", "/observe", {"users": ["a"], "items": [[N_ITEMS + 1]]}, 400, "outside the catalogue"),
-    ("POST", "/observe", {"users": ["a"]}, 400, "the field 'items'"),
-    ("POST", "/observe", b"{not json", 400, "Expecting property name"),
-    ("POST", "/observe", [1, 2], 400, "JSON object"),
-    ("POST", "/recommend", {"users": ["a"], "k": 0}, 400, "k must be"),
-    ("POST", "/recommend", {"users": [], "k": 3}, 400, "user_ids is empty"),
-    ("POST", "/nowhere", {}, 404, "no such path '/nowhere'"),
-    ("GET", "/metrics", None, 404, "no such path '/metrics'"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, message",
+    [
+        ("POST", "/recommend", {"users": ["nobody"], "k": 3}, 404, "'nobody'"),
+        ("POST", "/observe", {"users": ["a"], "items": [[N_ITEMS + 1]]}, 400, "outside the catalogue"),
+        ("POST", "/observe", {"users": ["a"]}, 400, "the field 'items'"),
+        ("POST", "/observe", b"{not json", 400, "Expecting property name"),
+        ("POST", "/observe", [1, 2], 400, "JSON object"),
+        ("POST", "/recommend", {"users": ["a"], "k": 0}, 400, "k must be"),
+        ("POST", "/recommend", {"users": [], "k": 3}, 400, "user_ids is empty"),
+        ("POST", "/nowhere", {}, 404, "no such path '/nowhere'"),
+        ("GET", "/metrics", None, 404, "no such path '/metrics'"),
+    ],
+)
 def test_errors_name_what_was_wrong(server, method, path, body, status, message):
     conn = connect(server)
     got, reply = call(conn, method, path, body)
@@ -99,8 +102,10 @@ def test_mixed_load_loses_no_acknowledged_event(server):
 
     with ThreadPoolExecutor(clients) as pool:
         latencies = sorted(t for ts in pool.map(client, range(clients)) for t in ts)
-    print(f"\n{len(latencies)} requests: p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms")
+    print(
+        f"\n{len(latencies)} requests: p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms"
+    )
     records = server.RequestHandlerClass.recommender.store.get_many(users)
     for u, user in enumerate(users):
         expected = sum(acknowledged[c][u] for c in range(clients))
@@ -109,8 +114,12 @@ def test_mixed_load_loses_no_acknowledged_event(server):
 
 def test_cli_serve_answers_and_a_port_in_use_is_named(tmp_path, checkpoint, capsys):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    process = subprocess.Popen([sys.executable, "-m", "rec2pm", "serve", str(checkpoint), "--store", url,
-                                "--port", "0", "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rec2pm", "serve", str(checkpoint), "--store", url, "--port", "0", "--device", "cpu"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         started = json.loads(process.stdout.readline())
         host, port = started["listening"].removeprefix("http://").split(":")

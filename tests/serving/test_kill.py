@@ -25,10 +25,13 @@ def committed_batches(url: str, last_ack: int) -> int:
     for n in (last_ack + 1, last_ack + 2):
         expected = expected_events(n)
         if totals == {u: len(e) for u, e in expected.items()} and all(
-                list(records[u].recent) == expected[u][records[u].archived_events:] for u in expected):
+            list(records[u].recent) == expected[u][records[u].archived_events :] for u in expected
+        ):
             return n
-    raise AssertionError(f"after acknowledging batch {last_ack}, the store holds {totals}, which is neither "
-                         f"{last_ack + 1} nor {last_ack + 2} whole batches")
+    raise AssertionError(
+        f"after acknowledging batch {last_ack}, the store holds {totals}, which is neither "
+        f"{last_ack + 1} nor {last_ack + 2} whole batches"
+    )
 
 
 def test_sigkill_during_observe_and_archive(tmp_path):
@@ -37,8 +40,9 @@ def test_sigkill_during_observe_and_archive(tmp_path):
     # A fresh process that never ran torch, forked per writer; it imports what a first kernel call
     # would import (torch._dynamo: over a second) once, so every writer starts working at once.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch._dynamo", "rec2pm.serving.recommender",
-                                    "tests.serving.kill_writer"])
+    context.set_forkserver_preload(
+        ["torch", "torch._dynamo", "rec2pm.serving.recommender", "tests.serving.kill_writer"]
+    )
     rng = random.Random(0)
     start, unacknowledged_commits = 0, 0
     for _ in range(KILLS):

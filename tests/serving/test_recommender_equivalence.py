@@ -34,7 +34,7 @@ def test_event_by_event_equals_score_history(method, backbone, cache_bytes):
         result = rec.observe(["u"], [[int(events[t])]])
         assert result.stored == [1] and result.archived == [int(t >= S and t % S == 0)]
         if t in (0, S - 1, S, S + 1, 2 * S + 2, len(events) - 1):  # around the archive boundaries
-            check_scores(f"{method} after {t + 1} events", rec, ["u"], [events[:t + 1]], model)
+            check_scores(f"{method} after {t + 1} events", rec, ["u"], [events[: t + 1]], model)
     if cache_bytes:
         assert rec.cache.hits > 0
 
@@ -48,11 +48,11 @@ def test_ragged_batches_crossing_several_boundaries(method):
     rec = Recommender(model, "memory://", device="cpu")
     fed = [0] * len(users)
     for chunk in ([2 * S + 1, 1, 3, 0], [S, 0, 2 * S - 3, S + 2]):  # several segments per user per call
-        runs = [full[u][fed[u]:fed[u] + n] for u, n in enumerate(chunk)]
+        runs = [full[u][fed[u] : fed[u] + n] for u, n in enumerate(chunk)]
         lengths = [len(r) for r in runs]
         result = rec.observe(users, torch.cat(runs), torch.tensor([0] + lengths).cumsum(0))
         assert result.stored == lengths
-        fed = [f + n for f, n in zip(fed, lengths)]
+        fed = [f + n for f, n in zip(fed, lengths, strict=True)]
     assert fed == [len(h) for h in full]
     check_scores(method, rec, users, full, model)
     items, scores = rec.recommend(users, k=5, exclude_seen=False)
@@ -66,7 +66,7 @@ def test_reopening_the_sqlite_file(tmp_path, method):
     url = f"sqlite:///{tmp_path / 'm.db'}"
     events = history(2 * S + 3)
     first = Recommender(model, url, device="cpu")
-    first.observe(["u"], [events[:S + 2]])
+    first.observe(["u"], [events[: S + 2]])
     first.recommend(["u"], 3)  # warm its session cache, then drop everything in memory
     first.close()
     second = Recommender(model, url, device="cpu")
@@ -91,15 +91,20 @@ def test_restart_of_the_process(tmp_path):
         model = small_model("rec2pm-o")
         model.load_state_dict(torch.load({str(checkpoint)!r}, weights_only=True))
         rec = Recommender(model, {url!r}, device="cpu")
-        for item in {events[:S + 3].tolist()}:
+        for item in {events[: S + 3].tolist()}:
             rec.observe(["u"], [[item]])
         print(rec.recommend(["u"], 3)[0].tolist())
     """)
-    subprocess.run([sys.executable, "-c", child], check=True, timeout=120, capture_output=True,
-                   cwd=Path(__file__).resolve().parents[2])
+    subprocess.run(
+        [sys.executable, "-c", child],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     rec = Recommender(model, url, device="cpu")
     assert rec.store.get("u").archived_events == S
-    rec.observe(["u"], [events[S + 3:]])
+    rec.observe(["u"], [events[S + 3 :]])
     check_scores("after a restart", rec, ["u"], [events], model)
 
 
@@ -125,9 +130,9 @@ def test_a_redis_store_serves_like_the_model(redis_url, method):
     model = small_model(method, "hstu-small")
     events = history(2 * S + 3)
     writer = Recommender(model, redis_url, device="cpu")
-    for item in events[:S + 1].tolist():
+    for item in events[: S + 1].tolist():
         writer.observe(["u"], [[item]])
     reader = Recommender(model, redis_url, device="cpu")  # another process would see the same
-    reader.observe(["u"], [events[S + 1:]])
+    reader.observe(["u"], [events[S + 1 :]])
     check_scores(method, reader, ["u"], [events], model)
     check_scores(method, writer, ["u"], [events], model)

@@ -56,8 +56,9 @@ def test_a_model_without_memory_is_refused():
 
 
 def test_observe_reports_events_and_segments(rec):
-    result = rec.observe(["a", "b", "c"], torch.arange(1, 2 * S + 3), torch.tensor([0, 2 * S + 1, 2 * S + 1,
-                                                                                    2 * S + 2]))
+    result = rec.observe(
+        ["a", "b", "c"], torch.arange(1, 2 * S + 3), torch.tensor([0, 2 * S + 1, 2 * S + 1, 2 * S + 2])
+    )
     assert result.users == ["a", "b", "c"] and result.stored == [2 * S + 1, 0, 1] and result.archived == [2, 0, 0]
     assert rec.store.get("b") is None  # no events, no record
 

@@ -32,11 +32,11 @@ def test_a_request_after_one_new_event_steps_only_that_event(method):
     torch.set_num_threads(1)
     rec = Recommender(small_model(method), "memory://", device="cpu")
     events = history(S + 4).tolist()
-    rec.observe(["u"], [events[:S + 2]])
+    rec.observe(["u"], [events[: S + 2]])
     calls = counting(rec)
     rec.scores(["u"])  # a miss: one prefill over the recent events
     assert calls == {"step": [], "prefill": [2]}
-    for item in events[S + 2:]:
+    for item in events[S + 2 :]:
         rec.observe(["u"], [[item]])
         rec.scores(["u"])
     assert calls == {"step": [1, 1], "prefill": [2]}
@@ -94,9 +94,9 @@ def test_another_writer_archiving_is_seen(tmp_path, method):
     url = f"sqlite:///{tmp_path / 'm.db'}"
     server, writer = Recommender(model, url, device="cpu"), Recommender(model, url, device="cpu")
     events = history(2 * S + 1)
-    server.observe(["u"], [events[:S - 1]])
+    server.observe(["u"], [events[: S - 1]])
     server.scores(["u"])  # cached on the first S - 1 events
-    writer.observe(["u"], [events[S - 1:]])  # archives behind the server's back
+    writer.observe(["u"], [events[S - 1 :]])  # archives behind the server's back
     ref, baseline = reference_scores(model, events, torch.tensor([0, len(events)]))
     from rec2pm_kernels.testing import assert_within_budget
 

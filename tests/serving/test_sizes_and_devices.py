@@ -15,12 +15,15 @@ from .models import SERVED, S, history, reference_scores, small_model
 OVERHEAD = HEADER.size + CHECKSUM_BYTES
 
 
-@pytest.mark.parametrize("method, backbone, memory_bytes", [
-    ("rec2pm-o", "sasrec", 4 * 64 * 4),             # C x d floats
-    ("rec2pm-a", "sasrec", 4 * 4 * 64 * 4),         # every written block: 4 segments at 1k events
-    ("kv-mask-o", "sasrec", 2 * 4 * 4 * 64 * 4),    # 2 x layers x C x d
-    ("kv-mask-o", "hstu", 2 * 16 * 4 * 64 * 4),
-])
+@pytest.mark.parametrize(
+    "method, backbone, memory_bytes",
+    [
+        ("rec2pm-o", "sasrec", 4 * 64 * 4),  # C x d floats
+        ("rec2pm-a", "sasrec", 4 * 4 * 64 * 4),  # every written block: 4 segments at 1k events
+        ("kv-mask-o", "sasrec", 2 * 4 * 4 * 64 * 4),  # 2 x layers x C x d
+        ("kv-mask-o", "hstu", 2 * 16 * 4 * 64 * 4),
+    ],
+)
 def test_bytes_per_user_at_1k_events(method, backbone, memory_bytes):
     torch.set_num_threads(1)
     model = build_model(method, named_config(backbone, num_items=1000, dropout=0.0))

@@ -122,14 +122,17 @@ def test_sqlite_reopens_with_records(tmp_path):
         assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL by default
 
 
-@pytest.mark.parametrize("url, message", [
-    ("postgres://localhost/x", "unknown scheme 'postgres'"),
-    ("sqlite://host/x.db", "expected sqlite:///"),
-    ("sqlite:///no/such/folder/x.db", "does not exist"),
-    ("sqlite:///x.db?synchronous=OFF", "synchronous must be one of"),
-    ("sqlite:///x.db?journal=delete", "unknown option 'journal'"),
-    ("redis://127.0.0.1:1/0", "cannot reach the Redis server"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("postgres://localhost/x", "unknown scheme 'postgres'"),
+        ("sqlite://host/x.db", "expected sqlite:///"),
+        ("sqlite:///no/such/folder/x.db", "does not exist"),
+        ("sqlite:///x.db?synchronous=OFF", "synchronous must be one of"),
+        ("sqlite:///x.db?journal=delete", "unknown option 'journal'"),
+        ("redis://127.0.0.1:1/0", "cannot reach the Redis server"),
+    ],
+)
 def test_bad_urls_are_named(url, message):
     with pytest.raises(StoreError, match=message) as info:
         open_store(url)
@@ -171,6 +174,7 @@ def test_sqlite_file_growth_per_user(tmp_path):
     file grows by about 1.4 KB per user (key index, page fill)."""
     path = tmp_path / "growth.db"
     with open_store(f"sqlite:///{path}") as store:
+
         def size():
             store._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return path.stat().st_size

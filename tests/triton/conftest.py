@@ -19,7 +19,10 @@ def pytest_collection_modifyitems(config, items):
         if "tests/triton/" not in item.nodeid.replace("\\", "/"):
             continue
         if "interpreter" in item.keywords and not interpreting:
-            item.add_marker(pytest.mark.skip(reason="needs TRITON_INTERPRET=1 in its own process "
-                                                    "(scripts/test.sh runs the interpreter stage)"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="needs TRITON_INTERPRET=1 in its own process (scripts/test.sh runs the interpreter stage)"
+                )
+            )
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

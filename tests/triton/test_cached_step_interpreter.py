@@ -23,12 +23,13 @@ def test_matches_oracle_and_appends(score, with_bias):
     q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(FILLED, NEW, with_bias=with_bias)
     ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **score_kwargs(score))
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        k_expected[b, FILLED[b]:FILLED[b] + end - start] = k[start:end]
-        v_expected[b, FILLED[b]:FILLED[b] + end - start] = v[start:end]
+    for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        k_expected[b, FILLED[b] : FILLED[b] + end - start] = k[start:end]
+        v_expected[b, FILLED[b] : FILLED[b] + end - start] = v[start:end]
     with torch.no_grad():
-        out = cached_step_attention(q, k, v, cu, max(NEW), k_cache, v_cache, seqlens, rel_bias=bias,
-                                    backend="triton", **score_kwargs(score))
+        out = cached_step_attention(
+            q, k, v, cu, max(NEW), k_cache, v_cache, seqlens, rel_bias=bias, backend="triton", **score_kwargs(score)
+        )
     assert_within_budget("out", out, ref, base)
     assert torch.equal(k_cache.nan_to_num(123.0), k_expected.nan_to_num(123.0))
     assert torch.equal(v_cache.nan_to_num(123.0), v_expected.nan_to_num(123.0))
@@ -44,15 +45,33 @@ def test_split_k_matches_one_piece(score, num_splits):
         torch.manual_seed(3)
         q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(FILLED, NEW, capacity=64)
         ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **score_kwargs(score))
-        out = cached_step_forward(q, k, v, cu, max(NEW), k_cache, v_cache, seqlens, score, 16 ** -0.5,
-                                  bias, score_kwargs(score)["silu_norm"] or 1.0, num_splits=splits)
+        out = cached_step_forward(
+            q,
+            k,
+            v,
+            cu,
+            max(NEW),
+            k_cache,
+            v_cache,
+            seqlens,
+            score,
+            16**-0.5,
+            bias,
+            score_kwargs(score)["silu_norm"] or 1.0,
+            num_splits=splits,
+        )
         assert_within_budget(f"out (splits={splits})", out, ref, base)
         results.append(out)
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
-CONFIGS = {config_key(c): c for dtype in (torch.float32, torch.bfloat16) for dim in (8, 16, 64, 128)
-           for arch in (80, 90) for c in configs("cached_step", dtype, dim, arch)}
+CONFIGS = {
+    config_key(c): c
+    for dtype in (torch.float32, torch.bfloat16)
+    for dim in (8, 16, 64, 128)
+    for arch in (80, 90)
+    for c in configs("cached_step", dtype, dim, arch)
+}
 
 
 @pytest.mark.parametrize("key", sorted(CONFIGS))
@@ -60,8 +79,22 @@ CONFIGS = {config_key(c): c for dtype in (torch.float32, torch.bfloat16) for dim
 def test_every_config_and_head_dim(key, dim, dim_v):
     q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(FILLED, NEW, dim=dim, dim_v=dim_v)
     ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias)
-    out = cached_step_forward(q, k, v, cu, max(NEW), k_cache, v_cache, seqlens, "softmax", dim ** -0.5, bias, 1.0,
-                              num_splits=2, config=CONFIGS[key])
+    out = cached_step_forward(
+        q,
+        k,
+        v,
+        cu,
+        max(NEW),
+        k_cache,
+        v_cache,
+        seqlens,
+        "softmax",
+        dim**-0.5,
+        bias,
+        1.0,
+        num_splits=2,
+        config=CONFIGS[key],
+    )
     assert_within_budget("out", out, ref, base)
 
 
@@ -85,8 +118,19 @@ def test_cached_steps_equal_full_causal_pass(score):
             active = torch.tensor([t < n for n in lengths])
             rows = (starts + t)[active]
             counts = active.int()
-            out = cached_step_attention(q[rows], k[rows], v[rows], cu_seqlens_of(counts.tolist()), 1, k_cache, v_cache,
-                                        seqlens, rel_bias=bias, backend="triton", **score_kwargs(score))
+            out = cached_step_attention(
+                q[rows],
+                k[rows],
+                v[rows],
+                cu_seqlens_of(counts.tolist()),
+                1,
+                k_cache,
+                v_cache,
+                seqlens,
+                rel_bias=bias,
+                backend="triton",
+                **score_kwargs(score),
+            )
             stepped[rows] = out
             seqlens += counts
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-6)

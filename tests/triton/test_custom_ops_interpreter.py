@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from rec2pm_kernels import cached_step_attention, segment_attention
+
 # Importing the backends registers the ops.
 from rec2pm_kernels.ops.cached_step import triton_backend as cached_step_backend  # noqa: F401
 from rec2pm_kernels.ops.segment_attention import triton_backend as segment_backend  # noqa: F401
 
-from .cases import C, S, UNIT, cached_step_case, random_inputs
+from .cases import UNIT, C, S, cached_step_case, random_inputs
 
 pytestmark = pytest.mark.interpreter
 
@@ -27,8 +28,25 @@ def test_opcheck_segment_attention_ops(score, with_bias):
     torch.library.opcheck(torch.ops.rec2pm.segment_attention_fwd.default, args)
     q, k, v, cu, max_len, pattern, s, c, score, scale, bias, norm, tf32, det = args
     out, lse = torch.ops.rec2pm.segment_attention_fwd(*args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, max_len, pattern, s, c,
-                score, scale, bias.detach() if bias is not None else None, norm, tf32, det)
+    bwd_args = (
+        torch.randn_like(out),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        cu,
+        max_len,
+        pattern,
+        s,
+        c,
+        score,
+        scale,
+        bias.detach() if bias is not None else None,
+        norm,
+        tf32,
+        det,
+    )
     torch.library.opcheck(torch.ops.rec2pm.segment_attention_bwd.default, bwd_args)
 
 
@@ -46,8 +64,18 @@ def test_compile_fullgraph_forward_and_backward():
     weight = torch.randn(16, 16, requires_grad=True)
 
     def block(q, k, v, bias, weight):
-        out = segment_attention(q @ weight, k, v, cu, max(LENGTHS), pattern="kv_memory_append", segment_len=S,
-                                num_memory_tokens=C, rel_bias=bias, backend="triton")
+        out = segment_attention(
+            q @ weight,
+            k,
+            v,
+            cu,
+            max(LENGTHS),
+            pattern="kv_memory_append",
+            segment_len=S,
+            num_memory_tokens=C,
+            rel_bias=bias,
+            backend="triton",
+        )
         return out.relu().sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -57,7 +85,7 @@ def test_compile_fullgraph_forward_and_backward():
     compiled_loss = compiled(*inputs)
     compiled_grads = torch.autograd.grad(compiled_loss, inputs)
     torch.testing.assert_close(compiled_loss, eager_loss)
-    for a, b in zip(compiled_grads, eager_grads):
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

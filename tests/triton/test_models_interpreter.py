@@ -17,8 +17,11 @@ METHODS = ["rec2pm-o", "rec2pm-a", "full", "kv-mask-o", "kv-mask-a"]
 def _force_backend(monkeypatch, name):
     """Make ``backend="auto"`` resolve to ``name`` (the model layer always asks for auto)."""
     real = interface.resolve_backend
-    monkeypatch.setattr(interface, "resolve_backend",
-                        lambda requested, *a, **kw: name if requested == "auto" else real(requested, *a, **kw))
+    monkeypatch.setattr(
+        interface,
+        "resolve_backend",
+        lambda requested, *a, **kw: name if requested == "auto" else real(requested, *a, **kw),
+    )
 
 
 def _loss_and_grads(monkeypatch, backend, method, config_name):
@@ -37,7 +40,7 @@ def test_training_step_matches_torch_backend(monkeypatch, method, config_name):
     loss_torch, grads_torch = _loss_and_grads(monkeypatch, "torch", method, config_name)
     loss_triton, grads_triton = _loss_and_grads(monkeypatch, "triton", method, config_name)
     torch.testing.assert_close(loss_triton, loss_torch, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads_triton, grads_torch):
+    for a, b in zip(grads_triton, grads_torch, strict=True):
         if a is None or b is None:
             assert a is None and b is None
         else:

@@ -5,11 +5,23 @@ import torch
 
 from rec2pm_kernels import segment_attention
 from rec2pm_kernels.ops.segment_attention.triton_backend import segment_backward, segment_forward
-from rec2pm_kernels.ops.triton_configs import configs, config_key
+from rec2pm_kernels.ops.triton_configs import config_key, configs
 from rec2pm_kernels.testing import cu_seqlens_of
 
-from .cases import (C, PATTERNS, RAGGED, S, SCORES, UNIT, assert_outputs_within_budget, check_segment_attention,
-                    pattern_kwargs, random_inputs, reference_and_baseline, score_kwargs)
+from .cases import (
+    PATTERNS,
+    RAGGED,
+    SCORES,
+    UNIT,
+    C,
+    S,
+    assert_outputs_within_budget,
+    check_segment_attention,
+    pattern_kwargs,
+    random_inputs,
+    reference_and_baseline,
+    score_kwargs,
+)
 
 pytestmark = pytest.mark.interpreter
 
@@ -18,8 +30,9 @@ pytestmark = pytest.mark.interpreter
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("bias", ["nobias", "bias", "bias-deterministic"])
 def test_matches_oracle(pattern, score, bias):
-    check_segment_attention(RAGGED, pattern, score, with_bias=bias != "nobias",
-                            deterministic=bias == "bias-deterministic")
+    check_segment_attention(
+        RAGGED, pattern, score, with_bias=bias != "nobias", deterministic=bias == "bias-deterministic"
+    )
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -48,9 +61,11 @@ def _kernel_configs(kernel: str) -> list:
     return list(seen.values())
 
 
-CONFIG_CASES = [(kernel, config) for kernel in ("segment_fwd", "segment_bwd_dq", "segment_bwd_dkdv",
-                                                "segment_bwd_bias")
-                for config in _kernel_configs(kernel)]
+CONFIG_CASES = [
+    (kernel, config)
+    for kernel in ("segment_fwd", "segment_bwd_dq", "segment_bwd_dkdv", "segment_bwd_bias")
+    for config in _kernel_configs(kernel)
+]
 
 
 @pytest.mark.parametrize("kernel, config", CONFIG_CASES, ids=[f"{k}-{config_key(c)}" for k, c in CONFIG_CASES])
@@ -60,15 +75,31 @@ def test_every_config(kernel, config):
     lengths = [3 * UNIT + 4, 1, 9 * UNIT + S, UNIT]
     q, k, v, cu, bias = random_inputs(lengths)
     kw = dict(**pattern_kwargs(pattern), **score_kwargs("softmax"))
-    options = dict(pattern=pattern, segment_len=kw.get("segment_len"), num_memory_tokens=kw.get("num_memory_tokens"),
-                   score="softmax", scale=16 ** -0.5, rel_bias=bias.detach(), silu_norm=1.0)
+    options = dict(
+        pattern=pattern,
+        segment_len=kw.get("segment_len"),
+        num_memory_tokens=kw.get("num_memory_tokens"),
+        score="softmax",
+        scale=16**-0.5,
+        rel_bias=bias.detach(),
+        silu_norm=1.0,
+    )
     detached = [t.detach() for t in (q, k, v)]
     fwd_config = config if kernel == "segment_fwd" else None
     out, lse = segment_forward(*detached, cu, max(lengths), config=fwd_config, **options)
     grad_out = torch.randn_like(out)
-    grads = segment_backward(grad_out, *detached, out, lse, cu, max(lengths), deterministic=kernel == "segment_bwd_bias",
-                             configs_by_kernel={kernel: config}, **options)
-    reference, baseline = reference_and_baseline(q, k, v, cu, bias, grad_out, scale=16 ** -0.5, **kw)
+    grads = segment_backward(
+        grad_out,
+        *detached,
+        out,
+        lse,
+        cu,
+        max(lengths),
+        deterministic=kernel == "segment_bwd_bias",
+        configs_by_kernel={kernel: config},
+        **options,
+    )
+    reference, baseline = reference_and_baseline(q, k, v, cu, bias, grad_out, scale=16**-0.5, **kw)
     assert_outputs_within_budget((out, *grads), reference, baseline, torch.float32)
 
 
@@ -76,8 +107,9 @@ def test_every_config(kernel, config):
 @pytest.mark.parametrize("score", SCORES)
 def test_empty_and_single_token_sequences(lengths, score):
     q, k, v, cu, bias = random_inputs(lengths)
-    out = segment_attention(q, k, v, cu, max(lengths, default=0), rel_bias=bias, backend="triton",
-                            **score_kwargs(score))
+    out = segment_attention(
+        q, k, v, cu, max(lengths, default=0), rel_bias=bias, backend="triton", **score_kwargs(score)
+    )
     assert out.shape == v.shape
     out.sum().backward()
     for x in (q, k, v, bias):
@@ -94,8 +126,9 @@ def test_deterministic_bias_gradient_is_bit_identical_and_matches_atomics():
     kw = dict(pattern="global", segment_len=S, num_memory_tokens=C)
     grads = {}
     for deterministic in (True, True, False):
-        out = segment_attention(q, k, v, cu, max(lengths), rel_bias=bias, backend="triton",
-                                deterministic=deterministic, **kw)
+        out = segment_attention(
+            q, k, v, cu, max(lengths), rel_bias=bias, backend="triton", deterministic=deterministic, **kw
+        )
         grads.setdefault(deterministic, []).append(torch.autograd.grad(out.square().sum(), bias)[0])
     assert torch.equal(grads[True][0], grads[True][1])
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-5, atol=1e-5)
@@ -106,13 +139,17 @@ DETERMINISTIC_PATH = [("segment_bwd_dkdv", {"bias_atomics": False}), ("segment_b
 NO_BIAS_PATH = [("segment_bwd_dkdv", {"bias_atomics": False}), ("segment_bwd_dq", {})]
 
 
-@pytest.mark.parametrize("deterministic, torch_flag, with_bias, path", [
-    (True, False, True, DETERMINISTIC_PATH),
-    (False, True, True, ATOMIC_PATH),        # an explicit argument wins over torch's flag
-    (None, True, True, DETERMINISTIC_PATH),  # None follows torch.use_deterministic_algorithms
-    (None, False, True, ATOMIC_PATH),
-    (True, False, False, NO_BIAS_PATH),      # without a bias there is nothing to make deterministic
-], ids=["true", "false-over-torch", "none-torch-on", "none-torch-off", "no-bias"])
+@pytest.mark.parametrize(
+    "deterministic, torch_flag, with_bias, path",
+    [
+        (True, False, True, DETERMINISTIC_PATH),
+        (False, True, True, ATOMIC_PATH),  # an explicit argument wins over torch's flag
+        (None, True, True, DETERMINISTIC_PATH),  # None follows torch.use_deterministic_algorithms
+        (None, False, True, ATOMIC_PATH),
+        (True, False, False, NO_BIAS_PATH),  # without a bias there is nothing to make deterministic
+    ],
+    ids=["true", "false-over-torch", "none-torch-on", "none-torch-off", "no-bias"],
+)
 def test_deterministic_flag_picks_the_backward_path(monkeypatch, deterministic, torch_flag, with_bias, path):
     """The kernels launched and whether the bias gradient uses atomics, not only equal outputs
     (the interpreter runs programs one at a time, so atomics are deterministic here too)."""
@@ -123,8 +160,9 @@ def test_deterministic_flag_picks_the_backward_path(monkeypatch, deterministic, 
     q, k, v, cu, bias = random_inputs([9, 4])
     torch.use_deterministic_algorithms(torch_flag, warn_only=True)
     try:
-        out = segment_attention(q, k, v, cu, 9, rel_bias=bias if with_bias else None, backend="triton",
-                                deterministic=deterministic)
+        out = segment_attention(
+            q, k, v, cu, 9, rel_bias=bias if with_bias else None, backend="triton", deterministic=deterministic
+        )
         out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)
@@ -139,12 +177,24 @@ def test_global_item_rows_equal_causal_over_items(score):
     n = units * UNIT + tail
     q, k, v, cu, bias = random_inputs([n])
     is_item = (torch.arange(n) % UNIT) < S
-    out_global = segment_attention(q, k, v, cu, n, rel_bias=bias, backend="triton", pattern="global",
-                                   segment_len=S, num_memory_tokens=C, **score_kwargs(score))
+    out_global = segment_attention(
+        q,
+        k,
+        v,
+        cu,
+        n,
+        rel_bias=bias,
+        backend="triton",
+        pattern="global",
+        segment_len=S,
+        num_memory_tokens=C,
+        **score_kwargs(score),
+    )
     items = [t[is_item] for t in (q, k, v)]
     n_items = int(is_item.sum())
-    out_causal = segment_attention(*items, cu_seqlens_of([n_items]), n_items, rel_bias=bias, backend="triton",
-                                   **score_kwargs(score))
+    out_causal = segment_attention(
+        *items, cu_seqlens_of([n_items]), n_items, rel_bias=bias, backend="triton", **score_kwargs(score)
+    )
     torch.testing.assert_close(out_global[is_item], out_causal, rtol=1e-5, atol=1e-6)
 
 

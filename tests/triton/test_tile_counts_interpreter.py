@@ -12,7 +12,7 @@ from rec2pm_kernels.ops.segment_attention.oracle import dense_mask
 from rec2pm_kernels.ops.segment_attention.triton_backend import segment_backward, segment_forward
 from rec2pm_kernels.ops.triton_configs import configs
 
-from .cases import C, PATTERNS, S, UNIT, random_inputs
+from .cases import PATTERNS, UNIT, C, S, random_inputs
 
 pytestmark = pytest.mark.interpreter
 
@@ -39,7 +39,7 @@ def expected_counts(pattern, lengths, block_m, block_n, per, segment_len, num_me
             continue
         tiles = visible_tiles(dense_mask(pattern, n, segment_len, num_memory_tokens), block_m, block_n)
         counts = tiles.sum(1) if per == "row" else tiles.sum(0)
-        out[b * blocks: b * blocks + counts.numel()] = counts.int()
+        out[b * blocks : b * blocks + counts.numel()] = counts.int()
     return out
 
 
@@ -58,9 +58,15 @@ def test_visited_tiles_equal_visible_tiles(pattern, config, segment_len, num_mem
     q, k, v, cu, bias = random_inputs(lengths, heads=1)
     q, k, v, bias = (t.detach() for t in (q, k, v, bias))
     interleaved = pattern != "causal"
-    options = dict(pattern=pattern, segment_len=segment_len if interleaved else None,
-                   num_memory_tokens=num_memory_tokens if interleaved else None, score="softmax", scale=0.25,
-                   rel_bias=bias, silu_norm=1.0)
+    options = dict(
+        pattern=pattern,
+        segment_len=segment_len if interleaved else None,
+        num_memory_tokens=num_memory_tokens if interleaved else None,
+        score="softmax",
+        scale=0.25,
+        rel_bias=bias,
+        silu_norm=1.0,
+    )
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     max_len = max(lengths)
     counts = {
@@ -69,9 +75,19 @@ def test_visited_tiles_equal_visible_tiles(pattern, config, segment_len, num_mem
         "segment_bwd_dkdv": torch.zeros(len(lengths) * triton.cdiv(max_len, block_n), 1, dtype=torch.int32),
     }
     out, lse = segment_forward(q, k, v, cu, max_len, config=config, tile_counts=counts["segment_fwd"], **options)
-    segment_backward(torch.randn_like(out), q, k, v, out, lse, cu, max_len,
-                     configs_by_kernel={"segment_bwd_dq": config, "segment_bwd_dkdv": config},
-                     tile_counts={name: counts[name] for name in ("segment_bwd_dq", "segment_bwd_dkdv")}, **options)
+    segment_backward(
+        torch.randn_like(out),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu,
+        max_len,
+        configs_by_kernel={"segment_bwd_dq": config, "segment_bwd_dkdv": config},
+        tile_counts={name: counts[name] for name in ("segment_bwd_dq", "segment_bwd_dkdv")},
+        **options,
+    )
     args = (lengths, block_m, block_n)
     geometry = (segment_len, num_memory_tokens) if interleaved else (None, None)
     per_row = expected_counts(pattern, *args, "row", *geometry)
@@ -81,6 +97,11 @@ def test_visited_tiles_equal_visible_tiles(pattern, config, segment_len, num_mem
     assert torch.equal(counts["segment_bwd_dkdv"][:, 0], per_col), (counts["segment_bwd_dkdv"][:, 0], per_col)
     # Skipping is real: dense work would visit every tile at or below the diagonal.
     # kv_memory_append skips the item tiles of earlier units, once units span several tiles.
-    if pattern == "kv_memory_overwrite" and block_n == 16 or pattern == "kv_memory_append" and segment_len > 2 * block_n:
+    if (
+        pattern == "kv_memory_overwrite"
+        and block_n == 16
+        or pattern == "kv_memory_append"
+        and segment_len > 2 * block_n
+    ):
         causal = expected_counts("causal", *args, "row", None, None)
         assert per_row.sum() < causal.sum()

@@ -22,14 +22,33 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_oracle(pattern, score, with_bias, dtype):
-    check_segment_attention(LENGTHS, pattern, score, with_bias=with_bias, dtype=dtype, device="cuda", heads=2,
-                            dim=64, segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+    check_segment_attention(
+        LENGTHS,
+        pattern,
+        score,
+        with_bias=with_bias,
+        dtype=dtype,
+        device="cuda",
+        heads=2,
+        dim=64,
+        segment_len=SEGMENT_LEN,
+        num_memory_tokens=MEMORY_TOKENS,
+    )
 
 
 @pytest.mark.parametrize("dim, dim_v", [(8, 8), (16, 16), (32, 32), (128, 128), (64, 32)])
 def test_head_dims(dim, dim_v):
-    check_segment_attention(LENGTHS[:3], "global", "softmax", dtype=torch.bfloat16, device="cuda", dim=dim,
-                            dim_v=dim_v, segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+    check_segment_attention(
+        LENGTHS[:3],
+        "global",
+        "softmax",
+        dtype=torch.bfloat16,
+        device="cuda",
+        dim=dim,
+        dim_v=dim_v,
+        segment_len=SEGMENT_LEN,
+        num_memory_tokens=MEMORY_TOKENS,
+    )
 
 
 def test_tf32_is_opt_in_and_close():
@@ -48,10 +67,20 @@ def test_deterministic_bias_gradient_is_bit_identical():
     cu = torch.tensor([0, 1000, 3000], dtype=torch.int32, device="cuda")
     grads = []
     for _ in range(2):
-        out = segment_attention(q, q, q, cu, 2000, pattern="global", segment_len=SEGMENT_LEN,
-                                num_memory_tokens=MEMORY_TOKENS, rel_bias=bias, deterministic=True)
+        out = segment_attention(
+            q,
+            q,
+            q,
+            cu,
+            2000,
+            pattern="global",
+            segment_len=SEGMENT_LEN,
+            num_memory_tokens=MEMORY_TOKENS,
+            rel_bias=bias,
+            deterministic=True,
+        )
         grads.append(torch.autograd.grad(out.float().square().sum(), (q, bias)))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
 
@@ -61,12 +90,14 @@ def test_cached_step_matches_oracle(score, dtype):
     from rec2pm_kernels.testing import assert_within_budget
 
     filled, new = [0, 900, 4000, 17, 2047], [1, 1, 5, 0, 2]
-    q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(filled, new, dim=64, dim_v=64, dtype=dtype,
-                                                                    device="cuda")
+    q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(
+        filled, new, dim=64, dim_v=64, dtype=dtype, device="cuda"
+    )
     ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **score_kwargs(score))
     with torch.no_grad():
-        out = cached_step_attention(q, k, v, cu, max(new), k_cache, v_cache, seqlens, rel_bias=bias,
-                                    **score_kwargs(score))
+        out = cached_step_attention(
+            q, k, v, cu, max(new), k_cache, v_cache, seqlens, rel_bias=bias, **score_kwargs(score)
+        )
     assert_within_budget("out", out, ref, base, dtype)
 
 
@@ -86,8 +117,9 @@ def test_ragged_batches_neither_recompile_nor_retune():
     def run(lengths):
         q = torch.randn(sum(lengths), 2, 64, device="cuda", dtype=torch.bfloat16)
         cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
-        segment_attention(q, q, q, cu, max(lengths), pattern="global", segment_len=SEGMENT_LEN,
-                          num_memory_tokens=MEMORY_TOKENS)
+        segment_attention(
+            q, q, q, cu, max(lengths), pattern="global", segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS
+        )
         torch.cuda.synchronize()
 
     def compiled():
@@ -98,9 +130,9 @@ def test_ragged_batches_neither_recompile_nor_retune():
 
     run([1020, 37])
     kernels, tunings = compiled(), tuned()
-    run([1016, 5, 300, 204])         # same bucket (1024), other total and batch
+    run([1016, 5, 300, 204])  # same bucket (1024), other total and batch
     assert (compiled(), tuned()) == (kernels, tunings)
-    run([2040, 999])                 # next bucket: tuned again, nothing compiled
+    run([2040, 999])  # next bucket: tuned again, nothing compiled
     assert compiled() == kernels and tuned() == tunings + 1
 
 

@@ -9,8 +9,6 @@ prefix.  Registered as the custom op ``rec2pm::cpp_cached_step_attention`` (it w
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ... import _extension
@@ -20,9 +18,17 @@ from .torch_backend import append_to_cache
 
 
 def run_cpp_cached_step(
-    q_new: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cu_seqlens_new: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, score: str, scale: float,
-    rel_bias: Optional[torch.Tensor], silu_norm: float,
+    q_new: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cu_seqlens_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    score: str,
+    scale: float,
+    rel_bias: torch.Tensor | None,
+    silu_norm: float,
 ) -> torch.Tensor:
     """Launcher (``silu_norm = 1`` for softmax)."""
     dtype = math_dtype(q_new.dtype)
@@ -37,26 +43,51 @@ def run_cpp_cached_step(
         filled = int((seqlens + cu.diff()).max()) if seqlens.numel() else 0
         keys, values, append = k_cache[:, :filled].to(dtype), v_cache[:, :filled].to(dtype), False
     return _extension.C.cached_step_forward(
-        q_new=q, k_new=k, v_new=v, cu_seqlens_new=cu, k_cache=keys, v_cache=values, cache_seqlens=seqlens,
-        append=append, score=SCORES.index(score), scale=scale, rel_bias=bias, silu_norm=silu_norm)
+        q_new=q,
+        k_new=k,
+        v_new=v,
+        cu_seqlens_new=cu,
+        k_cache=keys,
+        v_cache=values,
+        cache_seqlens=seqlens,
+        append=append,
+        score=SCORES.index(score),
+        scale=scale,
+        rel_bias=bias,
+        silu_norm=silu_norm,
+    )
 
 
 # The custom op is what torch.compile traces; eager calls skip its dispatch (see the
 # segment_attention cpp backend).
-cpp_cached_step_op = torch.library.custom_op("rec2pm::cpp_cached_step_attention",
-                                             mutates_args=("k_cache", "v_cache"))(run_cpp_cached_step)
+cpp_cached_step_op = torch.library.custom_op("rec2pm::cpp_cached_step_attention", mutates_args=("k_cache", "v_cache"))(
+    run_cpp_cached_step
+)
 
 
 @cpp_cached_step_op.register_fake
-def _cpp_cached_step_fake(q_new, k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens, score, scale,
-                          rel_bias, silu_norm):
+def _cpp_cached_step_fake(
+    q_new, k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens, score, scale, rel_bias, silu_norm
+):
     return q_new.new_empty((q_new.shape[0], q_new.shape[1], v_new.shape[2]), dtype=math_dtype(q_new.dtype))
 
 
-def cached_step_cpp(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, *, score, scale,
-                    rel_bias, silu_norm):
+def cached_step_cpp(
+    q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, *, score, scale, rel_bias, silu_norm
+):
     """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
     run = cpp_cached_step_op if torch.compiler.is_compiling() else run_cpp_cached_step
-    out = run(q_new, k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens, score, float(scale), rel_bias,
-              float(silu_norm) if silu_norm is not None else 1.0)
+    out = run(
+        q_new,
+        k_new,
+        v_new,
+        cu_seqlens_new,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        score,
+        float(scale),
+        rel_bias,
+        float(silu_norm) if silu_norm is not None else 1.0,
+    )
     return out.to(v_new.dtype)

@@ -33,7 +33,7 @@ def cached_step_oracle(
     scale = q_new.shape[-1] ** -0.5 if scale is None else scale
     bounds = cu_seqlens_new.tolist()
     outs = []
-    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         c, n = int(cache_seqlens[b]), end - start
         keys = torch.cat([k_cache[b, :c], k_new[start:end]]).to(dtype)
         values = torch.cat([v_cache[b, :c], v_new[start:end]]).to(dtype)
@@ -43,8 +43,11 @@ def cached_step_oracle(
         bias = None
         if rel_bias is not None:
             bias = rel_bias.to(dtype)[:, bias_bucket(row[:, None], col[None, :], rel_bias.shape[1])]
-        outs.append(dense_attention(q_new[start:end].to(dtype), keys, values, mask, bias,
-                                    score=score, scale=scale, silu_norm=silu_norm))
+        outs.append(
+            dense_attention(
+                q_new[start:end].to(dtype), keys, values, mask, bias, score=score, scale=scale, silu_norm=silu_norm
+            )
+        )
     if not outs:
         return v_new.new_empty(v_new.shape)
     return torch.cat(outs).to(v_new.dtype)

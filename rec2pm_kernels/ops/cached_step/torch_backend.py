@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_math import masked_attention
 from ...patterns import bias_bucket
+from ..torch_math import masked_attention
 
 
 def append_to_cache(k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlens):
@@ -31,8 +31,19 @@ def append_to_cache(k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlen
 
 
 def cached_step_torch(
-    q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens,
-    *, score: str, scale: float, rel_bias: torch.Tensor | None, silu_norm: float | None,
+    q_new,
+    k_new,
+    v_new,
+    cu_seqlens_new,
+    max_new,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    score: str,
+    scale: float,
+    rel_bias: torch.Tensor | None,
+    silu_norm: float | None,
 ) -> torch.Tensor:
     """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
     total, heads, dv = v_new.shape

@@ -6,13 +6,11 @@ Registered as the custom op ``rec2pm::cached_step_attention`` (it writes ``k_cac
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 
-from ..segment_attention.triton_backend import SCORE_CODES, input_precision
 from ..outputs import new_output
+from ..segment_attention.triton_backend import SCORE_CODES, input_precision
 from ..triton_configs import padded_head_dim
 from ..triton_launch import launch, length_bucket
 from .torch_backend import append_to_cache
@@ -43,9 +41,23 @@ def default_num_splits(programs: int, capacity: int, device: torch.device) -> in
     return 1 << (max(splits, 1).bit_length() - 1)
 
 
-def cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, score,
-                        scale, rel_bias, silu_norm, allow_tf32=False, num_splits: int | None = None,
-                        config: triton.Config | None = None) -> torch.Tensor:
+def cached_step_forward(
+    q_new,
+    k_new,
+    v_new,
+    cu_seqlens_new,
+    max_new,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32=False,
+    num_splits: int | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
     """Append the new K/V to the cache, then attend; returns ``(total_new, H, Dv)``."""
     total, heads, dim_v = v_new.shape
     batch = cu_seqlens_new.numel() - 1
@@ -63,18 +75,54 @@ def cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v
         partial_stats = new_output((num_splits, total, heads, 2), dtype=torch.float32, device=q_new.device)
     else:
         partial_acc = partial_stats = out
-    args = (q_new, k_cache, v_cache, out, partial_acc, partial_stats, cu_seqlens_new, cache_seqlens,
-            rel_bias if rel_bias is not None else q_new,
-            q_new.stride(0), q_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-            total, max_new, rel_bias.shape[1] if rel_bias is not None else 1, float(scale),
-            float(silu_norm) if silu_norm is not None else 1.0, length_bucket(capacity))
-    switches = dict(HEAD_DIM=q_new.shape[2], HEAD_DIM_V=dim_v, BLOCK_D=padded_head_dim(q_new.shape[2]),
-                    BLOCK_DV=block_dv, SCORE=SCORE_CODES[score], HAS_BIAS=rel_bias is not None,
-                    INPUT_PRECISION=input_precision(q_new.dtype, allow_tf32), SPLIT_K=num_splits > 1)
-    launch(cached_step_kernel, "cached_step",
-           lambda meta: (batch * triton.cdiv(max_new, meta["BLOCK_M"]), heads, num_splits), args, switches,
-           dtype=q_new.dtype, head_dim=max(q_new.shape[2], dim_v), device=q_new.device, config=config)
+    args = (
+        q_new,
+        k_cache,
+        v_cache,
+        out,
+        partial_acc,
+        partial_stats,
+        cu_seqlens_new,
+        cache_seqlens,
+        rel_bias if rel_bias is not None else q_new,
+        q_new.stride(0),
+        q_new.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        total,
+        max_new,
+        rel_bias.shape[1] if rel_bias is not None else 1,
+        float(scale),
+        float(silu_norm) if silu_norm is not None else 1.0,
+        length_bucket(capacity),
+    )
+    switches = dict(
+        HEAD_DIM=q_new.shape[2],
+        HEAD_DIM_V=dim_v,
+        BLOCK_D=padded_head_dim(q_new.shape[2]),
+        BLOCK_DV=block_dv,
+        SCORE=SCORE_CODES[score],
+        HAS_BIAS=rel_bias is not None,
+        INPUT_PRECISION=input_precision(q_new.dtype, allow_tf32),
+        SPLIT_K=num_splits > 1,
+    )
+    launch(
+        cached_step_kernel,
+        "cached_step",
+        lambda meta: (batch * triton.cdiv(max_new, meta["BLOCK_M"]), heads, num_splits),
+        args,
+        switches,
+        dtype=q_new.dtype,
+        head_dim=max(q_new.shape[2], dim_v),
+        device=q_new.device,
+        config=config,
+    )
     if num_splits == 1:
         return out
     acc = partial_acc[..., :dim_v]
@@ -88,26 +136,89 @@ def cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v
 
 @torch.library.custom_op("rec2pm::cached_step_attention", mutates_args=("k_cache", "v_cache"))
 def cached_step_op(
-    q_new: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cu_seqlens_new: torch.Tensor, max_new: int,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, score: str, scale: float,
-    rel_bias: Optional[torch.Tensor], silu_norm: float, allow_tf32: bool,
+    q_new: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cu_seqlens_new: torch.Tensor,
+    max_new: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    score: str,
+    scale: float,
+    rel_bias: torch.Tensor | None,
+    silu_norm: float,
+    allow_tf32: bool,
 ) -> torch.Tensor:
     """Launcher of ``cached_step_attention`` (``silu_norm = 1`` for softmax)."""
-    return cached_step_forward(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, score,
-                               scale, rel_bias, silu_norm, allow_tf32)
+    return cached_step_forward(
+        q_new,
+        k_new,
+        v_new,
+        cu_seqlens_new,
+        max_new,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        score,
+        scale,
+        rel_bias,
+        silu_norm,
+        allow_tf32,
+    )
 
 
 @cached_step_op.register_fake
-def _cached_step_fake(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, score, scale,
-                      rel_bias, silu_norm, allow_tf32):
+def _cached_step_fake(
+    q_new,
+    k_new,
+    v_new,
+    cu_seqlens_new,
+    max_new,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32,
+):
     return v_new.new_empty(v_new.shape)
 
 
-def cached_step_triton(q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, *, score,
-                       scale, rel_bias, silu_norm, allow_tf32=False):
+def cached_step_triton(
+    q_new,
+    k_new,
+    v_new,
+    cu_seqlens_new,
+    max_new,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32=False,
+):
     """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
     if q_new.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q_new of dtype torch.float64")
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
-    return cached_step_op(q_new, k_new, v_new, cu_seqlens_new, int(max_new), k_cache, v_cache, cache_seqlens, score,
-                          float(scale), rel_bias, float(silu_norm) if silu_norm is not None else 1.0, bool(allow_tf32))
+    return cached_step_op(
+        q_new,
+        k_new,
+        v_new,
+        cu_seqlens_new,
+        int(max_new),
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        score,
+        float(scale),
+        rel_bias,
+        float(silu_norm) if silu_norm is not None else 1.0,
+        bool(allow_tf32),
+    )

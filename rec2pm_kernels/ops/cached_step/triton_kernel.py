@@ -13,23 +13,52 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_launch import CACHED_STEP_RUNTIME_INTS
 from ..segment_attention.triton_tiles import NO_MAX, accumulate, load_rows, program_block
+from ..triton_launch import CACHED_STEP_RUNTIME_INTS
+
 
 @triton.jit(do_not_specialize=CACHED_STEP_RUNTIME_INTS)
 def cached_step_kernel(
-    Q, K_CACHE, V_CACHE, OUT, PARTIAL_ACC, PARTIAL_STATS, CU_NEW, CACHE_SEQLENS, BIAS,
-    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
-    total_new, max_new, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K_CACHE,
+    V_CACHE,
+    OUT,
+    PARTIAL_ACC,
+    PARTIAL_STATS,
+    CU_NEW,
+    CACHE_SEQLENS,
+    BIAS,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    total_new,
+    max_new,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """OUT ``(total_new, H, Dv)`` without ``SPLIT_K``; else PARTIAL_ACC ``(splits, total_new, H, Dv)``
     and PARTIAL_STATS ``(splits, total_new, H, 2)`` (running max and sum, base 2), fp32.
     Grid: ``(batch * cdiv(max_new, BLOCK_M), H, splits)``.  The number of splits is the grid's
     third dimension, a runtime value: one binary serves every count."""
-    pid = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     user, token0, n_new, t0 = program_block(CU_NEW, max_new, BLOCK_M)

@@ -8,8 +8,6 @@ Registered as the custom op ``rec2pm::cpp_segment_attention`` with a fake implem
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ... import _extension
@@ -24,36 +22,68 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def run_cpp_segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, pattern: str, segment_len: int,
-    num_memory_tokens: int, score: str, scale: float, rel_bias: Optional[torch.Tensor], silu_norm: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    pattern: str,
+    segment_len: int,
+    num_memory_tokens: int,
+    score: str,
+    scale: float,
+    rel_bias: torch.Tensor | None,
+    silu_norm: float,
 ) -> torch.Tensor:
     """Launcher (``segment_len = 1, num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for softmax)."""
     dtype = math_dtype(q.dtype)
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
     bias = rel_bias.detach().to(dtype).contiguous() if rel_bias is not None else None
     out = _extension.C.segment_attention_forward(
-        q=q, k=k, v=v, cu_seqlens=cu_seqlens.to(torch.int64).contiguous(), pattern=PATTERN_CODES[pattern],
-        segment_len=segment_len, num_memory_tokens=num_memory_tokens, score=SCORES.index(score), scale=scale,
-        rel_bias=bias, silu_norm=silu_norm)
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens=cu_seqlens.to(torch.int64).contiguous(),
+        pattern=PATTERN_CODES[pattern],
+        segment_len=segment_len,
+        num_memory_tokens=num_memory_tokens,
+        score=SCORES.index(score),
+        scale=scale,
+        rel_bias=bias,
+        silu_norm=silu_norm,
+    )
     return out
 
 
 # The custom op is what torch.compile traces; eager calls skip its dispatch, whose first use
 # imports torch._dynamo (about a second per process).
 cpp_segment_attention_op = torch.library.custom_op("rec2pm::cpp_segment_attention", mutates_args=())(
-    run_cpp_segment_attention)
+    run_cpp_segment_attention
+)
 
 
 @cpp_segment_attention_op.register_fake
-def _cpp_segment_attention_fake(q, k, v, cu_seqlens, pattern, segment_len, num_memory_tokens, score, scale, rel_bias,
-                                silu_norm):
+def _cpp_segment_attention_fake(
+    q, k, v, cu_seqlens, pattern, segment_len, num_memory_tokens, score, scale, rel_bias, silu_norm
+):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=math_dtype(q.dtype))
 
 
-def segment_attention_cpp(q, k, v, cu_seqlens, *, pattern, segment_len, num_memory_tokens, score, scale, rel_bias,
-                          silu_norm):
+def segment_attention_cpp(
+    q, k, v, cu_seqlens, *, pattern, segment_len, num_memory_tokens, score, scale, rel_bias, silu_norm
+):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation; no autograd."""
     run = cpp_segment_attention_op if torch.compiler.is_compiling() else run_cpp_segment_attention
-    out = run(q, k, v, cu_seqlens, pattern, segment_len or 1, num_memory_tokens or 0, score, float(scale), rel_bias,
-              float(silu_norm) if silu_norm is not None else 1.0)
+    out = run(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        pattern,
+        segment_len or 1,
+        num_memory_tokens or 0,
+        score,
+        float(scale),
+        rel_bias,
+        float(silu_norm) if silu_norm is not None else 1.0,
+    )
     return out.to(v.dtype)

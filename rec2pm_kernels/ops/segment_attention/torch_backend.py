@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..torch_math import masked_attention
 from ...patterns import bias_bucket, bias_positions, first_visible_column, visible
+from ..torch_math import masked_attention
 
 # Entries of one chunk's score tensor (G * H * rows * keys): 2**24 fp32 scores = 64 MiB.
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 24
@@ -36,8 +36,14 @@ CHUNKS_PER_SEQUENCE = 8
 MIN_CHUNK_ROWS = 256
 
 
-def row_chunks(pattern: str, length: int, per_row: int, max_chunk_elements: int,
-               segment_len: int | None, num_memory_tokens: int | None) -> list[tuple[int, int, int]]:
+def row_chunks(
+    pattern: str,
+    length: int,
+    per_row: int,
+    max_chunk_elements: int,
+    segment_len: int | None,
+    num_memory_tokens: int | None,
+) -> list[tuple[int, int, int]]:
     """``(r0, r1, k0)`` for each chunk of rows ``[r0, r1)`` and its first key ``k0``.
 
     ``per_row``: score entries of one row over all ``length`` keys (``G * H * length``).
@@ -49,8 +55,10 @@ def row_chunks(pattern: str, length: int, per_row: int, max_chunk_elements: int,
     else:
         by_work = max(MIN_CHUNK_ROWS, -(-length // CHUNKS_PER_SEQUENCE))
     rows = min(by_memory, by_work)
-    return [(r0, min(r0 + rows, length), first_visible_column(pattern, r0, segment_len, num_memory_tokens))
-            for r0 in range(0, length, rows)]
+    return [
+        (r0, min(r0 + rows, length), first_visible_column(pattern, r0, segment_len, num_memory_tokens))
+        for r0 in range(0, length, rows)
+    ]
 
 
 def group_by_length(lengths: list[int]) -> list[list[int]]:
@@ -96,15 +104,14 @@ def segment_attention_torch(
     total, heads, _ = q.shape
     dv = v.shape[-1]
     bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     groups = group_by_length(lengths)
     if not groups:
         # No tokens: an empty output that still carries (zero) gradients to every input.
         anchor = q.sum() + k.sum() + v.sum() + (0 if rel_bias is None else rel_bias.sum())
         return v.new_zeros((total, heads, dv)) + 0 * anchor.to(v.dtype)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, rel_bias))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_bias))
     device = q.device
     starts_all = torch.tensor(bounds[:-1], device=device)
     pieces, token_order = [], []
@@ -117,8 +124,9 @@ def segment_attention_torch(
         # Padded slots read token 0 of the sequence: finite values that causality hides.
         tok = starts_all[idx][:, None] + torch.where(valid, offsets[None, :], 0)
         qg, kg, vg = (x[tok].transpose(1, 2) for x in (q, k, v))  # (G, H, L, D)
-        chunks = row_chunks(pattern, longest, len(group) * heads * longest, max_chunk_elements,
-                            segment_len, num_memory_tokens)
+        chunks = row_chunks(
+            pattern, longest, len(group) * heads * longest, max_chunk_elements, segment_len, num_memory_tokens
+        )
         saved = len(group) * heads * sum((r1 - r0) * (r1 - k0) for r0, r1, k0 in chunks)
         keeps_scores = score == "silu" or (rel_bias is not None and rel_bias.requires_grad)
         use_checkpoint = needs_grad and keeps_scores and len(chunks) > 1 and saved > max_chunk_elements
@@ -126,8 +134,20 @@ def segment_attention_torch(
         for r0, r1, k0 in chunks:
             rows = torch.arange(r0, r1, device=device)
             cols = torch.arange(k0, r1, device=device)
-            args = (qg[:, :, r0:r1], kg[:, :, k0:r1], vg[:, :, k0:r1], rows, cols, rel_bias,
-                    pattern, segment_len, num_memory_tokens, score, scale, silu_norm)
+            args = (
+                qg[:, :, r0:r1],
+                kg[:, :, k0:r1],
+                vg[:, :, k0:r1],
+                rows,
+                cols,
+                rel_bias,
+                pattern,
+                segment_len,
+                num_memory_tokens,
+                score,
+                scale,
+                silu_norm,
+            )
             if use_checkpoint:
                 outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False))
             else:

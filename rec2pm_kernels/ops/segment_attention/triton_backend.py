@@ -12,8 +12,6 @@ with per-program partial sums and a fixed-order reduction instead (``triton_bias
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 
@@ -34,9 +32,16 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def _switches(q, v, pattern, score, rel_bias, allow_tf32) -> dict:
-    return dict(HEAD_DIM=q.shape[2], HEAD_DIM_V=v.shape[2], BLOCK_D=padded_head_dim(q.shape[2]),
-                BLOCK_DV=padded_head_dim(v.shape[2]), PATTERN=PATTERN_CODES[pattern], SCORE=SCORE_CODES[score],
-                HAS_BIAS=rel_bias is not None, INPUT_PRECISION=input_precision(q.dtype, allow_tf32))
+    return dict(
+        HEAD_DIM=q.shape[2],
+        HEAD_DIM_V=v.shape[2],
+        BLOCK_D=padded_head_dim(q.shape[2]),
+        BLOCK_DV=padded_head_dim(v.shape[2]),
+        PATTERN=PATTERN_CODES[pattern],
+        SCORE=SCORE_CODES[score],
+        HAS_BIAS=rel_bias is not None,
+        INPUT_PRECISION=input_precision(q.dtype, allow_tf32),
+    )
 
 
 def _runtime(q, v, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm) -> tuple:
@@ -55,9 +60,23 @@ def _tune_dim(q, v) -> int:
     return max(q.shape[2], v.shape[2])
 
 
-def segment_forward(q, k, v, cu_seqlens, max_seqlen, pattern, segment_len, num_memory_tokens, score, scale,
-                    rel_bias, silu_norm, allow_tf32=False, config: triton.Config | None = None,
-                    tile_counts: torch.Tensor | None = None):
+def segment_forward(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    pattern,
+    segment_len,
+    num_memory_tokens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32=False,
+    config: triton.Config | None = None,
+    tile_counts: torch.Tensor | None = None,
+):
     """``(out, lse)``; ``lse`` is ``(H, T)`` fp32 base-2 log-sum-exp for softmax, empty for SiLU.
 
     ``tile_counts`` (interpreter only): a ``(programs, H)`` int32 buffer that receives the
@@ -70,19 +89,53 @@ def segment_forward(q, k, v, cu_seqlens, max_seqlen, pattern, segment_len, num_m
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
     switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
-    args = (q, k, v, out, lse if lse.numel() else out, cu_seqlens, rel_bias if rel_bias is not None else q,
-            tile_counts if tile_counts is not None else lse,
-            *_strides(q, k, v, out),
-            *_runtime(q, v, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm))
-    launch(segment_fwd_kernel, "segment_fwd", lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
-           args, dict(switches, COUNT_TILES=tile_counts is not None), dtype=q.dtype, head_dim=_tune_dim(q, v),
-           device=q.device, config=config)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse if lse.numel() else out,
+        cu_seqlens,
+        rel_bias if rel_bias is not None else q,
+        tile_counts if tile_counts is not None else lse,
+        *_strides(q, k, v, out),
+        *_runtime(q, v, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
+    )
+    launch(
+        segment_fwd_kernel,
+        "segment_fwd",
+        lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
+        args,
+        dict(switches, COUNT_TILES=tile_counts is not None),
+        dtype=q.dtype,
+        head_dim=_tune_dim(q, v),
+        device=q.device,
+        config=config,
+    )
     return out, lse
 
 
-def segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, segment_len, num_memory_tokens,
-                     score, scale, rel_bias, silu_norm, allow_tf32=False, deterministic=False,
-                     configs_by_kernel: dict | None = None, tile_counts: dict | None = None):
+def segment_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens,
+    max_seqlen,
+    pattern,
+    segment_len,
+    num_memory_tokens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32=False,
+    deterministic=False,
+    configs_by_kernel: dict | None = None,
+    tile_counts: dict | None = None,
+):
     """``(dq, dk, dv, d_rel_bias)``; ``d_rel_bias`` is empty without a bias.
 
     ``configs_by_kernel`` / ``tile_counts``: optional ``{"segment_bwd_dq": ..., "segment_bwd_dkdv": ...}``
@@ -110,29 +163,72 @@ def segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, s
     atomics = rel_bias is not None and not deterministic
 
     counts = tile_counts.get("segment_bwd_dkdv")
-    launch(segment_bwd_dkdv_kernel, "segment_bwd_dkdv",
-           lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_N"]), heads),
-           (q, k, v, dout, lse, delta, dk, dv, dbias if atomics else delta, cu_seqlens, bias_arg,
-            counts if counts is not None else delta, *_strides(q, k, v, dout, dk, dv), *runtime, int(atomics)),
-           dict(switches, COUNT_TILES=counts is not None),
-           config=configs_by_kernel.get("segment_bwd_dkdv"), reset_to_zero=("DBIAS",) if atomics else (),
-           notes={"bias_atomics": atomics}, **common)
+    launch(
+        segment_bwd_dkdv_kernel,
+        "segment_bwd_dkdv",
+        lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_N"]), heads),
+        (
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            dbias if atomics else delta,
+            cu_seqlens,
+            bias_arg,
+            counts if counts is not None else delta,
+            *_strides(q, k, v, dout, dk, dv),
+            *runtime,
+            int(atomics),
+        ),
+        dict(switches, COUNT_TILES=counts is not None),
+        config=configs_by_kernel.get("segment_bwd_dkdv"),
+        reset_to_zero=("DBIAS",) if atomics else (),
+        notes={"bias_atomics": atomics},
+        **common,
+    )
 
     counts = tile_counts.get("segment_bwd_dq")
-    launch(segment_bwd_dq_kernel, "segment_bwd_dq",
-           lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
-           (q, k, v, dout, lse, delta, dq, cu_seqlens, bias_arg, counts if counts is not None else delta,
-            *_strides(q, k, v, dout, dq), *runtime),
-           dict(switches, COUNT_TILES=counts is not None), config=configs_by_kernel.get("segment_bwd_dq"), **common)
+    launch(
+        segment_bwd_dq_kernel,
+        "segment_bwd_dq",
+        lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
+        (
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            cu_seqlens,
+            bias_arg,
+            counts if counts is not None else delta,
+            *_strides(q, k, v, dout, dq),
+            *runtime,
+        ),
+        dict(switches, COUNT_TILES=counts is not None),
+        config=configs_by_kernel.get("segment_bwd_dq"),
+        **common,
+    )
 
     if rel_bias is not None and deterministic:
         config = configs_by_kernel.get("segment_bwd_bias") or configs("segment_bwd_bias", q.dtype, _tune_dim(q, v))[0]
         programs = batch * triton.cdiv(max_seqlen, config.kwargs["BLOCK_M"])
         partial = torch.zeros((programs, heads, buckets), dtype=torch.float32, device=q.device)
         bias_switches = {key: val for key, val in switches.items() if key != "HAS_BIAS"}
-        launch(segment_bwd_bias_kernel, "segment_bwd_bias", lambda meta: (programs, heads),
-               (q, k, v, dout, lse, delta, partial, cu_seqlens, rel_bias, *_strides(q, k, v, dout), *runtime),
-               dict(bias_switches, WINDOW=BIAS_WINDOW), config=config, **common)
+        launch(
+            segment_bwd_bias_kernel,
+            "segment_bwd_bias",
+            lambda meta: (programs, heads),
+            (q, k, v, dout, lse, delta, partial, cu_seqlens, rel_bias, *_strides(q, k, v, dout), *runtime),
+            dict(bias_switches, WINDOW=BIAS_WINDOW),
+            config=config,
+            **common,
+        )
         dbias = partial.sum(0)
     return dq, dk, dv, dbias.to(rel_bias.dtype) if rel_bias is not None else dbias
 
@@ -143,74 +239,201 @@ def segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, s
 
 @torch.library.custom_op("rec2pm::segment_attention_fwd", mutates_args=())
 def segment_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, pattern: str,
-    segment_len: int, num_memory_tokens: int, score: str, scale: float, rel_bias: Optional[torch.Tensor],
-    silu_norm: float, allow_tf32: bool, deterministic: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    pattern: str,
+    segment_len: int,
+    num_memory_tokens: int,
+    score: str,
+    scale: float,
+    rel_bias: torch.Tensor | None,
+    silu_norm: float,
+    allow_tf32: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher; ``segment_len = num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for softmax."""
-    return segment_forward(q, k, v, cu_seqlens, max_seqlen, pattern, segment_len or None,
-                           num_memory_tokens if segment_len else None, score, scale, rel_bias, silu_norm, allow_tf32)
+    return segment_forward(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        pattern,
+        segment_len or None,
+        num_memory_tokens if segment_len else None,
+        score,
+        scale,
+        rel_bias,
+        silu_norm,
+        allow_tf32,
+    )
 
 
 @segment_attention_fwd_op.register_fake
-def _segment_attention_fwd_fake(q, k, v, cu_seqlens, max_seqlen, pattern, segment_len, num_memory_tokens, score,
-                                scale, rel_bias, silu_norm, allow_tf32, deterministic):
+def _segment_attention_fwd_fake(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    pattern,
+    segment_len,
+    num_memory_tokens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32,
+    deterministic,
+):
     lse_shape = (q.shape[1], q.shape[0]) if score == "softmax" else (0,)
     return v.new_empty(v.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("rec2pm::segment_attention_bwd", mutates_args=())
 def segment_attention_bwd_op(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens: torch.Tensor, max_seqlen: int, pattern: str, segment_len: int, num_memory_tokens: int, score: str,
-    scale: float, rel_bias: Optional[torch.Tensor], silu_norm: float, allow_tf32: bool, deterministic: bool,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    pattern: str,
+    segment_len: int,
+    num_memory_tokens: int,
+    score: str,
+    scale: float,
+    rel_bias: torch.Tensor | None,
+    silu_norm: float,
+    allow_tf32: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: ``(dq, dk, dv, d_rel_bias)`` (the last is ``(H, 0)`` without a bias)."""
-    return segment_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, segment_len or None,
-                            num_memory_tokens if segment_len else None, score, scale, rel_bias, silu_norm,
-                            allow_tf32, deterministic)
+    return segment_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        max_seqlen,
+        pattern,
+        segment_len or None,
+        num_memory_tokens if segment_len else None,
+        score,
+        scale,
+        rel_bias,
+        silu_norm,
+        allow_tf32,
+        deterministic,
+    )
 
 
 @segment_attention_bwd_op.register_fake
-def _segment_attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, pattern, segment_len,
-                                num_memory_tokens, score, scale, rel_bias, silu_norm, allow_tf32, deterministic):
-    dbias = (rel_bias.new_empty(rel_bias.shape) if rel_bias is not None
-             else q.new_empty((q.shape[1], 0), dtype=torch.float32))
+def _segment_attention_bwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens,
+    max_seqlen,
+    pattern,
+    segment_len,
+    num_memory_tokens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32,
+    deterministic,
+):
+    dbias = (
+        rel_bias.new_empty(rel_bias.shape)
+        if rel_bias is not None
+        else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    )
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-_FWD_ARGS = ("q", "k", "v", "cu_seqlens", "max_seqlen", "pattern", "segment_len", "num_memory_tokens", "score",
-             "scale", "rel_bias", "silu_norm", "allow_tf32", "deterministic")
+# The forward op's inputs in its schema order; autograd hands them over as a tuple and
+# wants one gradient per input, so both sides go through these names.
+_FWD_TENSORS = ("q", "k", "v", "cu_seqlens")
+_FWD_OPTIONS = (
+    "max_seqlen",
+    "pattern",
+    "segment_len",
+    "num_memory_tokens",
+    "score",
+    "scale",
+    "rel_bias",
+    "silu_norm",
+    "allow_tf32",
+    "deterministic",
+)
+_FWD_ARGS = _FWD_TENSORS + _FWD_OPTIONS
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(_FWD_ARGS, inputs))
+    named = dict(zip(_FWD_ARGS, inputs, strict=True))
     out, lse = output
     ctx.save_for_backward(named["q"], named["k"], named["v"], out, lse, named["cu_seqlens"], named["rel_bias"])
-    ctx.options = {key: named[key] for key in _FWD_ARGS[4:] if key != "rel_bias"}
+    ctx.options = {key: named[key] for key in _FWD_OPTIONS if key != "rel_bias"}
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, rel_bias = ctx.saved_tensors
-    o = ctx.options
-    dq, dk, dv, dbias = segment_attention_bwd_op(
-        dout, q, k, v, out, lse, cu_seqlens, o["max_seqlen"], o["pattern"], o["segment_len"], o["num_memory_tokens"],
-        o["score"], o["scale"], rel_bias, o["silu_norm"], o["allow_tf32"], o["deterministic"])
-    return dq, dk, dv, None, None, None, None, None, None, None, dbias if rel_bias is not None else None, None, None, None
+    dq, dk, dv, dbias = segment_attention_bwd_op(dout, q, k, v, out, lse, cu_seqlens, rel_bias=rel_bias, **ctx.options)
+    grads = {"q": dq, "k": dk, "v": dv, "rel_bias": dbias if rel_bias is not None else None}
+    return tuple(grads.get(name) for name in _FWD_ARGS)  # None for every input without a gradient
 
 
 segment_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, pattern, segment_len, num_memory_tokens, score,
-                             scale, rel_bias, silu_norm, allow_tf32=False, deterministic=False):
+def segment_attention_triton(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    max_seqlen,
+    *,
+    pattern,
+    segment_len,
+    num_memory_tokens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    allow_tf32=False,
+    deterministic=False,
+):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation."""
     if q.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q of dtype torch.float64")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
-    out, _ = segment_attention_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), pattern, segment_len or 0,
-                                      num_memory_tokens or 0, score, float(scale), rel_bias,
-                                      float(silu_norm) if silu_norm is not None else 1.0, bool(allow_tf32),
-                                      bool(deterministic))
+    out, _ = segment_attention_fwd_op(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        int(max_seqlen),
+        pattern,
+        segment_len or 0,
+        num_memory_tokens or 0,
+        score,
+        float(scale),
+        rel_bias,
+        float(silu_norm) if silu_norm is not None else 1.0,
+        bool(allow_tf32),
+        bool(deterministic),
+    )
     return out

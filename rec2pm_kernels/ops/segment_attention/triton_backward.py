@@ -23,13 +23,50 @@ from .triton_tiles import load_row_stats, load_rows, probabilities, program_bloc
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS + ["bias_atomics"])
 def segment_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, CU_SEQLENS, BIAS, TILE_COUNTS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET, bias_atomics,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DBIAS,
+    CU_SEQLENS,
+    BIAS,
+    TILE_COUNTS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    total_tokens,
+    max_seqlen,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    SEQ_BUCKET,
+    bias_atomics,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """DK ``(T, H, D)``, DV ``(T, H, Dv)``; DBIAS ``(H, NUM_BUCKETS)`` fp32 when ``bias_atomics != 0``.
     Grid: ``(batch * col_blocks, H)``; ``BLOCK_N`` keys per program, rows in tiles of ``BLOCK_M``.
@@ -58,8 +95,9 @@ def segment_bwd_dkdv_kernel(
         row_ok = offs_m < length
         q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
         do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
-        z, mask, bucket = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
-                                 PATTERN, HAS_BIAS, INPUT_PRECISION)
+        z, mask, bucket = scores(
+            q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, HAS_BIAS, INPUT_PRECISION
+        )
         lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
         p = probabilities(z, mask, lse2, silu_norm, SCORE)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
@@ -82,15 +120,44 @@ def segment_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, key_head, value_head, stride_kt, stride_vt,
-                 offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PATTERN: tl.constexpr, SCORE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_key_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    n0,
+    K,
+    V,
+    token0,
+    key_head,
+    value_head,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    offs_dv,
+    length,
+    bias_head_ptr,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, _ = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
-                        PATTERN, HAS_BIAS, INPUT_PRECISION)
+    z, mask, _ = scores(
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, HAS_BIAS, INPUT_PRECISION
+    )
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
@@ -99,13 +166,45 @@ def _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, key_head, value_head,
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
 def segment_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, BIAS, TILE_COUNTS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh,
-    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CU_SEQLENS,
+    BIAS,
+    TILE_COUNTS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    total_tokens,
+    max_seqlen,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """DQ ``(T, H, D)``.  Grid: ``(batch * row_blocks, H)``; same key tiles as the forward."""
     pid = tl.program_id(0)
@@ -128,17 +227,73 @@ def segment_bwd_dq_kernel(
     pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
     for n0 in range(pred_lo, pred_hi, BLOCK_N):
         if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
-            dq = _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh,
-                              stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C,
-                              NUM_BUCKETS, scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS,
-                              INPUT_PRECISION, BLOCK_N)
+            dq = _dq_key_tile(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                n0,
+                K,
+                V,
+                token0,
+                head * stride_kh,
+                head * stride_vh,
+                stride_kt,
+                stride_vt,
+                offs_m,
+                offs_d,
+                offs_dv,
+                length,
+                bias_head_ptr,
+                S,
+                C,
+                NUM_BUCKETS,
+                scale,
+                silu_norm,
+                HEAD_DIM,
+                HEAD_DIM_V,
+                PATTERN,
+                SCORE,
+                HAS_BIAS,
+                INPUT_PRECISION,
+                BLOCK_N,
+            )
             if COUNT_TILES:
                 visited += 1
     for n0 in range(plain_lo, plain_hi, BLOCK_N):
-        dq = _dq_key_tile(dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh,
-                          stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C,
-                          NUM_BUCKETS, scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS,
-                          INPUT_PRECISION, BLOCK_N)
+        dq = _dq_key_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            n0,
+            K,
+            V,
+            token0,
+            head * stride_kh,
+            head * stride_vh,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            offs_dv,
+            length,
+            bias_head_ptr,
+            S,
+            C,
+            NUM_BUCKETS,
+            scale,
+            silu_norm,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            PATTERN,
+            SCORE,
+            HAS_BIAS,
+            INPUT_PRECISION,
+            BLOCK_N,
+        )
         if COUNT_TILES:
             visited += 1
     dq_ptrs = DQ + (token0 + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]

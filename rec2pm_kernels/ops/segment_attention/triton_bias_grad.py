@@ -20,15 +20,44 @@ from .triton_tiles import load_row_stats, load_rows, probabilities, program_bloc
 
 
 @triton.jit
-def _bias_key_tile(q, do, lse2, delta, n0, K, V, PARTIAL_ROW, token0, key_head, value_head, stride_kt, stride_vt,
-                   offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PATTERN: tl.constexpr, SCORE: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+def _bias_key_tile(
+    q,
+    do,
+    lse2,
+    delta,
+    n0,
+    K,
+    V,
+    PARTIAL_ROW,
+    token0,
+    key_head,
+    value_head,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    offs_dv,
+    length,
+    bias_head_ptr,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, bucket = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
-                             PATTERN, True, INPUT_PRECISION)
+    z, mask, bucket = scores(
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, True, INPUT_PRECISION
+    )
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
@@ -46,12 +75,41 @@ def _bias_key_tile(q, do, lse2, delta, n0, K, V, PARTIAL_ROW, token0, key_head, 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
 def segment_bwd_bias_kernel(
-    Q, K, V, DO, LSE, DELTA, PARTIAL, CU_SEQLENS, BIAS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PATTERN: tl.constexpr, SCORE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    PARTIAL,
+    CU_SEQLENS,
+    BIAS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    total_tokens,
+    max_seqlen,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """PARTIAL ``(batch * row_blocks, H, NUM_BUCKETS)`` fp32, zeroed.  Grid: ``(batch * row_blocks, H)``."""
     pid = tl.program_id(0)
@@ -73,10 +131,68 @@ def segment_bwd_bias_kernel(
     pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
     for n0 in range(pred_lo, pred_hi, BLOCK_N):
         if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
-            _bias_key_tile(q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh,
-                           stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS,
-                           scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW)
+            _bias_key_tile(
+                q,
+                do,
+                lse2,
+                delta,
+                n0,
+                K,
+                V,
+                partial_row,
+                token0,
+                head * stride_kh,
+                head * stride_vh,
+                stride_kt,
+                stride_vt,
+                offs_m,
+                offs_d,
+                offs_dv,
+                length,
+                bias_head_ptr,
+                S,
+                C,
+                NUM_BUCKETS,
+                scale,
+                silu_norm,
+                HEAD_DIM,
+                HEAD_DIM_V,
+                PATTERN,
+                SCORE,
+                INPUT_PRECISION,
+                BLOCK_N,
+                WINDOW,
+            )
     for n0 in range(plain_lo, plain_hi, BLOCK_N):
-        _bias_key_tile(q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh,
-                       stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS,
-                       scale, silu_norm, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW)
+        _bias_key_tile(
+            q,
+            do,
+            lse2,
+            delta,
+            n0,
+            K,
+            V,
+            partial_row,
+            token0,
+            head * stride_kh,
+            head * stride_vh,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            offs_dv,
+            length,
+            bias_head_ptr,
+            S,
+            C,
+            NUM_BUCKETS,
+            scale,
+            silu_norm,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            PATTERN,
+            SCORE,
+            INPUT_PRECISION,
+            BLOCK_N,
+            WINDOW,
+        )

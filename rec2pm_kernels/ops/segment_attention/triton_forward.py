@@ -16,27 +16,85 @@ from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_ranges, tile_visible
 from .triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores
 
+
 @triton.jit
-def _attend_key_tile(acc, m_i, l_i, q, n0, K, V, key_token0, key_head, value_head, stride_kt, stride_vt,
-                     offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, PATTERN: tl.constexpr, SCORE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend_key_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    n0,
+    K,
+    V,
+    key_token0,
+    key_head,
+    value_head,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    offs_dv,
+    length,
+    bias_head_ptr,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K, key_token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, key_token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, _ = scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
-                        PATTERN, HAS_BIAS, INPUT_PRECISION)
+    z, mask, _ = scores(
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, HAS_BIAS, INPUT_PRECISION
+    )
     return accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
 def segment_fwd_kernel(
-    Q, K, V, OUT, LSE, CU_SEQLENS, BIAS, TILE_COUNTS,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_tokens, max_seqlen, S, C, NUM_BUCKETS, scale, silu_norm, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    CU_SEQLENS,
+    BIAS,
+    TILE_COUNTS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    total_tokens,
+    max_seqlen,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    silu_norm,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """OUT ``(T, H, Dv)``; LSE ``(H, T)`` fp32 (softmax only).  Grid: ``(batch * row_blocks, H)``.
 
@@ -62,16 +120,70 @@ def segment_fwd_kernel(
     for n0 in range(pred_lo, pred_hi, BLOCK_N):
         if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
             acc, m_i, l_i = _attend_key_tile(
-                acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
-                offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
-                HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N)
+                acc,
+                m_i,
+                l_i,
+                q,
+                n0,
+                K,
+                V,
+                token0,
+                head * stride_kh,
+                head * stride_vh,
+                stride_kt,
+                stride_vt,
+                offs_m,
+                offs_d,
+                offs_dv,
+                length,
+                bias_head_ptr,
+                S,
+                C,
+                NUM_BUCKETS,
+                scale,
+                silu_norm,
+                HEAD_DIM,
+                HEAD_DIM_V,
+                PATTERN,
+                SCORE,
+                HAS_BIAS,
+                INPUT_PRECISION,
+                BLOCK_N,
+            )
             if COUNT_TILES:
                 visited += 1
     for n0 in range(plain_lo, plain_hi, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
-            acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
-            offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
-            HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N)
+            acc,
+            m_i,
+            l_i,
+            q,
+            n0,
+            K,
+            V,
+            token0,
+            head * stride_kh,
+            head * stride_vh,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            offs_dv,
+            length,
+            bias_head_ptr,
+            S,
+            C,
+            NUM_BUCKETS,
+            scale,
+            silu_norm,
+            HEAD_DIM,
+            HEAD_DIM_V,
+            PATTERN,
+            SCORE,
+            HAS_BIAS,
+            INPUT_PRECISION,
+            BLOCK_N,
+        )
         if COUNT_TILES:
             visited += 1
     row_ok = offs_m < length

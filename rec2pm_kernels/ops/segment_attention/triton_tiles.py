@@ -51,8 +51,21 @@ def load_rows(ptr, token0, offs, stride_t, head_offset, n_valid, offs_d, HEAD_DI
 
 
 @triton.jit
-def scores(q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale,
-           PATTERN: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def scores(
+    q,
+    k,
+    offs_m,
+    offs_n,
+    length,
+    bias_head_ptr,
+    S,
+    C,
+    NUM_BUCKETS,
+    scale,
+    PATTERN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """Scores ``z`` (fp32, ``[BM, BN]``), the visibility mask, and the bias buckets.
 
     ``q``: ``[BM, BD]``; ``k``: ``[BN, BD]``.  The mask also hides padded rows and keys, so
