@@ -63,19 +63,21 @@ from collections import defaultdict
 
 import torch
 
-from .ops.triton_configs import BIAS_WINDOW, SHARED_MEMORY_LIMIT, configs, padded_head_dim
+from .ops.triton_configs import BIAS_WINDOW, MEASURED_HEAD_DIMS, SHARED_MEMORY_LIMIT, configs, padded_head_dim
+from .ops.triton_configs import KERNELS as TUNED_KERNELS
+from .patterns import PATTERN_CODES, SCORE_CODES
 
 ARCHS = (80, 90)
-PATTERNS = (0, 1, 2, 3)  # causal, global, kv_memory_overwrite, kv_memory_append
-SCORES = (0, 1)  # softmax, silu
-SCORE_NAMES = {0: "softmax", 1: "silu"}
+PATTERNS = tuple(PATTERN_CODES.values())  # the codes the launchers pass as PATTERN
+SCORES = tuple(SCORE_CODES.values())
+SCORE_NAMES = {code: name for name, code in SCORE_CODES.items()}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HEAD_DIMS = (8, 16, 32, 64, 128)
+HEAD_DIMS = MEASURED_HEAD_DIMS  # every head dim with a measured tile table
 # The cached step compiles one binary without split-K and one with it (SPLIT_K); the number
 # of splits is the grid's third dimension at run time, so 2 stands for every count > 1.
 NUM_SPLITS = (1, 2)
-SEGMENT_KERNELS = ("segment_fwd", "segment_bwd_dkdv", "segment_bwd_dq", "segment_bwd_bias")
-KERNELS = SEGMENT_KERNELS + ("cached_step",)
+KERNELS = TUNED_KERNELS  # every kernel that has a tile table
+SEGMENT_KERNELS = tuple(kernel for kernel in KERNELS if kernel.startswith("segment_"))
 # The switches a covering subset must show every value of, per architecture and kernel.
 SWITCHES = ("pattern", "score", "has_bias", "precision", "num_splits")
 

@@ -31,6 +31,7 @@ SCORES = ("softmax", "silu")
 
 # Integer codes shared with the C++ header (``rec2pm::Pattern``); keep them in step.
 PATTERN_CODES = {name: code for code, name in enumerate(PATTERNS)}
+SCORE_CODES = {name: code for code, name in enumerate(SCORES)}
 
 
 def is_write_token(p: torch.Tensor, segment_len: int, num_memory_tokens: int) -> torch.Tensor:

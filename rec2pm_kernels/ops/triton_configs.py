@@ -27,7 +27,7 @@ import os
 import torch
 import triton
 
-KERNELS = ("segment_fwd", "segment_bwd_dq", "segment_bwd_dkdv", "segment_bwd_bias", "cached_step")
+KERNELS = ("segment_fwd", "segment_bwd_dkdv", "segment_bwd_dq", "segment_bwd_bias", "cached_step")  # launch order
 
 # Largest dynamic shared memory one block may use (bytes), by compute capability.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -39,6 +39,7 @@ BIAS_WINDOW = 32
 # Measured tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): kernel -> inputs -> head dim ->
 # (sm_80, sm_90).  fp16 and bf16 measure alike ("16-bit").  The deterministic bias kernel
 # is 16 x 16 by design (its per-bucket sums build a (16, 16, BIAS_WINDOW) one-hot tile).
+MEASURED_HEAD_DIMS = (8, 16, 32, 64, 128)
 _MEASURED = {
     "segment_fwd": {
         "fp32": {
@@ -90,7 +91,7 @@ _MEASURED = {
         },
     },
     "segment_bwd_bias": {
-        inputs: {dim: ((16, 16, 4, 1), (16, 16, 4, 1)) for dim in (8, 16, 32, 64, 128)} for inputs in ("fp32", "16-bit")
+        inputs: {dim: ((16, 16, 4, 1), (16, 16, 4, 1)) for dim in MEASURED_HEAD_DIMS} for inputs in ("fp32", "16-bit")
     },
     "cached_step": {
         "fp32": {
@@ -100,10 +101,9 @@ _MEASURED = {
             64: ((16, 64, 4, 2), (16, 64, 4, 2)),
             128: ((16, 64, 4, 2), (16, 64, 4, 2)),
         },
-        "16-bit": {dim: ((16, 128, 4, 2), (16, 128, 4, 2)) for dim in (8, 16, 32, 64, 128)},
+        "16-bit": {dim: ((16, 128, 4, 2), (16, 128, 4, 2)) for dim in MEASURED_HEAD_DIMS},
     },
 }
-MEASURED_HEAD_DIMS = (8, 16, 32, 64, 128)
 
 # The smallest tile of each kernel: the fallback where the measured one cannot fit the
 # shared memory of an architecture that was not measured (sm_86 / sm_89: 99 KiB).

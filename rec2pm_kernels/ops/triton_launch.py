@@ -25,6 +25,12 @@ AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "PATTERN", "SCORE", "HAS
 SEGMENT_RUNTIME_INTS = ["total_tokens", "max_seqlen", "S", "C", "NUM_BUCKETS", "SEQ_BUCKET"]
 CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "NUM_BUCKETS", "SEQ_BUCKET"]
 
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` precision: exact fp32 products unless TF32 is asked for (16-bit inputs ignore it)."""
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
 _autotuned: dict[tuple, object] = {}
 # While a list, every launch appends ``(kernel name, path notes)``: tests assert the path
 # taken (which kernels ran, atomics on or off), which equal outputs alone cannot show.

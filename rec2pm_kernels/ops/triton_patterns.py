@@ -1,7 +1,8 @@
 """The attention patterns as Triton device functions: element masks, λ positions, tile ranges.
 
-The Triton twin of ``rec2pm_kernels.patterns`` (codes in ``PATTERN_CODES``: 0 causal,
-1 global, 2 kv_memory_overwrite, 3 kv_memory_append).  Positions are indices inside one
+The Triton twin of ``rec2pm_kernels.patterns``; ``PATTERN`` is one of the named codes of
+``ops/triton_codes.py`` (``CAUSAL``, ``GLOBAL``, ``KV_MEMORY_OVERWRITE``; the last ``else``
+branch of every function is ``KV_MEMORY_APPEND``).  Positions are indices inside one
 sequence; ``S`` and ``C`` are runtime integers (``causal`` ignores them).
 
 Tile skipping.  Kernels walk a fixed grid of tiles (rows in blocks of ``BLOCK_M``, keys in
@@ -30,12 +31,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_codes import CAUSAL, GLOBAL, KV_MEMORY_OVERWRITE
+
 
 @triton.jit
 def visible_mask(rows, cols, S, C, PATTERN: tl.constexpr):
     """Boolean tile: may position ``rows`` (e.g. ``[BM, 1]``) see position ``cols`` (``[1, BN]``)?"""
     causal = cols <= rows
-    if PATTERN == 0:
+    if PATTERN == CAUSAL:
         mask = causal
     else:
         U = S + C
@@ -43,9 +46,9 @@ def visible_mask(rows, cols, S, C, PATTERN: tl.constexpr):
         col_unit = cols // U
         col_is_write = (cols % U) >= S
         same_unit = col_unit == row_unit
-        if PATTERN == 1:
+        if PATTERN == GLOBAL:
             mask = causal & ((col_is_write == 0) | same_unit)
-        elif PATTERN == 2:
+        elif PATTERN == KV_MEMORY_OVERWRITE:
             mask = causal & (same_unit | (col_is_write & (col_unit == row_unit - 1)))
         else:
             mask = causal & (same_unit | (col_is_write & (col_unit < row_unit)))
@@ -55,7 +58,7 @@ def visible_mask(rows, cols, S, C, PATTERN: tl.constexpr):
 @triton.jit
 def bias_position(p, S, C, PATTERN: tl.constexpr):
     """λ(p): the history index for ``global`` (items keep it, write token c of unit h is (h+1)S + c), else p."""
-    if PATTERN == 1:
+    if PATTERN == GLOBAL:
         lam = p - C * (p // (S + C))
     else:
         lam = p
@@ -87,15 +90,15 @@ def has_item(a, b, S, U):
 def tile_visible(r0, r1, c0, c1, S, C, PATTERN: tl.constexpr):
     """Does any row in ``[r0, r1]`` see any key in ``[c0, c1]``?  (Closed ranges, inside the sequence.)"""
     last = tl.minimum(c1, r1)  # keys after the last row are hidden by causality
-    if PATTERN == 0:
+    if PATTERN == CAUSAL:
         ok = c0 <= last
     else:
         U = S + C
         own = (r0 // U) * U
-        if PATTERN == 1:
+        if PATTERN == GLOBAL:
             # Items are seen by every later row; write tokens by the rows of their unit.
             ok = has_item(c0, last, S, U) | has_write(tl.maximum(c0, own), last, S, U)
-        elif PATTERN == 2:
+        elif PATTERN == KV_MEMORY_OVERWRITE:
             ok = (tl.maximum(c0, own) <= last) | has_write(tl.maximum(c0, own - U), last, S, U)
         else:
             ok = (tl.maximum(c0, own) <= last) | has_write(c0, last, S, U)
@@ -111,17 +114,17 @@ def key_ranges(r0, r1, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
     ``plain_hi = r1 + 1``.
     """
     hi = r1 + 1
-    if PATTERN == 0:
+    if PATTERN == CAUSAL:
         pred_hi = 0
         plain_lo = 0
     else:
         U = S + C
         own_tile = ((r0 // U) * U) // BLOCK_N * BLOCK_N
-        if PATTERN == 1:
+        if PATTERN == GLOBAL:
             # A tile can miss every item only if it fits inside one write block.
             pred_hi = tl.where(C >= BLOCK_N, own_tile, 0)
             plain_lo = pred_hi
-        elif PATTERN == 2:
+        elif PATTERN == KV_MEMORY_OVERWRITE:
             pred_hi = 0
             plain_lo = tl.maximum((r0 // U) * U - C, 0) // BLOCK_N * BLOCK_N
         else:
@@ -134,14 +137,14 @@ def key_ranges(r0, r1, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
 def row_range_end(c0, c1, length, S, C, PATTERN: tl.constexpr):
     """End (exclusive) of the rows that see some key in ``[c0, c1]``; every row tile from
     ``c0``'s tile up to it holds a visible entry (see the module docstring)."""
-    if PATTERN == 0:
+    if PATTERN == CAUSAL:
         end = length
     else:
         U = S + C
-        if PATTERN == 1:
+        if PATTERN == GLOBAL:
             # Items are seen by all later rows; a block of write tokens only by its unit.
             end = tl.where(has_item(c0, c1, S, U), length, tl.minimum(length, (c0 // U + 1) * U))
-        elif PATTERN == 2:
+        elif PATTERN == KV_MEMORY_OVERWRITE:
             # Own unit; plus the next unit when the block holds write tokens of its last unit.
             extra = tl.where(c1 % U >= S, 1, 0)
             end = tl.minimum(length, (c1 // U + 1 + extra) * U)

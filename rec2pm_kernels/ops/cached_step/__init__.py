@@ -2,4 +2,8 @@
 
 * ``oracle.py``: the test-only reference (dense, float64 math for fp32 inputs).
 * ``torch_backend.py``: the vectorised PyTorch path with the in-place cache append.
+* ``cpp_backend.py``: the C++ CPU path (``csrc/cpu/attention_cpu.cpp``), forward only.
+* ``triton_backend.py``: the Triton launcher: cache append, split-K launch, combine.
+* ``triton_kernel.py``: the kernel, sharing its tile math with ``segment_attention``
+  through ``ops/triton_tiles.py``.
 """

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...patterns import SCORE_CODES
 from ..outputs import new_output
-from ..segment_attention.triton_backend import SCORE_CODES, input_precision
 from ..triton_configs import padded_head_dim
-from ..triton_launch import launch, length_bucket
+from ..triton_launch import input_precision, launch, length_bucket
 from .torch_backend import append_to_cache
 from .triton_kernel import cached_step_kernel
 

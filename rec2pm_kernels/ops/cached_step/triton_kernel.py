@@ -13,8 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..segment_attention.triton_tiles import NO_MAX, accumulate, load_rows, program_block
+from ..triton_codes import SOFTMAX
 from ..triton_launch import CACHED_STEP_RUNTIME_INTS
+from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block
 
 
 @triton.jit(do_not_specialize=CACHED_STEP_RUNTIME_INTS)
@@ -93,13 +94,13 @@ def cached_step_kernel(
     heads = tl.num_programs(1)
     store_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if not SPLIT_K:
-        if SCORE == 0:
+        if SCORE == SOFTMAX:
             acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         out_ptrs = OUT + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=store_mask)
     else:
         row = (split * total_new + token0 + offs_m) * heads + head
         tl.store(PARTIAL_ACC + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=store_mask)
-        if SCORE == 0:
+        if SCORE == SOFTMAX:
             tl.store(PARTIAL_STATS + row * 2, m_i, mask=row_ok)
             tl.store(PARTIAL_STATS + row * 2 + 1, l_i, mask=row_ok)

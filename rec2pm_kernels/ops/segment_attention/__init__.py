@@ -2,4 +2,13 @@
 
 * ``oracle.py``: the test-only reference (dense masks, float64 math for fp32 inputs).
 * ``torch_backend.py``: the fast differentiable PyTorch path (row-chunked, bounded memory).
+* ``cpp_backend.py``: the C++ CPU forward (``csrc/cpu/attention_cpu.cpp``), forward only.
+* ``triton_backend.py``: the Triton launchers and their ``torch.library`` custom ops, with
+  fake implementations and the autograd link between forward and backward.
+* ``triton_forward.py``: the forward kernel (online softmax or SiLU sum over visible tiles).
+* ``triton_backward.py``: the dK/dV kernel (one program per key block) and the dQ kernel.
+* ``triton_bias_grad.py``: the relative-bias gradient (atomic or deterministic two-pass).
+
+The tile math all Triton kernels share is in ``ops/triton_tiles.py``, the pattern rule on
+tiles in ``ops/triton_patterns.py`` and the named switch codes in ``ops/triton_codes.py``.
 """

@@ -15,20 +15,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...patterns import PATTERN_CODES
+from ...patterns import PATTERN_CODES, SCORE_CODES
 from ..outputs import new_output
 from ..triton_configs import BIAS_WINDOW, configs, padded_head_dim
-from ..triton_launch import launch, length_bucket
+from ..triton_launch import input_precision, launch, length_bucket
 from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
 from .triton_bias_grad import segment_bwd_bias_kernel
 from .triton_forward import segment_fwd_kernel
-
-SCORE_CODES = {"softmax": 0, "silu": 1}
-
-
-def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """``tl.dot`` precision: exact fp32 products unless TF32 is asked for (16-bit inputs ignore it)."""
-    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
 def _switches(q, v, pattern, score, rel_bias, allow_tf32) -> dict:

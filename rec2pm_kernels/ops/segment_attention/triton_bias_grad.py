@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_ranges, tile_visible
-from .triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
+from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
 
 
 @triton.jit

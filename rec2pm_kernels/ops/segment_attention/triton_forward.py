@@ -12,9 +12,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..triton_codes import SOFTMAX
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_ranges, tile_visible
-from .triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores
+from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores
 
 
 @triton.jit
@@ -187,7 +188,7 @@ def segment_fwd_kernel(
         if COUNT_TILES:
             visited += 1
     row_ok = offs_m < length
-    if SCORE == 0:
+    if SCORE == SOFTMAX:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         acc = acc / l_safe[:, None]
         tl.store(LSE + head * total_tokens + token0 + offs_m, m_i + tl.log2(l_safe), mask=row_ok)

@@ -1,4 +1,5 @@
-"""Tile math shared by the Triton forward and backward kernels of ``segment_attention``.
+"""Tile math shared by the Triton kernels of both ops (``segment_attention`` forward and
+backward, ``cached_step_attention``).
 
 Scores are ``z = scale * q.k + bias``.  Softmax works in base 2 (``exp2(z * log2 e - lse2)``),
 so the saved row statistic ``lse2`` is the base-2 log-sum-exp of ``z * log2 e``.
@@ -9,7 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_patterns import bias_position, bias_tile, visible_mask
+from .triton_codes import LOG2E, SOFTMAX
+from .triton_patterns import bias_position, bias_tile, visible_mask
 
 # Row max before any visible key: finite, so exp2(-inf - m) is 0 rather than NaN.
 NO_MAX = tl.constexpr(-1.0e30)
@@ -34,7 +36,7 @@ def program_block(CU_SEQLENS, max_len, BLOCK: tl.constexpr):
 @triton.jit
 def load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Backward row statistics: softmax reads ``lse2`` and ``delta``; SiLU needs neither (zeros)."""
-    if SCORE == 0:
+    if SCORE == SOFTMAX:
         lse2 = tl.load(LSE + stats + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + stats + offs_m, mask=row_ok, other=0.0)
     else:
@@ -86,8 +88,8 @@ def scores(
 @triton.jit
 def probabilities(z, mask, lse2, silu_norm, SCORE: tl.constexpr):
     """Attention weights of a tile: softmax ``exp2(z log2 e - lse2)`` or ``silu(z) / silu_norm``; 0 where masked."""
-    if SCORE == 0:
-        p = tl.exp2(z * 1.4426950408889634 - lse2[:, None])
+    if SCORE == SOFTMAX:
+        p = tl.exp2(z * LOG2E - lse2[:, None])
     else:
         p = z * tl.sigmoid(z) / silu_norm
     return tl.where(mask, p, 0.0)
@@ -100,8 +102,8 @@ def accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE: tl.constexpr, INPUT_
     Softmax is online: ``m_i`` is the running row max and ``l_i`` the running sum (base 2);
     ``acc`` and ``l_i`` are rescaled when the max grows.  SiLU just adds (``m_i``, ``l_i`` unused).
     """
-    if SCORE == 0:
-        z2 = tl.where(mask, z * 1.4426950408889634, float("-inf"))
+    if SCORE == SOFTMAX:
+        z2 = tl.where(mask, z * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z2, 1))
         p = tl.exp2(z2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -117,7 +119,7 @@ def accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE: tl.constexpr, INPUT_
 @triton.jit
 def score_grad(z, mask, p, dp, delta, silu_norm, SCORE: tl.constexpr):
     """dL/dz of a tile from ``dp = dO . V^T``: softmax ``p (dp - delta)``; SiLU ``dp silu'(z) / norm``."""
-    if SCORE == 0:
+    if SCORE == SOFTMAX:
         ds = p * (dp - delta[:, None])
     else:
         sig = tl.sigmoid(z)
