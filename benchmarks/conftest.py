@@ -11,12 +11,17 @@ with the machine, device and versions in ``benchmarks/results/run-<time>.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from rec2pm.config import KernelOptions
+from rec2pm_kernels.backends import BACKENDS
+
+from .harness import kernel_options
 from .harness.measure import peak_memory_bytes, synchronized
 from .harness.record import Result, ratio_tables, run_metadata, save_run
 
@@ -34,6 +39,24 @@ def pytest_addoption(parser):
         help="quick: small sizes, few rounds (default); full: every size",
     )
     group.addoption("--bench-results", default=str(RESULTS_DIR), help="folder for the run's JSON record")
+    group.addoption(
+        "--kernel-backend",
+        choices=BACKENDS,
+        default="auto",
+        help="ModelConfig.kernels.backend of every benchmarked model (the kernel benchmarks name theirs)",
+    )
+    group.addoption("--allow-tf32", action="store_true", help="ModelConfig.kernels.allow_tf32 of the models")
+    group.addoption("--deterministic", action="store_true", help="ModelConfig.kernels.deterministic of the models")
+
+
+def pytest_configure(config):
+    kernel_options.configure(
+        KernelOptions(
+            backend=config.getoption("--kernel-backend"),
+            allow_tf32=config.getoption("--allow-tf32"),
+            deterministic=True if config.getoption("--deterministic") else None,
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +116,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     meta = run_metadata()
     meta["bench_mode"] = config.getoption("--bench-mode")
+    meta["model_kernels"] = dataclasses.asdict(kernel_options.kernel_options())
     terminalreporter.section("rec2pm: time relative to each group's baseline")
     terminalreporter.write_line(
         f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "

@@ -26,6 +26,8 @@ from rec2pm.serving import Recommender, Write, open_store
 from rec2pm.serving.record import UserRecord
 from rec2pm.toy_data import toy_histories
 
+from .harness.kernel_options import kernel_options
+
 NUM_ITEMS = 10_000
 S = 200
 CPU = torch.device("cpu")
@@ -42,11 +44,17 @@ def cases(mode: str):
 @lru_cache(maxsize=4)
 def weights(backbone: str):
     torch.manual_seed(0)
-    return build_model("rec2pm-o", named_config(backbone, num_items=NUM_ITEMS, dropout=0.0)).eval().state_dict()
+    return (
+        build_model("rec2pm-o", named_config(backbone, num_items=NUM_ITEMS, dropout=0.0, kernels=kernel_options()))
+        .eval()
+        .state_dict()
+    )
 
 
 def model_of(method: str, backbone: str):
-    model = build_model(method, named_config(backbone, num_items=NUM_ITEMS, dropout=0.0)).eval()
+    model = build_model(
+        method, named_config(backbone, num_items=NUM_ITEMS, dropout=0.0, kernels=kernel_options())
+    ).eval()
     missing, unexpected = model.load_state_dict(weights(backbone), strict=False)
     assert set(missing) | set(unexpected) <= {"write_tokens"}, (missing, unexpected)
     return model

@@ -13,6 +13,8 @@ from rec2pm.config import named_config
 from rec2pm.methods import build_model
 from rec2pm.toy_data import toy_histories
 
+from .harness.kernel_options import kernel_options
+
 SIZES = {"quick": (2, 400), "full": (8, 1000)}
 METHODS = ["full", "rec2pm-o", "rec2pm-a", "recent", "tok-serial-o", "tok-serial-a", "kv-mask-o", "kv-mask-a"]
 NUM_ITEMS = 10_000
@@ -23,7 +25,7 @@ def test_training_step(measure, bench_mode, method):
     users, length = SIZES[bench_mode]
     items, cu = toy_histories(users, length, NUM_ITEMS)
     torch.manual_seed(0)
-    model = build_model(method, named_config("sasrec", num_items=NUM_ITEMS))
+    model = build_model(method, named_config("sasrec", num_items=NUM_ITEMS, kernels=kernel_options()))
 
     def step():
         model.zero_grad(set_to_none=True)

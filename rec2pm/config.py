@@ -2,11 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from rec2pm_kernels.backends import BACKENDS
 
 from .fields import check_instance_types
 
 BACKBONES = ("sasrec", "hstu")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the decoder's attention kernels run; nothing here changes the model itself.
+
+    The decoder passes these to every ``segment_attention`` and ``cached_step_attention``
+    call (``rec2pm_kernels.interface`` documents each).  They are not part of a model's
+    fingerprint: a memory written with one backend is read by any other.
+
+    Attributes:
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpp"``.  ``"auto"`` also lets
+            serving steps use the fused one-call decoder step (C++, on the CPU); any other
+            value runs every layer through that backend.
+        allow_tf32: fp32 products in TF32 on the ``triton`` backend (~1e-3 relative error).
+        deterministic: bit-identical gradients from run to run; ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``.
+    """
+
+    backend: str = "auto"
+    allow_tf32: bool = False
+    deterministic: bool | None = None
+
+    def __post_init__(self):
+        check_instance_types(self, prefix="kernels.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @classmethod
+    def of(cls, value) -> KernelOptions:
+        """``value`` as a ``KernelOptions``: one already, or a table of its fields (TOML)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"kernels must be a KernelOptions or a table of its fields, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown key kernels.{unknown[0]}; expected one of {sorted(cls.__dataclass_fields__)}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -30,6 +71,8 @@ class ModelConfig:
             drowns the items, and larger item embeddings make the residual path (the output
             embeddings are the input ones) predict the input item itself at init
             (``docs/accuracy.md`` has the measurements).
+        kernels: the attention kernels' options (backend, TF32, determinism); a
+            ``KernelOptions`` or a table of its fields (``[model.kernels]`` in a run config).
     """
 
     backbone: str = "sasrec"
@@ -44,8 +87,10 @@ class ModelConfig:
     segment_len: int = 200
     num_memory_tokens: int = 4
     init_std: float = 0.02
+    kernels: KernelOptions = field(default_factory=KernelOptions)
 
     def __post_init__(self):
+        object.__setattr__(self, "kernels", KernelOptions.of(self.kernels))
         check_instance_types(self)
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")

@@ -47,13 +47,17 @@ def check_value(name: str, annotation: str, value: Any) -> None:
 
 
 def check_field_types(cls, values: dict[str, Any], prefix: str = "") -> None:
-    """Check every entry of ``values`` against the field of dataclass ``cls`` of that name."""
+    """Check every entry of ``values`` against the field of dataclass ``cls`` of that name.
+
+    Fields whose type is itself a config class (``ModelConfig.kernels``) check themselves.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in values.items():
-        if name in fields:
+        if name in fields and all(kind.strip() in _KINDS for kind in str(fields[name].type).split("|")):
             check_value(prefix + name, str(fields[name].type), value)
 
 
-def check_instance_types(instance) -> None:
+def check_instance_types(instance, prefix: str = "") -> None:
     """Check every field of a dataclass instance (call from ``__post_init__``)."""
-    check_field_types(type(instance), {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)})
+    values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+    check_field_types(type(instance), values, prefix=prefix)

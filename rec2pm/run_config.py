@@ -4,7 +4,8 @@ A run is four tables; every key has a default here, and an unknown table or key 
 error naming it (a typo never silently falls back to a default)::
 
     [data]    kind = "s3rec" | "movielens" | "table" | "synthetic", path, max_length, ...
-    [model]   config = "sasrec" (a name of rec2pm.config), and any ModelConfig field
+    [model]   config = "sasrec" (a name of rec2pm.config), and any ModelConfig field;
+              [model.kernels] backend, allow_tf32, deterministic (rec2pm.config.KernelOptions)
     [method]  name = "rec2pm-o" (a name of rec2pm.methods), and any TrainingOptions field
     [train]   epochs, batch_size, lr, weight_decay, schedule, warmup_steps, patience, seed, ...
 
@@ -95,7 +96,15 @@ def build_run_config(path: str | Path | None = None, overrides: list[str] = ()) 
             for key, value in values.items():
                 if table in ("data", "train") and key not in config[table]:
                     raise ValueError(f"{origin}: unknown key {table}.{key}; expected one of {tuple(config[table])}")
-                config[table][key] = value
+                if table == "model" and key.startswith("kernels."):  # --set model.kernels.backend="torch"
+                    kernels = config["model"].setdefault("kernels", {})
+                    if not isinstance(kernels, dict):
+                        raise ValueError(f"{origin}: model.kernels must be a table")
+                    kernels[key.split(".", 1)[1]] = value
+                elif table == "model" and key == "kernels" and isinstance(value, dict):
+                    config["model"].setdefault("kernels", {}).update(value)
+                else:
+                    config[table][key] = value
     validate(config)
     return config
 
@@ -169,8 +178,8 @@ def validate(config: dict) -> None:
     check_field_types(ModelConfig, model, prefix="model.")
     try:
         named_config(name, **model)
-    except ValueError as exc:
-        raise ValueError(f"model: {exc}") from None
+    except (ValueError, TypeError) as exc:  # kernels.* type errors come from KernelOptions
+        raise type(exc)(f"model: {exc}") from None
     method = dict(config["method"])
     method_name = method.pop("name", None)
     if method_name not in METHODS:

@@ -104,6 +104,7 @@ class Decoder(nn.Module):
         """
         h = self.input_dropout(self._with_positions(x, positions))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        kernels = self.config.kernels
 
         def attend(q, k, v, **score_options):
             if collect_kv:
@@ -118,6 +119,9 @@ class Decoder(nn.Module):
                 segment_len=segment_len,
                 num_memory_tokens=num_memory_tokens,
                 validate=False,
+                backend=kernels.backend,
+                allow_tf32=kernels.allow_tf32,
+                deterministic=kernels.deterministic,
                 **score_options,
             )
 
@@ -142,11 +146,23 @@ class Decoder(nn.Module):
             self._check_positions(positions_new)
             return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)
         h = self._with_positions(x_new, positions_new)
+        kernels = self.config.kernels
         for block, cache in zip(self.blocks, caches, strict=True):
 
             def attend(q, k, v, cache=cache, **score_options):
                 return cached_step_attention(
-                    q, k, v, cu_seqlens_new, max_new, cache.k, cache.v, cache_seqlens, validate=False, **score_options
+                    q,
+                    k,
+                    v,
+                    cu_seqlens_new,
+                    max_new,
+                    cache.k,
+                    cache.v,
+                    cache_seqlens,
+                    validate=False,
+                    backend=kernels.backend,
+                    allow_tf32=kernels.allow_tf32,
+                    **score_options,
                 )
 
             h = block(h, attend)

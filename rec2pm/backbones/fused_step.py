@@ -23,8 +23,11 @@ def available() -> bool:
 
 def applies(decoder, x_new: torch.Tensor, caches) -> bool:
     """The fused step reproduces ``Decoder.step`` for an eval-mode fp32/fp64 decoder on the CPU
-    with caches of the same dtype, when no gradient is recorded."""
+    with caches of the same dtype, when no gradient is recorded and the model's kernel
+    backend is ``"auto"`` or ``"cpp"``."""
     if not (decoder.use_fused_step and available()) or decoder.training or torch.is_grad_enabled():
+        return False
+    if decoder.config.kernels.backend not in ("auto", "cpp"):  # a backend asked for by name runs every layer
         return False
     dtype = x_new.dtype
     if x_new.device.type != "cpu" or dtype not in (torch.float32, torch.float64):

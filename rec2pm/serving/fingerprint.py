@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -11,10 +12,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """32 hex digits over the method, config, options and every weight (name, dtype, shape, bytes).
 
     Any change of weights, C, d, mode or backbone changes it, so a stored memory is never
-    read back by a model that would interpret it differently.
+    read back by a model that would interpret it differently; the kernel options do not.
     """
     digest = hashlib.blake2b(digest_size=16)
-    for part in (getattr(model, "method", type(model).__name__), repr(model.config), repr(model.options)):
+    # Kernel options (backend, TF32, determinism) change how attention runs, not what a memory means.
+    config = dataclasses.replace(model.config, kernels=type(model.config.kernels)())
+    for part in (getattr(model, "method", type(model).__name__), repr(config), repr(model.options)):
         digest.update(part.encode())
         digest.update(b"\0")
     for name, tensor in sorted(model.state_dict().items()):

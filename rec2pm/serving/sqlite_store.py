@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -61,10 +62,32 @@ class SQLiteStore(MemoryStore):
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
+        # Setting up a connection can meet SQLITE_BUSY that the busy handler never sees
+        # (switching a new file to WAL, creating the table, while other connections do the
+        # same): retry the whole setup until the busy timeout has passed.
+        deadline = time.monotonic() + self.options["busy_timeout_ms"] / 1000
+        pause = 0.001
+        while True:
+            try:
+                conn = self._open()
+                break
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() >= deadline:
+                    raise StoreError(f"{self.path}: cannot open it as a SQLite memory store ({exc})") from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.1)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path}: cannot open it as a SQLite memory store ({exc})") from None
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.options["busy_timeout_ms"] / 1000, isolation_level=None)
         try:
-            conn = sqlite3.connect(self.path, timeout=self.options["busy_timeout_ms"] / 1000, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {self.options['busy_timeout_ms']}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode.lower() != "wal":  # WAL is a property of the file: set once, by the first opener
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: SQLite refused the WAL journal (got {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self.options['synchronous']}")
@@ -74,9 +97,9 @@ class SQLiteStore(MemoryStore):
                 "CREATE TABLE IF NOT EXISTS records (user TEXT PRIMARY KEY, version INTEGER NOT NULL, "
                 "blob BLOB NOT NULL)"
             )
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: cannot open it as a SQLite memory store ({exc})") from None
-        self._local.conn, self._local.pid = conn, os.getpid()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _select(self, conn, keys):

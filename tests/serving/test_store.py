@@ -1,6 +1,7 @@
 """The memory stores: round trips, batched CAS, replay, refusals; every backend."""
 
 import ast
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -210,3 +211,41 @@ def test_a_damaged_version_header_does_not_block_its_replacement(store_url):
     expected = store.versions(["u"])["u"]
     store.put_many([Write(make_record("u", version=expected + 1), expected_version=expected)])
     assert store.get_many(["u"], fingerprint=FINGERPRINT)["u"].version == expected + 1
+
+
+def test_sqlite_open_retries_a_busy_setup_until_the_timeout(tmp_path, monkeypatch):
+    """Switching a file to WAL can meet SQLITE_BUSY that the busy handler never sees (another
+    connection closing the last handle and removing the WAL): the open retries, and gives up
+    with a StoreError naming the file once the busy timeout has passed."""
+    import sqlite3
+
+    from rec2pm.serving.sqlite_store import SQLiteStore
+
+    real_open, failures = SQLiteStore._open, []
+
+    def flaky_open(self):
+        if len(failures) < 3:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return real_open(self)
+
+    monkeypatch.setattr(SQLiteStore, "_open", flaky_open)
+    store = open_store(f"sqlite:///{tmp_path / 'busy.db'}?busy_timeout_ms=5000")
+    assert len(failures) == 3 and store.users() == []
+    store.close()
+
+    def always_busy(self):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(SQLiteStore, "_open", always_busy)
+    with pytest.raises(StoreError, match=r"busy2\.db: cannot open it as a SQLite memory store \(database is locked\)"):
+        open_store(f"sqlite:///{tmp_path / 'busy2.db'}?busy_timeout_ms=50")
+
+    def broken(self):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SQLiteStore, "_open", broken)  # not a lock: no retry, no waiting
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="disk I/O error"):
+        open_store(f"sqlite:///{tmp_path / 'busy3.db'}?busy_timeout_ms=60000")
+    assert time.monotonic() - started < 5
