@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids
+
 METRICS = ("HR@1", "HR@10", "HR@50", "NDCG@10", "NDCG@50", "MRR")
 
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -166,8 +168,7 @@ def _history_mask(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor, nu
     """``history_mask`` without the checks; ``cu`` CPU int64 (U + 1,), ``users`` CPU int64 (R,)."""
     starts, lengths = cu[users], cu[users + 1] - cu[users]
     # Position of every history item of the selected users in `items`, and its output row.
-    row = torch.repeat_interleave(torch.arange(users.numel()), lengths)
-    offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    row, offset = prepare_sequence_and_position_ids(prepare_offsets(lengths))
     picked = items[(starts[row] + offset).to(items.device)].long()
     mask = torch.zeros(users.numel(), num_items + 1, dtype=torch.bool, device=items.device)
     mask[row.to(items.device), picked] = True

@@ -38,6 +38,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids, range_rows
+
 ITEM, WRITE, MEMORY = 0, 1, 2
 MODES = ("overwrite", "append")
 
@@ -161,23 +163,17 @@ def _check_sizes(segment_len: int, num_memory_tokens: int) -> None:
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return prepare_offsets(counts)
 
 
 def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For sequences of ``counts`` tokens: each token's sequence and its offset inside it."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    offset = torch.arange(owner.numel()) - _offsets(counts)[:-1][owner]
-    return owner, offset
+    return prepare_sequence_and_position_ids(prepare_offsets(counts))
 
 
 def packed_rows(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row indices of the ranges ``[starts[i], starts[i] + counts[i])``, concatenated in order.
-
-    Gathers (parts of) packed sequences in one indexing op: tails, windows, chosen users.
-    """
-    owner, offset = _expand(counts.long())
-    return starts.long().cpu()[owner] + offset
+    """Row indices (on the host) of the ranges ``[starts[i], starts[i] + counts[i])``, in order."""
+    return range_rows(starts.cpu(), counts.cpu())
 
 
 def _layout(counts: torch.Tensor, **per_token: torch.Tensor) -> PackedLayout:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rec2pm_kernels import cached_step_attention, segment_attention
+from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
 
 from ..config import ModelConfig
 from . import fused_step
@@ -180,8 +181,7 @@ def caches_from_kv(
     if lengths.numel() and int(lengths.max()) > capacity:
         raise ValueError(f"capacity {capacity} is smaller than the longest sequence ({int(lengths.max())})")
     batch = lengths.numel()
-    seq = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)
-    slot = torch.arange(seq.numel(), device=lengths.device) - cu_seqlens[:-1].long()[seq]
+    seq, slot = prepare_sequence_and_position_ids(cu_seqlens)
     caches = []
     for k, v in kv:
         kc = k.new_zeros((batch, capacity, *k.shape[1:]))

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
+
 from .interactions import InteractionData
 
 SKIP_SHORT = "users with < 3 events"
@@ -59,8 +61,8 @@ def _cut(
 ) -> InteractionData:
     """Kept users' histories without their last ``drop_last`` events (one vectorised mask)."""
     lengths = data.lengths()
-    position = torch.arange(data.items.numel()) - torch.repeat_interleave(data.cu_seqlens[:-1], lengths)
-    limit = torch.repeat_interleave(torch.where(kept, lengths - drop_last, 0), lengths)
+    user, position = prepare_sequence_and_position_ids(data.cu_seqlens, data.items.numel())
+    limit = torch.where(kept, lengths - drop_last, 0)[user]
     new_lengths = (lengths - drop_last)[kept]
     return InteractionData(
         items=data.items[position < limit],

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids
+
 from .interactions import InteractionData
 
 DRIFT_BLOCK = 64  # events per random-walk step of the interest logits
@@ -209,9 +211,8 @@ def lifelong_planted(
 def _sample(users, lengths, blocks, cdf, interests, bounds, noise, num_items, gen) -> torch.Tensor:
     """Packed events of ``users``: interest by inverse CDF, item uniform in its cluster, then noise."""
     total = int(lengths.sum())
-    owner = torch.repeat_interleave(users, lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    position = torch.arange(total) - torch.repeat_interleave(starts, lengths)
+    index, position = prepare_sequence_and_position_ids(prepare_offsets(lengths), total)
+    owner = users[index]
     row = owner * blocks + position // DRIFT_BLOCK  # row of cdf: (user, block)
     u_interest = torch.rand(total, generator=gen)
     u_item = torch.rand(total, generator=gen, dtype=torch.float64)

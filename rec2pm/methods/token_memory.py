@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
+
 from ..backbones.decoder import LayerCache, caches_from_kv
 from ..layout import WRITE, packed_rows, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
@@ -174,8 +176,7 @@ class TokenMemoryModel(RecModel):
                 f"{capacity} cache slots and got {int(counts[user])} new events; prefill with a "
                 "larger capacity"
             )
-        user = torch.repeat_interleave(torch.arange(counts.numel(), device=new_cu.device), counts)
-        t = torch.arange(new_items.numel(), device=new_cu.device) - new_cu[:-1].long()[user]
+        user, t = prepare_sequence_and_position_ids(new_cu, new_items.numel())
         positions = state.seqlens.long()[user] + t
         h = self.decoder.step(
             self.item_embedding(new_items),

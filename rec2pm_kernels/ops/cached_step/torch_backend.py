@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...patterns import bias_bucket
+from ...varlen import prepare_sequence_and_position_ids
 from ..torch_math import masked_attention
 
 
@@ -19,11 +20,7 @@ def append_to_cache(k_new, v_new, cu_seqlens_new, k_cache, v_cache, cache_seqlen
 
     Returns ``(user, t)`` of every new token: its user and its index among that user's rows.
     """
-    device = k_new.device
-    batch = cache_seqlens.numel()
-    counts = (cu_seqlens_new[1:] - cu_seqlens_new[:-1]).long()
-    user = torch.repeat_interleave(torch.arange(batch, device=device), counts, output_size=k_new.shape[0])
-    t = torch.arange(k_new.shape[0], device=device) - cu_seqlens_new[:-1].long()[user]
+    user, t = prepare_sequence_and_position_ids(cu_seqlens_new.to(k_new.device), k_new.shape[0])
     slot = cache_seqlens.long()[user] + t
     k_cache[user, slot] = k_new
     v_cache[user, slot] = v_new
