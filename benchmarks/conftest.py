@@ -23,7 +23,7 @@ from rec2pm_kernels.backends import BACKENDS
 
 from .harness import kernel_options
 from .harness.measure import peak_memory_bytes, synchronized
-from .harness.record import Result, ratio_tables, run_metadata, save_run
+from .harness.record import Result, nearest_rank, ratio_tables, run_metadata, save_run
 
 RESULTS_DIR = Path(__file__).parent / "results"
 ROUNDS = {"quick": 3, "full": 10}
@@ -66,10 +66,12 @@ def bench_mode(request) -> str:
 
 @pytest.fixture
 def measure(benchmark, bench_mode, request):
-    """``measure(fn, group=..., name=..., device=..., baseline=False, flops=None, params=None)``.
+    """``measure(fn, group=..., name=..., device=..., baseline=False, flops=None, params=None, rounds=None)``.
 
     Times ``fn`` (synchronised on CUDA) with pytest-benchmark, then takes its peak memory
-    in one more call, and records the result for the ratio tables.
+    in one more call, and records the result for the ratio tables: the median and the p99
+    (nearest rank) of ``rounds`` timed calls (default: the mode's rounds; latency cases ask
+    for more, so that a p99 means something).
     """
     disabled = request.config.getoption("benchmark_disable", False)
 
@@ -82,13 +84,16 @@ def measure(benchmark, bench_mode, request):
         baseline: bool = False,
         flops: float | None = None,
         params: dict | None = None,
+        rounds: int | None = None,
     ):
         call = synchronized(fn, device)
+        rounds = rounds or ROUNDS[bench_mode]
         benchmark.group = group
         benchmark.extra_info.update(case=name, baseline=baseline, flops=flops, **(params or {}))
-        benchmark.pedantic(call, rounds=ROUNDS[bench_mode], warmup_rounds=1, iterations=1)
+        benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
         stats = getattr(benchmark, "stats", None)
         median = None if disabled or stats is None else stats.stats.median
+        p99 = None if median is None else nearest_rank(stats.stats.data, 0.99)
         peak = None if disabled else peak_memory_bytes(call, device)
         _results.append(
             Result(
@@ -97,7 +102,8 @@ def measure(benchmark, bench_mode, request):
                 baseline=baseline,
                 device=str(device),
                 median_s=median,
-                rounds=0 if median is None else ROUNDS[bench_mode],
+                p99_s=p99,
+                rounds=0 if median is None else rounds,
                 flops=flops,
                 peak_bytes=peak,
                 params=params or {},

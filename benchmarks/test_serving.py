@@ -30,6 +30,9 @@ from .harness.kernel_options import kernel_options
 
 NUM_ITEMS = 10_000
 S = 200
+# Timed calls of a latency case (served requests and store operations; the Full baseline
+# keeps the mode's rounds): enough for a p99 by nearest rank to be more than the maximum.
+LATENCY_ROUNDS = {"quick": 100, "full": 300}
 CPU = torch.device("cpu")
 
 
@@ -89,7 +92,7 @@ REQUESTS = ["full", "recent", "rec2pm-o cold", "rec2pm-o hot", "kv-mask-o cold",
 
 
 @pytest.mark.parametrize("request_kind", REQUESTS)
-def test_request(measure, serving_case, request_kind):
+def test_request(measure, bench_mode, serving_case, request_kind):
     torch.set_num_threads(1)
     backbone, length, recent, users = serving_case
     group = f"serving request {backbone} L={length} recent={recent} B={users} (cold: store + prefill)"
@@ -110,7 +113,15 @@ def test_request(measure, serving_case, request_kind):
         def call():
             return rec.scores(ids)
 
-    measure(call, group=group, name=request_kind, baseline=request_kind == "full", device=CPU, params=params)
+    measure(
+        call,
+        group=group,
+        name=request_kind,
+        baseline=request_kind == "full",
+        device=CPU,
+        params=params,
+        rounds=None if request_kind in ("full", "recent") else LATENCY_ROUNDS[bench_mode],
+    )
 
 
 @pytest.mark.parametrize("method", ["rec2pm-o", "kv-mask-o"])
@@ -160,7 +171,7 @@ def bench_record(user, version):
 @pytest.mark.parametrize("users", [1, 64])
 @pytest.mark.parametrize("operation", ["get_many", "put_many"])
 @pytest.mark.parametrize("engine", ["memory", "sqlite", "redis"])
-def test_store(measure, tmp_path, engine, operation, users):
+def test_store(measure, bench_mode, tmp_path, engine, operation, users):
     urls = store_urls(tmp_path)
     if engine not in urls:
         pytest.skip("REC2PM_TEST_REDIS_URL is not set (bash scripts/services.sh start)")
@@ -188,5 +199,6 @@ def test_store(measure, tmp_path, engine, operation, users):
         baseline=engine == "memory",
         device=CPU,
         params={"engine": engine, "users": users},
+        rounds=LATENCY_ROUNDS[bench_mode],
     )
     store.close()

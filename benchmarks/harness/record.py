@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -20,6 +21,7 @@ class Result:
     baseline: bool
     device: str
     median_s: float | None  # None when timing is disabled (--benchmark-disable)
+    p99_s: float | None  # nearest-rank 99th percentile of the rounds (their maximum below 100 rounds)
     rounds: int
     flops: float | None
     peak_bytes: int | None
@@ -75,8 +77,18 @@ def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def nearest_rank(samples, fraction: float) -> float:
+    """The ``fraction`` percentile by nearest rank: the smallest sample with at least that
+    fraction of the samples at or below it (no interpolation between samples)."""
+    ordered = sorted(samples)
+    if not ordered:
+        raise ValueError("nearest_rank needs at least one sample")
+    return ordered[max(math.ceil(fraction * len(ordered)), 1) - 1]
+
+
 def ratio_tables(results: list[Result]) -> str:
-    """One table per group: each case's median time, its ratio to the baseline, TFLOP/s, memory."""
+    """One table per group: each case's median and p99 time, the median's ratio to the
+    baseline's, the rounds timed, TFLOP/s and peak memory."""
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
@@ -84,7 +96,8 @@ def ratio_tables(results: list[Result]) -> str:
     for group, rows in groups.items():
         base = next((r for r in rows if r.baseline), None)
         lines.append(f"\n{group}  (baseline: {base.name if base else 'none'})")
-        header = f"  {'case':<34} {'median':>12} {'x baseline':>11} {'TFLOP/s':>9} {'peak mem':>12}"
+        header = f"  {'case':<34} {'median':>12} {'p99':>12} {'rounds':>6} {'x baseline':>11} "
+        header += f"{'TFLOP/s':>9} {'peak mem':>12}"
         lines += [header, "  " + "-" * (len(header) - 2)]
         for r in sorted(rows, key=lambda r: (not r.baseline, r.name)):
             ratio = "n/a"
@@ -92,7 +105,8 @@ def ratio_tables(results: list[Result]) -> str:
                 ratio = f"{r.median_s / base.median_s:.2f}x"
             tflops = "n/a" if r.tflops is None else f"{r.tflops:.4f}"
             lines.append(
-                f"  {r.name:<34} {_fmt_time(r.median_s):>12} {ratio:>11} {tflops:>9} {_fmt_bytes(r.peak_bytes):>12}"
+                f"  {r.name:<34} {_fmt_time(r.median_s):>12} {_fmt_time(r.p99_s):>12} {r.rounds:>6} {ratio:>11} "
+                f"{tflops:>9} {_fmt_bytes(r.peak_bytes):>12}"
             )
     return "\n".join(lines)
 
