@@ -57,7 +57,7 @@ def launch(
     kernel,
     name: str,
     grid,
-    args: tuple,
+    args: dict,
     constexprs: dict,
     *,
     dtype: torch.dtype,
@@ -67,7 +67,10 @@ def launch(
     reset_to_zero: tuple[str, ...] = (),
     notes: dict | None = None,
 ):
-    """Run ``kernel[grid](*args, **constexprs)`` with ``config``, or the autotuned choice.
+    """Run ``kernel[grid](**args, **constexprs)`` with ``config``, or the autotuned choice.
+
+    ``args`` names every runtime argument (pointers, strides, lengths) by the kernel's
+    parameter names, so no launcher depends on the order of a kernel's signature.
 
     ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
     Without an explicit config, off CUDA the first of ``configs(...)`` runs.  ``notes``
@@ -87,8 +90,8 @@ def launch(
                 reset_to_zero=list(reset_to_zero) or None,
             )(kernel)
             _autotuned[key] = tuned
-        return tuned[grid](*args, **constexprs)
+        return tuned[grid](**args, **constexprs)
     if config is None:
         config = configs(name, dtype, head_dim, device_arch(device))[0]
     meta = dict(config.kwargs)
-    return kernel[grid(meta)](*args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    return kernel[grid(meta)](**args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -11,8 +11,8 @@ import triton
 
 from ...patterns import SCORE_CODES
 from ..outputs import new_output
-from ..triton_configs import padded_head_dim
-from ..triton_launch import input_precision, launch, length_bucket
+from ..triton_configs import configs, padded_head_dim
+from ..triton_launch import device_arch, input_precision, launch, length_bucket
 from .torch_backend import append_to_cache
 from .triton_kernel import cached_step_kernel
 
@@ -68,39 +68,42 @@ def cached_step_forward(
     q_new = q_new if q_new.stride(-1) == 1 else q_new.contiguous()
     capacity = k_cache.shape[1]
     if num_splits is None:
-        num_splits = default_num_splits(batch * triton.cdiv(max_new, 16) * heads, capacity, q_new.device)
+        # Programs before splitting, at the smallest row block any config of this kernel uses.
+        tiles = configs("cached_step", q_new.dtype, max(q_new.shape[2], dim_v), device_arch(q_new.device))
+        block_m = min(tile.kwargs["BLOCK_M"] for tile in tiles)
+        num_splits = default_num_splits(batch * triton.cdiv(max_new, block_m) * heads, capacity, q_new.device)
     block_dv = padded_head_dim(dim_v)
     if num_splits > 1:
         partial_acc = new_output((num_splits, total, heads, block_dv), dtype=torch.float32, device=q_new.device)
         partial_stats = new_output((num_splits, total, heads, 2), dtype=torch.float32, device=q_new.device)
     else:
         partial_acc = partial_stats = out
-    args = (
-        q_new,
-        k_cache,
-        v_cache,
-        out,
-        partial_acc,
-        partial_stats,
-        cu_seqlens_new,
-        cache_seqlens,
-        rel_bias if rel_bias is not None else q_new,
-        q_new.stride(0),
-        q_new.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        out.stride(0),
-        out.stride(1),
-        total,
-        max_new,
-        rel_bias.shape[1] if rel_bias is not None else 1,
-        float(scale),
-        float(silu_norm) if silu_norm is not None else 1.0,
-        length_bucket(capacity),
+    args = dict(
+        Q=q_new,
+        K_CACHE=k_cache,
+        V_CACHE=v_cache,
+        OUT=out,
+        PARTIAL_ACC=partial_acc,
+        PARTIAL_STATS=partial_stats,
+        CU_NEW=cu_seqlens_new,
+        CACHE_SEQLENS=cache_seqlens,
+        BIAS=rel_bias if rel_bias is not None else q_new,
+        stride_qt=q_new.stride(0),
+        stride_qh=q_new.stride(1),
+        stride_kb=k_cache.stride(0),
+        stride_ks=k_cache.stride(1),
+        stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0),
+        stride_vs=v_cache.stride(1),
+        stride_vh=v_cache.stride(2),
+        stride_ot=out.stride(0),
+        stride_oh=out.stride(1),
+        total_new=total,
+        max_new=max_new,
+        NUM_BUCKETS=rel_bias.shape[1] if rel_bias is not None else 1,
+        scale=float(scale),
+        silu_norm=float(silu_norm) if silu_norm is not None else 1.0,
+        SEQ_BUCKET=length_bucket(capacity),
     )
     switches = dict(
         HEAD_DIM=q_new.shape[2],

@@ -37,16 +37,23 @@ def _switches(q, v, pattern, score, rel_bias, allow_tf32) -> dict:
     )
 
 
-def _runtime(q, v, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm) -> tuple:
-    """Runtime scalars shared by every kernel, after the strides: T, max_seqlen, S, C, buckets, scale, norm, key."""
-    S = segment_len if segment_len is not None else 1
-    C = num_memory_tokens if num_memory_tokens is not None else 0
-    buckets = rel_bias.shape[1] if rel_bias is not None else 1
-    return (q.shape[0], max_seqlen, S, C, buckets, float(scale), float(silu_norm), length_bucket(max_seqlen))
+def _runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm) -> dict:
+    """The runtime scalars every segment kernel takes, by parameter name."""
+    return dict(
+        total_tokens=q.shape[0],
+        max_seqlen=max_seqlen,
+        S=segment_len if segment_len is not None else 1,
+        C=num_memory_tokens if num_memory_tokens is not None else 0,
+        NUM_BUCKETS=rel_bias.shape[1] if rel_bias is not None else 1,
+        scale=float(scale),
+        silu_norm=float(silu_norm),
+        SEQ_BUCKET=length_bucket(max_seqlen),
+    )
 
 
-def _strides(*tensors) -> tuple:
-    return tuple(s for t in tensors for s in (t.stride(0), t.stride(1)))
+def _strides(**tensors) -> dict:
+    """``_strides(q=q)`` -> ``{"stride_qt": q.stride(0), "stride_qh": q.stride(1)}`` (token, head)."""
+    return {f"stride_{name}{axis}": t.stride(dim) for name, t in tensors.items() for dim, axis in enumerate("th")}
 
 
 def _tune_dim(q, v) -> int:
@@ -82,17 +89,17 @@ def segment_forward(
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
     switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse if lse.numel() else out,
-        cu_seqlens,
-        rel_bias if rel_bias is not None else q,
-        tile_counts if tile_counts is not None else lse,
-        *_strides(q, k, v, out),
-        *_runtime(q, v, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
+    args = dict(
+        Q=q,
+        K=k,
+        V=v,
+        OUT=out,
+        LSE=lse if lse.numel() else out,
+        CU_SEQLENS=cu_seqlens,
+        BIAS=rel_bias if rel_bias is not None else q,
+        TILE_COUNTS=tile_counts if tile_counts is not None else lse,
+        **_strides(q=q, k=k, v=v, o=out),
+        **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
     )
     launch(
         segment_fwd_kernel,
@@ -150,8 +157,19 @@ def segment_backward(
     else:
         lse = delta = dbias.new_empty(1)
     switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
-    runtime = _runtime(q, v, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm)
-    bias_arg = rel_bias if rel_bias is not None else q
+    # What every backward kernel reads, by parameter name.
+    inputs = dict(
+        Q=q,
+        K=k,
+        V=v,
+        DO=dout,
+        LSE=lse,
+        DELTA=delta,
+        CU_SEQLENS=cu_seqlens,
+        BIAS=rel_bias if rel_bias is not None else q,
+        **_strides(q=q, k=k, v=v, do=dout),
+        **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
+    )
     common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device)
     atomics = rel_bias is not None and not deterministic
 
@@ -160,22 +178,14 @@ def segment_backward(
         segment_bwd_dkdv_kernel,
         "segment_bwd_dkdv",
         lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_N"]), heads),
-        (
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dk,
-            dv,
-            dbias if atomics else delta,
-            cu_seqlens,
-            bias_arg,
-            counts if counts is not None else delta,
-            *_strides(q, k, v, dout, dk, dv),
-            *runtime,
-            int(atomics),
+        dict(
+            inputs,
+            DK=dk,
+            DV=dv,
+            DBIAS=dbias if atomics else delta,
+            TILE_COUNTS=counts if counts is not None else delta,
+            **_strides(dk=dk, dv=dv),
+            bias_atomics=int(atomics),
         ),
         dict(switches, COUNT_TILES=counts is not None),
         config=configs_by_kernel.get("segment_bwd_dkdv"),
@@ -189,20 +199,7 @@ def segment_backward(
         segment_bwd_dq_kernel,
         "segment_bwd_dq",
         lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
-        (
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dq,
-            cu_seqlens,
-            bias_arg,
-            counts if counts is not None else delta,
-            *_strides(q, k, v, dout, dq),
-            *runtime,
-        ),
+        dict(inputs, DQ=dq, TILE_COUNTS=counts if counts is not None else delta, **_strides(dq=dq)),
         dict(switches, COUNT_TILES=counts is not None),
         config=configs_by_kernel.get("segment_bwd_dq"),
         **common,
@@ -217,7 +214,7 @@ def segment_backward(
             segment_bwd_bias_kernel,
             "segment_bwd_bias",
             lambda meta: (programs, heads),
-            (q, k, v, dout, lse, delta, partial, cu_seqlens, rel_bias, *_strides(q, k, v, dout), *runtime),
+            dict(inputs, PARTIAL=partial),
             dict(bias_switches, WINDOW=BIAS_WINDOW),
             config=config,
             **common,
