@@ -207,36 +207,35 @@ def _kernel_function(kernel: str):
     }[kernel]
 
 
-def _pointer_types(spec: Specialisation) -> dict[str, str]:
-    """Pointer arguments and their element types, as the launchers pass them (dummies included)."""
+def _pointer_types(spec: Specialisation) -> dict[str, str | None]:
+    """Pointer arguments and their element types as the launchers pass them; ``None`` for a
+    pointer the launcher leaves out (compiled as a constexpr ``None``)."""
     t = f"*{spec.dtype}"
+    bias = t if spec.has_bias else None
+    stats = "*fp32" if spec.score == SCORE_CODES["softmax"] else None  # SiLU has no row statistics
     if spec.kernel == "segment_fwd":
-        # Without softmax there is no LSE and the launcher passes ``out``; TILE_COUNTS gets ``lse`` (fp32).
-        lse = "*fp32" if spec.score == 0 else t
-        return dict(Q=t, K=t, V=t, OUT=t, LSE=lse, CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32")
+        return dict(Q=t, K=t, V=t, OUT=t, LSE=stats, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
     if spec.kernel == "segment_bwd_dkdv":
+        dbias = "*fp32" if spec.has_bias else None
         return dict(
             Q=t,
             K=t,
             V=t,
             DO=t,
-            LSE="*fp32",
-            DELTA="*fp32",
+            LSE=stats,
+            DELTA=stats,
             DK=t,
             DV=t,
-            DBIAS="*fp32",
+            DBIAS=dbias,
             CU_SEQLENS="*i32",
-            BIAS=t,
-            TILE_COUNTS="*fp32",
+            BIAS=bias,
+            TILE_COUNTS=None,
         )
     if spec.kernel == "segment_bwd_dq":
-        return dict(
-            Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DQ=t, CU_SEQLENS="*i32", BIAS=t, TILE_COUNTS="*fp32"
-        )
+        return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, DQ=t, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
     if spec.kernel == "segment_bwd_bias":
-        return dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
-    # Cached step: with one split the launcher passes ``out`` for both partial buffers.
-    partial = "*fp32" if spec.num_splits > 1 else t
+        return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
+    partial = "*fp32" if spec.num_splits > 1 else None  # one split writes OUT directly
     return dict(
         Q=t,
         K_CACHE=t,
@@ -246,7 +245,7 @@ def _pointer_types(spec: Specialisation) -> dict[str, str]:
         PARTIAL_STATS=partial,
         CU_NEW="*i32",
         CACHE_SEQLENS="*i32",
-        BIAS=t,
+        BIAS=bias,
     )
 
 
@@ -284,6 +283,9 @@ def compile_source(spec: Specialisation):
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in pointers and pointers[name] is None:  # an absent pointer: a constexpr None
+            signature[name] = "constexpr"
+            constexprs[name] = None
         elif name in pointers:
             signature[name] = pointers[name]
             attrs[(index,)] = [["tt.divisibility", 16]]

@@ -76,8 +76,8 @@ def cached_step_forward(
     if num_splits > 1:
         partial_acc = new_output((num_splits, total, heads, block_dv), dtype=torch.float32, device=q_new.device)
         partial_stats = new_output((num_splits, total, heads, 2), dtype=torch.float32, device=q_new.device)
-    else:
-        partial_acc = partial_stats = out
+    else:  # one split writes OUT directly
+        partial_acc = partial_stats = None
     args = dict(
         Q=q_new,
         K_CACHE=k_cache,
@@ -87,7 +87,7 @@ def cached_step_forward(
         PARTIAL_STATS=partial_stats,
         CU_NEW=cu_seqlens_new,
         CACHE_SEQLENS=cache_seqlens,
-        BIAS=rel_bias if rel_bias is not None else q_new,
+        BIAS=rel_bias,
         stride_qt=q_new.stride(0),
         stride_qh=q_new.stride(1),
         stride_kb=k_cache.stride(0),

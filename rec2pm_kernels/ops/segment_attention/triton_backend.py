@@ -94,10 +94,10 @@ def segment_forward(
         K=k,
         V=v,
         OUT=out,
-        LSE=lse if lse.numel() else out,
+        LSE=lse if score == "softmax" else None,
         CU_SEQLENS=cu_seqlens,
-        BIAS=rel_bias if rel_bias is not None else q,
-        TILE_COUNTS=tile_counts if tile_counts is not None else lse,
+        BIAS=rel_bias,
+        TILE_COUNTS=tile_counts,
         **_strides(q=q, k=k, v=v, o=out),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
     )
@@ -154,8 +154,8 @@ def segment_backward(
         return dq, dk, dv, dbias.to(rel_bias.dtype) if rel_bias is not None else dbias
     if score == "softmax":
         delta = (out.float() * dout.float()).sum(-1).transpose(0, 1).contiguous()
-    else:
-        lse = delta = dbias.new_empty(1)
+    else:  # SiLU needs no row statistics
+        lse = delta = None
     switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
     # What every backward kernel reads, by parameter name.
     inputs = dict(
@@ -166,7 +166,7 @@ def segment_backward(
         LSE=lse,
         DELTA=delta,
         CU_SEQLENS=cu_seqlens,
-        BIAS=rel_bias if rel_bias is not None else q,
+        BIAS=rel_bias,
         **_strides(q=q, k=k, v=v, do=dout),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
     )
@@ -182,8 +182,9 @@ def segment_backward(
             inputs,
             DK=dk,
             DV=dv,
-            DBIAS=dbias if atomics else delta,
-            TILE_COUNTS=counts if counts is not None else delta,
+            # Written only with bias_atomics (a runtime flag, so one binary serves both).
+            DBIAS=dbias if rel_bias is not None else None,
+            TILE_COUNTS=counts,
             **_strides(dk=dk, dv=dv),
             bias_atomics=int(atomics),
         ),
@@ -199,7 +200,7 @@ def segment_backward(
         segment_bwd_dq_kernel,
         "segment_bwd_dq",
         lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
-        dict(inputs, DQ=dq, TILE_COUNTS=counts if counts is not None else delta, **_strides(dq=dq)),
+        dict(inputs, DQ=dq, TILE_COUNTS=counts, **_strides(dq=dq)),
         dict(switches, COUNT_TILES=counts is not None),
         config=configs_by_kernel.get("segment_bwd_dq"),
         **common,

@@ -84,7 +84,10 @@ def segment_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     k = load_rows(K, token0, offs_n, stride_kt, head * stride_kh, length, offs_d, HEAD_DIM)
     v = load_rows(V, token0, offs_n, stride_vt, head * stride_vh, length, offs_dv, HEAD_DIM_V)
-    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    if HAS_BIAS:
+        bias_head_ptr = BIAS + head * NUM_BUCKETS
+    else:
+        bias_head_ptr = BIAS  # None: no bias table
     stats = head * total_tokens + token0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -221,7 +224,10 @@ def segment_bwd_dq_kernel(
     do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
     stats = head * total_tokens + token0
     lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
-    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    if HAS_BIAS:
+        bias_head_ptr = BIAS + head * NUM_BUCKETS
+    else:
+        bias_head_ptr = BIAS  # None: no bias table
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
     pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)

@@ -112,7 +112,10 @@ def segment_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
-    bias_head_ptr = BIAS + head * NUM_BUCKETS
+    if HAS_BIAS:
+        bias_head_ptr = BIAS + head * NUM_BUCKETS
+    else:
+        bias_head_ptr = BIAS  # None: no bias table
     m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
