@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rec2pm_kernels.patterns import bias_positions, is_write_token, unit_of
 from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids, range_rows
 
 ITEM, WRITE, MEMORY = 0, 1, 2
@@ -200,10 +201,12 @@ def stage1_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_m
     archived, _ = history_shape(lengths, S)
     counts = lengths + archived * C
     user, p = _expand(counts)
-    unit = torch.div(p, S + C, rounding_mode="floor")
-    in_unit = p % (S + C)
-    is_write = in_unit >= S
-    history = p - C * unit  # the global λ; for items, the index in the history
+    # The pattern rule of the kernels (rec2pm_kernels.patterns): the same write-token roles
+    # and the same λ that ``global`` attention biases use.
+    unit = unit_of(p, S, C)
+    is_write = is_write_token(p, S, C)
+    in_unit = p - (S + C) * unit
+    history = bias_positions("global", p, S, C)  # for items, the index in the history
     items_cu = _offsets(lengths)
     item_index = torch.where(is_write, -1, items_cu[:-1][user] + history)
     has_next = ~is_write & (history + 1 < lengths[user])
