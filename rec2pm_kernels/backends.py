@@ -86,16 +86,22 @@ def _probe_cpp() -> BackendStatus:
     )
 
 
+_TORCH_STATUS = BackendStatus("torch", True, OPS, f"torch {torch.__version__}")
+
+
+def _status(name: str) -> BackendStatus:
+    """One backend's status, from the per-process caches (every attention call asks)."""
+    if name == "triton":
+        return _triton_status(torch.cuda.is_available(), triton_interpreting())
+    return _cpp_status() if name == "cpp" else _TORCH_STATUS
+
+
 def backends() -> dict[str, BackendStatus]:
     """Status of every backend: ``{"torch": BackendStatus(...), "triton": ..., "cpp": ...}``.
 
     >>> rec2pm_kernels.backends()["cpp"].reason
     """
-    return {
-        "torch": BackendStatus("torch", True, OPS, f"torch {torch.__version__}"),
-        "triton": _triton_status(torch.cuda.is_available(), triton_interpreting()),
-        "cpp": _cpp_status(),
-    }
+    return {name: _status(name) for name in ("torch", "triton", "cpp")}
 
 
 # Softmax over long causal-like sequences (causal, global) is faster through SDPA's fused
@@ -131,12 +137,12 @@ def resolve_backend(
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
         fast_dtype = dtype in (torch.float16, torch.bfloat16, torch.float32)
-        if device.type == "cuda" and fast_dtype and backends()["triton"].available:
+        if device.type == "cuda" and fast_dtype and _status("triton").available:
             return "triton"
         if device.type == "cpu" and not needs_grad and prefer_cpp and _cpp_status().available:
             return "cpp"
         return "torch"
-    status = backends()[requested]
+    status = _status(requested)
     if op not in status.ops:
         raise ValueError(f"backend={requested!r} cannot run {op} here: {status.reason}")
     if requested == "cpp":
