@@ -20,7 +20,7 @@ import torch
 from rec2pm_kernels import PATTERNS, backends, cached_step_attention, segment_attention
 from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
-from rec2pm_kernels.testing import cu_seqlens_of, error_budget, max_abs_error
+from rec2pm_kernels.testing import cu_seqlens_of, error_budget, max_abs_error, pattern_kwargs
 
 SEGMENT_LEN, MEMORY_TOKENS = 200, 4
 UNIT = SEGMENT_LEN + MEMORY_TOKENS
@@ -40,21 +40,21 @@ def compare(name: str, got, ref, baseline) -> bool:
 
 
 def check_pattern(pattern: str) -> bool:
-    kw = {} if pattern == "causal" else dict(segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+    kw = pattern_kwargs(pattern, SEGMENT_LEN, MEMORY_TOKENS)
     cu = cu_seqlens_of(LENGTHS, device="cuda")
     total = sum(LENGTHS)
     q, k, v = (torch.randn(total, HEADS, DIM, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(total, HEADS, DIM, device="cuda", dtype=DTYPE)
 
-    out = segment_attention(q, k, v, cu, max(LENGTHS), pattern=pattern, backend="triton", **kw)
+    out = segment_attention(q, k, v, cu, max(LENGTHS), backend="triton", **kw)
     got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
     torch.cuda.synchronize()
 
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    out32 = segment_attention(q32, k32, v32, cu, max(LENGTHS), pattern=pattern, backend="torch", **kw)
+    out32 = segment_attention(q32, k32, v32, cu, max(LENGTHS), backend="torch", **kw)
     ref = (out32, *torch.autograd.grad(out32, (q32, k32, v32), grad_out.float()))
 
-    base_out = segment_attention_oracle(q, k, v, cu, pattern=pattern, upcast=False, **kw)
+    base_out = segment_attention_oracle(q, k, v, cu, upcast=False, **kw)
     baseline = (base_out, *torch.autograd.grad(base_out, (q, k, v), grad_out))
     return compare(f"segment_attention/{pattern}", got, ref, baseline)
 

@@ -91,3 +91,35 @@ def nan_filled_outputs(enabled: bool = True):
         yield
     finally:
         outputs._fill_with_nan = before
+
+
+# -- input builders shared by the kernel tests, on any device --------------------------------
+
+
+def pattern_kwargs(pattern: str, segment_len: int, num_memory_tokens: int) -> dict:
+    """The pattern keywords of ``segment_attention``: ``causal`` takes no ``S`` or ``C``."""
+    if pattern == "causal":
+        return {"pattern": pattern}
+    return {"pattern": pattern, "segment_len": segment_len, "num_memory_tokens": num_memory_tokens}
+
+
+def score_kwargs(score: str, silu_norm: float) -> dict:
+    """The score keywords: ``silu`` needs its normaliser, ``softmax`` refuses one."""
+    return {"score": score, "silu_norm": silu_norm if score == "silu" else None}
+
+
+def ragged_lengths(segment_len: int, num_memory_tokens: int) -> list[int]:
+    """The standard ragged batch: empty, 1, S - 1, S, a unit, a unit plus one, units plus a
+    tail, several units (no length ends inside a write block)."""
+    S, unit = segment_len, segment_len + num_memory_tokens
+    return [0, 1, S - 1, S, unit, unit + 1, 2 * unit + 3, 3 * unit, 5 * unit + S]
+
+
+def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32, device="cpu"):
+    """``(k_cache, v_cache)`` whose unused slots hold NaN, so any read past the filled prefix shows."""
+    k_cache = torch.full((batch, capacity, heads, dim), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full((batch, capacity, heads, dim_v), float("nan"), dtype=dtype, device=device)
+    for b, n in enumerate(filled):
+        k_cache[b, :n] = torch.randn(n, heads, dim, dtype=dtype, device=device)
+        v_cache[b, :n] = torch.randn(n, heads, dim_v, dtype=dtype, device=device)
+    return k_cache, v_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rec2pm_kernels import segment_attention
+from rec2pm_kernels import segment_attention, testing
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
 
@@ -22,13 +22,11 @@ def require_backend(name: str) -> None:
 
 
 def pattern_kwargs(pattern: str, segment_len: int = S, num_memory_tokens: int = C) -> dict:
-    if pattern == "causal":
-        return {}
-    return {"segment_len": segment_len, "num_memory_tokens": num_memory_tokens}
+    return testing.pattern_kwargs(pattern, segment_len, num_memory_tokens)
 
 
 def score_kwargs(score: str) -> dict:
-    return {"score": score, "silu_norm": 7.0 if score == "silu" else None}
+    return testing.score_kwargs(score, silu_norm=7.0)
 
 
 def make_qkv(
@@ -52,7 +50,7 @@ def check_against_oracle(
     cu = cu_seqlens_of(lengths)
     q, k, v = make_qkv(sum(lengths), heads, dim, dim_v, dtype, requires_grad=grads)
     bias = make_bias(heads, dtype=dtype, requires_grad=grads) if with_bias else None
-    kw = dict(pattern=pattern, rel_bias=bias, **pattern_kwargs(pattern), **score_kwargs(score))
+    kw = dict(rel_bias=bias, **pattern_kwargs(pattern), **score_kwargs(score))
     out = segment_attention(q, k, v, cu, max(lengths, default=0), **kw, **backend_kwargs)
     ref = segment_attention_oracle(q, k, v, cu, **kw)
     base = segment_attention_oracle(q, k, v, cu, upcast=False, **kw)

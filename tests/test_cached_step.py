@@ -7,7 +7,7 @@ import torch
 
 from rec2pm_kernels import cached_step_attention, segment_attention
 from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
-from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
+from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, make_cache
 
 from .helpers import CPU_BACKENDS, make_bias, make_qkv, score_kwargs
 
@@ -21,16 +21,6 @@ def cached_step(request):
 
     require_backend(request.param)
     return functools.partial(cached_step_attention, backend=request.param)
-
-
-def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32):
-    """A cache whose unused slots hold NaN, so any read past the filled prefix shows."""
-    k_cache = torch.full((batch, capacity, heads, dim), float("nan"), dtype=dtype)
-    v_cache = torch.full((batch, capacity, heads, dim_v), float("nan"), dtype=dtype)
-    for b, n in enumerate(filled):
-        k_cache[b, :n] = torch.randn(n, heads, dim, dtype=dtype)
-        v_cache[b, :n] = torch.randn(n, heads, dim_v, dtype=dtype)
-    return k_cache, v_cache
 
 
 @pytest.mark.parametrize("score", SCORES)

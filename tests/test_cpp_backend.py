@@ -73,7 +73,6 @@ def test_bit_identical_across_runs_and_thread_counts():
                     v,
                     cu,
                     200,
-                    pattern="global",
                     rel_bias=bias,
                     backend="cpp",
                     **pattern_kwargs("global", 20, 4),

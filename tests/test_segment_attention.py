@@ -199,7 +199,6 @@ def test_gradcheck(pattern, score, with_bias):
             *args[:3],
             cu,
             max(lengths),
-            pattern=pattern,
             rel_bias=bias,
             **pattern_kwargs(pattern),
             **score_kwargs(score),
@@ -227,7 +226,7 @@ def test_hypothesis_layouts_match_oracle(pattern, score, seg, mem, heads, dim, d
     cu = cu_seqlens_of(lengths, dtype=torch.int64)
     q, k, v = make_qkv(sum(lengths), heads, dim, dim_v)
     bias = make_bias(heads, num_buckets=1 + seed % 12) if with_bias else None
-    kw = dict(pattern=pattern, rel_bias=bias, **pattern_kwargs(pattern, seg, mem), **score_kwargs(score))
+    kw = dict(rel_bias=bias, **pattern_kwargs(pattern, seg, mem), **score_kwargs(score))
     out = segment_attention(q, k, v, cu, max(lengths, default=0), **kw)
     ref = segment_attention_oracle(q, k, v, cu, **kw)
     base = segment_attention_oracle(q, k, v, cu, upcast=False, **kw)
@@ -243,7 +242,7 @@ def test_long_sequence_rows_match_dense_rows(pattern):
     q, k, v = make_qkv(n, heads=2, dim=16, requires_grad=True)
     bias = make_bias(2, num_buckets=64, requires_grad=True)
     kw = pattern_kwargs(pattern, 200, 4)
-    out = segment_attention(q, k, v, cu, n, pattern=pattern, rel_bias=bias, **kw)
+    out = segment_attention(q, k, v, cu, n, rel_bias=bias, **kw)
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(bias.grad).all()
     cols = torch.arange(n)

@@ -8,27 +8,26 @@ from __future__ import annotations
 
 import torch
 
+from rec2pm_kernels import testing
 from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
-from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
+from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, make_cache, ragged_lengths
 
 S, C = 5, 2
 UNIT = S + C
 # Ragged: empty, 1, S - 1, S, a unit, a unit plus one, units plus a tail, several units.
 # (S + 1 would end inside a write block of C = 2; test_lengths_around_one_write_token covers it with C = 1.)
-RAGGED = [0, 1, S - 1, S, UNIT, UNIT + 1, 2 * UNIT + 3, 3 * UNIT, 5 * UNIT + S]
+RAGGED = ragged_lengths(S, C)
 PATTERNS = ["causal", "global", "kv_memory_overwrite", "kv_memory_append"]
 SCORES = ["softmax", "silu"]
 
 
 def pattern_kwargs(pattern: str, segment_len: int = S, num_memory_tokens: int = C) -> dict:
-    if pattern == "causal":
-        return {"pattern": pattern}
-    return {"pattern": pattern, "segment_len": segment_len, "num_memory_tokens": num_memory_tokens}
+    return testing.pattern_kwargs(pattern, segment_len, num_memory_tokens)
 
 
 def score_kwargs(score: str) -> dict:
-    return {"score": score, "silu_norm": 11.0 if score == "silu" else None}
+    return testing.score_kwargs(score, silu_norm=11.0)
 
 
 def random_inputs(
@@ -89,16 +88,6 @@ def check_segment_attention(
     reference, baseline = reference_and_baseline(q, k, v, cu, bias, grad_out, **kw)
     assert_outputs_within_budget(got, reference, baseline, dtype)
     return got
-
-
-def make_cache(batch, capacity, heads, dim, dim_v, filled, dtype=torch.float32, device="cpu"):
-    """A cache whose unused slots hold NaN, so any read past the filled prefix shows."""
-    k_cache = torch.full((batch, capacity, heads, dim), float("nan"), dtype=dtype, device=device)
-    v_cache = torch.full((batch, capacity, heads, dim_v), float("nan"), dtype=dtype, device=device)
-    for b, n in enumerate(filled):
-        k_cache[b, :n] = torch.randn(n, heads, dim, dtype=dtype, device=device)
-        v_cache[b, :n] = torch.randn(n, heads, dim_v, dtype=dtype, device=device)
-    return k_cache, v_cache
 
 
 def cached_step_case(
