@@ -2,8 +2,10 @@
 
 Needed whenever a new model makes the stored memories stale (their fingerprint no longer
 matches).  Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) rank r takes users r, r + W,
-...; each rank writes its own batches (SQLite serialises the writers on its file lock,
-Redis takes them in parallel).
+...  and encodes them.  Who writes depends on the store: a SQLite file has one writer,
+rank 0, which receives every rank's encoded batch (gloo, one batch per rank at a time)
+and commits them, so the ranks never queue on the file lock; Redis (and an in-process
+store) take every rank's writes directly, in parallel.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ def encode_histories(
     iterative: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    single_writer: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Backfill ``user_ids`` (their histories packed in ``items`` / ``cu_seqlens``) in batches."""
+    """Backfill ``user_ids`` (their histories packed in ``items`` / ``cu_seqlens``) in batches.
+
+    ``single_writer`` (with ``world_size > 1``, inside an initialised ``torch.distributed``
+    group): rank 0 writes every rank's batches; the other ranks only encode.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not 0 <= rank < world_size:
@@ -39,19 +46,43 @@ def encode_histories(
         batches = tqdm(batches, desc=f"encode (rank {rank})" if world_size > 1 else "encode", unit="batch")
     started, users, events, segments = time.perf_counter(), 0, 0, 0
     cu = cu_seqlens.tolist()
-    for batch in batches:
+
+    def encode(batch):
         runs = [items[cu[u] : cu[u + 1]] for u in batch]
         lengths = torch.tensor([0] + [len(r) for r in runs]).cumsum(0)
-        result = recommender.backfill([user_ids[u] for u in batch], torch.cat(runs), lengths, iterative=iterative)
-        users += len(batch)
-        events += sum(result.stored)
-        segments += sum(result.archived)
+        return recommender.encode_backfill([user_ids[u] for u in batch], torch.cat(runs), lengths, iterative=iterative)
+
+    if single_writer and world_size > 1:
+        import torch.distributed as dist
+
+        # Every rank takes part in as many rounds as the rank with the most batches.
+        rounds = -(-len(range(0, len(user_ids), world_size)) // batch_size)
+        batches = list(batches) + [None] * (rounds - len(batches))
+        for batch in batches:
+            encoded = encode(batch) if batch else None
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(encoded, gathered, dst=0)
+            if rank == 0:
+                for part in gathered:
+                    if part is not None:
+                        recommender.commit_backfill(part)
+            if encoded is not None:
+                users += len(batch)
+                events += sum(encoded.events)
+                segments += sum(encoded.archived)
+    else:
+        for batch in batches:
+            result = recommender.commit_backfill(encode(batch))
+            users += len(batch)
+            events += sum(result.stored)
+            segments += sum(result.archived)
     return {
         "users": users,
         "events": events,
         "segments": segments,
         "rank": rank,
         "world_size": world_size,
+        "writer": "rank 0" if single_writer and world_size > 1 else "every rank",
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -79,6 +110,13 @@ def main_encode(args, parser) -> int:
             seen_limit=args.seen_limit,
             session_cache_bytes=0,
         )
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        single_writer = world_size > 1 and args.store.startswith("sqlite:")
+        if single_writer:  # a gloo group to hand the encoded batches to rank 0
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="gloo")
         summary = encode_histories(
             recommender,
             list(data.user_ids),
@@ -87,9 +125,12 @@ def main_encode(args, parser) -> int:
             batch_size=args.batch_size,
             iterative=not args.one_shot,
             rank=int(os.environ.get("RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            world_size=world_size,
+            single_writer=single_writer,
             progress=not args.no_progress,
         )
+        if single_writer:
+            dist.destroy_process_group()
     except (ValueError, TypeError, OSError, StoreError) as exc:
         parser.exit(2, f"rec2pm encode: error: {exc}\n")
     print(json.dumps({"store": args.store, **summary}))

@@ -10,6 +10,7 @@ step over their session K/V and the others through one prefill, and returns the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -51,6 +52,16 @@ class _UserState:
     seen: list[int]
     seen_truncated: bool
     segments: int = 0
+
+
+@dataclass
+class BackfillBatch:
+    """Users' states computed by ``Recommender.encode_backfill``, not yet written."""
+
+    keys: list[str]
+    events: list[int]
+    archived: list[int]
+    states: list[_UserState]
 
 
 def load_model(checkpoint_or_model) -> torch.nn.Module:
@@ -275,6 +286,15 @@ class Recommender:
         replacing whatever is stored (another model's record, a corrupt one), with CAS on the
         stored versions.  ``iterative``: one memory update per segment, exactly what ``observe``
         computes; else one Stage 1 pass (token-memory methods)."""
+        return self.commit_backfill(self.encode_backfill(user_ids, items, cu_seqlens, iterative=iterative))
+
+    def encode_backfill(
+        self, user_ids: Sequence, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = True
+    ) -> BackfillBatch:
+        """The compute half of ``backfill``: every user's new state, without touching the store.
+
+        The result is plain data (picklable), so ranks of a ``torchrun`` backfill can send
+        theirs to the one rank that writes (``rec2pm.serving.backfill``)."""
         keys = self._user_keys(user_ids)
         runs = self._events(keys, items, cu_seqlens)
         if any(not run for run in runs):
@@ -282,15 +302,25 @@ class Recommender:
         flat = torch.tensor([i for run in runs for i in run], dtype=torch.long, device=self.device)
         cu = torch.tensor([0] + [len(r) for r in runs], dtype=torch.long).cumsum(0).to(self.device)
         S = self.segment_len
+        states = []
         with self._lock, torch.no_grad():
             memories, archived, tails = self.engine.encode(flat, cu, iterative)
+            for run, memory, segments, tail in zip(runs, memories, archived, tails, strict=True):
+                state = _UserState(0, segments * S, tail, self._stored(memory).cpu(), [], False)
+                for h in range(segments):
+                    self._remember_seen(state, run[h * S : (h + 1) * S])
+                states.append(state)
+        return BackfillBatch(keys, [len(r) for r in runs], list(archived), states)
+
+    def commit_backfill(self, batch: BackfillBatch) -> ObserveResult:
+        """The store half of ``backfill``: write ``batch``'s records with CAS on the stored
+        versions (retried up to ``max_retries`` times), replacing whatever is stored."""
+        with self._lock:
             for attempt in range(self.max_retries):
-                versions = self.store.versions(keys)
+                versions = self.store.versions(batch.keys)
                 writes = []
-                for key, run, memory, segments, tail in zip(keys, runs, memories, archived, tails, strict=True):
-                    state = _UserState(versions.get(key, 0), segments * S, tail, self._stored(memory), [], False)
-                    for h in range(segments):
-                        self._remember_seen(state, run[h * S : (h + 1) * S])
+                for key, state in zip(batch.keys, batch.states, strict=True):
+                    state = dataclasses.replace(state, version=versions.get(key, 0))
                     writes.append(Write(self._record(key, state), state.version))
                 try:
                     self.store.put_many(writes)
@@ -298,9 +328,9 @@ class Recommender:
                 except VersionConflict:
                     if attempt == self.max_retries - 1:
                         raise
-            for key in keys:
+            for key in batch.keys:
                 self.cache.invalidate(key)
-        return ObserveResult(keys, [len(r) for r in runs], archived)
+        return ObserveResult(batch.keys, batch.events, batch.archived)
 
     # -- recommend -----------------------------------------------------------------------------
     def records(self, user_ids) -> list[UserRecord]:

@@ -1,6 +1,10 @@
 """Backfill: Recommender.backfill and ``python -m rec2pm encode`` write what observe would."""
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +106,46 @@ def test_cli_encode_names_a_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["encode", str(tmp_path / "none.pt"), "--store", "memory://"])
     assert "none.pt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_encode_under_torchrun_writes_sqlite_through_rank_0(tmp_path, checkpoint, capsys):
+    """Two ranks encode disjoint halves; rank 0 alone commits both to the SQLite file, and the
+    records equal a one-process backfill's."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    single = f"sqlite:///{tmp_path / 'single.db'}"
+    assert main(["encode", str(checkpoint), "--store", single, "--batch-size", "5", "--no-progress"]) == 0
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "rec2pm",
+            "encode",
+            str(checkpoint),
+            "--store",
+            shared,
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    assert {s["writer"] for s in summaries} == {"rank 0"} and sum(s["users"] for s in summaries) == 12
+    one, two = open_store(single), open_store(shared)
+    assert one.users() == two.users() and len(two.users()) == 12
+    for user in one.users():
+        a, b = one.get(user), two.get(user)
+        assert (a.version, a.memory, a.recent, a.archived_events) == (b.version, b.memory, b.recent, b.archived_events)
