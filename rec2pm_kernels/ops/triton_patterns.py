@@ -133,6 +133,35 @@ def key_ranges(r0, r1, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
     return 0, pred_hi, plain_lo, hi
 
 
+# The two passes of a row block over its key tiles (``key_pass_bounds``): the predicated
+# tiles, each tested with ``tile_visible``, then the plain ones, all visible.  Kernels unroll
+# them with ``tl.static_range(2)``: the plain pass then has no branch in its loop, so the
+# compiler pipelines its K/V loads.
+PREDICATED_PASS = tl.constexpr(0)
+PLAIN_PASS = tl.constexpr(1)
+
+
+@triton.jit
+def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(lo, hi)``: the key tiles of ``KEY_PASS`` start at ``range(lo, hi, BLOCK_N)``."""
+    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
+    if KEY_PASS == PREDICATED_PASS:
+        lo, hi = pred_lo, pred_hi
+    else:
+        lo, hi = plain_lo, plain_hi
+    return lo, hi
+
+
+@triton.jit
+def key_tile_in_pass(KEY_PASS: tl.constexpr, r0, r1, n0, length, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the key tile at ``n0`` is visited: tested in the predicated pass, always in the plain one."""
+    if KEY_PASS == PREDICATED_PASS:
+        visible = tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN)
+    else:
+        visible = True
+    return visible
+
+
 @triton.jit
 def row_range_end(c0, c1, length, S, C, PATTERN: tl.constexpr):
     """End (exclusive) of the rows that see some key in ``[c0, c1]``; every row tile from

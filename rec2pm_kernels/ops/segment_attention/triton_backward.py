@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import SEGMENT_RUNTIME_INTS
-from ..triton_patterns import key_ranges, row_range_end, tile_visible
+from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end
 from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
 
 
@@ -230,78 +230,17 @@ def segment_bwd_dq_kernel(
         bias_head_ptr = BIAS  # None: no bias table
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
-    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
-    for n0 in range(pred_lo, pred_hi, BLOCK_N):
-        if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
-            dq = _dq_key_tile(
-                dq,
-                q,
-                do,
-                lse2,
-                delta,
-                n0,
-                K,
-                V,
-                token0,
-                head * stride_kh,
-                head * stride_vh,
-                stride_kt,
-                stride_vt,
-                offs_m,
-                offs_d,
-                offs_dv,
-                length,
-                bias_head_ptr,
-                S,
-                C,
-                NUM_BUCKETS,
-                scale,
-                silu_norm,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                PATTERN,
-                SCORE,
-                HAS_BIAS,
-                INPUT_PRECISION,
-                BLOCK_N,
-            )
-            if COUNT_TILES:
-                visited += 1
-    for n0 in range(plain_lo, plain_hi, BLOCK_N):
-        dq = _dq_key_tile(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            n0,
-            K,
-            V,
-            token0,
-            head * stride_kh,
-            head * stride_vh,
-            stride_kt,
-            stride_vt,
-            offs_m,
-            offs_d,
-            offs_dv,
-            length,
-            bias_head_ptr,
-            S,
-            C,
-            NUM_BUCKETS,
-            scale,
-            silu_norm,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            PATTERN,
-            SCORE,
-            HAS_BIAS,
-            INPUT_PRECISION,
-            BLOCK_N,
-        )
-        if COUNT_TILES:
-            visited += 1
+    for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
+        lo, hi = key_pass_bounds(key_pass, r0, r1, S, C, PATTERN, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, PATTERN, BLOCK_N):
+                dq = _dq_key_tile(
+                    dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt,
+                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                    HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N,
+                )  # fmt: skip
+                if COUNT_TILES:
+                    visited += 1
     dq_ptrs = DQ + (token0 + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     if COUNT_TILES:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import SEGMENT_RUNTIME_INTS
-from ..triton_patterns import key_ranges, tile_visible
+from ..triton_patterns import key_pass_bounds, key_tile_in_pass
 from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
 
 
@@ -128,71 +128,12 @@ def segment_bwd_bias_kernel(
     lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
     bias_head_ptr = BIAS + head * NUM_BUCKETS
     partial_row = PARTIAL + (pid * tl.num_programs(1) + head).to(tl.int64) * NUM_BUCKETS
-    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
-    for n0 in range(pred_lo, pred_hi, BLOCK_N):
-        if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
-            _bias_key_tile(
-                q,
-                do,
-                lse2,
-                delta,
-                n0,
-                K,
-                V,
-                partial_row,
-                token0,
-                head * stride_kh,
-                head * stride_vh,
-                stride_kt,
-                stride_vt,
-                offs_m,
-                offs_d,
-                offs_dv,
-                length,
-                bias_head_ptr,
-                S,
-                C,
-                NUM_BUCKETS,
-                scale,
-                silu_norm,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                PATTERN,
-                SCORE,
-                INPUT_PRECISION,
-                BLOCK_N,
-                WINDOW,
-            )
-    for n0 in range(plain_lo, plain_hi, BLOCK_N):
-        _bias_key_tile(
-            q,
-            do,
-            lse2,
-            delta,
-            n0,
-            K,
-            V,
-            partial_row,
-            token0,
-            head * stride_kh,
-            head * stride_vh,
-            stride_kt,
-            stride_vt,
-            offs_m,
-            offs_d,
-            offs_dv,
-            length,
-            bias_head_ptr,
-            S,
-            C,
-            NUM_BUCKETS,
-            scale,
-            silu_norm,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            PATTERN,
-            SCORE,
-            INPUT_PRECISION,
-            BLOCK_N,
-            WINDOW,
-        )
+    for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
+        lo, hi = key_pass_bounds(key_pass, r0, r1, S, C, PATTERN, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, PATTERN, BLOCK_N):
+                _bias_key_tile(
+                    q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh, stride_kt,
+                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                    HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW,
+                )  # fmt: skip

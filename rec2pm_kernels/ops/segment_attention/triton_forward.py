@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..triton_codes import SOFTMAX
 from ..triton_launch import SEGMENT_RUNTIME_INTS
-from ..triton_patterns import key_ranges, tile_visible
+from ..triton_patterns import key_pass_bounds, key_tile_in_pass
 from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores
 
 
@@ -120,76 +120,17 @@ def segment_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     visited = 0
-    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
-    for n0 in range(pred_lo, pred_hi, BLOCK_N):
-        if tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN):
-            acc, m_i, l_i = _attend_key_tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                n0,
-                K,
-                V,
-                token0,
-                head * stride_kh,
-                head * stride_vh,
-                stride_kt,
-                stride_vt,
-                offs_m,
-                offs_d,
-                offs_dv,
-                length,
-                bias_head_ptr,
-                S,
-                C,
-                NUM_BUCKETS,
-                scale,
-                silu_norm,
-                HEAD_DIM,
-                HEAD_DIM_V,
-                PATTERN,
-                SCORE,
-                HAS_BIAS,
-                INPUT_PRECISION,
-                BLOCK_N,
-            )
-            if COUNT_TILES:
-                visited += 1
-    for n0 in range(plain_lo, plain_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_key_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            n0,
-            K,
-            V,
-            token0,
-            head * stride_kh,
-            head * stride_vh,
-            stride_kt,
-            stride_vt,
-            offs_m,
-            offs_d,
-            offs_dv,
-            length,
-            bias_head_ptr,
-            S,
-            C,
-            NUM_BUCKETS,
-            scale,
-            silu_norm,
-            HEAD_DIM,
-            HEAD_DIM_V,
-            PATTERN,
-            SCORE,
-            HAS_BIAS,
-            INPUT_PRECISION,
-            BLOCK_N,
-        )
-        if COUNT_TILES:
-            visited += 1
+    for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
+        lo, hi = key_pass_bounds(key_pass, r0, r1, S, C, PATTERN, BLOCK_N)
+        for n0 in range(lo, hi, BLOCK_N):
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, PATTERN, BLOCK_N):
+                acc, m_i, l_i = _attend_key_tile(
+                    acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
+                    offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                    HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N,
+                )  # fmt: skip
+                if COUNT_TILES:
+                    visited += 1
     row_ok = offs_m < length
     if SCORE == SOFTMAX:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
