@@ -9,8 +9,11 @@
 =====================  ====================================================================
 
 Errors answer ``{"error": message}``: 400 for bad input, 404 for an unknown path or user,
-409 when compare-and-swap retries ran out, 413 for a body over the limit, 500 for a store
-record that is corrupt or another model's (the message names the user).
+409 when compare-and-swap retries ran out, 413 for a body over the limit or a request over
+the per-request bounds (``MAX_USERS_PER_REQUEST`` users, ``MAX_EVENTS_PER_REQUEST`` events:
+a recommend request holds a ``(users, N)`` score matrix, so its size is bounded, not only
+its body's), 500 for a store record that is corrupt or another model's (the message names
+the user).
 """
 
 from __future__ import annotations
@@ -22,6 +25,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .errors import StoreError, VersionConflict
 
 MAX_BODY_BYTES = 16 << 20
+MAX_USERS_PER_REQUEST = 1024
+MAX_EVENTS_PER_REQUEST = 1 << 16
+
+
+class RequestTooLarge(ValueError):
+    """A request over a per-request bound (answered 413)."""
+
+
+def _check_bounds(users, items=None) -> None:
+    if isinstance(users, list) and len(users) > MAX_USERS_PER_REQUEST:
+        raise RequestTooLarge(f"a request may name at most {MAX_USERS_PER_REQUEST} users, got {len(users)}; split it")
+    if isinstance(items, list):
+        events = sum(len(row) if isinstance(row, list) else 1 for row in items)
+        if events > MAX_EVENTS_PER_REQUEST:
+            raise RequestTooLarge(
+                f"a request may carry at most {MAX_EVENTS_PER_REQUEST} events, got {events}; split it"
+            )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -80,6 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": str(exc.args[0]) if exc.args else "unknown user"})
         except VersionConflict as exc:
             self._reply(409, {"error": str(exc)})
+        except RequestTooLarge as exc:
+            self._reply(413, {"error": str(exc)})
         except StoreError as exc:
             self._reply(500, {"error": str(exc)})
         except (ValueError, TypeError) as exc:
@@ -99,14 +121,18 @@ class _Handler(BaseHTTPRequestHandler):
         return body.get(name, default)
 
     def _observe(self, body: dict) -> dict:
-        result = self.recommender.observe(self._field(body, "users"), self._field(body, "items"))
+        users, items = self._field(body, "users"), self._field(body, "items")
+        _check_bounds(users, items)
+        result = self.recommender.observe(users, items)
         return {"users": result.users, "stored": result.stored, "archived": result.archived}
 
     def _recommend(self, body: dict) -> dict:
         exclude = self._field(body, "exclude_seen", True)
         if not isinstance(exclude, bool):
             raise TypeError(f"exclude_seen must be true or false, got {exclude!r}")
-        items, scores = self.recommender.recommend(self._field(body, "users"), self._field(body, "k", 10), exclude)
+        users = self._field(body, "users")
+        _check_bounds(users)
+        items, scores = self.recommender.recommend(users, self._field(body, "k", 10), exclude)
         return {
             "items": items.tolist(),
             "scores": [[s if math.isfinite(s) else None for s in row] for row in scores.tolist()],

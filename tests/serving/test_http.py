@@ -70,6 +70,8 @@ def test_health_observe_recommend(server):
         ("POST", "/recommend", {"users": [], "k": 3}, 400, "user_ids is empty"),
         ("POST", "/nowhere", {}, 404, "no such path '/nowhere'"),
         ("GET", "/metrics", None, 404, "no such path '/metrics'"),
+        ("POST", "/recommend", {"users": ["a"] * 1025, "k": 3}, 413, "at most 1024 users, got 1025"),
+        ("POST", "/observe", {"users": ["a"] * 2, "items": [[1] * 40_000] * 2}, 413, "at most 65536 events, got 80000"),
     ],
 )
 def test_errors_name_what_was_wrong(server, method, path, body, status, message):
