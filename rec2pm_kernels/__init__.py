@@ -11,7 +11,7 @@ Public API:
 from .backends import backends
 from .interface import cached_step_attention, segment_attention
 from .modules import SegmentAttention
-from .patterns import PATTERNS, SCORES
+from .patterns import PATTERNS, SCORES, PatternSpec
 
 __version__ = "0.1.0"
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SegmentAttention",
     "backends",
     "PATTERNS",
+    "PatternSpec",
     "SCORES",
     "__version__",
 ]

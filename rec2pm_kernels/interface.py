@@ -16,6 +16,7 @@ from .ops.cached_step.cpp_backend import cached_step_cpp
 from .ops.cached_step.torch_backend import cached_step_torch
 from .ops.segment_attention.cpp_backend import segment_attention_cpp
 from .ops.segment_attention.torch_backend import segment_attention_torch
+from .patterns import PatternSpec
 
 
 def _segment_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
@@ -65,7 +66,7 @@ def segment_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     *,
-    pattern: str = "causal",
+    pattern: str | PatternSpec = "causal",
     segment_len: int | None = None,
     num_memory_tokens: int | None = None,
     score: str = "softmax",
@@ -93,6 +94,8 @@ def segment_attention(
             * ``"kv_memory_overwrite"``: its own unit, and the write block of the previous unit.
             * ``"kv_memory_append"``: its own unit, and the write blocks of all earlier units.
 
+            A ``rec2pm_kernels.PatternSpec`` (the pattern with its ``S`` and ``C``) may be
+            passed instead, without ``segment_len`` / ``num_memory_tokens`` beside it.
             For the last three, token ``p`` of a sequence is a write token iff
             ``p % (segment_len + num_memory_tokens) >= segment_len``; a sequence may not end
             inside a write block.
@@ -139,7 +142,7 @@ def segment_attention(
     """
     check.check_qkv(("q", "k", "v"), q, k, v)
     check.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
-    check.check_pattern(pattern, segment_len, num_memory_tokens)
+    spec = check.check_pattern(pattern, segment_len, num_memory_tokens)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_bias))
     check.check_flag("allow_tf32", allow_tf32)
@@ -150,8 +153,8 @@ def segment_attention(
     lengths = None
     if check.reads_host_indices(cu_seqlens) or check_contents:
         lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, q.shape[0], "q")
-        if pattern != "causal":
-            check.check_write_blocks(lengths, segment_len, num_memory_tokens)
+        if spec.interleaved:
+            check.check_write_blocks(lengths, spec)
     check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
     if check_contents:
         check.check_finite(("q", "k", "v", "rel_bias"), (q, k, v, rel_bias))
@@ -159,7 +162,7 @@ def segment_attention(
     max_seqlen = min(max_seqlen, q.shape[0])
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
     chosen = resolve_backend(
-        backend, "segment_attention", q.device, needs_grad, q.dtype, prefer_cpp=cpp_preferred(score, pattern, longest)
+        backend, "segment_attention", q.device, needs_grad, q.dtype, prefer_cpp=cpp_preferred(score, spec.name, longest)
     )
     return SEGMENT_ATTENTION_IMPLS[chosen](
         q,
@@ -167,9 +170,7 @@ def segment_attention(
         v,
         cu_seqlens,
         max_seqlen,
-        pattern=pattern,
-        segment_len=segment_len,
-        num_memory_tokens=num_memory_tokens,
+        pattern=spec,
         score=score,
         scale=scale,
         rel_bias=rel_bias,

@@ -8,6 +8,7 @@ from torch import nn
 from . import validation as check
 from .backends import BACKENDS
 from .interface import segment_attention
+from .patterns import PatternSpec
 
 
 class SegmentAttention(nn.Module):
@@ -33,7 +34,7 @@ class SegmentAttention(nn.Module):
         self,
         num_heads: int,
         *,
-        pattern: str = "causal",
+        pattern: str | PatternSpec = "causal",
         segment_len: int | None = None,
         num_memory_tokens: int | None = None,
         score: str = "softmax",
@@ -45,16 +46,14 @@ class SegmentAttention(nn.Module):
         super().__init__()
         # The options are checked here, so a bad module fails where it is built, not at its first call.
         check.check_positive_int("num_heads", num_heads)
-        check.check_pattern(pattern, segment_len, num_memory_tokens)
+        self.pattern = check.check_pattern(pattern, segment_len, num_memory_tokens)
         check.check_choice("backend", backend, BACKENDS)
         if num_buckets is not None:
             check.check_positive_int("num_buckets", num_buckets)
         check.check_score_options(score, scale, silu_norm, None, num_heads, torch.empty(0, num_heads, 1))
         self.num_heads = num_heads
         self.options = dict(
-            pattern=pattern,
-            segment_len=segment_len,
-            num_memory_tokens=num_memory_tokens,
+            pattern=self.pattern,
             score=score,
             scale=scale,
             silu_norm=silu_norm,
@@ -78,5 +77,6 @@ class SegmentAttention(nn.Module):
         return out.flatten(1) if flat else out
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        options = {**self.pattern.kwargs(), **self.options}
+        opts = ", ".join(f"{k}={v!r}" for k, v in options.items() if v is not None)
         return f"num_heads={self.num_heads}, {opts}, rel_bias={self.rel_bias is not None}"

@@ -23,6 +23,8 @@ same rule for the compiled kernels; ``tests/test_patterns.py`` keeps the two in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 PATTERNS = ("causal", "global", "kv_memory_overwrite", "kv_memory_append")
@@ -113,3 +115,56 @@ def ends_inside_write_block(length: torch.Tensor, segment_len: int, num_memory_t
     """True for sequence lengths whose last token is a write token but not its block's last."""
     rem = length % (segment_len + num_memory_tokens)
     return rem > segment_len
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """A pattern with its ``S`` and ``C``: the one value the kernels, their backends and
+    the layouts pass around instead of the ``pattern`` / ``segment_len`` /
+    ``num_memory_tokens`` trio.  Checked when built: an interleaved pattern needs both
+    sizes (>= 1, ``S + C`` within 32-bit positions), ``causal`` takes neither.
+
+    The public functions keep their keyword form (``pattern="global", segment_len=200,
+    num_memory_tokens=4``) and also accept a ``PatternSpec`` as ``pattern``.
+    """
+
+    name: str = "causal"
+    segment_len: int | None = None
+    num_memory_tokens: int | None = None
+
+    def __post_init__(self):
+        from .validation import check_pattern_fields  # validation imports this module
+
+        check_pattern_fields(self.name, self.segment_len, self.num_memory_tokens)
+
+    @classmethod
+    def of(cls, pattern, segment_len=None, num_memory_tokens=None) -> PatternSpec:
+        """The spec of the keyword form, or ``pattern`` itself when it is one (then without sizes)."""
+        if isinstance(pattern, cls):
+            if segment_len is not None or num_memory_tokens is not None:
+                raise ValueError("pass segment_len and num_memory_tokens inside the PatternSpec, not beside it")
+            return pattern
+        return cls(pattern, segment_len, num_memory_tokens)
+
+    @property
+    def interleaved(self) -> bool:
+        return self.name != "causal"
+
+    def kwargs(self) -> dict:
+        """The keyword form: ``{"pattern", "segment_len", "num_memory_tokens"}``."""
+        return {"pattern": self.name, "segment_len": self.segment_len, "num_memory_tokens": self.num_memory_tokens}
+
+    def visible(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        return visible(self.name, row, col, self.segment_len, self.num_memory_tokens)
+
+    def bias_positions(self, p: torch.Tensor) -> torch.Tensor:
+        return bias_positions(self.name, p, self.segment_len, self.num_memory_tokens)
+
+    def first_visible_column(self, row: int) -> int:
+        return first_visible_column(self.name, row, self.segment_len, self.num_memory_tokens)
+
+    def ends_inside_write_block(self, lengths: torch.Tensor) -> torch.Tensor:
+        """True for lengths ending inside a write block (never for ``causal``)."""
+        if not self.interleaved:
+            return torch.zeros_like(lengths, dtype=torch.bool)
+        return ends_inside_write_block(lengths, self.segment_len, self.num_memory_tokens)

@@ -27,7 +27,7 @@ from numbers import Real
 
 import torch
 
-from .patterns import INTERLEAVED_PATTERNS, PATTERNS, SCORES, ends_inside_write_block
+from .patterns import INTERLEAVED_PATTERNS, PATTERNS, SCORES, PatternSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -310,7 +310,12 @@ def check_finite(names: tuple[str, ...], tensors: tuple[torch.Tensor | None, ...
             raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_pattern(pattern, segment_len, num_memory_tokens) -> None:
+def check_pattern(pattern, segment_len, num_memory_tokens) -> PatternSpec:
+    """The ``PatternSpec`` of the keyword form (or ``pattern`` itself, when it is one), checked."""
+    return PatternSpec.of(pattern, segment_len, num_memory_tokens)
+
+
+def check_pattern_fields(pattern, segment_len, num_memory_tokens) -> None:
     check_choice("pattern", pattern, PATTERNS)
     if pattern in INTERLEAVED_PATTERNS:
         if segment_len is None or num_memory_tokens is None:
@@ -329,12 +334,12 @@ def check_pattern(pattern, segment_len, num_memory_tokens) -> None:
         )
 
 
-def check_write_blocks(lengths: torch.Tensor, segment_len: int, num_memory_tokens: int) -> None:
-    bad = ends_inside_write_block(lengths, segment_len, num_memory_tokens)
+def check_write_blocks(lengths: torch.Tensor, pattern: PatternSpec) -> None:
+    bad = pattern.ends_inside_write_block(lengths)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0, 0])
         raise ValueError(
             f"cu_seqlens: sequence {i} (length {int(lengths[i])}) ends inside a write block "
-            f"(segment_len={segment_len}, num_memory_tokens={num_memory_tokens}); a sequence must end "
-            "on an item or after a complete write block"
+            f"(segment_len={pattern.segment_len}, num_memory_tokens={pattern.num_memory_tokens}); a sequence "
+            "must end on an item or after a complete write block"
         )

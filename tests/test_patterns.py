@@ -1,5 +1,6 @@
 """The pattern rules: golden masks of docs/patterns.md, a literal per-entry rule, and the C++ twin."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -81,3 +82,28 @@ def test_cpp_rule_matches_python(pattern):
         code = PATTERN_CODES[pattern]
         assert torch.equal(ext.visibility_mask(code, n, S, C), dense_mask(pattern, n, S, C))
         assert torch.equal(ext.bias_positions(code, n, S, C), bias_positions(pattern, torch.arange(n), S, C))
+
+
+def test_pattern_spec_is_the_checked_trio_and_the_public_functions_take_it():
+    from rec2pm_kernels import PatternSpec, SegmentAttention, segment_attention
+    from rec2pm_kernels.testing import cu_seqlens_of
+
+    spec = PatternSpec("kv_memory_append", 3, 2)
+    assert spec.kwargs() == {"pattern": "kv_memory_append", "segment_len": 3, "num_memory_tokens": 2}
+    assert PatternSpec.of(**spec.kwargs()) == spec and PatternSpec.of(spec) is spec
+    assert not PatternSpec().interleaved and spec.interleaved
+    with pytest.raises(ValueError, match="needs segment_len"):
+        PatternSpec("global")
+    with pytest.raises(ValueError, match="apply only to the interleaved patterns"):
+        PatternSpec("causal", 3, 2)
+    with pytest.raises(ValueError, match="pass segment_len and num_memory_tokens inside the PatternSpec"):
+        PatternSpec.of(spec, segment_len=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.segment_len = 4
+    q = k = v = torch.randn(10, 2, 4)
+    cu = cu_seqlens_of([10])
+    by_keywords = segment_attention(q, k, v, cu, 10, **spec.kwargs())
+    torch.testing.assert_close(segment_attention(q, k, v, cu, 10, pattern=spec), by_keywords, rtol=0, atol=0)
+    module = SegmentAttention(2, pattern=spec)
+    torch.testing.assert_close(module(q, k, v, cu, 10), by_keywords, rtol=0, atol=0)
+    assert "segment_len=3" in repr(module)

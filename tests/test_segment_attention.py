@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rec2pm_kernels import PATTERNS, segment_attention
+from rec2pm_kernels import PATTERNS, PatternSpec, segment_attention
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.ops.segment_attention.torch_backend import group_by_length, segment_attention_torch
 from rec2pm_kernels.patterns import bias_bucket, bias_positions, visible
@@ -66,9 +66,7 @@ def test_row_chunking_matches_one_chunk(pattern, score):
     q, k, v = make_qkv(sum(lengths), dtype=torch.float64, requires_grad=True)
     bias = make_bias(2, dtype=torch.float64, requires_grad=True)
     kw = dict(
-        pattern=pattern,
-        segment_len=S if pattern != "causal" else None,
-        num_memory_tokens=C if pattern != "causal" else None,
+        pattern=PatternSpec.of(**pattern_kwargs(pattern)),
         scale=0.3,
         rel_bias=bias,
         silu_norm=7.0 if score == "silu" else None,
@@ -283,9 +281,7 @@ def test_torch_backend_memory_stays_within_its_chunk_budget(score):
             k,
             v,
             cu_seqlens_of([n]),
-            pattern="global",
-            segment_len=200,
-            num_memory_tokens=4,
+            pattern=PatternSpec("global", 200, 4),
             rel_bias=bias,
             scale=0.25,
             max_chunk_elements=chunk,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import _extension
-from ...patterns import PATTERN_CODES, SCORES
+from ...patterns import PATTERN_CODES, SCORES, PatternSpec
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -68,9 +68,7 @@ def _cpp_segment_attention_fake(
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=math_dtype(q.dtype))
 
 
-def segment_attention_cpp(
-    q, k, v, cu_seqlens, *, pattern, segment_len, num_memory_tokens, score, scale, rel_bias, silu_norm
-):
+def segment_attention_cpp(q, k, v, cu_seqlens, *, pattern: PatternSpec, score, scale, rel_bias, silu_norm):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation; no autograd."""
     run = cpp_segment_attention_op if torch.compiler.is_compiling() else run_cpp_segment_attention
     out = run(
@@ -78,9 +76,9 @@ def segment_attention_cpp(
         k,
         v,
         cu_seqlens,
-        pattern,
-        segment_len or 1,
-        num_memory_tokens or 0,
+        pattern.name,
+        pattern.segment_len or 1,
+        pattern.num_memory_tokens or 0,
         score,
         float(scale),
         rel_bias,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...patterns import bias_bucket, bias_positions, first_visible_column, visible
+from ...patterns import PatternSpec, bias_bucket
 from ..torch_math import masked_attention
 
 # Entries of one chunk's score tensor (G * H * rows * keys): 2**24 fp32 scores = 64 MiB.
@@ -36,29 +36,19 @@ CHUNKS_PER_SEQUENCE = 8
 MIN_CHUNK_ROWS = 256
 
 
-def row_chunks(
-    pattern: str,
-    length: int,
-    per_row: int,
-    max_chunk_elements: int,
-    segment_len: int | None,
-    num_memory_tokens: int | None,
-) -> list[tuple[int, int, int]]:
+def row_chunks(pattern: PatternSpec, length: int, per_row: int, max_chunk_elements: int) -> list[tuple[int, int, int]]:
     """``(r0, r1, k0)`` for each chunk of rows ``[r0, r1)`` and its first key ``k0``.
 
     ``per_row``: score entries of one row over all ``length`` keys (``G * H * length``).
     """
     by_memory = max(1, max_chunk_elements // per_row)
-    if pattern == "kv_memory_overwrite":
-        unit = segment_len + num_memory_tokens
+    if pattern.name == "kv_memory_overwrite":
+        unit = pattern.segment_len + pattern.num_memory_tokens
         by_work = unit * max(1, MIN_CHUNK_ROWS // unit)  # whole units: keys start one write block back
     else:
         by_work = max(MIN_CHUNK_ROWS, -(-length // CHUNKS_PER_SEQUENCE))
     rows = min(by_memory, by_work)
-    return [
-        (r0, min(r0 + rows, length), first_visible_column(pattern, r0, segment_len, num_memory_tokens))
-        for r0 in range(0, length, rows)
-    ]
+    return [(r0, min(r0 + rows, length), pattern.first_visible_column(r0)) for r0 in range(0, length, rows)]
 
 
 def group_by_length(lengths: list[int]) -> list[list[int]]:
@@ -74,13 +64,13 @@ def group_by_length(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _attend_chunk(qc, kc, vc, rows, cols, rel_bias, pattern, S, C, score, scale, silu_norm):
+def _attend_chunk(qc, kc, vc, rows, cols, rel_bias, pattern: PatternSpec, score, scale, silu_norm):
     """One chunk: ``qc (G, H, R, D)`` against ``kc (G, H, K, D)``, ``vc (G, H, K, Dv)``."""
-    mask = visible(pattern, rows[:, None], cols[None, :], S, C)
+    mask = pattern.visible(rows[:, None], cols[None, :])
     bias = None
     if rel_bias is not None:
-        lam_r = bias_positions(pattern, rows, S, C)
-        lam_c = bias_positions(pattern, cols, S, C)
+        lam_r = pattern.bias_positions(rows)
+        lam_c = pattern.bias_positions(cols)
         bias = rel_bias.to(qc.dtype)[:, bias_bucket(lam_r[:, None], lam_c[None, :], rel_bias.shape[1])]
     return masked_attention(qc, kc, vc, mask, bias, score=score, scale=scale, silu_norm=silu_norm)
 
@@ -91,16 +81,15 @@ def segment_attention_torch(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     *,
-    pattern: str,
-    segment_len: int | None,
-    num_memory_tokens: int | None,
+    pattern: PatternSpec,
     score: str,
     scale: float,
     rel_bias: torch.Tensor | None,
     silu_norm: float | None,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Arguments as ``rec2pm_kernels.segment_attention`` after validation (``scale`` filled in)."""
+    """Arguments as ``rec2pm_kernels.segment_attention`` after validation (``scale`` filled in,
+    the pattern as a ``PatternSpec``)."""
     total, heads, _ = q.shape
     dv = v.shape[-1]
     bounds = cu_seqlens.tolist()
@@ -124,9 +113,7 @@ def segment_attention_torch(
         # Padded slots read token 0 of the sequence: finite values that causality hides.
         tok = starts_all[idx][:, None] + torch.where(valid, offsets[None, :], 0)
         qg, kg, vg = (x[tok].transpose(1, 2) for x in (q, k, v))  # (G, H, L, D)
-        chunks = row_chunks(
-            pattern, longest, len(group) * heads * longest, max_chunk_elements, segment_len, num_memory_tokens
-        )
+        chunks = row_chunks(pattern, longest, len(group) * heads * longest, max_chunk_elements)
         saved = len(group) * heads * sum((r1 - r0) * (r1 - k0) for r0, r1, k0 in chunks)
         keeps_scores = score == "silu" or (rel_bias is not None and rel_bias.requires_grad)
         use_checkpoint = needs_grad and keeps_scores and len(chunks) > 1 and saved > max_chunk_elements
@@ -142,8 +129,6 @@ def segment_attention_torch(
                 cols,
                 rel_bias,
                 pattern,
-                segment_len,
-                num_memory_tokens,
                 score,
                 scale,
                 silu_norm,

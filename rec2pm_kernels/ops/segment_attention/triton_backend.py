@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...patterns import PATTERN_CODES, SCORE_CODES
+from ...patterns import PATTERN_CODES, SCORE_CODES, PatternSpec
 from ..outputs import new_output
 from ..triton_configs import BIAS_WINDOW, configs, padded_head_dim
 from ..triton_launch import input_precision, launch, length_bucket
@@ -396,9 +396,7 @@ def segment_attention_triton(
     cu_seqlens,
     max_seqlen,
     *,
-    pattern,
-    segment_len,
-    num_memory_tokens,
+    pattern: PatternSpec,
     score,
     scale,
     rel_bias,
@@ -406,7 +404,8 @@ def segment_attention_triton(
     allow_tf32=False,
     deterministic=False,
 ):
-    """Arguments as ``rec2pm_kernels.segment_attention`` after validation."""
+    """Arguments as ``rec2pm_kernels.segment_attention`` after validation.  The custom op
+    takes the pattern as its plain fields (``S = C = 0`` for ``causal``)."""
     if q.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q of dtype torch.float64")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -417,9 +416,9 @@ def segment_attention_triton(
         v,
         cu_seqlens,
         int(max_seqlen),
-        pattern,
-        segment_len or 0,
-        num_memory_tokens or 0,
+        pattern.name,
+        pattern.segment_len or 0,
+        pattern.num_memory_tokens or 0,
         score,
         float(scale),
         rel_bias,
