@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids
+from rec2pm_kernels.varlen import expand_lengths
 
 METRICS = ("HR@1", "HR@10", "HR@50", "NDCG@10", "NDCG@50", "MRR")
 
@@ -168,7 +168,7 @@ def _history_mask(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor, nu
     """``history_mask`` without the checks; ``cu`` CPU int64 (U + 1,), ``users`` CPU int64 (R,)."""
     starts, lengths = cu[users], cu[users + 1] - cu[users]
     # Position of every history item of the selected users in `items`, and its output row.
-    row, offset = prepare_sequence_and_position_ids(prepare_offsets(lengths))
+    row, offset = expand_lengths(lengths)
     picked = items[(starts[row] + offset).to(items.device)].long()
     mask = torch.zeros(users.numel(), num_items + 1, dtype=torch.bool, device=items.device)
     mask[row.to(items.device), picked] = True

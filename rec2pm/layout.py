@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from rec2pm_kernels.patterns import bias_positions, is_write_token, unit_of
-from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids, range_rows
+from rec2pm_kernels.varlen import expand_lengths, prepare_offsets, range_rows
 
 ITEM, WRITE, MEMORY = 0, 1, 2
 MODES = ("overwrite", "append")
@@ -163,22 +163,13 @@ def _check_sizes(segment_len: int, num_memory_tokens: int) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    return prepare_offsets(counts)
-
-
-def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For sequences of ``counts`` tokens: each token's sequence and its offset inside it."""
-    return prepare_sequence_and_position_ids(prepare_offsets(counts))
-
-
 def packed_rows(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row indices (on the host) of the ranges ``[starts[i], starts[i] + counts[i])``, in order."""
     return range_rows(starts.cpu(), counts.cpu())
 
 
 def _layout(counts: torch.Tensor, **per_token: torch.Tensor) -> PackedLayout:
-    cu = _offsets(counts).to(torch.int32)
+    cu = prepare_offsets(counts).to(torch.int32)
     return PackedLayout(cu_seqlens=cu, max_seqlen=int(counts.max()) if counts.numel() else 0, **per_token)
 
 
@@ -200,14 +191,14 @@ def stage1_layout(lengths: Sequence[int] | torch.Tensor, segment_len: int, num_m
     S, C = segment_len, num_memory_tokens
     archived, _ = history_shape(lengths, S)
     counts = lengths + archived * C
-    user, p = _expand(counts)
+    user, p = expand_lengths(counts)
     # The pattern rule of the kernels (rec2pm_kernels.patterns): the same write-token roles
     # and the same λ that ``global`` attention biases use.
     unit = unit_of(p, S, C)
     is_write = is_write_token(p, S, C)
     in_unit = p - (S + C) * unit
     history = bias_positions("global", p, S, C)  # for items, the index in the history
-    items_cu = _offsets(lengths)
+    items_cu = prepare_offsets(lengths)
     item_index = torch.where(is_write, -1, items_cu[:-1][user] + history)
     has_next = ~is_write & (history + 1 < lengths[user])
     minus = torch.full_like(p, -1)
@@ -232,7 +223,7 @@ def _blocks(block_user, mem_count, item_first, item_count, with_write, items_cu,
     tokens), for the caller to fill ``segment`` / ``memory_index`` / ``reference_index``.
     """
     counts = mem_count + item_count + with_write.long() * C
-    block, offset = _expand(counts)
+    block, offset = expand_lengths(counts)
     m, n = mem_count[block], item_count[block]
     is_mem = offset < m
     is_item = ~is_mem & (offset < m + n)
@@ -268,16 +259,16 @@ def stage2_layout(
     S, C = segment_len, num_memory_tokens
     lengths = _as_counts("lengths", lengths, 1)
     archived, _ = history_shape(lengths, S)
-    block_user, h = _expand(archived + 1)  # block h of user u
+    block_user, h = expand_lengths(archived + 1)  # block h of user u
     is_last = h == archived[block_user]
     item_first = h * S
     item_count = torch.where(is_last, lengths[block_user] - h * S, S)
     mem_count = (h * C) if mode == "append" else torch.where(h > 0, C, 0)
     counts, block, offset, is_mem, is_write, f = _blocks(
-        block_user, mem_count, item_first, item_count, ~is_last, _offsets(lengths), lengths[block_user], C
+        block_user, mem_count, item_first, item_count, ~is_last, prepare_offsets(lengths), lengths[block_user], C
     )
     user, hb = f["user"], h[block]
-    stage1_start = _offsets(lengths + archived * C)[:-1][user]
+    stage1_start = prepare_offsets(lengths + archived * C)[:-1][user]
     # Memory token i reads segment g = h-1 (overwrite) or i // C (append), slot i % C.
     mem_segment = torch.div(offset, C, rounding_mode="floor") if mode == "append" else hb - 1
     mem_row = stage1_start + mem_segment * (S + C) + S + offset % C
@@ -331,13 +322,20 @@ def block_layout(
     if n and bool((item_first + item_counts > history[users]).any()):
         raise ValueError("item_first + item_counts runs past the end of a history (history_lengths)")
     counts, block, offset, is_mem, _, f = _blocks(
-        users, memory_counts, item_first, item_counts, writes, _offsets(history), history[users], num_memory_tokens
+        users,
+        memory_counts,
+        item_first,
+        item_counts,
+        writes,
+        prepare_offsets(history),
+        history[users],
+        num_memory_tokens,
     )
     minus = torch.full_like(offset, -1)
     return _layout(
         counts,
         segment=minus,
-        memory_index=torch.where(is_mem, _offsets(memory_counts)[:-1][block] + offset, -1),
+        memory_index=torch.where(is_mem, prepare_offsets(memory_counts)[:-1][block] + offset, -1),
         reference_index=minus.clone(),
         **f,
     )
@@ -370,4 +368,4 @@ def split_history(items: torch.Tensor, lengths: torch.Tensor, segment_len: int):
     each user's tail (its last ``L - K*S`` items) packed with its offsets."""
     archived, tail = history_shape(lengths, segment_len)
     rows = packed_rows(lengths.cumsum(0) - tail, tail)
-    return archived, items[rows.to(items.device)], _offsets(tail)
+    return archived, items[rows.to(items.device)], prepare_offsets(tail)

@@ -43,10 +43,15 @@ def prepare_sequence_and_position_ids(
     return sequence, torch.arange(sequence.numel(), device=cu_seqlens.device) - cu_seqlens[:-1].long()[sequence]
 
 
+def expand_lengths(lengths: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prepare_sequence_and_position_ids`` of sequences given by their ``lengths``."""
+    return prepare_sequence_and_position_ids(prepare_offsets(lengths), total)
+
+
 def range_rows(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Row indices of the ranges ``[starts[i], starts[i] + counts[i])``, concatenated in order.
 
     Gathers (parts of) packed sequences in one indexing op: tails, windows, chosen users.
     """
-    sequence, position = prepare_sequence_and_position_ids(prepare_offsets(counts.to(starts.device)))
+    sequence, position = expand_lengths(counts.to(starts.device))
     return starts.long()[sequence] + position

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rec2pm_kernels.varlen import (
+    expand_lengths,
     prepare_lens,
     prepare_offsets,
     prepare_position_ids,
@@ -28,6 +29,7 @@ def test_expansions_match_python_loops(lengths, dtype):
     both = prepare_sequence_and_position_ids(cu, total=sum(lengths))
     assert [x.tolist() for x in both] == [sequence, position]
     assert all(x.dtype == torch.int64 for x in both)
+    assert [x.tolist() for x in expand_lengths(torch.tensor(lengths, dtype=dtype))] == [sequence, position]
 
 
 def test_range_rows_concatenates_ranges_in_order():

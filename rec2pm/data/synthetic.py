@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids
+from rec2pm_kernels.varlen import expand_lengths
 
 from .interactions import InteractionData
 
@@ -211,7 +211,7 @@ def lifelong_planted(
 def _sample(users, lengths, blocks, cdf, interests, bounds, noise, num_items, gen) -> torch.Tensor:
     """Packed events of ``users``: interest by inverse CDF, item uniform in its cluster, then noise."""
     total = int(lengths.sum())
-    index, position = prepare_sequence_and_position_ids(prepare_offsets(lengths), total)
+    index, position = expand_lengths(lengths, total)
     owner = users[index]
     row = owner * blocks + position // DRIFT_BLOCK  # row of cdf: (user, block)
     u_interest = torch.rand(total, generator=gen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rec2pm_kernels.varlen import prepare_offsets, prepare_sequence_and_position_ids
+from rec2pm_kernels.varlen import expand_lengths
 
 from ..layout import block_layout, history_shape, split_history
 from .base import LossOutput, RecModel
@@ -44,7 +44,7 @@ class RecentOnly(RecModel):
         lengths = self.check_history(items, cu_seqlens)
         S = self.config.segment_len
         archived, _ = history_shape(lengths, S)
-        users, h_index = prepare_sequence_and_position_ids(prepare_offsets(archived + 1))  # block h of each user
+        users, h_index = expand_lengths(archived + 1)  # block h of each user
         first = h_index * S
         counts = torch.minimum(lengths[users] - first, torch.full_like(first, S))
         layout = block_layout(

@@ -10,6 +10,7 @@ store) take every rank's writes directly, in parallel.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -40,6 +41,13 @@ def encode_histories(
         raise ValueError(f"rank must be in 0..world_size-1 = {world_size - 1}, got {rank}")
     mine = list(range(rank, len(user_ids), world_size))
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    single_writer = single_writer and world_size > 1
+    if single_writer:
+        import torch.distributed as dist
+
+        # Every rank takes part in as many rounds as rank 0, which has the most users.
+        rounds = math.ceil(len(range(0, len(user_ids), world_size)) / batch_size)
+        batches += [None] * (rounds - len(batches))
     if progress:
         from tqdm import tqdm
 
@@ -52,37 +60,27 @@ def encode_histories(
         lengths = torch.tensor([0] + [len(r) for r in runs]).cumsum(0)
         return recommender.encode_backfill([user_ids[u] for u in batch], torch.cat(runs), lengths, iterative=iterative)
 
-    if single_writer and world_size > 1:
-        import torch.distributed as dist
-
-        # Every rank takes part in as many rounds as the rank with the most batches.
-        rounds = -(-len(range(0, len(user_ids), world_size)) // batch_size)
-        batches = list(batches) + [None] * (rounds - len(batches))
-        for batch in batches:
-            encoded = encode(batch) if batch else None
+    for batch in batches:
+        encoded = encode(batch) if batch else None
+        if single_writer:
             gathered = [None] * world_size if rank == 0 else None
             dist.gather_object(encoded, gathered, dst=0)
-            if rank == 0:
-                for part in gathered:
-                    if part is not None:
-                        recommender.commit_backfill(part)
-            if encoded is not None:
-                users += len(batch)
-                events += sum(encoded.events)
-                segments += sum(encoded.archived)
-    else:
-        for batch in batches:
-            result = recommender.commit_backfill(encode(batch))
+            for part in gathered or ():
+                if part is not None:
+                    recommender.commit_backfill(part)
+        else:
+            recommender.commit_backfill(encoded)
+        if encoded is not None:
             users += len(batch)
-            events += sum(result.stored)
-            segments += sum(result.archived)
+            events += sum(encoded.events)
+            segments += sum(encoded.archived)
     return {
         "users": users,
         "events": events,
         "segments": segments,
         "rank": rank,
         "world_size": world_size,
-        "writer": "rank 0" if single_writer and world_size > 1 else "every rank",
+        "writer": "rank 0" if single_writer else "every rank",
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -93,6 +91,7 @@ def main_encode(args, parser) -> int:
     from ..training import load_checkpoint, load_data
     from .errors import StoreError
     from .recommender import Recommender
+    from .sqlite_store import SQLiteStore
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -111,7 +110,7 @@ def main_encode(args, parser) -> int:
             session_cache_bytes=0,
         )
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        single_writer = world_size > 1 and args.store.startswith("sqlite:")
+        single_writer = world_size > 1 and isinstance(recommender.store, SQLiteStore)
         if single_writer:  # a gloo group to hand the encoded batches to rank 0
             import torch.distributed as dist
 

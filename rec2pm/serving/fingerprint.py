@@ -7,6 +7,8 @@ import hashlib
 
 import torch
 
+from ..config import KernelOptions
+
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """32 hex digits over the method, config, options and every weight (name, dtype, shape, bytes).
@@ -16,7 +18,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """
     digest = hashlib.blake2b(digest_size=16)
     # Kernel options (backend, TF32, determinism) change how attention runs, not what a memory means.
-    config = dataclasses.replace(model.config, kernels=type(model.config.kernels)())
+    config = dataclasses.replace(model.config, kernels=KernelOptions())
     for part in (getattr(model, "method", type(model).__name__), repr(config), repr(model.options)):
         digest.update(part.encode())
         digest.update(b"\0")
