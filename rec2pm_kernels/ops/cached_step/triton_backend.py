@@ -6,6 +6,8 @@ Registered as the custom op ``rec2pm::cached_step_attention`` (it writes ``k_cac
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -21,6 +23,13 @@ MAX_SPLITS = 16
 MIN_KEYS_PER_SPLIT = 256
 
 _sm_counts: dict[int, int] = {}
+
+
+@functools.cache
+def smallest_block_m(dtype: torch.dtype, head_dim: int, arch: int) -> int:
+    """The smallest row block of any config of the kernel: it sizes the program count that
+    decides the split (cached: the serving step asks on every call)."""
+    return min(tile.kwargs["BLOCK_M"] for tile in configs("cached_step", dtype, head_dim, arch))
 
 
 def default_num_splits(programs: int, capacity: int, device: torch.device) -> int:
@@ -67,10 +76,9 @@ def cached_step_forward(
         return out
     q_new = q_new if q_new.stride(-1) == 1 else q_new.contiguous()
     capacity = k_cache.shape[1]
+    tune_dim = max(q_new.shape[2], dim_v)  # configs are chosen by the larger head dim
     if num_splits is None:
-        # Programs before splitting, at the smallest row block any config of this kernel uses.
-        tiles = configs("cached_step", q_new.dtype, max(q_new.shape[2], dim_v), device_arch(q_new.device))
-        block_m = min(tile.kwargs["BLOCK_M"] for tile in tiles)
+        block_m = smallest_block_m(q_new.dtype, tune_dim, device_arch(q_new.device))
         num_splits = default_num_splits(batch * triton.cdiv(max_new, block_m) * heads, capacity, q_new.device)
     block_dv = padded_head_dim(dim_v)
     if num_splits > 1:
@@ -122,7 +130,7 @@ def cached_step_forward(
         args,
         switches,
         dtype=q_new.dtype,
-        head_dim=max(q_new.shape[2], dim_v),
+        head_dim=tune_dim,
         device=q_new.device,
         config=config,
     )
