@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -132,5 +133,8 @@ def main_encode(args, parser) -> int:
             dist.destroy_process_group()
     except (ValueError, TypeError, OSError, StoreError) as exc:
         parser.exit(2, f"rec2pm encode: error: {exc}\n")
-    print(json.dumps({"store": args.store, **summary}))
+    # One write of the whole line (newline included): ranks under torchrun share stdout, and a
+    # pipe keeps a single write of under PIPE_BUF bytes whole, where print's two writes can interleave.
+    sys.stdout.write(json.dumps({"store": args.store, **summary}) + "\n")
+    sys.stdout.flush()
     return 0

@@ -108,6 +108,16 @@ def test_cli_encode_names_a_missing_checkpoint(tmp_path, capsys):
     assert "none.pt" in capsys.readouterr().err
 
 
+def _json_objects(text: str) -> list[dict]:
+    """Every JSON object in ``text``, wherever lines break: two ranks share one stdout."""
+    decoder, objects, start = json.JSONDecoder(), [], text.find("{")
+    while start != -1:
+        obj, end = decoder.raw_decode(text, start)
+        objects.append(obj)
+        start = text.find("{", end)
+    return objects
+
+
 @pytest.mark.slow
 def test_cli_encode_under_torchrun_writes_sqlite_through_rank_0(tmp_path, checkpoint, capsys):
     """Two ranks encode disjoint halves; rank 0 alone commits both to the SQLite file, and the
@@ -141,7 +151,7 @@ def test_cli_encode_under_torchrun_writes_sqlite_through_rank_0(tmp_path, checkp
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    summaries = _json_objects(result.stdout)
     assert sorted(s["rank"] for s in summaries) == [0, 1]
     assert {s["writer"] for s in summaries} == {"rank 0"} and sum(s["users"] for s in summaries) == 12
     one, two = open_store(single), open_store(shared)
