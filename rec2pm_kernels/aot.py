@@ -63,12 +63,14 @@ from collections import defaultdict
 
 import torch
 
+from .ops.triton_codes import HSTU_CAUSAL_CODE
 from .ops.triton_configs import BIAS_WINDOW, MEASURED_HEAD_DIMS, SHARED_MEMORY_LIMIT, configs, padded_head_dim
 from .ops.triton_configs import KERNELS as TUNED_KERNELS
 from .patterns import PATTERN_CODES, SCORE_CODES
 
 ARCHS = (80, 90)
-PATTERNS = tuple(PATTERN_CODES.values())  # the codes the launchers pass as PATTERN
+# The codes the launchers pass as PATTERN: the patterns, and causal refined by HSTU's masks.
+PATTERNS = (*PATTERN_CODES.values(), HSTU_CAUSAL_CODE)
 SCORES = tuple(SCORE_CODES.values())
 SCORE_NAMES = {code: name for name, code in SCORE_CODES.items()}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -213,6 +215,29 @@ def _pointer_types(spec: Specialisation) -> dict[str, str | None]:
     t = f"*{spec.dtype}"
     bias = t if spec.has_bias else None
     stats = "*fp32" if spec.score == SCORE_CODES["softmax"] else None  # SiLU has no row statistics
+    if spec.kernel != "cached_step":
+        return dict(_segment_pointer_types(spec, t, bias, stats), **_hstu_pointer_types(spec))
+    partial = "*fp32" if spec.num_splits > 1 else None  # one split writes OUT directly
+    return dict(
+        Q=t,
+        K_CACHE=t,
+        V_CACHE=t,
+        OUT=t,
+        PARTIAL_ACC=partial,
+        PARTIAL_STATS=partial,
+        CU_NEW="*i32",
+        CACHE_SEQLENS="*i32",
+        BIAS=bias,
+    )
+
+
+def _hstu_pointer_types(spec: Specialisation) -> dict[str, str | None]:
+    """Candidate counts and per-sequence SiLU divisors: passed only under HSTU's masks."""
+    hstu = spec.pattern == HSTU_CAUSAL_CODE
+    return dict(NUM_TARGETS="*i32" if hstu else None, SILU_NORMS="*fp32" if hstu else None)
+
+
+def _segment_pointer_types(spec: Specialisation, t: str, bias: str | None, stats: str | None) -> dict:
     if spec.kernel == "segment_fwd":
         return dict(Q=t, K=t, V=t, OUT=t, LSE=stats, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
     if spec.kernel == "segment_bwd_dkdv":
@@ -233,20 +258,7 @@ def _pointer_types(spec: Specialisation) -> dict[str, str | None]:
         )
     if spec.kernel == "segment_bwd_dq":
         return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, DQ=t, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
-    if spec.kernel == "segment_bwd_bias":
-        return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
-    partial = "*fp32" if spec.num_splits > 1 else None  # one split writes OUT directly
-    return dict(
-        Q=t,
-        K_CACHE=t,
-        V_CACHE=t,
-        OUT=t,
-        PARTIAL_ACC=partial,
-        PARTIAL_STATS=partial,
-        CU_NEW="*i32",
-        CACHE_SEQLENS="*i32",
-        BIAS=bias,
-    )
+    return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
 
 
 def _constexprs(spec: Specialisation) -> dict:

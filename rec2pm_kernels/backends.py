@@ -125,16 +125,26 @@ def resolve_backend(
     needs_grad: bool,
     dtype: torch.dtype = torch.float32,
     prefer_cpp: bool = True,
+    torch_only: tuple[str, ...] = (),
 ) -> str:
     """The backend that runs ``op``: the requested one if it can, else a clear ``ValueError``.
 
     ``auto`` picks ``triton`` for CUDA tensors of fp16, bf16 or fp32 when Triton is
     installed; on the CPU ``cpp`` when no gradient is needed, the extension is built and
     ``prefer_cpp`` (see ``cpp_preferred``), else ``torch``.  ``triton`` takes CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.
+    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.  ``torch_only`` names
+    the options of this call that only the ``torch`` backend implements so far: ``auto`` then
+    picks ``torch``, and another backend requested explicitly is refused.
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if torch_only and requested not in ("auto", "torch"):
+        raise ValueError(
+            f"backend={requested!r} does not implement {', '.join(torch_only)} yet; use backend='torch' "
+            "(or 'auto', which picks it)"
+        )
+    if requested == "auto" and torch_only:
+        return "torch"
     if requested == "auto":
         fast_dtype = dtype in (torch.float16, torch.bfloat16, torch.float32)
         if device.type == "cuda" and fast_dtype and _status("triton").available:

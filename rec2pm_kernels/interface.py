@@ -12,16 +12,13 @@ import torch
 
 from . import validation as check
 from .backends import cpp_preferred, resolve_backend
+from .hstu_masks import HSTUMask
 from .ops.cached_step.cpp_backend import cached_step_cpp
 from .ops.cached_step.torch_backend import cached_step_torch
 from .ops.segment_attention.cpp_backend import segment_attention_cpp
 from .ops.segment_attention.torch_backend import segment_attention_torch
 from .patterns import PatternSpec
-
-
-def _segment_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
-    # CPU math is exact fp32 and deterministic already; max_seqlen is not needed.
-    return segment_attention_torch(q, k, v, cu_seqlens, **options)
+from .time_bias import next_timestamps
 
 
 def _segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, **options):
@@ -50,6 +47,11 @@ def _cached_step_triton(*args, **options):
     return cached_step_triton(*args, **options)
 
 
+def _segment_attention_torch(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
+    # CPU math is exact fp32 and deterministic already; max_seqlen is not needed.
+    return segment_attention_torch(q, k, v, cu_seqlens, **options)
+
+
 # Launchers by backend name; resolve_backend only returns names that have an entry here.
 SEGMENT_ATTENTION_IMPLS = {
     "torch": _segment_attention_torch,
@@ -72,7 +74,16 @@ def segment_attention(
     score: str = "softmax",
     scale: float | None = None,
     rel_bias: torch.Tensor | None = None,
-    silu_norm: float | None = None,
+    silu_norm: float | torch.Tensor | None = None,
+    num_targets: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
     backend: str = "auto",
     validate: bool | None = None,
     allow_tf32: bool = False,
@@ -104,18 +115,42 @@ def segment_attention(
         score: ``"softmax"``: ``softmax(scale * q.k + bias)`` over visible keys;
             ``"silu"``: ``silu(scale * q.k + bias) / silu_norm`` on visible keys, 0 elsewhere.
         scale: defaults to ``head_dim ** -0.5``.
-        rel_bias: optional ``(heads, num_buckets)`` table; the bias of (row, col) is
+        rel_bias: optional ``(heads, num_buckets)`` table, or ``(1, num_buckets)`` shared by
+            every head; the bias of (row, col) is
             ``rel_bias[h, min(max(λ(row) - λ(col), 0), num_buckets - 1)]`` with λ(p) = p,
             except for ``"global"`` where λ(p) = p - C * (p // (S + C)) (items carry their
             history index, so ``global`` item rows equal ``causal`` over the items alone).
             It receives a gradient.
-        silu_norm: the constant divisor of ``"silu"`` (HSTU: its maximum sequence length);
-            required for ``"silu"``, rejected for ``"softmax"``.
+            A table as long as the longest sequence gives one weight per distance.
+        silu_norm: the divisor of ``"silu"``: a number for every sequence (HSTU: its maximum
+            sequence length, which production HSTU takes per batch), or a ``(batch,)`` float
+            tensor, one per sequence; required for ``"silu"``, rejected for ``"softmax"``.
+        num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len: HSTU's masks,
+            refinements of ``"causal"`` defined in ``rec2pm_kernels.hstu_masks``:
+            ``num_targets`` (``(batch,)`` int) candidates at the end of each sequence see the
+            history and themselves, not each other; the first ``contextual_seq_len`` tokens
+            see every non-candidate token and are seen by all; ``max_attn_len > 0`` limits
+            rows to keys at most that far back, except the last ``min_full_attn_seq_len``
+            history rows and the candidates.  Each sequence must be empty or hold at least
+            ``contextual_seq_len + num_targets[b]`` tokens.
+        ts_bias: optional ``(heads or 1, num_time_buckets + 1)`` table of HSTU's timestamp
+            bias (``rec2pm_kernels.time_bias``): ``ts_bias[h, bucket(query_time(row) -
+            timestamp(col))]`` is added to the score.  Receives a gradient.
+        timestamps: ``(total_tokens,)`` int64 time of each token, required with ``ts_bias``.
+        query_timestamps: ``(total_tokens,)`` int64 query time of each row; default: the
+            next token's timestamp in the same sequence (the last token's own).
+        dropout_p: attention dropout on the probabilities (softmax) or SiLU weights, applied
+            whenever it is > 0 (pass 0 in evaluation), scaled by ``1 / (1 - dropout_p)``.
+        dropout_seed: the dropout draws are a function of it and of the call's shapes, so
+            equal seeds give equal masks, forward and backward; ``None`` takes one from
+            torch's default generator (reproducible under ``torch.manual_seed``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpp"``.  ``"auto"`` runs ``triton`` on
             CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the extension is
             built (except softmax with ``causal`` or ``global`` over sequences longer than
             512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is
             forward only.  ``rec2pm_kernels.backends()`` says which are available here and why not.
+            The HSTU masks and a per-sequence ``silu_norm`` run on every backend; ``ts_bias``
+            and dropout on ``torch`` only, so far (``auto`` picks it for them).
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -138,13 +173,19 @@ def segment_attention(
 
     Returns:
         ``(total_tokens, heads, head_dim_v)`` in ``v``'s dtype.  Differentiable in ``q``,
-        ``k``, ``v`` and ``rel_bias``.
+        ``k``, ``v``, ``rel_bias`` and ``ts_bias``.
     """
     check.check_qkv(("q", "k", "v"), q, k, v)
     check.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
+    batch = cu_seqlens.numel() - 1
     spec = check.check_pattern(pattern, segment_len, num_memory_tokens)
+    hstu_mask = HSTUMask(contextual_seq_len, max_attn_len, min_full_attn_seq_len)
+    check.check_hstu_options(spec, hstu_mask, num_targets, batch, q.device)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_bias))
+    check.check_time_bias(ts_bias, timestamps, query_timestamps, q.shape[1], q.shape[0], q.device)
+    check.check_dropout(dropout_p, dropout_seed)
+    differentiable = (q, k, v, rel_bias, ts_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
     check.check_flag("allow_tf32", allow_tf32)
     check.check_flag("deterministic", deterministic, allow_none=True)
     if deterministic is None:
@@ -155,15 +196,39 @@ def segment_attention(
         lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, q.shape[0], "q")
         if spec.interleaved:
             check.check_write_blocks(lengths, spec)
+        check.check_num_targets_values(num_targets, lengths, hstu_mask)
+        check.check_silu_norm_values(silu_norm, batch)
     check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
     if check_contents:
-        check.check_finite(("q", "k", "v", "rel_bias"), (q, k, v, rel_bias))
+        check.check_finite(("q", "k", "v", "rel_bias", "ts_bias"), (q, k, v, rel_bias, ts_bias))
     # An upper bound that sizes work: no sequence is longer than all the tokens.
     max_seqlen = min(max_seqlen, q.shape[0])
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
+    torch_only = _used(ts_bias=ts_bias is not None, dropout_p=dropout_p > 0)
     chosen = resolve_backend(
-        backend, "segment_attention", q.device, needs_grad, q.dtype, prefer_cpp=cpp_preferred(score, spec.name, longest)
+        backend,
+        "segment_attention",
+        q.device,
+        needs_grad,
+        q.dtype,
+        prefer_cpp=cpp_preferred(score, spec.name, longest),
+        torch_only=torch_only,
     )
+    extras = dict(hstu_mask=hstu_mask, num_targets=num_targets)
+    if chosen == "torch":  # the options only the torch backend implements so far
+        if ts_bias is not None and query_timestamps is None:
+            query_timestamps = next_timestamps(timestamps, cu_seqlens)
+        if dropout_p > 0 and dropout_seed is None:
+            dropout_seed = int(torch.randint(0, 2**62, ()))
+        extras.update(
+            ts_bias=ts_bias,
+            timestamps=timestamps,
+            query_timestamps=query_timestamps,
+            dropout_p=float(dropout_p),
+            dropout_seed=dropout_seed,
+        )
+    else:
+        rel_bias = per_head_table(rel_bias, q.shape[1])
     return SEGMENT_ATTENTION_IMPLS[chosen](
         q,
         k,
@@ -177,7 +242,20 @@ def segment_attention(
         silu_norm=silu_norm,
         allow_tf32=allow_tf32,
         deterministic=bool(deterministic),
+        **extras,
     )
+
+
+def _used(**used: bool) -> tuple[str, ...]:
+    return tuple(name for name, on in used.items() if on)
+
+
+def per_head_table(table: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """A head-shared ``(1, buckets)`` table as the ``(heads, buckets)`` one the compiled
+    kernels index (a differentiable copy: its gradient sums over the heads)."""
+    if table is None or table.shape[0] == heads:
+        return table
+    return table.expand(heads, -1).contiguous()
 
 
 def cached_step_attention(
@@ -237,6 +315,8 @@ def cached_step_attention(
     batch = cu_seqlens_new.numel() - 1
     check.check_caches(q_new, v_new, batch, k_cache, v_cache, cache_seqlens)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, heads, q_new)
+    if isinstance(silu_norm, torch.Tensor):
+        raise TypeError("cached_step_attention takes silu_norm as a number, got a tensor")
     if torch.is_grad_enabled():
         for name, t in (
             ("q_new", q_new),
@@ -275,7 +355,7 @@ def cached_step_attention(
         cache_seqlens,
         score=score,
         scale=scale,
-        rel_bias=rel_bias,
+        rel_bias=per_head_table(rel_bias, heads),
         silu_norm=silu_norm,
         allow_tf32=allow_tf32,
     )

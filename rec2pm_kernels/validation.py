@@ -122,23 +122,126 @@ def check_score_options(score, scale, silu_norm, rel_bias, heads: int, q: torch.
     if score == "silu":
         if silu_norm is None:
             raise ValueError("silu_norm is required for score='silu' (HSTU uses its maximum sequence length)")
-        if (
+        if isinstance(silu_norm, torch.Tensor):
+            check_tensor("silu_norm", silu_norm, rank=1)
+            if silu_norm.device != q.device:
+                raise ValueError(f"silu_norm must be on {q.device}, got {silu_norm.device}")
+        elif (
             isinstance(silu_norm, bool)
             or not isinstance(silu_norm, Real)
             or not math.isfinite(silu_norm)
             or silu_norm <= 0
         ):
-            raise ValueError(f"silu_norm must be a finite number > 0, got {silu_norm!r}")
-        silu_norm = float(silu_norm)
+            raise ValueError(f"silu_norm must be a finite number > 0 or a (batch,) tensor, got {silu_norm!r}")
+        else:
+            silu_norm = float(silu_norm)
     elif silu_norm is not None:
         raise ValueError(f"silu_norm applies only to score='silu', got silu_norm={silu_norm!r} with score={score!r}")
-    if rel_bias is not None:
-        check_tensor("rel_bias", rel_bias, rank=2)
-        if rel_bias.shape[0] != heads or rel_bias.shape[1] < 1:
-            raise ValueError(f"rel_bias must have shape (heads={heads}, num_buckets>=1), got {tuple(rel_bias.shape)}")
-        if rel_bias.device != q.device:
-            raise ValueError(f"rel_bias must be on {q.device}, got {rel_bias.device}")
+    check_bias_table("rel_bias", rel_bias, heads, q.device)
     return float(scale), silu_norm
+
+
+def check_bias_table(name: str, table: torch.Tensor | None, heads: int, device: torch.device) -> None:
+    """A bias table ``(heads, buckets)``, or ``(1, buckets)`` shared by every head."""
+    if table is None:
+        return
+    check_tensor(name, table, rank=2)
+    if table.shape[0] not in (1, heads) or table.shape[1] < 1:
+        raise ValueError(
+            f"{name} must have shape (heads={heads}, buckets>=1), or (1, buckets) shared by all heads, "
+            f"got {tuple(table.shape)}"
+        )
+    if table.device != device:
+        raise ValueError(f"{name} must be on {device}, got {table.device}")
+
+
+def check_silu_norm_values(silu_norm, batch: int) -> None:
+    """A per-sequence ``silu_norm`` has one finite entry > 0 per sequence."""
+    if not isinstance(silu_norm, torch.Tensor):
+        return
+    if silu_norm.shape != (batch,):
+        raise ValueError(f"silu_norm must have shape (batch={batch},), got {tuple(silu_norm.shape)}")
+    if silu_norm.numel() and not bool(((silu_norm > 0) & torch.isfinite(silu_norm)).all()):
+        raise ValueError("silu_norm must be finite and > 0 for every sequence")
+
+
+def check_hstu_mask_fields(mask) -> None:
+    for name in ("contextual_seq_len", "max_attn_len", "min_full_attn_seq_len"):
+        value = getattr(mask, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if not 0 <= value <= MAX_POSITION:
+            raise ValueError(f"{name} must be in [0, {MAX_POSITION}], got {value}")
+    if mask.min_full_attn_seq_len and not mask.max_attn_len:
+        raise ValueError(
+            "min_full_attn_seq_len keeps full attention for the last tokens under a local window; "
+            f"it needs max_attn_len > 0, got max_attn_len=0 and min_full_attn_seq_len={mask.min_full_attn_seq_len}"
+        )
+
+
+def check_hstu_options(pattern: PatternSpec, mask, num_targets, batch: int, device: torch.device) -> None:
+    """Targets, a contextual prefix and a window refine ``causal`` only."""
+    if num_targets is not None:
+        check_tensor("num_targets", num_targets, rank=1, dtypes=INDEX_DTYPES)
+        if num_targets.shape != (batch,):
+            raise ValueError(f"num_targets must have shape (batch={batch},), got {tuple(num_targets.shape)}")
+        if num_targets.device != device:
+            raise ValueError(f"num_targets must be on {device}, got {num_targets.device}")
+    if pattern.interleaved and (mask.active or num_targets is not None):
+        raise ValueError(
+            "num_targets, contextual_seq_len and max_attn_len refine pattern='causal'; "
+            f"pattern={pattern.name!r} interleaves its own write tokens and takes none of them"
+        )
+
+
+def check_num_targets_values(num_targets: torch.Tensor | None, lengths: torch.Tensor, mask) -> None:
+    """Every non-empty sequence holds its contextual prefix, then its candidates after it."""
+    if (num_targets is None and not mask.contextual_seq_len) or not lengths.numel():
+        return
+    short = (lengths > 0) & (lengths < mask.contextual_seq_len)
+    if bool(short.any()):
+        i = int(torch.nonzero(short)[0, 0])
+        raise ValueError(
+            f"cu_seqlens: sequence {i} has {int(lengths[i])} tokens, fewer than contextual_seq_len="
+            f"{mask.contextual_seq_len}; a non-empty sequence must start with the whole contextual prefix"
+        )
+    if num_targets is None:
+        return
+    nt = num_targets.to(lengths.device, torch.int64)
+    room = torch.where(lengths > 0, lengths - mask.contextual_seq_len, 0)
+    bad = (nt < 0) | (nt > room)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"num_targets[{i}]={int(nt[i])} must be in [0, {int(room[i])}]: sequence {i} has {int(lengths[i])} "
+            f"tokens, contextual_seq_len={mask.contextual_seq_len} of them contextual"
+        )
+
+
+def check_time_bias(ts_bias, timestamps, query_timestamps, heads: int, total: int, device: torch.device) -> None:
+    """``ts_bias (heads or 1, num_buckets + 1)`` needs ``timestamps``; the query times are optional."""
+    check_bias_table("ts_bias", ts_bias, heads, device)
+    if ts_bias is None:
+        if timestamps is not None or query_timestamps is not None:
+            raise ValueError("timestamps and query_timestamps are read only by ts_bias; pass ts_bias too")
+        return
+    if timestamps is None:
+        raise ValueError("ts_bias needs timestamps: one int64 timestamp per token, shape (total_tokens,)")
+    for name, t in (("timestamps", timestamps), ("query_timestamps", query_timestamps)):
+        if t is None:
+            continue
+        check_tensor(name, t, rank=1, dtypes=INDEX_DTYPES)
+        if t.shape != (total,):
+            raise ValueError(f"{name} must have shape (total_tokens={total},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+def check_dropout(dropout_p, dropout_seed) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
+        raise TypeError(f"dropout_seed must be an int or None, got {type(dropout_seed).__name__}")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:

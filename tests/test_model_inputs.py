@@ -150,13 +150,17 @@ def test_segment_attention_module_matches_function():
         (dict(num_heads=0), "num_heads must be >= 1"),
         (dict(num_heads=2, pattern="sliding"), "pattern must be one of"),
         (dict(num_heads=2, pattern="global"), "needs segment_len (S) and num_memory_tokens (C)"),
-        (dict(num_heads=2, score="silu"), "silu_norm is required"),
+        (dict(num_heads=2, score="silu", silu_norm=-1.0), "silu_norm must be a finite number > 0"),
+        (dict(num_heads=2, max_attn_len=-1), "max_attn_len must be in"),
+        (dict(num_heads=2, dropout=1.5), "dropout_p must be a number in [0, 1)"),
+        (dict(num_heads=2, pattern="global", segment_len=3, num_memory_tokens=1, contextual_seq_len=2), "refine"),
         (dict(num_heads=2, num_buckets=0), "num_buckets must be >= 1"),
         (dict(num_heads=2, backend="cuda"), "backend must be one of"),
     ],
 )
 def test_segment_attention_module_checks_its_options_when_built(kwargs, text):
-    with pytest.raises((ValueError, TypeError), match=text.replace("(", r"\(").replace(")", r"\)")):
+    pattern = text.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    with pytest.raises((ValueError, TypeError), match=pattern):
         SegmentAttention(**kwargs)
 
 

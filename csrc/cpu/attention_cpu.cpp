@@ -21,6 +21,7 @@
 
 #include "attention_ops.h"
 #include "rec2pm/attention_math.h"
+#include "rec2pm/hstu_masks.h"
 
 namespace rec2pm {
 namespace {
@@ -150,6 +151,28 @@ struct SegmentProblem {
   int64_t tokens, heads, dim, dim_v, segment_len, memory_tokens, buckets;
   Pattern pattern;
   Score score;
+  HstuMask hstu;
+  bool uses_hstu;  // candidates, a prefix or a window: spans from hstu_key_spans
+};
+
+// The visible keys of row r: the pattern's spans, or HSTU's (at most kMaxHstuSpans).
+struct RowSpans {
+  const SegmentProblem& p;
+  int64_t row, count;
+  int64_t begin[kMaxHstuSpans], end[kMaxHstuSpans];
+
+  RowSpans(const SegmentProblem& problem, int64_t r, int64_t length, int64_t num_targets) : p(problem), row(r) {
+    count = p.uses_hstu ? hstu_key_spans(p.hstu, r, length, num_targets, begin, end)
+                        : key_span_count(p.pattern, r, p.segment_len, p.memory_tokens);
+  }
+  void get(int64_t span, int64_t* b, int64_t* e) const {
+    if (p.uses_hstu) {
+      *b = begin[span];
+      *e = end[span];
+    } else {
+      key_span(p.pattern, row, span, p.segment_len, p.memory_tokens, b, e);
+    }
+  }
 };
 
 // Compiled once per instruction set, chosen at load time by the CPU's features: the loops
@@ -165,15 +188,15 @@ struct SegmentProblem {
 // One output row: query row r of the sequence starting at token0, head h.
 template <typename T>
 __attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, const T* q, const T* keys_t, const T* v, const T* bias, T scale,
-                T silu_norm, int64_t token0, int64_t r, int64_t h, T* scores, T* acc, T* out) {
+                T silu_norm, int64_t token0, int64_t r, int64_t h, const RowSpans& spans, T* scores, T* acc,
+                T* out) {
   const int64_t S = p.segment_len, C = p.memory_tokens;
   const T* query = q + ((token0 + r) * p.heads + h) * p.dim;
   const int64_t lambda_row = bias_position(p.pattern, r, S, C);
-  const int64_t spans = key_span_count(p.pattern, r, S, C);
   int64_t n = 0;
-  for (int64_t span = 0; span < spans; ++span) {
+  for (int64_t span = 0; span < spans.count; ++span) {
     int64_t begin, end;
-    key_span(p.pattern, r, span, S, C, &begin, &end);
+    spans.get(span, &begin, &end);
     T* s = scores + n;
     const int64_t count = end - begin;
     const T* keys = keys_t + h * p.dim * p.tokens + token0 + begin;  // (dim, tokens) of this head
@@ -208,9 +231,9 @@ __attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, c
   const T normaliser = score_weights(scores, n, p.score, silu_norm);
   std::fill(acc, acc + p.dim_v, T(0));
   n = 0;
-  for (int64_t span = 0; span < spans; ++span) {
+  for (int64_t span = 0; span < spans.count; ++span) {
     int64_t begin, end;
-    key_span(p.pattern, r, span, S, C, &begin, &end);
+    spans.get(span, &begin, &end);
     const T* w = scores + n;
     const int64_t count = end - begin;
     add_weighted_values(w, v + ((token0 + begin) * p.heads + h) * p.dim_v, p.heads * p.dim_v, count, p.dim_v, acc);
@@ -223,28 +246,30 @@ __attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, c
 // The per-row entry points, one per dtype, cloned per instruction set (templates cannot be).
 REC2PM_VECTOR_CLONES void attend_row_f32(const SegmentProblem& p, const float* q, const float* keys_t,
                                          const float* v, const float* bias, float scale, float silu_norm,
-                                         int64_t token0, int64_t r, int64_t h, float* scores, float* acc, float* out) {
-  attend_row<float>(p, q, keys_t, v, bias, scale, silu_norm, token0, r, h, scores, acc, out);
+                                         int64_t token0, int64_t r, int64_t h, const RowSpans& spans, float* scores,
+                                         float* acc, float* out) {
+  attend_row<float>(p, q, keys_t, v, bias, scale, silu_norm, token0, r, h, spans, scores, acc, out);
 }
 REC2PM_VECTOR_CLONES void attend_row_f64(const SegmentProblem& p, const double* q, const double* keys_t,
                                          const double* v, const double* bias, double scale, double silu_norm,
-                                         int64_t token0, int64_t r, int64_t h, double* scores, double* acc,
-                                         double* out) {
-  attend_row<double>(p, q, keys_t, v, bias, scale, silu_norm, token0, r, h, scores, acc, out);
+                                         int64_t token0, int64_t r, int64_t h, const RowSpans& spans,
+                                         double* scores, double* acc, double* out) {
+  attend_row<double>(p, q, keys_t, v, bias, scale, silu_norm, token0, r, h, spans, scores, acc, out);
 }
 inline void attend_row_any(const SegmentProblem& p, const float* q, const float* k, const float* v, const float* b,
-                           float scale, float norm, int64_t t0, int64_t r, int64_t h, float* s, float* acc, float* o) {
-  attend_row_f32(p, q, k, v, b, scale, norm, t0, r, h, s, acc, o);
+                           float scale, float norm, int64_t t0, int64_t r, int64_t h, const RowSpans& spans,
+                           float* s, float* acc, float* o) {
+  attend_row_f32(p, q, k, v, b, scale, norm, t0, r, h, spans, s, acc, o);
 }
 inline void attend_row_any(const SegmentProblem& p, const double* q, const double* k, const double* v,
-                           const double* b, double scale, double norm, int64_t t0, int64_t r, int64_t h, double* s,
-                           double* acc, double* o) {
-  attend_row_f64(p, q, k, v, b, scale, norm, t0, r, h, s, acc, o);
+                           const double* b, double scale, double norm, int64_t t0, int64_t r, int64_t h,
+                           const RowSpans& spans, double* s, double* acc, double* o) {
+  attend_row_f64(p, q, k, v, b, scale, norm, t0, r, h, spans, s, acc, o);
 }
 
 template <typename T>
 void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch,
-                     const T* bias, T scale, T silu_norm, T* out) {
+                     const T* bias, T scale, T silu_norm, const int64_t* num_targets, const T* silu_norms, T* out) {
   std::vector<T> keys_t(p.tokens * p.heads * p.dim);
   transpose_heads(k, p.tokens, p.heads, p.dim, keys_t.data());
   // Tasks are (sequence, head, row block), numbered sequence after sequence.
@@ -264,9 +289,12 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
       const int64_t h = local % p.heads, block = local / p.heads;
       const int64_t token0 = cu[b], length = cu[b + 1] - cu[b];
       const int64_t r_end = std::min(length, (block + 1) * kRowBlock);
+      const int64_t targets = num_targets != nullptr ? num_targets[b] : 0;
+      const T norm = silu_norms != nullptr ? silu_norms[b] : silu_norm;
       for (int64_t r = block * kRowBlock; r < r_end; ++r) {
-        attend_row_any(p, q, keys_t.data(), v, bias, scale, silu_norm, token0, r, h, scores.data(),
-                       acc.data(), out);
+        const RowSpans spans(p, r, length, targets);
+        attend_row_any(p, q, keys_t.data(), v, bias, scale, norm, token0, r, h, spans, scores.data(), acc.data(),
+                       out);
       }
     }
   });
@@ -380,7 +408,11 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                             const torch::Tensor& cu_seqlens, int64_t pattern, int64_t segment_len,
                                             int64_t num_memory_tokens, int64_t score, double scale,
-                                            const std::optional<torch::Tensor>& rel_bias, double silu_norm) {
+                                            const std::optional<torch::Tensor>& rel_bias, double silu_norm,
+                                            const std::optional<torch::Tensor>& num_targets,
+                                            const std::optional<torch::Tensor>& silu_norms,
+                                            int64_t contextual_seq_len, int64_t max_attn_len,
+                                            int64_t min_full_attn_seq_len) {
   for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
     check_cpu(*t, name);
     TORCH_CHECK(t->is_contiguous() && t->dim() == 3 && t->scalar_type() == q.scalar_type(), name,
@@ -389,9 +421,26 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
   TORCH_CHECK(cu_seqlens.scalar_type() == torch::kLong && cu_seqlens.is_contiguous(), "cu_seqlens must be int64");
   auto out = torch::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   if (q.size(0) == 0) return out;
-  const SegmentProblem problem{q.size(0), q.size(1), q.size(2), v.size(2), segment_len, num_memory_tokens,
-                               rel_bias ? rel_bias->size(1) : 1, static_cast<Pattern>(pattern),
-                               static_cast<Score>(score)};
+  const int64_t batch = cu_seqlens.numel() - 1;
+  TORCH_CHECK(!num_targets || (num_targets->scalar_type() == torch::kLong && num_targets->is_contiguous() &&
+                               num_targets->numel() == batch),
+              "num_targets must be a contiguous int64 (batch,) tensor");
+  TORCH_CHECK(!silu_norms || (silu_norms->dim() == 1 && silu_norms->numel() == batch),
+              "silu_norms must be a (batch,) tensor");
+  const bool uses_hstu = num_targets.has_value() || contextual_seq_len > 0 || max_attn_len > 0;
+  TORCH_CHECK(!uses_hstu || static_cast<Pattern>(pattern) == Pattern::kCausal,
+              "num_targets, contextual_seq_len and max_attn_len refine the causal pattern only");
+  const SegmentProblem problem{q.size(0),
+                               q.size(1),
+                               q.size(2),
+                               v.size(2),
+                               segment_len,
+                               num_memory_tokens,
+                               rel_bias ? rel_bias->size(1) : 1,
+                               static_cast<Pattern>(pattern),
+                               static_cast<Score>(score),
+                               HstuMask{contextual_seq_len, max_attn_len, min_full_attn_seq_len},
+                               uses_hstu};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "segment_attention_forward_cpu", [&] {
     const scalar_t* bias = nullptr;
     torch::Tensor bias_table;
@@ -399,10 +448,13 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
       bias_table = rel_bias->to(q.scalar_type()).contiguous();
       bias = bias_table.data_ptr<scalar_t>();
     }
+    torch::Tensor norms;
+    if (silu_norms) norms = silu_norms->to(q.scalar_type()).contiguous();
     segment_forward<scalar_t>(problem, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              cu_seqlens.data_ptr<int64_t>(), cu_seqlens.numel() - 1, bias,
-                              static_cast<scalar_t>(scale), static_cast<scalar_t>(silu_norm),
-                              out.data_ptr<scalar_t>());
+                              cu_seqlens.data_ptr<int64_t>(), batch, bias, static_cast<scalar_t>(scale),
+                              static_cast<scalar_t>(silu_norm),
+                              num_targets ? num_targets->data_ptr<int64_t>() : nullptr,
+                              silu_norms ? norms.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
   });
   return out;
 }

@@ -5,24 +5,75 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9  # a step constant that keeps zero inputs from hashing to zero
 
-def masked_attention(q, k, v, mask, bias, *, score: str, scale: float, silu_norm: float | None) -> torch.Tensor:
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2**32).  The
+    products wrap, and the low 32 bits they keep are exact whatever the sign."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, row_tokens: torch.Tensor, cols: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
+    """``(G, heads, R, K)`` bool: which attention weights dropout keeps.
+
+    A counter-based draw, a hash of (seed, packed row index, key position, head), so the mask
+    of a weight is the same however rows are grouped and chunked, and recomputing a chunk in
+    backward redraws it exactly.  ``row_tokens (G, R)``: packed indices of the rows; ``cols
+    (K,)``: key positions inside the sequence.
+    """
+    step = (seed & MASK32) + GOLDEN32
+    h = _mix32((row_tokens.to(torch.int64) ^ step) & MASK32)[:, None, :, None]
+    h = _mix32(((h + GOLDEN32) ^ cols.to(torch.int64)) & MASK32)
+    head = torch.arange(heads, device=cols.device, dtype=torch.int64)[None, :, None, None]
+    h = _mix32(((h + GOLDEN32) ^ head ^ (seed >> 32 & MASK32)) & MASK32)
+    return h >= int(dropout_p * 2**32)
+
+
+def masked_attention(
+    q,
+    k,
+    v,
+    mask,
+    bias,
+    *,
+    score: str,
+    scale: float,
+    silu_norm: float | torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """``q (..., H, R, D)``, ``k (..., H, K, D)``, ``v (..., H, K, Dv)``; ``mask`` (bool; ``None``:
-    every key visible) and ``bias`` broadcast to ``(..., H, R, K)``.  Returns ``(..., H, R, Dv)``.
+    every key visible), ``bias`` and ``silu_norm`` (a number or a tensor) broadcast to
+    ``(..., H, R, K)``; ``keep`` (bool, that shape) drops the weights where it is False and
+    scales the rest by ``1 / (1 - dropout_p)``.  Returns ``(..., H, R, Dv)``.
 
     Softmax runs through ``scaled_dot_product_attention`` with an additive mask (0 / -inf,
     plus the bias) built from the boolean one: SDPA on CPU converts boolean masks to that
-    form on every call, which costs ~1.5x.  SiLU is two einsums with masked entries zeroed.
+    form on every call, which costs ~1.5x.  With dropout it is explicit, since SDPA's
+    dropout cannot be seeded.  SiLU is two einsums with masked entries zeroed.
     """
     if score == "softmax":
         additive = bias
         if mask is not None:
-            additive = (bias if bias is not None else q.new_zeros(mask.shape)).masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
-    s = torch.einsum("...rd,...kd->...rk", q, k) * scale
-    if bias is not None:
-        s = s + bias
-    p = F.silu(s) / silu_norm
-    if mask is not None:
-        p = p.masked_fill(~mask, 0.0)
+            base = bias if bias is not None else q.new_zeros(())
+            additive = torch.where(mask, base, float("-inf")).to(q.dtype)
+        if keep is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+        s = torch.einsum("...rd,...kd->...rk", q, k) * scale
+        p = torch.softmax(s if additive is None else s + additive, dim=-1)
+    else:
+        s = torch.einsum("...rd,...kd->...rk", q, k) * scale
+        if bias is not None:
+            s = s + bias
+        p = F.silu(s) / silu_norm
+        if mask is not None:
+            p = p.masked_fill(~mask, 0.0) if mask.shape == p.shape else torch.where(mask, p, 0.0)
+    if keep is not None:
+        p = torch.where(keep, p, 0.0) / (1 - dropout_p)
     return torch.einsum("...rk,...kd->...rd", p, v)

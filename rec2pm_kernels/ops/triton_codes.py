@@ -15,6 +15,11 @@ CAUSAL = tl.constexpr(PATTERN_CODES["causal"])
 GLOBAL = tl.constexpr(PATTERN_CODES["global"])
 KV_MEMORY_OVERWRITE = tl.constexpr(PATTERN_CODES["kv_memory_overwrite"])
 KV_MEMORY_APPEND = tl.constexpr(PATTERN_CODES["kv_memory_append"])
+# ``causal`` refined by HSTU's masks (``rec2pm_kernels.hstu_masks``: candidates, a contextual
+# prefix, a local window) and per-sequence SiLU divisors.  A Triton-only code: the C++
+# kernel takes the masks as arguments beside ``causal``.
+HSTU_CAUSAL_CODE = max(PATTERN_CODES.values()) + 1
+HSTU_CAUSAL = tl.constexpr(HSTU_CAUSAL_CODE)
 
 SOFTMAX = tl.constexpr(SCORE_CODES["softmax"])
 SILU = tl.constexpr(SCORE_CODES["silu"])

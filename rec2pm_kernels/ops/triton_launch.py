@@ -22,7 +22,17 @@ AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "PATTERN", "SCORE", "HAS
 # Runtime integers that change from batch to batch.  Triton would otherwise specialise
 # them (separate binaries for a value of 1 or a multiple of 16), so a ragged batch
 # could recompile; strides stay specialised, they are fixed by the tensor layout.
-SEGMENT_RUNTIME_INTS = ["total_tokens", "max_seqlen", "S", "C", "NUM_BUCKETS", "SEQ_BUCKET"]
+SEGMENT_RUNTIME_INTS = [
+    "total_tokens",
+    "max_seqlen",
+    "S",
+    "C",
+    "NUM_BUCKETS",
+    "SEQ_BUCKET",
+    "contextual_seq_len",
+    "max_attn_len",
+    "min_full_attn_seq_len",
+]
 CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "NUM_BUCKETS", "SEQ_BUCKET"]
 
 

@@ -24,6 +24,12 @@ is causal attention over ``L (1 + C / S)`` tokens); ``kv_memory_overwrite`` visi
 ``2 (S + C)`` keys per row, linear in the number of units; ``kv_memory_append`` visits its
 own unit plus one tile per earlier write block, so it grows with the square of the number
 of units but not of the tokens.
+
+HSTU's masks (``HSTU_CAUSAL``) take a tuple ``hstu = (num_targets, contextual_seq_len,
+max_attn_len, min_full_attn_seq_len)`` of the program's sequence.  Their tiles are all
+predicated, each by an exact scalar test (``hstu_tile_visible``): a row block visits the key
+tiles up to its last row (to the sequence's end when it holds contextual rows), a key block
+the row tiles from its own (from the first when there is a prefix) to the sequence's end.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_codes import CAUSAL, GLOBAL, KV_MEMORY_OVERWRITE
+from .triton_codes import CAUSAL, GLOBAL, HSTU_CAUSAL, KV_MEMORY_OVERWRITE
 
 
 @triton.jit
@@ -53,6 +59,68 @@ def visible_mask(rows, cols, S, C, PATTERN: tl.constexpr):
         else:
             mask = causal & (same_unit | (col_is_write & (col_unit < row_unit)))
     return mask
+
+
+@triton.jit
+def hstu_ranks(p, length, hstu):
+    """``(rank(p), m)`` of ``rec2pm_kernels.hstu_masks``: the prefix shares rank 0, the
+    candidates rank ``m``."""
+    num_targets, contextual, _, _ = hstu
+    shift = tl.maximum(contextual - 1, 0)
+    last = length - shift - num_targets
+    return tl.minimum(tl.maximum(p - shift, 0), last), last
+
+
+@triton.jit
+def hstu_visible_mask(rows, cols, length, hstu):
+    """Boolean tile of HSTU's masks for positions ``rows`` (``[BM, 1]``) and ``cols`` (``[1, BN]``)."""
+    _, contextual, window, tail = hstu
+    row_rank, last = hstu_ranks(rows, length, hstu)
+    col_rank, _ = hstu_ranks(cols, length, hstu)
+    distance = row_rank - col_rank
+    near = (distance <= window) | (window == 0) | ((tail > 0) & (row_rank >= last - tail))
+    seen = ((cols == rows) | (distance > 0)) & near
+    return seen | ((contextual > 0) & (row_rank == 0) & (col_rank < last))
+
+
+@triton.jit
+def _spans_meet(a0, a1, b0, b1):
+    """Do the closed ranges ``[a0, a1]`` and ``[b0, b1]`` share a position?  (Empty when ``a0 > a1``.)"""
+    return (a0 <= a1) & (b0 <= b1) & (a0 <= b1) & (b0 <= a1)
+
+
+@triton.jit
+def hstu_tile_visible(r0, r1, c0, c1, length, hstu):
+    """Does any row in ``[r0, r1]`` see any key in ``[c0, c1]`` under HSTU's masks?  Exact:
+    the rows split into the prefix, history (windowed, then the full tail) and candidates,
+    each with the key spans of ``csrc/include/rec2pm/hstu_masks.h``."""
+    num_targets, contextual, window, tail = hstu
+    shift = tl.maximum(contextual - 1, 0)
+    first_candidate = length - num_targets
+    last_rank = first_candidate - shift
+    # Prefix rows see every non-candidate key.
+    ok = (r0 <= tl.minimum(r1, contextual - 1)) & (c0 <= tl.minimum(c1, first_candidate - 1))
+    # History rows [h0, h1]: a full row sees [0, row]; a windowed one the prefix (while its rank
+    # is within the window) and the history keys at most `window` back, and itself.
+    h0 = tl.maximum(r0, contextual)
+    h1 = tl.minimum(r1, first_candidate - 1)
+    full_from = tl.where(window == 0, 0, tl.where(tail > 0, first_candidate - tail, first_candidate))
+    f0 = tl.maximum(h0, full_from)
+    ok = ok | ((f0 <= h1) & (c0 <= h1))
+    w1 = tl.minimum(h1, f0 - 1)
+    windowed = h0 <= w1
+    ok = ok | (windowed & _spans_meet(tl.maximum(contextual, h0 - window), w1, c0, c1))
+    ok = ok | (windowed & (h0 - shift <= window) & _spans_meet(0, contextual - 1, c0, c1))
+    # Candidate rows see themselves, and the keys before the first candidate (all of them
+    # with no window or any tail; else the prefix when m <= window and the last `window`).
+    t0 = tl.maximum(r0, first_candidate)
+    candidates = t0 <= r1
+    ok = ok | (candidates & _spans_meet(t0, r1, c0, c1))
+    full = (window == 0) | (tail > 0)
+    before = tl.where(full, 0, tl.maximum(contextual, first_candidate - window))
+    ok = ok | (candidates & _spans_meet(before, first_candidate - 1, c0, c1))
+    prefix_seen = candidates & (full == 0) & (last_rank <= window)
+    return ok | (prefix_seen & _spans_meet(0, contextual - 1, c0, c1))
 
 
 @triton.jit
@@ -142,9 +210,14 @@ PLAIN_PASS = tl.constexpr(1)
 
 
 @triton.jit
-def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, length, S, C, hstu, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(lo, hi)``: the key tiles of ``KEY_PASS`` start at ``range(lo, hi, BLOCK_N)``."""
-    pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
+    if PATTERN == HSTU_CAUSAL:  # every tile predicated; prefix rows see past their block
+        _, contextual, _, _ = hstu
+        pred_hi = tl.where(r0 < contextual, length, r1 + 1)
+        pred_lo, plain_lo, plain_hi = 0, pred_hi, pred_hi
+    else:
+        pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
     if KEY_PASS == PREDICATED_PASS:
         lo, hi = pred_lo, pred_hi
     else:
@@ -153,10 +226,38 @@ def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, S, C, PATTERN: tl.constexpr,
 
 
 @triton.jit
-def key_tile_in_pass(KEY_PASS: tl.constexpr, r0, r1, n0, length, S, C, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_tile_in_pass(
+    KEY_PASS: tl.constexpr, r0, r1, n0, length, S, C, hstu, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Whether the key tile at ``n0`` is visited: tested in the predicated pass, always in the plain one."""
     if KEY_PASS == PREDICATED_PASS:
-        visible = tile_visible(r0, r1, n0, tl.minimum(n0 + BLOCK_N, length) - 1, S, C, PATTERN)
+        c1 = tl.minimum(n0 + BLOCK_N, length) - 1
+        if PATTERN == HSTU_CAUSAL:
+            visible = hstu_tile_visible(r0, r1, n0, c1, length, hstu)
+        else:
+            visible = tile_visible(r0, r1, n0, c1, S, C, PATTERN)
+    else:
+        visible = True
+    return visible
+
+
+@triton.jit
+def row_range_start(c0, hstu, PATTERN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """First row tile that may see a key at or after ``c0``: ``c0``'s own, or the first
+    under HSTU's masks with a prefix (prefix rows see ahead)."""
+    start = c0 // BLOCK_M * BLOCK_M
+    if PATTERN == HSTU_CAUSAL:
+        _, contextual, _, _ = hstu
+        start = tl.where(contextual > 0, 0, start)
+    return start
+
+
+@triton.jit
+def row_tile_visible(m0, m1, c0, c1, length, hstu, PATTERN: tl.constexpr):
+    """Whether a key block visits the row tile ``[m0, m1]``: always inside the exact row
+    range of the patterns, tested under HSTU's masks."""
+    if PATTERN == HSTU_CAUSAL:
+        visible = hstu_tile_visible(m0, m1, c0, c1, length, hstu)
     else:
         visible = True
     return visible
@@ -165,8 +266,9 @@ def key_tile_in_pass(KEY_PASS: tl.constexpr, r0, r1, n0, length, S, C, PATTERN: 
 @triton.jit
 def row_range_end(c0, c1, length, S, C, PATTERN: tl.constexpr):
     """End (exclusive) of the rows that see some key in ``[c0, c1]``; every row tile from
-    ``c0``'s tile up to it holds a visible entry (see the module docstring)."""
-    if PATTERN == CAUSAL:
+    ``c0``'s tile up to it holds a visible entry (see the module docstring), except under
+    HSTU's masks, whose tiles are tested one by one."""
+    if PATTERN == CAUSAL or PATTERN == HSTU_CAUSAL:
         end = length
     else:
         U = S + C

@@ -10,11 +10,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_codes import LOG2E, SOFTMAX
-from .triton_patterns import bias_position, bias_tile, visible_mask
+from .triton_codes import HSTU_CAUSAL, LOG2E, SOFTMAX
+from .triton_patterns import bias_position, bias_tile, hstu_visible_mask, visible_mask
 
 # Row max before any visible key: finite, so exp2(-inf - m) is 0 rather than NaN.
 NO_MAX = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def sequence_options(seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm,
+                     PATTERN: tl.constexpr):  # fmt: skip
+    """``(hstu, silu_norm)`` of sequence ``seq``: HSTU's mask tuple (``num_targets``, prefix,
+    window, tail) and the sequence's own SiLU divisor under ``HSTU_CAUSAL``; zeros and the
+    call's divisor otherwise."""
+    if PATTERN == HSTU_CAUSAL:
+        num_targets = tl.load(NUM_TARGETS + seq).to(tl.int32)
+        silu_norm = tl.load(SILU_NORMS + seq)
+    else:
+        num_targets = 0
+    return (num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len), silu_norm
 
 
 @triton.jit
@@ -62,6 +76,7 @@ def scores(
     bias_head_ptr,
     S,
     C,
+    hstu,
     NUM_BUCKETS,
     scale,
     PATTERN: tl.constexpr,
@@ -74,7 +89,10 @@ def scores(
     masked entries never reach a sum.
     """
     z = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
-    mask = visible_mask(offs_m[:, None], offs_n[None, :], S, C, PATTERN)
+    if PATTERN == HSTU_CAUSAL:
+        mask = hstu_visible_mask(offs_m[:, None], offs_n[None, :], length, hstu)
+    else:
+        mask = visible_mask(offs_m[:, None], offs_n[None, :], S, C, PATTERN)
     mask = mask & (offs_m[:, None] < length) & (offs_n[None, :] < length)
     bucket = offs_n[None, :] * 0
     if HAS_BIAS:

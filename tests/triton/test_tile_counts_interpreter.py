@@ -43,6 +43,32 @@ def expected_counts(pattern, lengths, block_m, block_n, per, segment_len, num_me
     return out
 
 
+def count_tiles(q, k, v, cu, lengths, config, options) -> dict[str, torch.Tensor]:
+    """Tiles each program of the forward and both backward kernels visited, ``{kernel: (programs,)}``."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    max_len = max(lengths)
+    counts = {
+        "segment_fwd": torch.zeros(len(lengths) * triton.cdiv(max_len, block_m), 1, dtype=torch.int32),
+        "segment_bwd_dq": torch.zeros(len(lengths) * triton.cdiv(max_len, block_m), 1, dtype=torch.int32),
+        "segment_bwd_dkdv": torch.zeros(len(lengths) * triton.cdiv(max_len, block_n), 1, dtype=torch.int32),
+    }
+    out, lse = segment_forward(q, k, v, cu, max_len, config=config, tile_counts=counts["segment_fwd"], **options)
+    segment_backward(
+        torch.randn_like(out),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu,
+        max_len,
+        configs_by_kernel={"segment_bwd_dq": config, "segment_bwd_dkdv": config},
+        tile_counts={name: counts[name] for name in ("segment_bwd_dq", "segment_bwd_dkdv")},
+        **options,
+    )
+    return {name: count[:, 0] for name, count in counts.items()}
+
+
 def tile_configs() -> list:
     """Configs from ``configs()`` plus 16 x 16 tiles, which cut units into several tiles."""
     small = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
@@ -68,33 +94,14 @@ def test_visited_tiles_equal_visible_tiles(pattern, config, segment_len, num_mem
         silu_norm=1.0,
     )
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    max_len = max(lengths)
-    counts = {
-        "segment_fwd": torch.zeros(len(lengths) * triton.cdiv(max_len, block_m), 1, dtype=torch.int32),
-        "segment_bwd_dq": torch.zeros(len(lengths) * triton.cdiv(max_len, block_m), 1, dtype=torch.int32),
-        "segment_bwd_dkdv": torch.zeros(len(lengths) * triton.cdiv(max_len, block_n), 1, dtype=torch.int32),
-    }
-    out, lse = segment_forward(q, k, v, cu, max_len, config=config, tile_counts=counts["segment_fwd"], **options)
-    segment_backward(
-        torch.randn_like(out),
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu,
-        max_len,
-        configs_by_kernel={"segment_bwd_dq": config, "segment_bwd_dkdv": config},
-        tile_counts={name: counts[name] for name in ("segment_bwd_dq", "segment_bwd_dkdv")},
-        **options,
-    )
+    counts = count_tiles(q, k, v, cu, lengths, config, options)
     args = (lengths, block_m, block_n)
     geometry = (segment_len, num_memory_tokens) if interleaved else (None, None)
     per_row = expected_counts(pattern, *args, "row", *geometry)
     per_col = expected_counts(pattern, *args, "col", *geometry)
-    assert torch.equal(counts["segment_fwd"][:, 0], per_row), (counts["segment_fwd"][:, 0], per_row)
-    assert torch.equal(counts["segment_bwd_dq"][:, 0], per_row)
-    assert torch.equal(counts["segment_bwd_dkdv"][:, 0], per_col), (counts["segment_bwd_dkdv"][:, 0], per_col)
+    assert torch.equal(counts["segment_fwd"], per_row), (counts["segment_fwd"], per_row)
+    assert torch.equal(counts["segment_bwd_dq"], per_row)
+    assert torch.equal(counts["segment_bwd_dkdv"], per_col), (counts["segment_bwd_dkdv"], per_col)
     # Skipping is real: dense work would visit every tile at or below the diagonal.
     # kv_memory_append skips the item tiles of earlier units, once units span several tiles.
     if (

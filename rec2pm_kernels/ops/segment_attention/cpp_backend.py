@@ -1,4 +1,5 @@
-"""C++ (CPU) backend of ``segment_attention``: forward only, every pattern, score and bias.
+"""C++ (CPU) backend of ``segment_attention``: forward only, every pattern, score and bias,
+and HSTU's masks (candidates, prefix, window) with per-sequence SiLU divisors.
 
 The kernel is ``csrc/cpu/attention_cpu.cpp`` (``rec2pm_kernels._C.segment_attention_forward``):
 fp32 and fp64 math; fp16 and bf16 inputs are computed in fp32 and the output cast back.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ... import _extension
+from ...hstu_masks import HSTUMask
 from ...patterns import PATTERN_CODES, SCORES, PatternSpec
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -33,8 +35,14 @@ def run_cpp_segment_attention(
     scale: float,
     rel_bias: torch.Tensor | None,
     silu_norm: float,
+    num_targets: torch.Tensor | None = None,
+    silu_norms: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> torch.Tensor:
-    """Launcher (``segment_len = 1, num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for softmax)."""
+    """Launcher (``segment_len = 1, num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for
+    softmax; ``silu_norms``, one per sequence, replaces ``silu_norm`` when given)."""
     dtype = math_dtype(q.dtype)
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
     bias = rel_bias.detach().to(dtype).contiguous() if rel_bias is not None else None
@@ -50,6 +58,11 @@ def run_cpp_segment_attention(
         scale=scale,
         rel_bias=bias,
         silu_norm=silu_norm,
+        num_targets=None if num_targets is None else num_targets.to(torch.int64).contiguous(),
+        silu_norms=None if silu_norms is None else silu_norms.detach().to(dtype).contiguous(),
+        contextual_seq_len=contextual_seq_len,
+        max_attn_len=max_attn_len,
+        min_full_attn_seq_len=min_full_attn_seq_len,
     )
     return out
 
@@ -63,14 +76,44 @@ cpp_segment_attention_op = torch.library.custom_op("rec2pm::cpp_segment_attentio
 
 @cpp_segment_attention_op.register_fake
 def _cpp_segment_attention_fake(
-    q, k, v, cu_seqlens, pattern, segment_len, num_memory_tokens, score, scale, rel_bias, silu_norm
+    q,
+    k,
+    v,
+    cu_seqlens,
+    pattern,
+    segment_len,
+    num_memory_tokens,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    num_targets=None,
+    silu_norms=None,
+    contextual_seq_len=0,
+    max_attn_len=0,
+    min_full_attn_seq_len=0,
 ):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=math_dtype(q.dtype))
 
 
-def segment_attention_cpp(q, k, v, cu_seqlens, *, pattern: PatternSpec, score, scale, rel_bias, silu_norm):
+def segment_attention_cpp(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    *,
+    pattern: PatternSpec,
+    score,
+    scale,
+    rel_bias,
+    silu_norm,
+    hstu_mask: HSTUMask | None = None,
+    num_targets: torch.Tensor | None = None,
+):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation; no autograd."""
     run = cpp_segment_attention_op if torch.compiler.is_compiling() else run_cpp_segment_attention
+    hstu_mask = hstu_mask or HSTUMask()
+    per_sequence = silu_norm if isinstance(silu_norm, torch.Tensor) else None
     out = run(
         q,
         k,
@@ -82,6 +125,11 @@ def segment_attention_cpp(q, k, v, cu_seqlens, *, pattern: PatternSpec, score, s
         score,
         float(scale),
         rel_bias,
-        float(silu_norm) if silu_norm is not None else 1.0,
+        float(silu_norm) if silu_norm is not None and per_sequence is None else 1.0,
+        num_targets,
+        per_sequence,
+        hstu_mask.contextual_seq_len,
+        hstu_mask.max_attn_len,
+        hstu_mask.min_full_attn_seq_len,
     )
     return out.to(v.dtype)

@@ -15,19 +15,28 @@ How it works:
    the same for every sequence of the group: padded columns lie after every real row, so
    causality already hides them.  Softmax runs through ``scaled_dot_product_attention``
    with an additive mask (0 / -inf, plus the bias); SiLU is an einsum.
-4. Autograd keeps every chunk's probabilities for backward when the scores are SiLU or
-   the bias table needs a gradient (SDPA's fused CPU path keeps only row statistics).  When
+   HSTU's masks (``rec2pm_kernels.hstu_masks``) depend on each sequence's length and
+   candidate count, so with them the mask is built per sequence, ``(G, 1, rows, keys)``;
+   contextual rows see ahead, so their chunk's keys run to the end.
+4. Autograd keeps every chunk's probabilities for backward when the scores are SiLU,
+   dropout is on or a bias table needs a gradient (SDPA's fused CPU path keeps only row
+   statistics).  Dropout draws are a hash of (seed, row, key, head), the same however rows
+   are grouped and chunked, so a checkpointed chunk redraws its mask in backward.  When
    those would exceed ``max_chunk_elements`` in all, each chunk is checkpointed instead, so
    backward holds one chunk's scores at a time (16k tokens stay within a few hundred MB).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ...hstu_masks import HSTUMask, hstu_visible
 from ...patterns import PatternSpec, bias_bucket
-from ..torch_math import masked_attention
+from ...time_bias import time_bucket
+from ..torch_math import dropout_keep, masked_attention
 
 # Entries of one chunk's score tensor (G * H * rows * keys): 2**24 fp32 scores = 64 MiB.
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 24
@@ -36,8 +45,10 @@ CHUNKS_PER_SEQUENCE = 8
 MIN_CHUNK_ROWS = 256
 
 
-def row_chunks(pattern: PatternSpec, length: int, per_row: int, max_chunk_elements: int) -> list[tuple[int, int, int]]:
-    """``(r0, r1, k0)`` for each chunk of rows ``[r0, r1)`` and its first key ``k0``.
+def row_chunks(
+    pattern: PatternSpec, hstu_mask: HSTUMask, has_targets: bool, length: int, per_row: int, max_chunk_elements: int
+) -> list[tuple[int, int, int, int]]:
+    """``(r0, r1, k0, k1)`` for each chunk of rows ``[r0, r1)`` and its keys ``[k0, k1)``.
 
     ``per_row``: score entries of one row over all ``length`` keys (``G * H * length``).
     """
@@ -48,7 +59,12 @@ def row_chunks(pattern: PatternSpec, length: int, per_row: int, max_chunk_elemen
     else:
         by_work = max(MIN_CHUNK_ROWS, -(-length // CHUNKS_PER_SEQUENCE))
     rows = min(by_memory, by_work)
-    return [(r0, min(r0 + rows, length), pattern.first_visible_column(r0)) for r0 in range(0, length, rows)]
+    chunks = []
+    for r0 in range(0, length, rows):
+        r1 = min(r0 + rows, length)
+        k0 = max(pattern.first_visible_column(r0), hstu_mask.first_visible_column(r0, has_targets))
+        chunks.append((r0, r1, k0, hstu_mask.column_end(r0, r1, length)))
+    return chunks
 
 
 def group_by_length(lengths: list[int]) -> list[list[int]]:
@@ -64,15 +80,82 @@ def group_by_length(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _attend_chunk(qc, kc, vc, rows, cols, rel_bias, pattern: PatternSpec, score, scale, silu_norm):
-    """One chunk: ``qc (G, H, R, D)`` against ``kc (G, H, K, D)``, ``vc (G, H, K, Dv)``."""
-    mask = pattern.visible(rows[:, None], cols[None, :])
+@dataclass
+class GroupInputs:
+    """What one padded group of ``G`` sequences adds to the shared options: per-sequence
+    first tokens, lengths, candidate counts and SiLU divisors, and per-token times ``(G, L)``."""
+
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    num_targets: torch.Tensor | None
+    silu_norm: float | torch.Tensor | None
+    key_times: torch.Tensor | None
+    query_times: torch.Tensor | None
+    dropout_seed: int | None
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The options of one call that every group and chunk shares."""
+
+    pattern: PatternSpec
+    hstu_mask: HSTUMask
+    score: str
+    scale: float
+    dropout_p: float
+
+
+def _chunk_mask(rows, cols, group: GroupInputs, options: AttentionOptions) -> torch.Tensor:
+    """``(rows, keys)``, or ``(G, 1, rows, keys)`` when the mask depends on the sequence."""
+    if not options.hstu_mask.active and group.num_targets is None:
+        return options.pattern.visible(rows[:, None], cols[None, :])
+    targets = None if group.num_targets is None else group.num_targets[:, None, None]
+    lengths = group.lengths[:, None, None]
+    seen = hstu_visible(rows[None, :, None], cols[None, None, :], lengths, targets, options.hstu_mask)
+    # Padding rows (discarded) see the first key, so that no softmax row is empty: a NaN
+    # there would reach the real gradients through backward.
+    padding = (rows[None, :, None] >= lengths) & (cols[None, None, :] == cols[0])
+    return (seen | padding)[:, None]
+
+
+def _chunk_bias(rows, cols, rel_bias, ts_bias, group: GroupInputs, options: AttentionOptions, dtype):
     bias = None
     if rel_bias is not None:
-        lam_r = pattern.bias_positions(rows)
-        lam_c = pattern.bias_positions(cols)
-        bias = rel_bias.to(qc.dtype)[:, bias_bucket(lam_r[:, None], lam_c[None, :], rel_bias.shape[1])]
-    return masked_attention(qc, kc, vc, mask, bias, score=score, scale=scale, silu_norm=silu_norm)
+        lam_r = options.pattern.bias_positions(rows)
+        lam_c = options.pattern.bias_positions(cols)
+        bias = rel_bias.to(dtype)[:, bias_bucket(lam_r[:, None], lam_c[None, :], rel_bias.shape[1])]
+    if ts_bias is not None:
+        query = group.query_times[:, rows[0] : rows[-1] + 1, None]
+        key = group.key_times[:, None, cols[0] : cols[-1] + 1]
+        buckets = time_bucket(query, key, ts_bias.shape[1] - 1)  # (G, R, K)
+        by_time = ts_bias.to(dtype)[:, buckets].transpose(0, 1)  # (G, heads or 1, R, K)
+        bias = by_time if bias is None else bias + by_time
+    return bias
+
+
+def _attend_chunk(qc, kc, vc, rows, cols, rel_bias, ts_bias, group: GroupInputs, options: AttentionOptions):
+    """One chunk: ``qc (G, H, R, D)`` against ``kc (G, H, K, D)``, ``vc (G, H, K, Dv)``."""
+    mask = _chunk_mask(rows, cols, group, options)
+    bias = _chunk_bias(rows, cols, rel_bias, ts_bias, group, options, qc.dtype)
+    keep = None
+    if options.dropout_p > 0:
+        row_tokens = group.starts[:, None] + rows[None, :]
+        keep = dropout_keep(group.dropout_seed, row_tokens, cols, qc.shape[1], options.dropout_p)
+    silu_norm = group.silu_norm
+    if isinstance(silu_norm, torch.Tensor):
+        silu_norm = silu_norm.to(qc.dtype)[:, None, None, None]
+    return masked_attention(
+        qc,
+        kc,
+        vc,
+        mask,
+        bias,
+        score=options.score,
+        scale=options.scale,
+        silu_norm=silu_norm,
+        keep=keep,
+        dropout_p=options.dropout_p,
+    )
 
 
 def segment_attention_torch(
@@ -85,53 +168,73 @@ def segment_attention_torch(
     score: str,
     scale: float,
     rel_bias: torch.Tensor | None,
-    silu_norm: float | None,
+    silu_norm: float | torch.Tensor | None,
+    hstu_mask: HSTUMask | None = None,
+    num_targets: torch.Tensor | None = None,
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation (``scale`` filled in,
-    the pattern as a ``PatternSpec``)."""
+    the pattern as a ``PatternSpec``, the HSTU sizes as an ``HSTUMask``, ``query_timestamps``
+    and ``dropout_seed`` filled in when ``ts_bias`` and dropout are used)."""
+    hstu_mask = hstu_mask or HSTUMask()
+    options = AttentionOptions(pattern, hstu_mask, score, scale, dropout_p)
     total, heads, _ = q.shape
     dv = v.shape[-1]
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     groups = group_by_length(lengths)
+    tables = tuple(t for t in (rel_bias, ts_bias) if t is not None)
     if not groups:
         # No tokens: an empty output that still carries (zero) gradients to every input.
-        anchor = q.sum() + k.sum() + v.sum() + (0 if rel_bias is None else rel_bias.sum())
+        anchor = q.sum() + k.sum() + v.sum() + sum(t.sum() for t in tables)
         return v.new_zeros((total, heads, dv)) + 0 * anchor.to(v.dtype)
 
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rel_bias))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
+    keeps_scores = score == "silu" or dropout_p > 0 or any(t.requires_grad for t in tables)
     device = q.device
     starts_all = torch.tensor(bounds[:-1], device=device)
+    has_targets = num_targets is not None
     pieces, token_order = [], []
-    for group in groups:
-        longest = lengths[group[0]]
-        idx = torch.tensor(group, device=device)
+    for members in groups:
+        longest = lengths[members[0]]
+        idx = torch.tensor(members, device=device)
         offsets = torch.arange(longest, device=device)
-        lens = torch.tensor([lengths[i] for i in group], device=device)
+        lens = torch.tensor([lengths[i] for i in members], device=device)
         valid = offsets[None, :] < lens[:, None]
-        # Padded slots read token 0 of the sequence: finite values that causality hides.
+        # Padded slots read token 0 of the sequence: finite values that the mask hides.
         tok = starts_all[idx][:, None] + torch.where(valid, offsets[None, :], 0)
         qg, kg, vg = (x[tok].transpose(1, 2) for x in (q, k, v))  # (G, H, L, D)
-        chunks = row_chunks(pattern, longest, len(group) * heads * longest, max_chunk_elements)
-        saved = len(group) * heads * sum((r1 - r0) * (r1 - k0) for r0, r1, k0 in chunks)
-        keeps_scores = score == "silu" or (rel_bias is not None and rel_bias.requires_grad)
+        group = GroupInputs(
+            starts=starts_all[idx],
+            lengths=lens,
+            num_targets=num_targets[idx].to(torch.int64) if has_targets else None,
+            silu_norm=silu_norm[idx] if isinstance(silu_norm, torch.Tensor) else silu_norm,
+            key_times=None if ts_bias is None else timestamps[tok].to(torch.int64),
+            query_times=None if ts_bias is None else query_timestamps[tok].to(torch.int64),
+            dropout_seed=dropout_seed,
+        )
+        chunks = row_chunks(
+            pattern, hstu_mask, has_targets, longest, len(members) * heads * longest, max_chunk_elements
+        )
+        saved = len(members) * heads * sum((r1 - r0) * (k1 - k0) for r0, r1, k0, k1 in chunks)
         use_checkpoint = needs_grad and keeps_scores and len(chunks) > 1 and saved > max_chunk_elements
         outs = []
-        for r0, r1, k0 in chunks:
-            rows = torch.arange(r0, r1, device=device)
-            cols = torch.arange(k0, r1, device=device)
+        for r0, r1, k0, k1 in chunks:
             args = (
                 qg[:, :, r0:r1],
-                kg[:, :, k0:r1],
-                vg[:, :, k0:r1],
-                rows,
-                cols,
+                kg[:, :, k0:k1],
+                vg[:, :, k0:k1],
+                torch.arange(r0, r1, device=device),
+                torch.arange(k0, k1, device=device),
                 rel_bias,
-                pattern,
-                score,
-                scale,
-                silu_norm,
+                ts_bias,
+                group,
+                options,
             )
             if use_checkpoint:
                 outs.append(checkpoint(_attend_chunk, *args, use_reentrant=False))

@@ -4,6 +4,10 @@
 returns ``(dq, dk, dv, d_rel_bias)``; both have fake implementations, and the forward op
 carries its autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.
 
+HSTU's masks and per-sequence SiLU divisors run as the kernels' ``HSTU_CAUSAL`` pattern:
+the launchers then pass ``num_targets`` (zeros without candidates) and ``silu_norms`` (one
+divisor per sequence) and the mask sizes as runtime integers.
+
 Backward determinism: dQ, dK and dV never use atomics.  The bias gradient by default
 adds each tile's score gradient with fp32 atomics (fast, order-dependent in the last
 bits); ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) computes it
@@ -15,8 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...hstu_masks import HSTUMask
 from ...patterns import PATTERN_CODES, SCORE_CODES, PatternSpec
 from ..outputs import new_output
+from ..triton_codes import HSTU_CAUSAL_CODE
 from ..triton_configs import BIAS_WINDOW, configs, padded_head_dim
 from ..triton_launch import input_precision, launch, length_bucket
 from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
@@ -24,16 +30,29 @@ from .triton_bias_grad import segment_bwd_bias_kernel
 from .triton_forward import segment_fwd_kernel
 
 
-def _switches(q, v, pattern, score, rel_bias, allow_tf32) -> dict:
+def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu) -> dict:
     return dict(
         HEAD_DIM=q.shape[2],
         HEAD_DIM_V=v.shape[2],
         BLOCK_D=padded_head_dim(q.shape[2]),
         BLOCK_DV=padded_head_dim(v.shape[2]),
-        PATTERN=PATTERN_CODES[pattern],
+        PATTERN=HSTU_CAUSAL_CODE if hstu is not None else PATTERN_CODES[pattern],
         SCORE=SCORE_CODES[score],
         HAS_BIAS=rel_bias is not None,
         INPUT_PRECISION=input_precision(q.dtype, allow_tf32),
+    )
+
+
+def _hstu_inputs(hstu) -> dict:
+    """The HSTU tensors and sizes every segment kernel takes (``hstu``: ``None``, or
+    ``(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len)``)."""
+    num_targets, silu_norms, contextual, window, tail = hstu if hstu is not None else (None, None, 0, 0, 0)
+    return dict(
+        NUM_TARGETS=num_targets,
+        SILU_NORMS=silu_norms,
+        contextual_seq_len=contextual,
+        max_attn_len=window,
+        min_full_attn_seq_len=tail,
     )
 
 
@@ -76,8 +95,10 @@ def segment_forward(
     allow_tf32=False,
     config: triton.Config | None = None,
     tile_counts: torch.Tensor | None = None,
+    hstu: tuple | None = None,
 ):
     """``(out, lse)``; ``lse`` is ``(H, T)`` fp32 base-2 log-sum-exp for softmax, empty for SiLU.
+    ``hstu``: see ``_hstu_inputs``.
 
     ``tile_counts`` (interpreter only): a ``(programs, H)`` int32 buffer that receives the
     number of key tiles each program visited.
@@ -88,7 +109,7 @@ def segment_forward(
     lse = new_output((heads, total) if score == "softmax" else (0,), dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
-    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
+    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu)
     args = dict(
         Q=q,
         K=k,
@@ -100,6 +121,7 @@ def segment_forward(
         TILE_COUNTS=tile_counts,
         **_strides(q=q, k=k, v=v, o=out),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
+        **_hstu_inputs(hstu),
     )
     launch(
         segment_fwd_kernel,
@@ -135,6 +157,7 @@ def segment_backward(
     deterministic=False,
     configs_by_kernel: dict | None = None,
     tile_counts: dict | None = None,
+    hstu: tuple | None = None,
 ):
     """``(dq, dk, dv, d_rel_bias)``; ``d_rel_bias`` is empty without a bias.
 
@@ -156,7 +179,7 @@ def segment_backward(
         delta = (out.float() * dout.float()).sum(-1).transpose(0, 1).contiguous()
     else:  # SiLU needs no row statistics
         lse = delta = None
-    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32)
+    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu)
     # What every backward kernel reads, by parameter name.
     inputs = dict(
         Q=q,
@@ -169,6 +192,7 @@ def segment_backward(
         BIAS=rel_bias,
         **_strides(q=q, k=k, v=v, do=dout),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
+        **_hstu_inputs(hstu),
     )
     common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device)
     atomics = rel_bias is not None and not deterministic
@@ -244,8 +268,14 @@ def segment_attention_fwd_op(
     silu_norm: float,
     allow_tf32: bool,
     deterministic: bool,
+    num_targets: torch.Tensor | None = None,
+    silu_norms: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher; ``segment_len = num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for softmax."""
+    """Forward launcher; ``segment_len = num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for
+    softmax.  HSTU's masks run when ``num_targets`` is given (with ``silu_norms``)."""
     return segment_forward(
         q,
         k,
@@ -260,7 +290,14 @@ def segment_attention_fwd_op(
         rel_bias,
         silu_norm,
         allow_tf32,
+        hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
     )
+
+
+def _hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len):
+    if num_targets is None:
+        return None
+    return (num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len)
 
 
 @segment_attention_fwd_op.register_fake
@@ -279,6 +316,11 @@ def _segment_attention_fwd_fake(
     silu_norm,
     allow_tf32,
     deterministic,
+    num_targets=None,
+    silu_norms=None,
+    contextual_seq_len=0,
+    max_attn_len=0,
+    min_full_attn_seq_len=0,
 ):
     lse_shape = (q.shape[1], q.shape[0]) if score == "softmax" else (0,)
     return v.new_empty(v.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -303,6 +345,11 @@ def segment_attention_bwd_op(
     silu_norm: float,
     allow_tf32: bool,
     deterministic: bool,
+    num_targets: torch.Tensor | None = None,
+    silu_norms: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: ``(dq, dk, dv, d_rel_bias)`` (the last is ``(H, 0)`` without a bias)."""
     return segment_backward(
@@ -323,6 +370,7 @@ def segment_attention_bwd_op(
         silu_norm,
         allow_tf32,
         deterministic,
+        hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
     )
 
 
@@ -345,6 +393,11 @@ def _segment_attention_bwd_fake(
     silu_norm,
     allow_tf32,
     deterministic,
+    num_targets=None,
+    silu_norms=None,
+    contextual_seq_len=0,
+    max_attn_len=0,
+    min_full_attn_seq_len=0,
 ):
     dbias = (
         rel_bias.new_empty(rel_bias.shape)
@@ -368,20 +421,29 @@ _FWD_OPTIONS = (
     "silu_norm",
     "allow_tf32",
     "deterministic",
+    "num_targets",
+    "silu_norms",
+    "contextual_seq_len",
+    "max_attn_len",
+    "min_full_attn_seq_len",
 )
 _FWD_ARGS = _FWD_TENSORS + _FWD_OPTIONS
+_SAVED_OPTIONS = ("rel_bias", "num_targets", "silu_norms")  # tensors: saved for backward, not kept as options
 
 
 def _setup_context(ctx, inputs, output):
     named = dict(zip(_FWD_ARGS, inputs, strict=True))
     out, lse = output
-    ctx.save_for_backward(named["q"], named["k"], named["v"], out, lse, named["cu_seqlens"], named["rel_bias"])
-    ctx.options = {key: named[key] for key in _FWD_OPTIONS if key != "rel_bias"}
+    saved = [named[key] for key in _SAVED_OPTIONS]
+    ctx.save_for_backward(named["q"], named["k"], named["v"], out, lse, named["cu_seqlens"], *saved)
+    ctx.options = {key: named[key] for key in _FWD_OPTIONS if key not in _SAVED_OPTIONS}
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens, rel_bias = ctx.saved_tensors
-    dq, dk, dv, dbias = segment_attention_bwd_op(dout, q, k, v, out, lse, cu_seqlens, rel_bias=rel_bias, **ctx.options)
+    q, k, v, out, lse, cu_seqlens, *saved = ctx.saved_tensors
+    tensors = dict(zip(_SAVED_OPTIONS, saved, strict=True))
+    dq, dk, dv, dbias = segment_attention_bwd_op(dout, q, k, v, out, lse, cu_seqlens, **tensors, **ctx.options)
+    rel_bias = tensors["rel_bias"]
     grads = {"q": dq, "k": dk, "v": dv, "rel_bias": dbias if rel_bias is not None else None}
     return tuple(grads.get(name) for name in _FWD_ARGS)  # None for every input without a gradient
 
@@ -403,13 +465,28 @@ def segment_attention_triton(
     silu_norm,
     allow_tf32=False,
     deterministic=False,
+    hstu_mask: HSTUMask | None = None,
+    num_targets: torch.Tensor | None = None,
 ):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation.  The custom op
-    takes the pattern as its plain fields (``S = C = 0`` for ``causal``)."""
+    takes the pattern as its plain fields (``S = C = 0`` for ``causal``), and HSTU's masks or
+    a per-sequence ``silu_norm`` as ``num_targets`` (zeros without candidates), one divisor
+    per sequence and the mask sizes."""
     if q.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q of dtype torch.float64")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
+    hstu_mask = hstu_mask or HSTUMask()
+    per_sequence = isinstance(silu_norm, torch.Tensor)
+    silu_norms = None
+    if hstu_mask.active or num_targets is not None or per_sequence:
+        batch = cu_seqlens.numel() - 1
+        if num_targets is None:
+            num_targets = torch.zeros(batch, dtype=torch.int32, device=q.device)
+        num_targets = num_targets.to(torch.int32).contiguous()
+        norm = silu_norm if per_sequence else torch.full((batch,), 1.0 if silu_norm is None else float(silu_norm))
+        silu_norms = norm.to(device=q.device, dtype=torch.float32).contiguous()
+        silu_norm = 1.0
     out, _ = segment_attention_fwd_op(
         q,
         k,
@@ -425,5 +502,10 @@ def segment_attention_triton(
         float(silu_norm) if silu_norm is not None else 1.0,
         bool(allow_tf32),
         bool(deterministic),
+        num_targets if silu_norms is not None else None,
+        silu_norms,
+        hstu_mask.contextual_seq_len,
+        hstu_mask.max_attn_len,
+        hstu_mask.min_full_attn_seq_len,
     )
     return out

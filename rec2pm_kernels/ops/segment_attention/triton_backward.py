@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ..triton_launch import SEGMENT_RUNTIME_INTS
-from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end
-from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
+from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end, row_range_start, row_tile_visible
+from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS + ["bias_atomics"])
@@ -35,6 +35,8 @@ def segment_bwd_dkdv_kernel(
     CU_SEQLENS,
     BIAS,
     TILE_COUNTS,
+    NUM_TARGETS,
+    SILU_NORMS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -54,6 +56,9 @@ def segment_bwd_dkdv_kernel(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    contextual_seq_len,
+    max_attn_len,
+    min_full_attn_seq_len,
     SEQ_BUCKET,
     bias_atomics,
     HEAD_DIM: tl.constexpr,
@@ -75,9 +80,12 @@ def segment_bwd_dkdv_kernel(
     deterministic bias gradient share one compiled kernel (the branch is uniform)."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    _, token0, length, c0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_N)
+    seq, token0, length, c0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_N)
     if c0 >= length:
         return
+    hstu, silu_norm = sequence_options(
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
+    )
     c1 = tl.minimum(c0 + BLOCK_N, length) - 1
     offs_n = c0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -93,26 +101,28 @@ def segment_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     visited = 0
     m_end = row_range_end(c0, c1, length, S, C, PATTERN)
-    for m0 in range(c0 // BLOCK_M * BLOCK_M, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < length
-        q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
-        do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
-        z, mask, bucket = scores(
-            q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, HAS_BIAS, INPUT_PRECISION
-        )
-        lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
-        p = probabilities(z, mask, lse2, silu_norm, SCORE)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-        if HAS_BIAS:
-            # A predicate rather than a branch: a runtime branch keeps more values live
-            # across it, and pushed the largest tiles over 255 registers.
-            tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask & (bias_atomics != 0))
-        if COUNT_TILES:
-            visited += 1
+    for m0 in range(row_range_start(c0, hstu, PATTERN, BLOCK_M), m_end, BLOCK_M):
+        if row_tile_visible(m0, tl.minimum(m0 + BLOCK_M, length) - 1, c0, c1, length, hstu, PATTERN):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < length
+            q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
+            do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+            z, mask, bucket = scores(
+                q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
+                INPUT_PRECISION,
+            )  # fmt: skip
+            lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
+            p = probabilities(z, mask, lse2, silu_norm, SCORE)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+            if HAS_BIAS:
+                # A predicate rather than a branch: a runtime branch keeps more values live
+                # across it, and pushed the largest tiles over 255 registers.
+                tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask & (bias_atomics != 0))
+            if COUNT_TILES:
+                visited += 1
     col_ok = offs_n < length
     dk_ptrs = DK + (token0 + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -144,6 +154,7 @@ def _dq_key_tile(
     bias_head_ptr,
     S,
     C,
+    hstu,
     NUM_BUCKETS,
     scale,
     silu_norm,
@@ -159,8 +170,9 @@ def _dq_key_tile(
     k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
     z, mask, _ = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, HAS_BIAS, INPUT_PRECISION
-    )
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
+        INPUT_PRECISION,
+    )  # fmt: skip
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
@@ -179,6 +191,8 @@ def segment_bwd_dq_kernel(
     CU_SEQLENS,
     BIAS,
     TILE_COUNTS,
+    NUM_TARGETS,
+    SILU_NORMS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -196,6 +210,9 @@ def segment_bwd_dq_kernel(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    contextual_seq_len,
+    max_attn_len,
+    min_full_attn_seq_len,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -212,9 +229,12 @@ def segment_bwd_dq_kernel(
     """DQ ``(T, H, D)``.  Grid: ``(batch * row_blocks, H)``; same key tiles as the forward."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    _, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    seq, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
     if r0 >= length:
         return
+    hstu, silu_norm = sequence_options(
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
+    )
     r1 = tl.minimum(r0 + BLOCK_M, length) - 1
     offs_m = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -231,12 +251,13 @@ def segment_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
     for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
-        lo, hi = key_pass_bounds(key_pass, r0, r1, S, C, PATTERN, BLOCK_N)
+        lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
-            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, PATTERN, BLOCK_N):
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
                 dq = _dq_key_tile(
                     dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt,
-                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale,
+                    silu_norm,
                     HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N,
                 )  # fmt: skip
                 if COUNT_TILES:

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
-from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores
+from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def _bias_key_tile(
     bias_head_ptr,
     S,
     C,
+    hstu,
     NUM_BUCKETS,
     scale,
     silu_norm,
@@ -56,7 +57,7 @@ def _bias_key_tile(
     k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
     z, mask, bucket = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, True, INPUT_PRECISION
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, True, INPUT_PRECISION
     )
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -84,6 +85,8 @@ def segment_bwd_bias_kernel(
     PARTIAL,
     CU_SEQLENS,
     BIAS,
+    NUM_TARGETS,
+    SILU_NORMS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -99,6 +102,9 @@ def segment_bwd_bias_kernel(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    contextual_seq_len,
+    max_attn_len,
+    min_full_attn_seq_len,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -114,9 +120,12 @@ def segment_bwd_bias_kernel(
     """PARTIAL ``(batch * row_blocks, H, NUM_BUCKETS)`` fp32, zeroed.  Grid: ``(batch * row_blocks, H)``."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    _, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    seq, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
     if r0 >= length:
         return
+    hstu, silu_norm = sequence_options(
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
+    )
     r1 = tl.minimum(r0 + BLOCK_M, length) - 1
     offs_m = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -129,11 +138,12 @@ def segment_bwd_bias_kernel(
     bias_head_ptr = BIAS + head * NUM_BUCKETS
     partial_row = PARTIAL + (pid * tl.num_programs(1) + head).to(tl.int64) * NUM_BUCKETS
     for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
-        lo, hi = key_pass_bounds(key_pass, r0, r1, S, C, PATTERN, BLOCK_N)
+        lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
-            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, PATTERN, BLOCK_N):
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
                 _bias_key_tile(
                     q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh, stride_kt,
-                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale,
+                    silu_norm,
                     HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW,
                 )  # fmt: skip

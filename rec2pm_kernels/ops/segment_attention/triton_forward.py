@@ -15,7 +15,7 @@ import triton.language as tl
 from ..triton_codes import SOFTMAX
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
-from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores
+from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores, sequence_options
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def _attend_key_tile(
     bias_head_ptr,
     S,
     C,
+    hstu,
     NUM_BUCKETS,
     scale,
     silu_norm,
@@ -54,8 +55,9 @@ def _attend_key_tile(
     k = load_rows(K, key_token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, key_token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
     z, mask, _ = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, PATTERN, HAS_BIAS, INPUT_PRECISION
-    )
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
+        INPUT_PRECISION,
+    )  # fmt: skip
     return accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
 
 
@@ -69,6 +71,8 @@ def segment_fwd_kernel(
     CU_SEQLENS,
     BIAS,
     TILE_COUNTS,
+    NUM_TARGETS,
+    SILU_NORMS,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -84,6 +88,9 @@ def segment_fwd_kernel(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    contextual_seq_len,
+    max_attn_len,
+    min_full_attn_seq_len,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -104,9 +111,12 @@ def segment_fwd_kernel(
     """
     pid = tl.program_id(0)
     head = tl.program_id(1)
-    _, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    seq, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
     if r0 >= length:
         return
+    hstu, silu_norm = sequence_options(
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
+    )
     r1 = tl.minimum(r0 + BLOCK_M, length) - 1
     offs_m = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,12 +131,12 @@ def segment_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     visited = 0
     for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
-        lo, hi = key_pass_bounds(key_pass, r0, r1, S, C, PATTERN, BLOCK_N)
+        lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
-            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, PATTERN, BLOCK_N):
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
                 acc, m_i, l_i = _attend_key_tile(
                     acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
-                    offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, NUM_BUCKETS, scale, silu_norm,
+                    offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, silu_norm,
                     HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N,
                 )  # fmt: skip
                 if COUNT_TILES:

@@ -1,0 +1,1 @@
+"""Drop-in entry points for other code bases' attention calls (``rec2pm_kernels.compat.hstu``)."""
