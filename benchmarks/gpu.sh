@@ -14,7 +14,8 @@
 #                 and the triton backend
 #   bench-flex    the same file: FlexAttention (and the SDPA baseline)     T_BENCH_FLEX=20
 #   bench-torch   the same file: the torch backend (and SDPA)              T_BENCH_TORCH=15
-# The defaults add up to under 5 minutes; a full-mode run needs larger values (T_BENCH_*).
+#   bench-hstu    benchmarks/test_hstu_masks.py: HSTU's masks on Triton    T_BENCH_HSTU=20
+# The defaults add up to about 5 minutes; a full-mode run needs larger values (T_BENCH_*).
 # Benchmarks run in --bench-mode ${REC2PM_GPU_BENCH_MODE:-full} (quick when there is no CUDA
 # device: a dry run).  Each stage writes its log (and JSON) into the results folder as it
 # finishes; pytest stages get SIGINT at their timeout, so they still print their tables and
@@ -103,6 +104,7 @@ segment=benchmarks/test_segment_attention.py
 run_stage bench-segment "${T_BENCH_SEGMENT:-45}" "${bench[@]}" "$segment" -k "sdpa or flash_attn or triton"
 run_stage bench-flex "${T_BENCH_FLEX:-20}" "${bench[@]}" "$segment" -k "sdpa or flex"
 run_stage bench-torch "${T_BENCH_TORCH:-15}" "${bench[@]}" "$segment" -k "sdpa or torch"
+run_stage bench-hstu "${T_BENCH_HSTU:-20}" "${bench[@]}" benchmarks/test_hstu_masks.py -k triton
 
 printf '\n== summary (%s)\n' "$SUMMARY"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"

@@ -7,7 +7,17 @@ import torch
 
 from rec2pm_kernels import cached_step_attention, segment_attention
 
-from .cases import PATTERNS, SCORES, cached_step_case, cached_step_reference, check_segment_attention, score_kwargs
+from .cases import (
+    PATTERNS,
+    SCORES,
+    assert_outputs_within_budget,
+    cached_step_case,
+    cached_step_reference,
+    check_segment_attention,
+    random_inputs,
+    reference_and_baseline,
+    score_kwargs,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -153,3 +163,34 @@ def test_rec2pm_validate_checks_cuda_index_tensors(monkeypatch):
     monkeypatch.setenv("REC2PM_VALIDATE", "1")
     with pytest.raises(ValueError, match="q contains NaN or Inf"):
         segment_attention(nan, q, q, ordered, 10)
+
+
+# HSTU's masks at serving-like lengths: candidates, a prefix of 8, a window of 256 with a tail of 64.
+HSTU_LENGTHS = [1500, 9, 300, 0, 777]
+HSTU_MASKS = {
+    "targets": dict(num_targets=[64, 0, 20, 0, 7]),
+    "prefix_window_tail": dict(contextual_seq_len=8, max_attn_len=256, min_full_attn_seq_len=64),
+    "all": dict(num_targets=[64, 0, 20, 0, 7], contextual_seq_len=8, max_attn_len=256),
+}
+
+
+@pytest.mark.parametrize("mask", list(HSTU_MASKS))
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_hstu_masks_match_oracle(mask, score, dtype):
+
+    lengths = (
+        [n if n == 0 else max(n, 8) for n in HSTU_LENGTHS] if "contextual_seq_len" in HSTU_MASKS[mask] else HSTU_LENGTHS
+    )
+    q, k, v, cu, bias = random_inputs(lengths, heads=2, dim=64, dtype=dtype, device="cuda", num_buckets=512)
+    kw = dict(HSTU_MASKS[mask])
+    if "num_targets" in kw:
+        kw["num_targets"] = torch.tensor(kw["num_targets"], device="cuda")
+    kw.update(score_kwargs(score))
+    if score == "silu":
+        kw["silu_norm"] = torch.full((len(lengths),), float(max(lengths)), device="cuda")
+    out = segment_attention(q, k, v, cu, max(lengths), rel_bias=bias, backend="triton", **kw)
+    grad_out = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v, bias), grad_out))
+    reference, baseline = reference_and_baseline(q, k, v, cu, bias, grad_out, **kw)
+    assert_outputs_within_budget(got, reference, baseline, dtype)
