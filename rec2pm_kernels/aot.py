@@ -81,7 +81,7 @@ NUM_SPLITS = (1, 2)
 KERNELS = TUNED_KERNELS  # every kernel that has a tile table
 SEGMENT_KERNELS = tuple(kernel for kernel in KERNELS if kernel.startswith("segment_"))
 # The switches a covering subset must show every value of, per architecture and kernel.
-SWITCHES = ("pattern", "score", "has_bias", "precision", "num_splits")
+SWITCHES = ("pattern", "score", "has_bias", "has_dropout", "precision", "num_splits")
 
 # Registers a thread can hold; a spill at this count is register pressure, not an occupancy choice.
 REGISTER_CAP = 255
@@ -102,6 +102,7 @@ class Specialisation:
     pattern: int | None  # None for the cached step, which has no pattern
     score: int
     has_bias: bool
+    has_dropout: bool | None  # None for the cached step, which has no dropout
     precision: str
     num_splits: int | None  # cached step only
     block_m: int
@@ -117,7 +118,7 @@ class Specialisation:
         switches = [
             f"pattern={self.pattern}" if self.pattern is not None else f"splits={self.num_splits}",
             f"score={SCORE_NAMES[self.score]}",
-            f"bias={int(self.has_bias)}",
+            f"bias={int(self.has_bias)}" + (f" drop={int(self.has_dropout)}" if self.has_dropout is not None else ""),
             self.precision,
         ]
         return (
@@ -140,17 +141,19 @@ def all_specialisations(archs=ARCHS) -> list[Specialisation]:
     out = []
     for arch, kernel, dtype, head_dim in itertools.product(archs, KERNELS, DTYPES, HEAD_DIMS):
         if kernel == "cached_step":
-            switches = itertools.product([None], SCORES, (False, True), _precisions(dtype), NUM_SPLITS)
+            switches = itertools.product([None], SCORES, (False, True), [None], _precisions(dtype), NUM_SPLITS)
         elif kernel == "segment_bwd_bias":  # launched only when a bias is present
-            switches = itertools.product(PATTERNS, SCORES, (True,), _precisions(dtype), [None])
+            switches = itertools.product(PATTERNS, SCORES, (True,), (False, True), _precisions(dtype), [None])
         else:
-            switches = itertools.product(PATTERNS, SCORES, (False, True), _precisions(dtype), [None])
-        switches = list(switches)
-        for config in configs(kernel, DTYPES[dtype], head_dim, arch):
-            tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-            for pattern, score, has_bias, precision, splits in switches:
+            switches = itertools.product(PATTERNS, SCORES, (False, True), (False, True), _precisions(dtype), [None])
+        for pattern, score, has_bias, has_dropout, precision, splits in switches:
+            heavy = pattern == HSTU_CAUSAL_CODE or bool(has_dropout)  # as the launchers choose
+            for config in configs(kernel, DTYPES[dtype], head_dim, arch, heavy):
+                tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
                 out.append(
-                    Specialisation(kernel, arch, dtype, head_dim, pattern, score, has_bias, precision, splits, *tile)
+                    Specialisation(
+                        kernel, arch, dtype, head_dim, pattern, score, has_bias, has_dropout, precision, splits, *tile
+                    )
                 )
     return out
 
@@ -275,7 +278,7 @@ def _constexprs(spec: Specialisation) -> dict:
     )
     if spec.kernel == "cached_step":
         return dict(values, HAS_BIAS=spec.has_bias, SPLIT_K=spec.num_splits > 1)
-    values["PATTERN"] = spec.pattern
+    values.update(PATTERN=spec.pattern, HAS_DROPOUT=spec.has_dropout)
     if spec.kernel == "segment_bwd_bias":
         return dict(values, WINDOW=BIAS_WINDOW)
     values.update(HAS_BIAS=spec.has_bias, COUNT_TILES=False)
@@ -301,8 +304,10 @@ def compile_source(spec: Specialisation):
         elif name in pointers:
             signature[name] = pointers[name]
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name in ("scale", "silu_norm"):
+        elif name in ("scale", "silu_norm", "dropout_scale"):
             signature[name] = "fp32"
+        elif name.startswith("dropout_"):  # 32-bit values held unsigned: past int32
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
             if name.startswith("stride_") and aligned_strides and name not in unspecialised:

@@ -141,16 +141,18 @@ def segment_attention(
             next token's timestamp in the same sequence (the last token's own).
         dropout_p: attention dropout on the probabilities (softmax) or SiLU weights, applied
             whenever it is > 0 (pass 0 in evaluation), scaled by ``1 / (1 - dropout_p)``.
-        dropout_seed: the dropout draws are a function of it and of the call's shapes, so
-            equal seeds give equal masks, forward and backward; ``None`` takes one from
-            torch's default generator (reproducible under ``torch.manual_seed``).
+        dropout_seed: which weights are dropped is a hash of (seed, packed row index, key
+            position, head): equal seeds give equal masks, forward and backward, on the
+            ``torch`` and ``triton`` backends alike; ``None`` takes a seed from torch's default
+            generator (reproducible under ``torch.manual_seed``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpp"``.  ``"auto"`` runs ``triton`` on
             CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the extension is
             built (except softmax with ``causal`` or ``global`` over sequences longer than
             512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is
             forward only.  ``rec2pm_kernels.backends()`` says which are available here and why not.
-            The HSTU masks and a per-sequence ``silu_norm`` run on every backend; ``ts_bias``
-            and dropout on ``torch`` only, so far (``auto`` picks it for them).
+            The HSTU masks and a per-sequence ``silu_norm`` run on every backend, dropout on
+            ``torch`` and ``triton`` (the same draws for one seed), ``ts_bias`` on ``torch``
+            only, so far (``auto`` picks it for it).
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -204,29 +206,27 @@ def segment_attention(
     # An upper bound that sizes work: no sequence is longer than all the tokens.
     max_seqlen = min(max_seqlen, q.shape[0])
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
-    torch_only = _used(ts_bias=ts_bias is not None, dropout_p=dropout_p > 0)
+    torch_only = _used(ts_bias=ts_bias is not None)
+    if dropout_p > 0 and backend == "cpp":
+        raise ValueError("backend='cpp' is forward only and has no dropout_p; use backend='torch' or 'triton'")
     chosen = resolve_backend(
         backend,
         "segment_attention",
         q.device,
         needs_grad,
         q.dtype,
-        prefer_cpp=cpp_preferred(score, spec.name, longest),
+        prefer_cpp=cpp_preferred(score, spec.name, longest) and dropout_p == 0,
         torch_only=torch_only,
     )
     extras = dict(hstu_mask=hstu_mask, num_targets=num_targets)
+    if dropout_p > 0:  # torch and triton draw the same weights for one seed
+        if dropout_seed is None:
+            dropout_seed = int(torch.randint(0, 2**62, ()))
+        extras.update(dropout_p=float(dropout_p), dropout_seed=dropout_seed)
     if chosen == "torch":  # the options only the torch backend implements so far
         if ts_bias is not None and query_timestamps is None:
             query_timestamps = next_timestamps(timestamps, cu_seqlens)
-        if dropout_p > 0 and dropout_seed is None:
-            dropout_seed = int(torch.randint(0, 2**62, ()))
-        extras.update(
-            ts_bias=ts_bias,
-            timestamps=timestamps,
-            query_timestamps=query_timestamps,
-            dropout_p=float(dropout_p),
-            dropout_seed=dropout_seed,
-        )
+        extras.update(ts_bias=ts_bias, timestamps=timestamps, query_timestamps=query_timestamps)
     else:
         rel_bias = per_head_table(rel_bias, q.shape[1])
     return SEGMENT_ATTENTION_IMPLS[chosen](

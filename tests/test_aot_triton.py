@@ -45,6 +45,7 @@ def _expected_values(arch: int, kernel: str) -> dict[str, set]:
         values["num_splits"] = set(aot.NUM_SPLITS)
     else:
         values["pattern"] = set(aot.PATTERNS)
+        values["has_dropout"] = {False, True}
     return values
 
 
@@ -52,7 +53,7 @@ def _covered_values(rows) -> dict[tuple, dict[str, set]]:
     covered = defaultdict(lambda: defaultdict(set))
     for row in rows:
         seen = covered[(row["arch"], row["kernel"])]
-        for name in ("score", "dtype", "head_dim", "precision", "has_bias", "num_splits", "pattern"):
+        for name in ("score", "dtype", "head_dim", "precision", "has_bias", "has_dropout", "num_splits", "pattern"):
             seen[name].add(row[name])
         seen["config"].add((row["dtype"], row["head_dim"], row["config"]))
     return covered

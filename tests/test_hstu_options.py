@@ -279,7 +279,7 @@ def test_auto_runs_the_options_where_implemented_and_other_backends_refuse():
         out = segment_attention(q, k, v, cu, 5, num_targets=targets)  # auto: cpp when built, else torch
         ref = segment_attention_oracle(q, k, v, cu, num_targets=targets)
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="backend='cpp' does not implement dropout_p yet"):
+    with pytest.raises(ValueError, match="backend='cpp' is forward only and has no dropout_p"):
         segment_attention(q, k, v, cu, 5, max_attn_len=2, dropout_p=0.1, backend="cpp")
     times = torch.arange(8)
     with pytest.raises(ValueError, match="backend='triton' does not implement ts_bias yet"):

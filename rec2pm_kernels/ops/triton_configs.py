@@ -18,6 +18,11 @@ cell: the full compile check (every switch of every config) must fit in 30 minut
 cores, and compiling is about 1.2 s per specialisation.  After a kernel change, run
 ``python -m rec2pm_kernels.aot``; a config it reports as spilling goes down to the next
 smaller tile here.
+
+Heavier variants (HSTU's masks, dropout) hold more per score tile: their rank and hash
+tiles.  For them (``heavy=True``) a measured tile of 32 x 32 or more is halved along the
+score tile's inner side (keys for the row-block kernels, rows for ``segment_bwd_dkdv``),
+which the compile check showed is what the largest head dims need.
 """
 
 from __future__ import annotations
@@ -148,11 +153,18 @@ def _measured_tile(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) ->
     return _MEASURED[kernel][inputs][dim][1 if arch >= 90 else 0]
 
 
-def configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int | None = None) -> list[triton.Config]:
+# Tiles at least this large are halved for the heavy variants (see the module docstring).
+HEAVY_HALVING_ELEMENTS = 32 * 32
+
+
+def configs(
+    kernel: str, dtype: torch.dtype, head_dim: int, arch: int | None = None, heavy: bool = False
+) -> list[triton.Config]:
     """Configs of ``kernel`` for ``dtype`` and ``head_dim`` (the larger of the q/k and v
     head dims) on compute capability ``arch`` (default 90): the measured tile, or the
     kernel's smallest one where the measured tile's shared memory exceeds ``arch``'s limit.
-    Head dims above 128 were not measured and reuse the head-dim-128 tile.
+    Head dims above 128 were not measured and reuse the head-dim-128 tile.  ``heavy``: the
+    tile of a variant with HSTU's masks or dropout.
     """
     if kernel not in _MEASURED:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -161,12 +173,19 @@ def configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int | None = N
     block_m, block_n, warps, stages = _measured_tile(kernel, dtype, head_dim, arch)
     if arch not in (80, 90) and shared_memory_estimate(kernel, block_m, block_n, stages, dtype, head_dim) > limit:
         block_m, block_n, warps, stages = _SMALLEST[kernel]
+    if heavy and block_m * block_n >= HEAVY_HALVING_ELEMENTS:
+        if kernel == "segment_bwd_dkdv":
+            block_m //= 2
+        else:
+            block_n //= 2
     return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)]
 
 
-def autotune_configs(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) -> list[triton.Config]:
+def autotune_configs(
+    kernel: str, dtype: torch.dtype, head_dim: int, arch: int, heavy: bool = False
+) -> list[triton.Config]:
     """``configs`` cut to the first ``REC2PM_AUTOTUNE_MAX_CONFIGS`` (if set): bounds tuning time."""
-    out = configs(kernel, dtype, head_dim, arch)
+    out = configs(kernel, dtype, head_dim, arch, heavy)
     limit = os.environ.get("REC2PM_AUTOTUNE_MAX_CONFIGS")
     return out[: max(1, int(limit))] if limit else out
 

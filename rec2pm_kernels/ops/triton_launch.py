@@ -32,6 +32,9 @@ SEGMENT_RUNTIME_INTS = [
     "contextual_seq_len",
     "max_attn_len",
     "min_full_attn_seq_len",
+    "dropout_seed_step",
+    "dropout_seed_high",
+    "dropout_threshold",
 ]
 CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "NUM_BUCKETS", "SEQ_BUCKET"]
 
@@ -76,6 +79,7 @@ def launch(
     config: triton.Config | None = None,
     reset_to_zero: tuple[str, ...] = (),
     notes: dict | None = None,
+    heavy: bool = False,
 ):
     """Run ``kernel[grid](**args, **constexprs)`` with ``config``, or the autotuned choice.
 
@@ -85,23 +89,24 @@ def launch(
     ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
     Without an explicit config, off CUDA the first of ``configs(...)`` runs.  ``notes``
     (runtime choices such as ``bias_atomics``) go to ``launch_log`` when it is recording.
+    ``heavy``: the kernel runs HSTU's masks or dropout (``configs``' smaller tiles).
     """
     if launch_log is not None:
         launch_log.append((name, dict(notes or {})))
     if config is None and device.type == "cuda" and not interpreting():
         arch = device_arch(device)
-        key = (name, dtype, head_dim, arch, reset_to_zero)
+        key = (name, dtype, head_dim, arch, reset_to_zero, heavy)
         tuned = _autotuned.get(key)
         if tuned is None:
             keys = [k for k in AUTOTUNE_KEY if k in kernel.arg_names]
             tuned = triton.autotune(
-                configs=autotune_configs(name, dtype, head_dim, arch),
+                configs=autotune_configs(name, dtype, head_dim, arch, heavy),
                 key=keys,
                 reset_to_zero=list(reset_to_zero) or None,
             )(kernel)
             _autotuned[key] = tuned
         return tuned[grid](**args, **constexprs)
     if config is None:
-        config = configs(name, dtype, head_dim, device_arch(device))[0]
+        config = configs(name, dtype, head_dim, device_arch(device), heavy)[0]
     meta = dict(config.kwargs)
     return kernel[grid(meta)](**args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -114,11 +114,16 @@ def probabilities(z, mask, lse2, silu_norm, SCORE: tl.constexpr):
 
 
 @triton.jit
-def accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def accumulate(
+    acc, m_i, l_i, z, mask, v, silu_norm, drop, SCORE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Adds one key tile to the unnormalised output ``acc``.
 
     Softmax is online: ``m_i`` is the running row max and ``l_i`` the running sum (base 2);
     ``acc`` and ``l_i`` are rescaled when the max grows.  SiLU just adds (``m_i``, ``l_i`` unused).
+    With dropout, ``drop`` (``dropout_weights``) scales the weights that reach ``acc``; the
+    softmax sum stays undropped, so the dropped weights are the normalised probabilities'.
     """
     if SCORE == SOFTMAX:
         z2 = tl.where(mask, z * LOG2E, float("-inf"))
@@ -130,6 +135,8 @@ def accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE: tl.constexpr, INPUT_
         m_i = m_new
     else:
         p = probabilities(z, mask, m_i, silu_norm, SCORE)
+    if HAS_DROPOUT:
+        p = p * drop
     acc += tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
     return acc, m_i, l_i
 

@@ -90,7 +90,7 @@ def cached_step_kernel(
             bucket = tl.minimum(tl.maximum(position[:, None] - offs_n[None, :], 0), NUM_BUCKETS - 1)
             z += tl.load(BIAS + head * NUM_BUCKETS + bucket).to(tl.float32)
         mask = (offs_n[None, :] <= position[:, None]) & (offs_n[None, :] < hi) & row_ok[:, None]
-        acc, m_i, l_i = accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
+        acc, m_i, l_i = accumulate(acc, m_i, l_i, z, mask, v, silu_norm, 0.0, SCORE, False, INPUT_PRECISION)
     heads = tl.num_programs(1)
     store_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if not SPLIT_K:

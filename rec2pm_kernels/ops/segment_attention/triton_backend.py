@@ -24,13 +24,14 @@ from ...patterns import PATTERN_CODES, SCORE_CODES, PatternSpec
 from ..outputs import new_output
 from ..triton_codes import HSTU_CAUSAL_CODE
 from ..triton_configs import BIAS_WINDOW, configs, padded_head_dim
+from ..triton_dropout import dropout_args
 from ..triton_launch import input_precision, launch, length_bucket
 from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
 from .triton_bias_grad import segment_bwd_bias_kernel
 from .triton_forward import segment_fwd_kernel
 
 
-def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu) -> dict:
+def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p) -> dict:
     return dict(
         HEAD_DIM=q.shape[2],
         HEAD_DIM_V=v.shape[2],
@@ -39,6 +40,7 @@ def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu) -> dict:
         PATTERN=HSTU_CAUSAL_CODE if hstu is not None else PATTERN_CODES[pattern],
         SCORE=SCORE_CODES[score],
         HAS_BIAS=rel_bias is not None,
+        HAS_DROPOUT=dropout_p > 0,
         INPUT_PRECISION=input_precision(q.dtype, allow_tf32),
     )
 
@@ -75,6 +77,11 @@ def _strides(**tensors) -> dict:
     return {f"stride_{name}{axis}": t.stride(dim) for name, t in tensors.items() for dim, axis in enumerate("th")}
 
 
+def _heavy(hstu, dropout_p) -> bool:
+    """Whether the kernels run HSTU's masks or dropout (smaller tiles: ``configs``)."""
+    return hstu is not None or dropout_p > 0
+
+
 def _tune_dim(q, v) -> int:
     return max(q.shape[2], v.shape[2])
 
@@ -96,9 +103,11 @@ def segment_forward(
     config: triton.Config | None = None,
     tile_counts: torch.Tensor | None = None,
     hstu: tuple | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ):
     """``(out, lse)``; ``lse`` is ``(H, T)`` fp32 base-2 log-sum-exp for softmax, empty for SiLU.
-    ``hstu``: see ``_hstu_inputs``.
+    ``hstu``: see ``_hstu_inputs``; dropout as ``ops/triton_dropout.py`` draws it.
 
     ``tile_counts`` (interpreter only): a ``(programs, H)`` int32 buffer that receives the
     number of key tiles each program visited.
@@ -109,7 +118,7 @@ def segment_forward(
     lse = new_output((heads, total) if score == "softmax" else (0,), dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
-    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu)
+    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p)
     args = dict(
         Q=q,
         K=k,
@@ -122,6 +131,7 @@ def segment_forward(
         **_strides(q=q, k=k, v=v, o=out),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
         **_hstu_inputs(hstu),
+        **dropout_args(dropout_p, dropout_seed),
     )
     launch(
         segment_fwd_kernel,
@@ -133,6 +143,7 @@ def segment_forward(
         head_dim=_tune_dim(q, v),
         device=q.device,
         config=config,
+        heavy=_heavy(hstu, dropout_p),
     )
     return out, lse
 
@@ -158,6 +169,8 @@ def segment_backward(
     configs_by_kernel: dict | None = None,
     tile_counts: dict | None = None,
     hstu: tuple | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ):
     """``(dq, dk, dv, d_rel_bias)``; ``d_rel_bias`` is empty without a bias.
 
@@ -179,7 +192,7 @@ def segment_backward(
         delta = (out.float() * dout.float()).sum(-1).transpose(0, 1).contiguous()
     else:  # SiLU needs no row statistics
         lse = delta = None
-    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu)
+    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p)
     # What every backward kernel reads, by parameter name.
     inputs = dict(
         Q=q,
@@ -193,8 +206,9 @@ def segment_backward(
         **_strides(q=q, k=k, v=v, do=dout),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
         **_hstu_inputs(hstu),
+        **dropout_args(dropout_p, dropout_seed),
     )
-    common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device)
+    common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device, heavy=_heavy(hstu, dropout_p))
     atomics = rel_bias is not None and not deterministic
 
     counts = tile_counts.get("segment_bwd_dkdv")
@@ -231,7 +245,8 @@ def segment_backward(
     )
 
     if rel_bias is not None and deterministic:
-        config = configs_by_kernel.get("segment_bwd_bias") or configs("segment_bwd_bias", q.dtype, _tune_dim(q, v))[0]
+        bias_configs = configs("segment_bwd_bias", q.dtype, _tune_dim(q, v), heavy=common["heavy"])
+        config = configs_by_kernel.get("segment_bwd_bias") or bias_configs[0]
         programs = batch * triton.cdiv(max_seqlen, config.kwargs["BLOCK_M"])
         partial = torch.zeros((programs, heads, buckets), dtype=torch.float32, device=q.device)
         bias_switches = {key: val for key, val in switches.items() if key != "HAS_BIAS"}
@@ -273,6 +288,8 @@ def segment_attention_fwd_op(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher; ``segment_len = num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for
     softmax.  HSTU's masks run when ``num_targets`` is given (with ``silu_norms``)."""
@@ -291,6 +308,8 @@ def segment_attention_fwd_op(
         silu_norm,
         allow_tf32,
         hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
 
 
@@ -321,6 +340,8 @@ def _segment_attention_fwd_fake(
     contextual_seq_len=0,
     max_attn_len=0,
     min_full_attn_seq_len=0,
+    dropout_p=0.0,
+    dropout_seed=0,
 ):
     lse_shape = (q.shape[1], q.shape[0]) if score == "softmax" else (0,)
     return v.new_empty(v.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -350,6 +371,8 @@ def segment_attention_bwd_op(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: ``(dq, dk, dv, d_rel_bias)`` (the last is ``(H, 0)`` without a bias)."""
     return segment_backward(
@@ -371,6 +394,8 @@ def segment_attention_bwd_op(
         allow_tf32,
         deterministic,
         hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
 
 
@@ -398,6 +423,8 @@ def _segment_attention_bwd_fake(
     contextual_seq_len=0,
     max_attn_len=0,
     min_full_attn_seq_len=0,
+    dropout_p=0.0,
+    dropout_seed=0,
 ):
     dbias = (
         rel_bias.new_empty(rel_bias.shape)
@@ -426,6 +453,8 @@ _FWD_OPTIONS = (
     "contextual_seq_len",
     "max_attn_len",
     "min_full_attn_seq_len",
+    "dropout_p",
+    "dropout_seed",
 )
 _FWD_ARGS = _FWD_TENSORS + _FWD_OPTIONS
 _SAVED_OPTIONS = ("rel_bias", "num_targets", "silu_norms")  # tensors: saved for backward, not kept as options
@@ -467,6 +496,8 @@ def segment_attention_triton(
     deterministic=False,
     hstu_mask: HSTUMask | None = None,
     num_targets: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ):
     """Arguments as ``rec2pm_kernels.segment_attention`` after validation.  The custom op
     takes the pattern as its plain fields (``S = C = 0`` for ``causal``), and HSTU's masks or
@@ -507,5 +538,7 @@ def segment_attention_triton(
         hstu_mask.contextual_seq_len,
         hstu_mask.max_attn_len,
         hstu_mask.min_full_attn_seq_len,
+        float(dropout_p),
+        int(dropout_seed or 0),
     )
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end, row_range_start, row_tile_visible
 from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
@@ -59,6 +60,10 @@ def segment_bwd_dkdv_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    dropout_seed_step,
+    dropout_seed_high,
+    dropout_threshold,
+    dropout_scale,
     SEQ_BUCKET,
     bias_atomics,
     HEAD_DIM: tl.constexpr,
@@ -68,6 +73,7 @@ def segment_bwd_dkdv_kernel(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -97,6 +103,7 @@ def segment_bwd_dkdv_kernel(
     else:
         bias_head_ptr = BIAS  # None: no bias table
     stats = head * total_tokens + token0
+    dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     visited = 0
@@ -113,8 +120,13 @@ def segment_bwd_dkdv_kernel(
             )  # fmt: skip
             lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
             p = probabilities(z, mask, lse2, silu_norm, SCORE)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            if HAS_DROPOUT:  # the output saw the dropped weights: so do dV and dP
+                drop = dropout_weights(token0 + offs_m, offs_n, head, dropout)
+                dv += tl.dot(tl.trans((p * drop).to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                dp = dp * drop
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
             ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
@@ -158,11 +170,14 @@ def _dq_key_tile(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    head,
+    dropout,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -175,6 +190,8 @@ def _dq_key_tile(
     )  # fmt: skip
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:
+        dp = dp * dropout_weights(token0 + offs_m, offs_n, head, dropout)
     ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
@@ -213,6 +230,10 @@ def segment_bwd_dq_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    dropout_seed_step,
+    dropout_seed_high,
+    dropout_threshold,
+    dropout_scale,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -221,6 +242,7 @@ def segment_bwd_dq_kernel(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -248,6 +270,7 @@ def segment_bwd_dq_kernel(
         bias_head_ptr = BIAS + head * NUM_BUCKETS
     else:
         bias_head_ptr = BIAS  # None: no bias table
+    dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
     for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
@@ -257,8 +280,8 @@ def segment_bwd_dq_kernel(
                 dq = _dq_key_tile(
                     dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt,
                     stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale,
-                    silu_norm,
-                    HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N,
+                    silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_DROPOUT,
+                    INPUT_PRECISION, BLOCK_N,
                 )  # fmt: skip
                 if COUNT_TILES:
                     visited += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
 from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
@@ -45,10 +46,13 @@ def _bias_key_tile(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    head,
+    dropout,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
@@ -61,6 +65,8 @@ def _bias_key_tile(
     )
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:
+        dp = dp * dropout_weights(token0 + offs_m, offs_n, head, dropout)
     ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
     first = tl.min(tl.where(mask, bucket, NUM_BUCKETS), axis=None)
     window = tl.arange(0, WINDOW)
@@ -105,6 +111,10 @@ def segment_bwd_bias_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    dropout_seed_step,
+    dropout_seed_high,
+    dropout_threshold,
+    dropout_scale,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -112,6 +122,7 @@ def segment_bwd_bias_kernel(
     BLOCK_DV: tl.constexpr,
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -137,6 +148,7 @@ def segment_bwd_bias_kernel(
     lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
     bias_head_ptr = BIAS + head * NUM_BUCKETS
     partial_row = PARTIAL + (pid * tl.num_programs(1) + head).to(tl.int64) * NUM_BUCKETS
+    dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
         lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
@@ -144,6 +156,6 @@ def segment_bwd_bias_kernel(
                 _bias_key_tile(
                     q, do, lse2, delta, n0, K, V, partial_row, token0, head * stride_kh, head * stride_vh, stride_kt,
                     stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale,
-                    silu_norm,
-                    HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, INPUT_PRECISION, BLOCK_N, WINDOW,
+                    silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_DROPOUT, INPUT_PRECISION,
+                    BLOCK_N, WINDOW,
                 )  # fmt: skip

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..triton_codes import SOFTMAX
+from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
 from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores, sequence_options
@@ -43,11 +44,14 @@ def _attend_key_tile(
     NUM_BUCKETS,
     scale,
     silu_norm,
+    head,
+    dropout,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -58,7 +62,11 @@ def _attend_key_tile(
         q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
         INPUT_PRECISION,
     )  # fmt: skip
-    return accumulate(acc, m_i, l_i, z, mask, v, silu_norm, SCORE, INPUT_PRECISION)
+    if HAS_DROPOUT:
+        drop = dropout_weights(key_token0 + offs_m, offs_n, head, dropout)
+    else:
+        drop = 0.0
+    return accumulate(acc, m_i, l_i, z, mask, v, silu_norm, drop, SCORE, HAS_DROPOUT, INPUT_PRECISION)
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
@@ -91,6 +99,10 @@ def segment_fwd_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    dropout_seed_step,
+    dropout_seed_high,
+    dropout_threshold,
+    dropout_scale,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -99,6 +111,7 @@ def segment_fwd_kernel(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -126,6 +139,7 @@ def segment_fwd_kernel(
         bias_head_ptr = BIAS + head * NUM_BUCKETS
     else:
         bias_head_ptr = BIAS  # None: no bias table
+    dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -137,7 +151,8 @@ def segment_fwd_kernel(
                 acc, m_i, l_i = _attend_key_tile(
                     acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
                     offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, silu_norm,
-                    HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, INPUT_PRECISION, BLOCK_N,
+                    head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION,
+                    BLOCK_N,
                 )  # fmt: skip
                 if COUNT_TILES:
                     visited += 1

@@ -1,0 +1,54 @@
+"""Attention dropout inside the Triton kernels: the counter-based draw of
+``ops/torch_math.dropout_keep``, bit for bit, so the Triton and ``torch`` backends drop the
+same weights for the same seed.
+
+The draw of a weight is MurmurHash3's 32-bit finaliser applied in turn to the packed row
+index, the key position and the head, each step mixed with the seed; a weight is kept when
+the hash is at least ``threshold = floor(dropout_p * 2**32)``.  The kernels hash in uint32,
+whose products wrap to the same low 32 bits the PyTorch version keeps from int64 (and hold
+half the registers an int64 tile would).  Kernels take the draw's inputs as ``dropout =
+(seed_step, seed_high, threshold, scale)`` (``dropout_args`` on the host).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+GOLDEN32 = tl.constexpr(0x9E3779B9)
+MIX_1 = tl.constexpr(0x85EBCA6B)
+MIX_2 = tl.constexpr(0xC2B2AE35)
+
+
+def dropout_args(dropout_p: float, seed: int) -> dict:
+    """The kernels' runtime dropout scalars, by parameter name (all zero without dropout)."""
+    if dropout_p <= 0:
+        return dict(dropout_seed_step=0, dropout_seed_high=0, dropout_threshold=0, dropout_scale=1.0)
+    mask = 0xFFFFFFFF
+    return dict(
+        dropout_seed_step=((seed & mask) + 0x9E3779B9) & mask,
+        dropout_seed_high=(seed >> 32) & mask,
+        dropout_threshold=int(dropout_p * 2**32),
+        dropout_scale=1.0 / (1.0 - dropout_p),
+    )
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * tl.full([], MIX_1, tl.uint32)
+    x = x ^ (x >> 13)
+    x = x * tl.full([], MIX_2, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_weights(row_tokens, cols, head, dropout):
+    """``[BM, BN]`` fp32 factors of a tile: ``scale`` where the weight is kept, 0 where dropped.
+    ``row_tokens``: packed row indices ``[BM]``; ``cols``: key positions ``[BN]``."""
+    seed_step, seed_high, threshold, scale = dropout
+    golden = tl.full([], GOLDEN32, tl.uint32)
+    h = _mix32(row_tokens.to(tl.uint32) ^ seed_step.to(tl.uint32))[:, None]
+    h = _mix32((h + golden) ^ cols.to(tl.uint32)[None, :])
+    h = _mix32((h + golden) ^ head.to(tl.uint32) ^ seed_high.to(tl.uint32))
+    return tl.where(h >= threshold.to(tl.uint32), scale, 0.0)
