@@ -52,7 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("score"), pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"),
         pybind11::arg("num_targets") = std::nullopt, pybind11::arg("silu_norms") = std::nullopt,
         pybind11::arg("contextual_seq_len") = 0, pybind11::arg("max_attn_len") = 0,
-        pybind11::arg("min_full_attn_seq_len") = 0);
+        pybind11::arg("min_full_attn_seq_len") = 0, pybind11::arg("ts_bias") = std::nullopt,
+        pybind11::arg("timestamps") = std::nullopt, pybind11::arg("query_timestamps") = std::nullopt);
   m.def("hstu_key_spans", &hstu_spans, "Visible keys of one row under HSTU's masks as [begin, end) spans",
         pybind11::arg("row"), pybind11::arg("length"), pybind11::arg("num_targets"),
         pybind11::arg("contextual_seq_len"), pybind11::arg("max_attn_len"), pybind11::arg("min_full_attn_seq_len"));

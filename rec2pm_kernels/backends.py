@@ -118,6 +118,15 @@ def cpp_preferred(score: str, pattern: str, max_seqlen: int) -> bool:
     return score == "silu" or pattern.startswith("kv_memory") or max_seqlen <= CPP_SOFTMAX_MAX_LEN
 
 
+def _auto_choice(device: torch.device, needs_grad: bool, dtype: torch.dtype, prefer_cpp: bool) -> str:
+    fast_dtype = dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if device.type == "cuda" and fast_dtype and _status("triton").available:
+        return "triton"
+    if device.type == "cpu" and not needs_grad and prefer_cpp and _cpp_status().available:
+        return "cpp"
+    return "torch"
+
+
 def resolve_backend(
     requested: str,
     op: str,
@@ -125,33 +134,28 @@ def resolve_backend(
     needs_grad: bool,
     dtype: torch.dtype = torch.float32,
     prefer_cpp: bool = True,
-    torch_only: tuple[str, ...] = (),
+    lacking: dict[str, tuple[str, ...]] | None = None,
 ) -> str:
     """The backend that runs ``op``: the requested one if it can, else a clear ``ValueError``.
 
     ``auto`` picks ``triton`` for CUDA tensors of fp16, bf16 or fp32 when Triton is
     installed; on the CPU ``cpp`` when no gradient is needed, the extension is built and
     ``prefer_cpp`` (see ``cpp_preferred``), else ``torch``.  ``triton`` takes CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.  ``torch_only`` names
-    the options of this call that only the ``torch`` backend implements so far: ``auto`` then
-    picks ``torch``, and another backend requested explicitly is refused.
+    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.  ``lacking`` names,
+    per backend, the options of this call it does not implement yet: a backend requested
+    explicitly is then refused, and ``auto`` falls back to ``torch``, which has them all.
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if torch_only and requested not in ("auto", "torch"):
+    lacking = lacking or {}
+    if lacking.get(requested):
         raise ValueError(
-            f"backend={requested!r} does not implement {', '.join(torch_only)} yet; use backend='torch' "
-            "(or 'auto', which picks it)"
+            f"backend={requested!r} does not implement {', '.join(lacking[requested])} yet; use backend='torch' "
+            "(or 'auto', which picks a backend that does)"
         )
-    if requested == "auto" and torch_only:
-        return "torch"
     if requested == "auto":
-        fast_dtype = dtype in (torch.float16, torch.bfloat16, torch.float32)
-        if device.type == "cuda" and fast_dtype and _status("triton").available:
-            return "triton"
-        if device.type == "cpu" and not needs_grad and prefer_cpp and _cpp_status().available:
-            return "cpp"
-        return "torch"
+        chosen = _auto_choice(device, needs_grad, dtype, prefer_cpp)
+        return "torch" if lacking.get(chosen) else chosen
     status = _status(requested)
     if op not in status.ops:
         raise ValueError(f"backend={requested!r} cannot run {op} here: {status.reason}")

@@ -152,7 +152,7 @@ def segment_attention(
             forward only.  ``rec2pm_kernels.backends()`` says which are available here and why not.
             The HSTU masks and a per-sequence ``silu_norm`` run on every backend, dropout on
             ``torch`` and ``triton`` (the same draws for one seed), ``ts_bias`` on ``torch``
-            only, so far (``auto`` picks it for it).
+            and ``cpp`` so far (``auto`` picks among the backends that have every option).
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -206,7 +206,6 @@ def segment_attention(
     # An upper bound that sizes work: no sequence is longer than all the tokens.
     max_seqlen = min(max_seqlen, q.shape[0])
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
-    torch_only = _used(ts_bias=ts_bias is not None)
     if dropout_p > 0 and backend == "cpp":
         raise ValueError("backend='cpp' is forward only and has no dropout_p; use backend='torch' or 'triton'")
     chosen = resolve_backend(
@@ -216,19 +215,21 @@ def segment_attention(
         needs_grad,
         q.dtype,
         prefer_cpp=cpp_preferred(score, spec.name, longest) and dropout_p == 0,
-        torch_only=torch_only,
+        lacking={"triton": _used(ts_bias=ts_bias is not None)},
     )
     extras = dict(hstu_mask=hstu_mask, num_targets=num_targets)
     if dropout_p > 0:  # torch and triton draw the same weights for one seed
         if dropout_seed is None:
             dropout_seed = int(torch.randint(0, 2**62, ()))
         extras.update(dropout_p=float(dropout_p), dropout_seed=dropout_seed)
-    if chosen == "torch":  # the options only the torch backend implements so far
-        if ts_bias is not None and query_timestamps is None:
+    if ts_bias is not None:  # torch and cpp
+        if query_timestamps is None:
             query_timestamps = next_timestamps(timestamps, cu_seqlens)
         extras.update(ts_bias=ts_bias, timestamps=timestamps, query_timestamps=query_timestamps)
-    else:
+    if chosen != "torch":
         rel_bias = per_head_table(rel_bias, q.shape[1])
+        if ts_bias is not None:
+            extras["ts_bias"] = per_head_table(ts_bias, q.shape[1])
     return SEGMENT_ATTENTION_IMPLS[chosen](
         q,
         k,

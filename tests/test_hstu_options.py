@@ -11,6 +11,7 @@ biases, per-sequence SiLU divisors and attention dropout, against the dense orac
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -180,6 +181,56 @@ def test_time_bias_and_shared_tables_match_oracle(heads_of_tables, score, query_
     _compare(lengths, kw, (rel_bias, ts_bias))
 
 
+@pytest.mark.parametrize("heads_of_tables", [1, 2], ids=["shared", "per_head"])
+@pytest.mark.parametrize("query_times", ["next", "given"])
+def test_cpp_time_bias_matches_oracle(heads_of_tables, query_times):
+    require_backend("cpp")
+    lengths = [3, 0, 1, 11, 6]
+    times, ts_bias = _time_inputs(lengths, buckets=12, heads=heads_of_tables)
+    q, k, v, cu = _inputs(lengths, requires_grad=False)
+    kw = dict(
+        score="silu",
+        silu_norm=4.0,
+        rel_bias=0.3 * torch.randn(heads_of_tables, 11),
+        ts_bias=ts_bias.detach(),
+        timestamps=times,
+        query_timestamps=times.flip(0) if query_times == "given" else None,
+        num_targets=torch.tensor([1, 0, 0, 2, 0]),
+        max_attn_len=4,
+    )
+    out = segment_attention(q, k, v, cu, 11, backend="cpp", **kw)
+    ref = segment_attention_oracle(q, k, v, cu, **kw)
+    base = segment_attention_oracle(q, k, v, cu, upcast=False, **kw)
+    assert_within_budget("out", out, ref, base, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_time_buckets_read_back_at_every_boundary(backend):
+    """Gaps on both sides of every bucket boundary ``e ** (0.301 k)``: with ``q = 0``, ``v`` the
+    identity and a table of distinct weights, the last row's output names the bucket of
+    every key, which must be ``time_bucket``'s."""
+    require_backend(backend)
+    import math
+
+    gaps = sorted(
+        {g for k in range(1, 40) for g in (math.floor(math.exp(0.301 * k)) + d for d in (-1, 0, 1)) if g >= 0}
+    )
+    n = len(gaps) + 1
+    query = 10**13
+    times = torch.tensor([query - g for g in gaps] + [query])  # the last row is scored at `query`
+    table = torch.linspace(0.5, 3.0, 41, dtype=torch.float64)[None]  # distinct, SiLU-increasing
+    q = torch.zeros(n, 1, 2, dtype=torch.float64)
+    v = torch.eye(n, dtype=torch.float64)[:, None, :]
+    out = segment_attention(
+        q, q, v, torch.tensor([0, n]), n, score="silu", silu_norm=1.0, ts_bias=table, timestamps=times,
+        query_timestamps=torch.full((n,), query), backend=backend,
+    )  # fmt: skip
+    weights = torch.nn.functional.silu(table[0])
+    got = [int((weights - w).abs().argmin()) for w in out[-1, 0, :-1]]
+    assert got == time_bucket(torch.tensor(query), times[:-1], 40).tolist()
+    assert len(set(got)) > 30  # the boundaries were crossed
+
+
 def test_time_buckets_follow_hstu_log_rule():
     query = torch.tensor([0])
     gaps = torch.tensor([0, 1, 2, 3, 10, 100, 10**6, 10**12, -3])
@@ -282,6 +333,10 @@ def test_auto_runs_the_options_where_implemented_and_other_backends_refuse():
     with pytest.raises(ValueError, match="backend='cpp' is forward only and has no dropout_p"):
         segment_attention(q, k, v, cu, 5, max_attn_len=2, dropout_p=0.1, backend="cpp")
     times = torch.arange(8)
+    with torch.no_grad():  # auto: cpp runs the timestamp bias too
+        auto = segment_attention(q, k, v, cu, 5, ts_bias=torch.ones(1, 3), timestamps=times)
+        plain = segment_attention(q, k, v, cu, 5, ts_bias=torch.ones(1, 3), timestamps=times, backend="torch")
+    torch.testing.assert_close(auto, plain, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="backend='triton' does not implement ts_bias yet"):
         segment_attention(q, k, v, cu, 5, max_attn_len=2, ts_bias=torch.zeros(1, 3), timestamps=times, backend="triton")
 

@@ -22,6 +22,7 @@
 #include "attention_ops.h"
 #include "rec2pm/attention_math.h"
 #include "rec2pm/hstu_masks.h"
+#include "rec2pm/time_bias.h"
 
 namespace rec2pm {
 namespace {
@@ -153,6 +154,12 @@ struct SegmentProblem {
   Score score;
   HstuMask hstu;
   bool uses_hstu;  // candidates, a prefix or a window: spans from hstu_key_spans
+  // HSTU's timestamp bias, or null: a (heads, time_buckets + 1) table of the problem's dtype
+  // (typed where it is read), and the key and query time of every packed token.
+  const void* time_table = nullptr;
+  const int64_t* key_times = nullptr;
+  const int64_t* query_times = nullptr;
+  int64_t time_buckets = 0;
 };
 
 // The visible keys of row r: the pattern's spans, or HSTU's (at most kMaxHstuSpans).
@@ -225,6 +232,12 @@ __attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, c
         const int64_t distance = shift - j;
         s[j] += table[distance < 0 ? 0 : (distance > last ? last : distance)];
       }
+    }
+    if (p.time_table != nullptr) {
+      const T* table = static_cast<const T*>(p.time_table) + h * (p.time_buckets + 1);
+      const int64_t query_time = p.query_times[token0 + r];
+      const int64_t* key_time = p.key_times + token0 + begin;
+      for (int64_t j = 0; j < count; ++j) s[j] += table[time_bucket(query_time, key_time[j], p.time_buckets)];
     }
     n += count;
   }
@@ -412,7 +425,10 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
                                             const std::optional<torch::Tensor>& num_targets,
                                             const std::optional<torch::Tensor>& silu_norms,
                                             int64_t contextual_seq_len, int64_t max_attn_len,
-                                            int64_t min_full_attn_seq_len) {
+                                            int64_t min_full_attn_seq_len,
+                                            const std::optional<torch::Tensor>& ts_bias,
+                                            const std::optional<torch::Tensor>& timestamps,
+                                            const std::optional<torch::Tensor>& query_timestamps) {
   for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
     check_cpu(*t, name);
     TORCH_CHECK(t->is_contiguous() && t->dim() == 3 && t->scalar_type() == q.scalar_type(), name,
@@ -430,7 +446,12 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
   const bool uses_hstu = num_targets.has_value() || contextual_seq_len > 0 || max_attn_len > 0;
   TORCH_CHECK(!uses_hstu || static_cast<Pattern>(pattern) == Pattern::kCausal,
               "num_targets, contextual_seq_len and max_attn_len refine the causal pattern only");
-  const SegmentProblem problem{q.size(0),
+  TORCH_CHECK(!ts_bias || (timestamps && query_timestamps && ts_bias->dim() == 2 && ts_bias->size(0) == q.size(1) &&
+                           timestamps->scalar_type() == torch::kLong && query_timestamps->scalar_type() == torch::kLong &&
+                           timestamps->is_contiguous() && query_timestamps->is_contiguous() &&
+                           timestamps->numel() == q.size(0) && query_timestamps->numel() == q.size(0)),
+              "ts_bias must be (heads, buckets + 1) with contiguous int64 timestamps and query_timestamps, one per token");
+  SegmentProblem problem{q.size(0),
                                q.size(1),
                                q.size(2),
                                v.size(2),
@@ -448,8 +469,15 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
       bias_table = rel_bias->to(q.scalar_type()).contiguous();
       bias = bias_table.data_ptr<scalar_t>();
     }
-    torch::Tensor norms;
+    torch::Tensor norms, time_table;
     if (silu_norms) norms = silu_norms->to(q.scalar_type()).contiguous();
+    if (ts_bias) {
+      time_table = ts_bias->to(q.scalar_type()).contiguous();
+      problem.time_table = time_table.data_ptr<scalar_t>();
+      problem.key_times = timestamps->data_ptr<int64_t>();
+      problem.query_times = query_timestamps->data_ptr<int64_t>();
+      problem.time_buckets = ts_bias->size(1) - 1;
+    }
     segment_forward<scalar_t>(problem, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               cu_seqlens.data_ptr<int64_t>(), batch, bias, static_cast<scalar_t>(scale),
                               static_cast<scalar_t>(silu_norm),

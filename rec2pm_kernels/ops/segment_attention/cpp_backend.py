@@ -1,5 +1,5 @@
 """C++ (CPU) backend of ``segment_attention``: forward only, every pattern, score and bias,
-and HSTU's masks (candidates, prefix, window) with per-sequence SiLU divisors.
+and HSTU's masks (candidates, prefix, window), timestamp bias and per-sequence SiLU divisors.
 
 The kernel is ``csrc/cpu/attention_cpu.cpp`` (``rec2pm_kernels._C.segment_attention_forward``):
 fp32 and fp64 math; fp16 and bf16 inputs are computed in fp32 and the output cast back.
@@ -40,6 +40,9 @@ def run_cpp_segment_attention(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher (``segment_len = 1, num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for
     softmax; ``silu_norms``, one per sequence, replaces ``silu_norm`` when given)."""
@@ -63,6 +66,9 @@ def run_cpp_segment_attention(
         contextual_seq_len=contextual_seq_len,
         max_attn_len=max_attn_len,
         min_full_attn_seq_len=min_full_attn_seq_len,
+        ts_bias=None if ts_bias is None else ts_bias.detach().to(dtype).contiguous(),
+        timestamps=None if ts_bias is None else timestamps.to(torch.int64).contiguous(),
+        query_timestamps=None if ts_bias is None else query_timestamps.to(torch.int64).contiguous(),
     )
     return out
 
@@ -92,6 +98,9 @@ def _cpp_segment_attention_fake(
     contextual_seq_len=0,
     max_attn_len=0,
     min_full_attn_seq_len=0,
+    ts_bias=None,
+    timestamps=None,
+    query_timestamps=None,
 ):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=math_dtype(q.dtype))
 
@@ -109,8 +118,12 @@ def segment_attention_cpp(
     silu_norm,
     hstu_mask: HSTUMask | None = None,
     num_targets: torch.Tensor | None = None,
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
 ):
-    """Arguments as ``rec2pm_kernels.segment_attention`` after validation; no autograd."""
+    """Arguments as ``rec2pm_kernels.segment_attention`` after validation (``query_timestamps``
+    filled in with ``ts_bias``); no autograd."""
     run = cpp_segment_attention_op if torch.compiler.is_compiling() else run_cpp_segment_attention
     hstu_mask = hstu_mask or HSTUMask()
     per_sequence = silu_norm if isinstance(silu_norm, torch.Tensor) else None
@@ -131,5 +144,8 @@ def segment_attention_cpp(
         hstu_mask.contextual_seq_len,
         hstu_mask.max_attn_len,
         hstu_mask.min_full_attn_seq_len,
+        ts_bias,
+        timestamps,
+        query_timestamps,
     )
     return out.to(v.dtype)
