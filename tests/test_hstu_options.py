@@ -210,7 +210,6 @@ def test_time_buckets_read_back_at_every_boundary(backend):
     identity and a table of distinct weights, the last row's output names the bucket of
     every key, which must be ``time_bucket``'s."""
     require_backend(backend)
-    import math
 
     gaps = sorted(
         {g for k in range(1, 40) for g in (math.floor(math.exp(0.301 * k)) + d for d in (-1, 0, 1)) if g >= 0}
