@@ -7,16 +7,27 @@ import torch.nn.functional as F
 
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9  # a step constant that keeps zero inputs from hashing to zero
+MIX_1, MIX_2 = 0x85EBCA6B, 0xC2B2AE35  # MurmurHash3's finaliser multipliers
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2**32).  The
     products wrap, and the low 32 bits they keep are exact whatever the sign."""
     x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & MASK32
+    x = (x * MIX_1) & MASK32
     x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & MASK32
+    x = (x * MIX_2) & MASK32
     return x ^ (x >> 16)
+
+
+def dropout_seed_words(seed: int) -> tuple[int, int]:
+    """``(step, high)``: the 32-bit words the draw mixes in, from the low and high halves of the seed."""
+    return ((seed & MASK32) + GOLDEN32) & MASK32, (seed >> 32) & MASK32
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """A weight is kept when its 32-bit hash is at least this."""
+    return int(dropout_p * 2**32)
 
 
 def dropout_keep(seed: int, row_tokens: torch.Tensor, cols: torch.Tensor, heads: int, dropout_p: float) -> torch.Tensor:
@@ -27,12 +38,12 @@ def dropout_keep(seed: int, row_tokens: torch.Tensor, cols: torch.Tensor, heads:
     backward redraws it exactly.  ``row_tokens (G, R)``: packed indices of the rows; ``cols
     (K,)``: key positions inside the sequence.
     """
-    step = (seed & MASK32) + GOLDEN32
+    step, high = dropout_seed_words(seed)
     h = _mix32((row_tokens.to(torch.int64) ^ step) & MASK32)[:, None, :, None]
     h = _mix32(((h + GOLDEN32) ^ cols.to(torch.int64)) & MASK32)
     head = torch.arange(heads, device=cols.device, dtype=torch.int64)[None, :, None, None]
-    h = _mix32(((h + GOLDEN32) ^ head ^ (seed >> 32 & MASK32)) & MASK32)
-    return h >= int(dropout_p * 2**32)
+    h = _mix32(((h + GOLDEN32) ^ head ^ high) & MASK32)
+    return h >= dropout_threshold(dropout_p)
 
 
 def masked_attention(

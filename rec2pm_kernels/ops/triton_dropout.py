@@ -15,20 +15,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-GOLDEN32 = tl.constexpr(0x9E3779B9)
-MIX_1 = tl.constexpr(0x85EBCA6B)
-MIX_2 = tl.constexpr(0xC2B2AE35)
+from . import torch_math
+
+GOLDEN32 = tl.constexpr(torch_math.GOLDEN32)
+MIX_1 = tl.constexpr(torch_math.MIX_1)
+MIX_2 = tl.constexpr(torch_math.MIX_2)
 
 
 def dropout_args(dropout_p: float, seed: int) -> dict:
     """The kernels' runtime dropout scalars, by parameter name (all zero without dropout)."""
     if dropout_p <= 0:
         return dict(dropout_seed_step=0, dropout_seed_high=0, dropout_threshold=0, dropout_scale=1.0)
-    mask = 0xFFFFFFFF
+    step, high = torch_math.dropout_seed_words(seed)
     return dict(
-        dropout_seed_step=((seed & mask) + 0x9E3779B9) & mask,
-        dropout_seed_high=(seed >> 32) & mask,
-        dropout_threshold=int(dropout_p * 2**32),
+        dropout_seed_step=step,
+        dropout_seed_high=high,
+        dropout_threshold=torch_math.dropout_threshold(dropout_p),
         dropout_scale=1.0 / (1.0 - dropout_p),
     )
 
