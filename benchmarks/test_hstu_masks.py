@@ -4,9 +4,10 @@ One group per (length, backend, direction): HSTU's reference head shape (8 heads
 2 users of L tokens, forward on every backend (the ``cpp`` kernel is forward only) and
 forward + backward where gradients exist.  Rows: ``causal`` (the baseline), 64 candidates
 per user (``num_targets``), a contextual prefix of 8, and a local window of 256 (with and
-without a full-attention tail of 64).  A window should cost about ``W / (L / 2)`` of causal
-attention where a backend skips masked keys (``cpp`` spans, Triton tiles); candidates and
-the prefix should cost about the same as causal.
+without a full-attention tail of 64), and HSTU's timestamp bias (a table of 129 buckets and
+epoch-second timestamps).  A window should cost about ``W / (L / 2)`` of causal attention
+where a backend skips masked keys (``cpp`` spans, Triton tiles); candidates and the prefix
+should cost about the same as causal; the timestamp bias adds a gather per score.
 
 Quick mode: L = 1k.  Full mode: L = 1k and 4k.
 """
@@ -29,6 +30,7 @@ MASKS = {
     "prefix_8": {"contextual_seq_len": 8},
     "window_256": {"max_attn_len": 256},
     "window_256_tail_64": {"max_attn_len": 256, "min_full_attn_seq_len": 64},
+    "timestamp_bias_128": {"ts_bias": 128},
 }
 BACKENDS = ["torch", "cpp", "triton"]
 DIRECTIONS = ["fwd", "fwd+bwd"]
@@ -54,6 +56,10 @@ def test_hstu_masks(measure, bench_mode, length, backend, direction, mask):
     options = dict(MASKS[mask])
     if "num_targets" in options:
         options["num_targets"] = torch.full((USERS,), options["num_targets"], device=device)
+    if "ts_bias" in options:  # HSTU's default table size, times a few seconds to days apart
+        options["ts_bias"] = 0.1 * torch.randn(1, options["ts_bias"] + 1, device=device, dtype=dtype)
+        gaps = (10 ** (5 * torch.rand(total, device=device))).long()
+        options["timestamps"] = 1_700_000_000 + gaps.view(USERS, length).cumsum(1).flatten()
     options.update(score="silu", silu_norm=float(length), scale=1.0, backend=backend)
 
     if grad:

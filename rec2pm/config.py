@@ -63,6 +63,11 @@ class ModelConfig:
         max_positions: SASRec position table size, the longest stream a model accepts
             (a Stage 1 stream of L items has L + K*C tokens).
         num_buckets: HSTU relative-bias buckets (distances past the last share it).
+        num_time_buckets: HSTU's timestamp bias (``rec2pm_kernels.time_bias``): a learned
+            weight per log-spaced bucket ``0..num_time_buckets`` of the time between a row's
+            query time and each key's timestamp, shared by the heads of a layer.  0 (the
+            default) leaves it out; with it, the model's inputs need timestamps
+            (``docs/timestamps.md``).  HSTU's own setting is 128.
         silu_norm: HSTU's fixed attention normaliser; defaults to ``max_positions``.
         segment_len, num_memory_tokens: S and C of Rec2PM.
         init_std: std of the normal initialisation of every embedding (items, positions,
@@ -83,6 +88,7 @@ class ModelConfig:
     dropout: float = 0.0
     max_positions: int = 4096
     num_buckets: int = 128
+    num_time_buckets: int = 0
     silu_norm: float | None = None
     segment_len: int = 200
     num_memory_tokens: int = 4
@@ -107,6 +113,15 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.num_time_buckets, bool) or not isinstance(self.num_time_buckets, int):
+            raise ValueError(f"num_time_buckets must be an int >= 0, got {self.num_time_buckets!r}")
+        if self.num_time_buckets < 0:
+            raise ValueError(f"num_time_buckets must be an int >= 0, got {self.num_time_buckets!r}")
+        if self.num_time_buckets and self.backbone != "hstu":
+            raise ValueError(
+                f"num_time_buckets={self.num_time_buckets} is HSTU's timestamp bias; backbone "
+                f"{self.backbone!r} has no bias terms (use backbone='hstu' or num_time_buckets=0)"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:

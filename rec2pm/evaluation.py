@@ -189,6 +189,8 @@ def evaluate(
     description: str = "evaluate",
     exclude_items: torch.Tensor | None = None,
     exclude_cu_seqlens: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    request_times: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Full-ranking evaluation of next-item scores over all users, in batches.
 
@@ -209,6 +211,10 @@ def evaluate(
         exclude_items, exclude_cu_seqlens: the histories to exclude, when they differ from
             the model's input (a model that reads only the last ``max_length`` events must
             still not be credited with items from older events); default ``items``.
+        timestamps, request_times: for models with HSTU's timestamp bias: ``(total,)`` the
+            time of every history event and ``(U,)`` the time of each held-out event (when
+            the next item is asked for); ``score_fn`` then gets their rows of the batch as
+            ``timestamps=`` and ``request_times=``.
 
     Returns:
         ``metrics_from_ranks`` of all users' ranks, plus ``"users"``: U.
@@ -236,6 +242,10 @@ def evaluate(
         if exclude_cu.numel() != cu.numel():
             raise ValueError(f"exclude_cu_seqlens must describe the same {users} users as cu_seqlens")
         _check_ids("exclude_items", exclude_items, num_items)
+    if timestamps is not None and timestamps.shape != items.shape:
+        raise ValueError(f"timestamps must have the shape of items {tuple(items.shape)}, got {tuple(timestamps.shape)}")
+    if request_times is not None and request_times.shape != (users,):
+        raise ValueError(f"request_times must have shape ({users},), one per user, got {tuple(request_times.shape)}")
     model = getattr(score_fn, "__self__", None)
     if isinstance(model, torch.nn.Module) and model.training:
         # Dropout would make the metrics noisy and lower than the model's real quality.
@@ -256,7 +266,12 @@ def evaluate(
                 end = min(start + batch_size, users)
                 lo, hi = int(cu[start]), int(cu[end])
                 # Offsets rebased to 0 for the batch, in the caller's dtype and device.
-                scores = score_fn(items[lo:hi], cu_seqlens[start : end + 1] - cu_seqlens[start])
+                times = {}
+                if timestamps is not None:
+                    times["timestamps"] = timestamps[lo:hi]
+                if request_times is not None:
+                    times["request_times"] = request_times[start:end]
+                scores = score_fn(items[lo:hi], cu_seqlens[start : end + 1] - cu_seqlens[start], **times)
                 if not isinstance(scores, torch.Tensor) or scores.shape != (end - start, num_items + 1):
                     raise ValueError(
                         f"score_fn must return a tensor of shape ({end - start}, {num_items + 1}) "

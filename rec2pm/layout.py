@@ -135,6 +135,50 @@ class PackedLayout:
         back = outputs.new_zeros((total_items, *outputs.shape[1:]))
         return back.index_put((self.item_index[rows],), outputs[rows])
 
+    def token_times(
+        self,
+        item_times: torch.Tensor,
+        memory_times: torch.Tensor | None = None,
+        request_times: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_times, query_times)``, ``(T,)`` int64 each, for HSTU's timestamp bias
+        (``docs/timestamps.md``).
+
+        Key times: an item has its event's time (``item_times``, ``(total_items,)`` aligned with
+        the packed histories); a write token the time of the last item of its segment (the
+        item just before its write block); a memory token the time of the write token that
+        wrote it (``memory_times``, aligned with the memory bank ``memory_index`` points into).
+        Query times: an item that predicts a next item queries at that item's time; the last
+        item of a history queries at its user's ``request_times`` (``(batch,)``) when given,
+        else at its own time; write and memory tokens query at their own time.
+        """
+        item_times = item_times.detach().cpu().long()
+        key = torch.zeros(self.num_tokens, dtype=torch.int64)
+        items = self.rows(ITEM)
+        key[items] = item_times[self.item_index[items]]
+        writes = self.rows(WRITE)
+        if writes.numel():
+            # The nearest item row at or before each row; blocks put write tokens right after their items.
+            item_rows = torch.where(self.role == ITEM, torch.arange(self.num_tokens), -1)
+            last_item = torch.cummax(item_rows, 0).values[writes]
+            starts = self.cu_seqlens.long()[:-1]
+            sequence = torch.searchsorted(self.cu_seqlens.long(), writes, right=True) - 1
+            if bool((last_item < starts[sequence]).any()):
+                raise ValueError("a write token has no item before it in its sequence; its time is undefined")
+            key[writes] = key[last_item]
+        memory = self.rows(MEMORY)
+        if memory.numel():
+            if memory_times is None:
+                raise ValueError("memory_times is required: this layout has memory tokens, and they carry a time")
+            key[memory] = memory_times.detach().cpu().long()[self.memory_index[memory]]
+        query = key.clone()
+        predicts = items[self.target_index[items] >= 0]
+        query[predicts] = item_times[self.target_index[predicts]]
+        if request_times is not None:
+            last = items[self.target_index[items] < 0]
+            query[last] = request_times.detach().cpu().long()[self.user[last]]
+        return key, query
+
     def to(self, device) -> PackedLayout:
         return PackedLayout(
             **{

@@ -54,6 +54,16 @@ def keep_last(items: torch.Tensor, cu: torch.Tensor, max_length: int) -> tuple[t
     return items[packed_rows(cu[1:] - lengths, lengths)], torch.cat([cu.new_zeros(1), lengths.cumsum(0)])
 
 
+def history_times(part, max_length: int, source: str) -> torch.Tensor:
+    """The timestamps of ``keep_last``'s events of a split part (HSTU's timestamp bias needs them)."""
+    if part.timestamps is None:
+        raise ValueError(
+            f"model.num_time_buckets > 0 (HSTU's timestamp bias) needs data with integer timestamps; "
+            f"{source} has none (use num_time_buckets = 0)"
+        )
+    return keep_last(part.timestamps, part.cu_seqlens, max_length)[0]
+
+
 def gather(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed histories of ``users`` (in that order)."""
     lengths = (cu[1:] - cu[:-1])[users]
@@ -225,6 +235,19 @@ def train(run: dict, *, resume: bool = True) -> dict:
     train_items, train_cu = keep_last(split.train.items, split.train.cu_seqlens, max_length)
     valid = keep_last(split.valid_history.items, split.valid_history.cu_seqlens, max_length)
     test = keep_last(split.test_history.items, split.test_history.cu_seqlens, max_length)
+    uses_times = bool(run["model"].get("num_time_buckets"))
+    if uses_times:
+        train_times = history_times(split.train, max_length, data.source)
+        valid_times = dict(
+            timestamps=history_times(split.valid_history, max_length, data.source).to(device),
+            request_times=split.valid_target_times.to(device),
+        )
+        test_times = dict(
+            timestamps=history_times(split.test_history, max_length, data.source).to(device),
+            request_times=split.test_target_times.to(device),
+        )
+    else:
+        valid_times = test_times = {}
     # Already-seen items are excluded from the whole history, not only the model's window.
     valid_seen = (split.valid_history.items, split.valid_history.cu_seqlens)
     test_seen = (split.test_history.items, split.test_history.cu_seqlens)
@@ -295,6 +318,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
             exclude_cu_seqlens=valid_seen[1],
             progress=train_cfg["progress"] and ctx.is_main,
             description="valid",
+            **valid_times,
         )
         model.train()
         return metrics
@@ -314,7 +338,8 @@ def train(run: dict, *, resume: bool = True) -> dict:
         for b in progress:
             users = batches[b][ctx.rank :: ctx.world_size]
             items, cu = gather(train_items, train_cu, users)
-            out = trained(items.to(device), cu.to(device))
+            times = (gather(train_times, train_cu, users)[0].to(device),) if uses_times else ()
+            out = trained(items.to(device), cu.to(device), *times)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -377,6 +402,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
             exclude_items=test_seen[0],
             exclude_cu_seqlens=test_seen[1],
             description="test",
+            **test_times,
         )
         summary["test"] = test_metrics
         summary["wall_s"] = round(time.perf_counter() - started, 3)
@@ -406,6 +432,13 @@ def evaluate_checkpoint(
     history = split.test_history if split_name == "test" else split.valid_history
     targets = split.test_targets if split_name == "test" else split.valid_targets
     items, cu = keep_last(history.items, history.cu_seqlens, run["data"]["max_length"])
+    times = {}
+    if run["model"].get("num_time_buckets"):
+        target_times = split.test_target_times if split_name == "test" else split.valid_target_times
+        times = dict(
+            timestamps=history_times(history, run["data"]["max_length"], data.source),
+            request_times=target_times,
+        )
     model = build(run, data.num_items)
     load_weights(model, ckpt["model"], path)
     model.eval()
@@ -421,4 +454,5 @@ def evaluate_checkpoint(
         exclude_cu_seqlens=history.cu_seqlens,
         progress=progress,
         description=split_name,
+        **times,
     )

@@ -27,10 +27,10 @@ Usage::
 
     python -m rec2pm_kernels.aot [--subset] [--arch 80 90] [--jobs N] [--json FILE] [--strict-spills]
 
-``--subset`` compiles a covering subset (every pattern, score, bias on/off, precision,
-split count, dtype, head dim and config at least once per architecture and kernel)
-instead of the full product.  Compiling is CPU bound, so specialisations run in a process
-pool (``--jobs``, default: the CPU count).  Unless ``TRITON_CACHE_DIR`` is set, each
+``--subset`` compiles a covering subset (every pattern, score, relative and timestamp bias
+on/off, dropout on/off, precision, split count, dtype, head dim and config at least once
+per architecture and kernel) instead of the full product.  Compiling is CPU bound, so
+specialisations run in a process pool (``--jobs``, default: the CPU count).  Unless ``TRITON_CACHE_DIR`` is set, each
 specialisation compiles into a scratch cache deleted right after: every specialisation is
 really compiled, and neither the user's cache nor the disk fills with thousands of
 kernels (about 0.6 MB each) this machine never runs.
@@ -64,7 +64,14 @@ from collections import defaultdict
 import torch
 
 from .ops.triton_codes import HSTU_CAUSAL_CODE
-from .ops.triton_configs import BIAS_WINDOW, MEASURED_HEAD_DIMS, SHARED_MEMORY_LIMIT, configs, padded_head_dim
+from .ops.triton_configs import (
+    BIAS_WINDOW,
+    MEASURED_HEAD_DIMS,
+    SHARED_MEMORY_LIMIT,
+    configs,
+    heaviness,
+    padded_head_dim,
+)
 from .ops.triton_configs import KERNELS as TUNED_KERNELS
 from .patterns import PATTERN_CODES, SCORE_CODES
 
@@ -81,7 +88,7 @@ NUM_SPLITS = (1, 2)
 KERNELS = TUNED_KERNELS  # every kernel that has a tile table
 SEGMENT_KERNELS = tuple(kernel for kernel in KERNELS if kernel.startswith("segment_"))
 # The switches a covering subset must show every value of, per architecture and kernel.
-SWITCHES = ("pattern", "score", "has_bias", "has_dropout", "precision", "num_splits")
+SWITCHES = ("pattern", "score", "has_bias", "has_time_bias", "has_dropout", "precision", "num_splits")
 
 # Registers a thread can hold; a spill at this count is register pressure, not an occupancy choice.
 REGISTER_CAP = 255
@@ -102,6 +109,7 @@ class Specialisation:
     pattern: int | None  # None for the cached step, which has no pattern
     score: int
     has_bias: bool
+    has_time_bias: bool | None  # None for the cached step, which has no timestamp bias
     has_dropout: bool | None  # None for the cached step, which has no dropout
     precision: str
     num_splits: int | None  # cached step only
@@ -118,7 +126,8 @@ class Specialisation:
         switches = [
             f"pattern={self.pattern}" if self.pattern is not None else f"splits={self.num_splits}",
             f"score={SCORE_NAMES[self.score]}",
-            f"bias={int(self.has_bias)}" + (f" drop={int(self.has_dropout)}" if self.has_dropout is not None else ""),
+            f"bias={int(self.has_bias)}"
+            + (f" time={int(self.has_time_bias)} drop={int(self.has_dropout)}" if self.has_dropout is not None else ""),
             self.precision,
         ]
         return (
@@ -141,18 +150,32 @@ def all_specialisations(archs=ARCHS) -> list[Specialisation]:
     out = []
     for arch, kernel, dtype, head_dim in itertools.product(archs, KERNELS, DTYPES, HEAD_DIMS):
         if kernel == "cached_step":
-            switches = itertools.product([None], SCORES, (False, True), [None], _precisions(dtype), NUM_SPLITS)
-        elif kernel == "segment_bwd_bias":  # launched only when a bias is present
-            switches = itertools.product(PATTERNS, SCORES, (True,), (False, True), _precisions(dtype), [None])
+            biases = [(False, None), (True, None)]
+            switches = itertools.product([None], SCORES, biases, [None], _precisions(dtype), NUM_SPLITS)
         else:
-            switches = itertools.product(PATTERNS, SCORES, (False, True), (False, True), _precisions(dtype), [None])
-        for pattern, score, has_bias, has_dropout, precision, splits in switches:
-            heavy = pattern == HSTU_CAUSAL_CODE or bool(has_dropout)  # as the launchers choose
+            # (relative bias, timestamp bias); the bias-gradient kernel runs only with one of them.
+            biases = list(itertools.product((False, True), (False, True)))
+            if kernel == "segment_bwd_bias":
+                biases.remove((False, False))
+            switches = itertools.product(PATTERNS, SCORES, biases, (False, True), _precisions(dtype), [None])
+        for pattern, score, (has_bias, has_time_bias), has_dropout, precision, splits in switches:
+            heavy = heaviness(pattern == HSTU_CAUSAL_CODE, bool(has_dropout), bool(has_time_bias))  # as the launchers
             for config in configs(kernel, DTYPES[dtype], head_dim, arch, heavy):
                 tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
                 out.append(
                     Specialisation(
-                        kernel, arch, dtype, head_dim, pattern, score, has_bias, has_dropout, precision, splits, *tile
+                        kernel,
+                        arch,
+                        dtype,
+                        head_dim,
+                        pattern,
+                        score,
+                        has_bias,
+                        has_time_bias,
+                        has_dropout,
+                        precision,
+                        splits,
+                        *tile,
                     )
                 )
     return out
@@ -219,7 +242,8 @@ def _pointer_types(spec: Specialisation) -> dict[str, str | None]:
     bias = t if spec.has_bias else None
     stats = "*fp32" if spec.score == SCORE_CODES["softmax"] else None  # SiLU has no row statistics
     if spec.kernel != "cached_step":
-        return dict(_segment_pointer_types(spec, t, bias, stats), **_hstu_pointer_types(spec))
+        segment = _segment_pointer_types(spec, t, bias, stats)
+        return dict(segment, **_hstu_pointer_types(spec), **_time_pointer_types(spec))
     partial = "*fp32" if spec.num_splits > 1 else None  # one split writes OUT directly
     return dict(
         Q=t,
@@ -238,6 +262,17 @@ def _hstu_pointer_types(spec: Specialisation) -> dict[str, str | None]:
     """Candidate counts and per-sequence SiLU divisors: passed only under HSTU's masks."""
     hstu = spec.pattern == HSTU_CAUSAL_CODE
     return dict(NUM_TARGETS="*i32" if hstu else None, SILU_NORMS="*fp32" if hstu else None)
+
+
+def _time_pointer_types(spec: Specialisation) -> dict[str, str | None]:
+    """The timestamp table (the inputs' dtype) and the int64 timestamps, with a timestamp bias."""
+    on = spec.has_time_bias
+    return dict(
+        TIME_BIAS=f"*{spec.dtype}" if on else None,
+        TIMESTAMPS="*i64" if on else None,
+        QUERY_TIMESTAMPS="*i64" if on else None,
+        TIME_PARTIAL="*fp32" if on and spec.kernel == "segment_bwd_bias" else None,
+    )
 
 
 def _segment_pointer_types(spec: Specialisation, t: str, bias: str | None, stats: str | None) -> dict:
@@ -261,7 +296,8 @@ def _segment_pointer_types(spec: Specialisation, t: str, bias: str | None, stats
         )
     if spec.kernel == "segment_bwd_dq":
         return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, DQ=t, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
-    return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL="*fp32", CU_SEQLENS="*i32", BIAS=t)
+    partial = "*fp32" if spec.has_bias else None
+    return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL=partial, CU_SEQLENS="*i32", BIAS=bias)
 
 
 def _constexprs(spec: Specialisation) -> dict:
@@ -278,11 +314,12 @@ def _constexprs(spec: Specialisation) -> dict:
     )
     if spec.kernel == "cached_step":
         return dict(values, HAS_BIAS=spec.has_bias, SPLIT_K=spec.num_splits > 1)
-    values.update(PATTERN=spec.pattern, HAS_DROPOUT=spec.has_dropout)
+    values.update(
+        PATTERN=spec.pattern, HAS_BIAS=spec.has_bias, HAS_TIME_BIAS=spec.has_time_bias, HAS_DROPOUT=spec.has_dropout
+    )
     if spec.kernel == "segment_bwd_bias":
         return dict(values, WINDOW=BIAS_WINDOW)
-    values.update(HAS_BIAS=spec.has_bias, COUNT_TILES=False)
-    return values
+    return dict(values, COUNT_TILES=False)
 
 
 def compile_source(spec: Specialisation):

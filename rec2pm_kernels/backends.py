@@ -134,28 +134,18 @@ def resolve_backend(
     needs_grad: bool,
     dtype: torch.dtype = torch.float32,
     prefer_cpp: bool = True,
-    lacking: dict[str, tuple[str, ...]] | None = None,
 ) -> str:
     """The backend that runs ``op``: the requested one if it can, else a clear ``ValueError``.
 
     ``auto`` picks ``triton`` for CUDA tensors of fp16, bf16 or fp32 when Triton is
     installed; on the CPU ``cpp`` when no gradient is needed, the extension is built and
     ``prefer_cpp`` (see ``cpp_preferred``), else ``torch``.  ``triton`` takes CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.  ``lacking`` names,
-    per backend, the options of this call it does not implement yet: a backend requested
-    explicitly is then refused, and ``auto`` falls back to ``torch``, which has them all.
+    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    lacking = lacking or {}
-    if lacking.get(requested):
-        raise ValueError(
-            f"backend={requested!r} does not implement {', '.join(lacking[requested])} yet; use backend='torch' "
-            "(or 'auto', which picks a backend that does)"
-        )
     if requested == "auto":
-        chosen = _auto_choice(device, needs_grad, dtype, prefer_cpp)
-        return "torch" if lacking.get(chosen) else chosen
+        return _auto_choice(device, needs_grad, dtype, prefer_cpp)
     status = _status(requested)
     if op not in status.ops:
         raise ValueError(f"backend={requested!r} cannot run {op} here: {status.reason}")

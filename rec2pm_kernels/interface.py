@@ -150,9 +150,9 @@ def segment_attention(
             built (except softmax with ``causal`` or ``global`` over sequences longer than
             512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is
             forward only.  ``rec2pm_kernels.backends()`` says which are available here and why not.
-            The HSTU masks and a per-sequence ``silu_norm`` run on every backend, dropout on
-            ``torch`` and ``triton`` (the same draws for one seed), ``ts_bias`` on ``torch``
-            and ``cpp`` so far (``auto`` picks among the backends that have every option).
+            The HSTU masks, ``ts_bias`` and a per-sequence ``silu_norm`` run on every backend,
+            dropout on ``torch`` and ``triton`` (the same draws for one seed; ``auto`` does not
+            pick ``cpp`` for it).
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -215,14 +215,13 @@ def segment_attention(
         needs_grad,
         q.dtype,
         prefer_cpp=cpp_preferred(score, spec.name, longest) and dropout_p == 0,
-        lacking={"triton": _used(ts_bias=ts_bias is not None)},
     )
     extras = dict(hstu_mask=hstu_mask, num_targets=num_targets)
     if dropout_p > 0:  # torch and triton draw the same weights for one seed
         if dropout_seed is None:
             dropout_seed = int(torch.randint(0, 2**62, ()))
         extras.update(dropout_p=float(dropout_p), dropout_seed=dropout_seed)
-    if ts_bias is not None:  # torch and cpp
+    if ts_bias is not None:
         if query_timestamps is None:
             query_timestamps = next_timestamps(timestamps, cu_seqlens)
         extras.update(ts_bias=ts_bias, timestamps=timestamps, query_timestamps=query_timestamps)
@@ -245,10 +244,6 @@ def segment_attention(
         deterministic=bool(deterministic),
         **extras,
     )
-
-
-def _used(**used: bool) -> tuple[str, ...]:
-    return tuple(name for name, on in used.items() if on)
 
 
 def per_head_table(table: torch.Tensor | None, heads: int) -> torch.Tensor | None:

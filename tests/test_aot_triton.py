@@ -33,7 +33,7 @@ def _expected_values(arch: int, kernel: str) -> dict[str, set]:
         dtype=set(aot.DTYPES),
         head_dim=set(aot.HEAD_DIMS),
         precision={"ieee", "tf32"},
-        has_bias={True} if kernel == "segment_bwd_bias" else {False, True},
+        has_bias={False, True},
         config={
             (dtype, head_dim, config_key(c))
             for dtype, torch_dtype in aot.DTYPES.items()
@@ -46,6 +46,7 @@ def _expected_values(arch: int, kernel: str) -> dict[str, set]:
     else:
         values["pattern"] = set(aot.PATTERNS)
         values["has_dropout"] = {False, True}
+        values["has_time_bias"] = {False, True}
     return values
 
 
@@ -53,7 +54,7 @@ def _covered_values(rows) -> dict[tuple, dict[str, set]]:
     covered = defaultdict(lambda: defaultdict(set))
     for row in rows:
         seen = covered[(row["arch"], row["kernel"])]
-        for name in ("score", "dtype", "head_dim", "precision", "has_bias", "has_dropout", "num_splits", "pattern"):
+        for name in ("score", "dtype", "head_dim", "precision", "num_splits", "pattern", *aot.SWITCHES):
             seen[name].add(row[name])
         seen["config"].add((row["dtype"], row["head_dim"], row["config"]))
     return covered

@@ -176,3 +176,37 @@ def test_bad_input(call, exc, text):
     with pytest.raises(exc) as info:
         call()
     assert text in str(info.value)
+
+
+# Event times of one history of five items (S = 2, C = 1): [i0 i1 | i2 i3 | i4].
+TIMES = torch.tensor([10, 20, 30, 40, 50])
+
+
+def test_token_times_of_the_stage1_stream():
+    layout = stage1_layout([5], 2, 1)  # i0 i1 w i2 i3 w i4
+    key, query = layout.token_times(TIMES)
+    assert key.tolist() == [10, 20, 20, 30, 40, 40, 50]  # a write token: its segment's last item
+    assert query.tolist() == [20, 30, 20, 40, 50, 40, 50]  # items: their target's time
+    _, query = layout.token_times(TIMES, request_times=torch.tensor([99]))
+    assert query.tolist() == [20, 30, 20, 40, 50, 40, 99]  # the last item: the request's time
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_token_times_of_stage2_blocks_read_the_stage1_write_tokens(mode):
+    bank_times, _ = stage1_layout([5], 2, 1).token_times(TIMES)
+    layout = stage2_layout([5], 2, 1, mode)
+    key, query = layout.token_times(TIMES, memory_times=bank_times)
+    if mode == "overwrite":  # [i0 i1 w] [m0 i2 i3 w] [m1 i4]
+        assert key.tolist() == [10, 20, 20, 20, 30, 40, 40, 40, 50]
+        assert query.tolist() == [20, 30, 20, 20, 40, 50, 40, 40, 50]
+    else:  # [i0 i1 w] [m0 i2 i3 w] [m0 m1 i4]
+        assert key.tolist() == [10, 20, 20, 20, 30, 40, 40, 20, 40, 50]
+        assert query.tolist() == [20, 30, 20, 20, 40, 50, 40, 20, 40, 50]
+
+
+def test_token_times_of_serving_blocks_and_a_missing_memory_time():
+    layout = serving_layout([1, 0], [2, 1], 1)  # [m i i] [i]
+    key, query = layout.token_times(torch.tensor([7, 8, 9]), memory_times=torch.tensor([5]))
+    assert key.tolist() == [5, 7, 8, 9] and query.tolist() == [5, 8, 8, 9]
+    with pytest.raises(ValueError, match="memory_times is required"):
+        layout.token_times(torch.tensor([7, 8, 9]))

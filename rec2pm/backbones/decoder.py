@@ -48,7 +48,7 @@ class Decoder(nn.Module):
             self.position = nn.Embedding(config.max_positions, d)
         else:
             self.blocks = nn.ModuleList(
-                HSTUBlock(d, heads, config.dropout, config.num_buckets, config.attention_norm)
+                HSTUBlock(d, heads, config.dropout, config.num_buckets, config.attention_norm, config.num_time_buckets)
                 for _ in range(config.num_layers)
             )
             self.position = None  # HSTU's positions enter through the relative bias only
@@ -98,11 +98,15 @@ class Decoder(nn.Module):
         segment_len: int | None = None,
         num_memory_tokens: int | None = None,
         collect_kv: bool = False,
+        times: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """``x (T, d)`` token embeddings at ``positions (T,)`` (the layout's λ) -> ``(T, d)``.
 
         With ``collect_kv`` also returns every layer's packed ``(k, v)``, ``(T, H, D)`` each.
+        ``times``: ``(key_times, query_times)`` of the tokens (``PackedLayout.token_times``),
+        required when the model has HSTU's timestamp bias (``num_time_buckets > 0``).
         """
+        time_options = self._time_options(times, x.device)
         h = self.input_dropout(self._with_positions(x, positions))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         kernels = self.config.kernels
@@ -124,12 +128,24 @@ class Decoder(nn.Module):
                 allow_tf32=kernels.allow_tf32,
                 deterministic=kernels.deterministic,
                 **score_options,
+                **(time_options if "ts_bias" in score_options else {}),
             )
 
         for block in self.blocks:
             h = block(h, attend)
         out = self.final_norm(h)
         return (out, kv) if collect_kv else out
+
+    def _time_options(self, times, device) -> dict:
+        if not self.config.num_time_buckets:
+            return {}
+        if times is None:
+            raise ValueError(
+                f"this model has HSTU's timestamp bias (num_time_buckets={self.config.num_time_buckets}): "
+                "pass the token times (the inputs' timestamps)"
+            )
+        key_times, query_times = times
+        return {"timestamps": key_times.to(device), "query_timestamps": query_times.to(device)}
 
     def step(
         self,
@@ -143,6 +159,11 @@ class Decoder(nn.Module):
         """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
+        if self.config.num_time_buckets:
+            raise ValueError(
+                "the cached serving step has no timestamp bias yet: a model with num_time_buckets > 0 "
+                "scores with full passes (score_history), not prefill/step"
+            )
         if fused_step.applies(self, x_new, caches):
             self._check_positions(positions_new)
             return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)

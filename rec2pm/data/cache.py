@@ -2,7 +2,8 @@
 
 A processed data set is two files with a common stem ``<cache_dir>/<kind>-<key>``:
 
-* ``.pt``: ``torch.save({"items": (total,) int64, "cu_seqlens": (users + 1,) int64})``;
+* ``.pt``: ``torch.save({"items": (total,) int64, "cu_seqlens": (users + 1,) int64})``, plus
+  ``"timestamps": (total,) int64`` when the source has integer times;
 * ``.json``: ``num_items``, ``item_ids`` (original id of remapped item ``i`` at ``i - 1``),
   ``user_ids``, ``skipped``, the format description and the cache key.
 
@@ -28,7 +29,7 @@ import torch
 from .interactions import InteractionData
 from .textio import require_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_NOTE = "from cache"
 
 
@@ -84,7 +85,10 @@ def save_processed(data: InteractionData, stem, *, key: str = "") -> None:
         "source": data.source,
     }
     tmp = f".tmp{os.getpid()}"
-    torch.save({"items": data.items, "cu_seqlens": data.cu_seqlens}, f"{stem}.pt{tmp}")
+    tensors = {"items": data.items, "cu_seqlens": data.cu_seqlens}
+    if data.timestamps is not None:
+        tensors["timestamps"] = data.timestamps
+    torch.save(tensors, f"{stem}.pt{tmp}")
     os.replace(f"{stem}.pt{tmp}", f"{stem}.pt")
     with open(f"{stem}.json{tmp}", "w", encoding="utf-8") as f:
         json.dump(meta, f)
@@ -104,6 +108,7 @@ def load_processed(stem) -> InteractionData:
         user_ids=meta["user_ids"],
         skipped=meta["skipped"],
         source=meta["source"],
+        timestamps=tensors.get("timestamps"),
     )
 
 

@@ -7,6 +7,10 @@ Format (shared by every loader, the synthetic generator and the splits):
 * ``cu_seqlens``: ``(num_users + 1,)`` int64 offsets into ``items``; user ``u`` owns
   ``items[cu_seqlens[u]:cu_seqlens[u + 1]]`` and every user has at least one event.
 * ``item_ids[i - 1]`` is the original id of remapped item ``i``; ``user_ids[u]`` the original id of user ``u``.
+* ``timestamps``: ``(total,)`` int64, the time of each event in ``items`` (the loader's time
+  column: MovieLens seconds, a table's integer or datetime column), or ``None`` when the
+  source has no integer times (S3-Rec lines, float time columns, the synthetic histories).
+  HSTU's timestamp bias reads them (``docs/timestamps.md``).
 * ``skipped``: reason -> number of input rows (or users) left out, so nothing is dropped silently.
 
 ``from_events`` is the one place that turns raw ``(user, item, time)`` columns into this format,
@@ -40,6 +44,7 @@ class InteractionData:
     user_ids: list
     skipped: dict = field(default_factory=dict)
     source: str = ""
+    timestamps: torch.Tensor | None = None
 
     def __post_init__(self):
         # O(total) checks: cheap next to any parse, and they catch a bad builder before training does.
@@ -58,6 +63,12 @@ class InteractionData:
             raise ValueError(
                 f"item ids must lie in 1..num_items = {self.num_items}, "
                 f"got {items.min().item()} .. {items.max().item()}"
+            )
+        times = self.timestamps
+        if times is not None and (times.dtype != torch.int64 or times.shape != items.shape):
+            raise ValueError(
+                f"timestamps must be an int64 tensor shaped like items {tuple(items.shape)}, "
+                f"got {times.dtype} of shape {tuple(times.shape)}"
             )
         if len(self.item_ids) != self.num_items:
             raise ValueError(f"item_ids has {len(self.item_ids)} entries for num_items = {self.num_items}")
@@ -100,7 +111,8 @@ def from_events(
     """Build ``InteractionData`` from raw event columns (order, deduplicate, remap; see the module docstring).
 
     ``users`` and ``items`` are ``(rows,)`` integer arrays of original ids, ``times`` a ``(rows,)``
-    numeric array.  ``skipped`` (copied) receives the ``"duplicate rows"`` count when there are any.
+    numeric array (kept as ``timestamps`` when it holds integers).  ``skipped`` (copied)
+    receives the ``"duplicate rows"`` count when there are any.
     """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
@@ -118,7 +130,7 @@ def from_events(
     if same.any():
         keep = np.concatenate(([True], ~same))
         skipped["duplicate rows"] = skipped.get("duplicate rows", 0) + int(same.sum())
-        users, items = users[keep], items[keep]
+        users, items, times = users[keep], items[keep], times[keep]
     item_ids, remapped = np.unique(items, return_inverse=True)
     user_ids, counts = np.unique(users, return_counts=True)
     cu = np.concatenate(([0], np.cumsum(counts)))
@@ -130,4 +142,5 @@ def from_events(
         user_ids=user_ids.tolist(),
         skipped=skipped,
         source=source,
+        timestamps=torch.from_numpy(times.astype(np.int64)) if np.issubdtype(times.dtype, np.integer) else None,
     )

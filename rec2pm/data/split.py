@@ -27,13 +27,16 @@ SKIP_SHORT = "users with < 3 events"
 
 @dataclass
 class LeaveOneOut:
-    """The three parts; targets are ``(users,)`` int64 remapped item ids, one per kept user."""
+    """The three parts; targets are ``(users,)`` int64 remapped item ids, one per kept user,
+    and ``*_target_times`` their events' times (``None`` without timestamps)."""
 
     train: InteractionData
     valid_history: InteractionData
     valid_targets: torch.Tensor
     test_history: InteractionData
     test_targets: torch.Tensor
+    valid_target_times: torch.Tensor | None = None
+    test_target_times: torch.Tensor | None = None
 
 
 def leave_one_out(data: InteractionData) -> LeaveOneOut:
@@ -53,6 +56,8 @@ def leave_one_out(data: InteractionData) -> LeaveOneOut:
         valid_targets=data.items[ends - 2].clone(),
         test_history=_cut(data, kept, drop_last=1, user_ids=user_ids, skipped=skipped, part="test history"),
         test_targets=data.items[ends - 1].clone(),
+        valid_target_times=None if data.timestamps is None else data.timestamps[ends - 2].clone(),
+        test_target_times=None if data.timestamps is None else data.timestamps[ends - 1].clone(),
     )
 
 
@@ -64,8 +69,10 @@ def _cut(
     user, position = prepare_sequence_and_position_ids(data.cu_seqlens, data.items.numel())
     limit = torch.where(kept, lengths - drop_last, 0)[user]
     new_lengths = (lengths - drop_last)[kept]
+    keep = position < limit
     return InteractionData(
-        items=data.items[position < limit],
+        items=data.items[keep],
+        timestamps=None if data.timestamps is None else data.timestamps[keep],
         cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(new_lengths, 0)]),
         num_items=data.num_items,
         item_ids=data.item_ids,

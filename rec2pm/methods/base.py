@@ -92,9 +92,16 @@ class RecModel(nn.Module):
 
     method = "base"
     uses_write_tokens = False  # methods with a memory own the C learned write-token embeddings
+    # Whether the method's training and scoring paths carry token times (HSTU's timestamp bias).
+    supports_time_bias = False
 
     def __init__(self, config: ModelConfig, options: TrainingOptions | None = None):
         super().__init__()
+        if config.num_time_buckets and not self.supports_time_bias:
+            raise ValueError(
+                f"method {self.method!r} has no timestamp bias yet; use num_time_buckets=0, or "
+                "the full, recent or rec2pm methods (docs/timestamps.md)"
+            )
         self.config = config
         self.options = options or TrainingOptions()
         self.item_embedding = nn.Embedding(config.num_items + 1, config.d_model, padding_idx=0)
@@ -161,6 +168,48 @@ class RecModel(nn.Module):
                 )
         return lengths
 
+    def check_times(self, timestamps, items: torch.Tensor, name: str = "timestamps") -> torch.Tensor | None:
+        """``timestamps`` of packed items (``(total,)`` ints, one per item): required with
+        HSTU's timestamp bias and refused without it, so no time is silently ignored."""
+        buckets = self.config.num_time_buckets
+        if not buckets:
+            if timestamps is not None:
+                raise ValueError(f"{name} given, but this model has no timestamp bias (num_time_buckets=0)")
+            return None
+        if timestamps is None:
+            raise ValueError(
+                f"this model has HSTU's timestamp bias (num_time_buckets={buckets}): pass {name}, one time per item"
+            )
+        if not isinstance(timestamps, torch.Tensor) or timestamps.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int64 tensor, got {getattr(timestamps, 'dtype', type(timestamps))}")
+        if timestamps.shape != items.shape:
+            raise ValueError(
+                f"{name} must have the items' shape {tuple(items.shape)}, one time per item, "
+                f"got {tuple(timestamps.shape)}"
+            )
+        return timestamps
+
+    def check_request_times(self, request_times, batch: int) -> torch.Tensor | None:
+        """Optional ``(batch,)`` int times at which each user's next item is asked for."""
+        if request_times is None:
+            return None
+        if not self.config.num_time_buckets:
+            raise ValueError("request_times given, but this model has no timestamp bias (num_time_buckets=0)")
+        if not isinstance(request_times, torch.Tensor) or request_times.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"request_times must be an int64 tensor, got {getattr(request_times, 'dtype', None)}")
+        if request_times.shape != (batch,):
+            raise ValueError(
+                f"request_times must have shape ({batch},), one per user, got {tuple(request_times.shape)}"
+            )
+        return request_times
+
+    def require_no_time_bias(self, what: str) -> None:
+        if self.config.num_time_buckets:
+            raise ValueError(
+                f"{what} has no timestamp bias yet; a model with num_time_buckets > 0 scores with "
+                "score_history (one-shot), which carries the times (docs/timestamps.md)"
+            )
+
     def check_memory(self, memory: torch.Tensor, counts: torch.Tensor, batch: int) -> None:
         d = self.config.d_model
         ref = self.item_embedding.weight
@@ -184,9 +233,10 @@ class RecModel(nn.Module):
             raise ValueError(f"overwrite mode keeps at most C={C} memory tokens per user, got {counts.tolist()}")
 
     # -- decoding and scoring -----------------------------------------------------------------
-    def run(self, layout: PackedLayout, x: torch.Tensor, **pattern) -> torch.Tensor:
+    def run(self, layout: PackedLayout, x: torch.Tensor, *, times=None, **pattern) -> torch.Tensor:
+        """The decoder over ``layout``; ``times``: ``layout.token_times(...)`` with a timestamp bias."""
         layout = layout.to(x.device)
-        return self.decoder(x, layout.position, layout.cu_seqlens, layout.max_seqlen, **pattern)
+        return self.decoder(x, layout.position, layout.cu_seqlens, layout.max_seqlen, times=times, **pattern)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(n, d)`` -> ``(n, N + 1)`` scores, tied to the item embeddings; column 0 is -inf."""

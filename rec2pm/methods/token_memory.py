@@ -9,6 +9,11 @@ packed: ``Memory.vectors`` ``(sum(counts), d)``, user after user.
 * ``update``: ``[M ; S_h ; w]`` -> new memory.
 * ``score``: ``[M ; recent]`` -> next-item logits from the last position.
 * ``prefill`` / ``step``: ``score`` and then one event at a time through the cached step.
+
+With HSTU's timestamp bias the memory carries a time per vector (that of the write token
+that wrote it: the last item of its segment), and the one-shot ``encode`` and ``score``
+take the items' ``timestamps``; the iterative update and the cached step refuse such a
+model for now (``docs/timestamps.md``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from .base import RecModel
 
 @dataclass
 class Memory:
-    """Packed memories: ``vectors (sum(counts), d)``, ``counts (B,)`` int64 (CPU)."""
+    """Packed memories: ``vectors (sum(counts), d)``, ``counts (B,)`` int64 (CPU); with a
+    timestamp bias ``times (sum(counts),)`` int64, the time of each vector."""
 
     vectors: torch.Tensor
     counts: torch.Tensor
+    times: torch.Tensor | None = None
 
 
 @dataclass
@@ -54,25 +61,29 @@ class TokenMemoryModel(RecModel):
     """Adds the memory inference API to ``RecModel``."""
 
     uses_write_tokens = True
+    supports_time_bias = True
 
     # -- memory ------------------------------------------------------------------------------
     def empty_memory(self, batch: int) -> Memory:
         w = self.item_embedding.weight
         return Memory(w.new_zeros((0, self.config.d_model)), torch.zeros(batch, dtype=torch.long))
 
-    def stage1(self, items: torch.Tensor, lengths: torch.Tensor):
+    def stage1(self, items: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor | None = None):
         """The Stage 1 pass (``global`` pattern): ``(layout, outputs)``."""
         S, C = self.config.segment_len, self.config.num_memory_tokens
         layout = stage1_layout(lengths, S, C)
         x = layout.embed(self.item_embedding(items), self.write_tokens)
-        return layout, self.run(layout, x, pattern="global", segment_len=S, num_memory_tokens=C)
+        times = layout.token_times(timestamps) if timestamps is not None else None
+        return layout, self.run(layout, x, times=times, pattern="global", segment_len=S, num_memory_tokens=C)
 
-    def encode(self, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = False):
+    def encode(self, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = False, timestamps=None):
         """History -> ``(Memory, tail_items, tail_cu)``; one Stage 1 pass unless ``iterative``."""
         lengths = self.check_history(items, cu_seqlens)
+        timestamps = self.check_times(timestamps, items)
         S, C = self.config.segment_len, self.config.num_memory_tokens
         archived, tail_items, tail_cu = split_history(items, lengths, S)
         if iterative:
+            self.require_no_time_bias("the iterative encode (one update per segment)")
             memory = self.empty_memory(lengths.numel())
             starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
             for h in range(int(archived.max())):
@@ -80,12 +91,14 @@ class TokenMemoryModel(RecModel):
                 rows = (starts[users][:, None] + h * S + torch.arange(S)).flatten()
                 memory = self.update_some(memory, users, items[rows.to(items.device)])
             return memory, tail_items, tail_cu
-        layout, out = self.stage1(items, lengths)
+        layout, out = self.stage1(items, lengths, timestamps)
         rows, counts = memory_rows(layout, archived, self.options.mode, C)
-        return Memory(out[rows.to(out.device)], counts), tail_items, tail_cu
+        memory_times = layout.token_times(timestamps)[0][rows] if timestamps is not None else None
+        return Memory(out[rows.to(out.device)], counts, memory_times), tail_items, tail_cu
 
     def update(self, memory: Memory, segment_items: torch.Tensor, segment_cu: torch.Tensor) -> Memory:
         """Archive one segment per user: ``[M ; S_h ; w]`` -> the new memory."""
+        self.require_no_time_bias("update")
         lengths = self.check_history(segment_items, segment_cu, "segment_items")
         self.check_memory(memory.vectors, memory.counts, lengths.numel())
         return self._update(memory, segment_items, lengths)
@@ -124,17 +137,31 @@ class TokenMemoryModel(RecModel):
         return Memory(vectors, counts)
 
     # -- serving -----------------------------------------------------------------------------
-    def _serving_pass(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, collect_kv: bool):
+    def _serving_pass(
+        self, memory: Memory, recent_items, recent_cu, collect_kv: bool, recent_times=None, request_times=None
+    ):
         lengths = self.check_history(recent_items, recent_cu, "recent_items")
         self.check_memory(memory.vectors, memory.counts, lengths.numel())
-        layout = serving_layout(memory.counts, lengths, self.config.num_memory_tokens).to(recent_items.device)
+        recent_times = self.check_times(recent_times, recent_items, "recent_times")
+        request_times = self.check_request_times(request_times, lengths.numel())
+        layout = serving_layout(memory.counts, lengths, self.config.num_memory_tokens)
+        times = None
+        if recent_times is not None:
+            times = layout.token_times(recent_times, memory_times=memory.times, request_times=request_times)
+        layout = layout.to(recent_items.device)
         x = layout.embed(self.item_embedding(recent_items), self.write_tokens, self.memory_input(memory.vectors))
-        result = self.decoder(x, layout.position, layout.cu_seqlens, layout.max_seqlen, collect_kv=collect_kv)
+        result = self.decoder(
+            x, layout.position, layout.cu_seqlens, layout.max_seqlen, collect_kv=collect_kv, times=times
+        )
         return layout, result
 
-    def score(self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor) -> torch.Tensor:
-        """``[M ; recent]`` -> next-item logits ``(B, N + 1)`` from each block's last position."""
-        layout, h = self._serving_pass(memory, recent_items, recent_cu, collect_kv=False)
+    def score(
+        self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, recent_times=None, request_times=None
+    ) -> torch.Tensor:
+        """``[M ; recent]`` -> next-item logits ``(B, N + 1)`` from each block's last position.
+        With a timestamp bias: ``recent_times`` (one per recent item), ``memory.times`` and
+        optionally ``request_times`` (one per user)."""
+        layout, h = self._serving_pass(memory, recent_items, recent_cu, False, recent_times, request_times)
         return self.logits(h[layout.last_rows])
 
     @torch.no_grad()
@@ -146,6 +173,7 @@ class TokenMemoryModel(RecModel):
         ``capacity``: cache slots per user, at least the longest ``[M ; recent]`` block plus
         the events ``step`` will add.
         """
+        self.require_no_time_bias("prefill (the cached serving step)")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise TypeError(f"capacity must be an int >= 1 (cache slots per user), got {capacity!r}")
         layout, (h, kv) = self._serving_pass(memory, recent_items, recent_cu, collect_kv=True)
@@ -190,6 +218,11 @@ class TokenMemoryModel(RecModel):
         last = (new_cu[1:] - 1).clamp(min=0)
         return self.logits(h[last]) if new_items.numel() else h.new_zeros((counts.numel(), self.config.num_items + 1))
 
-    def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = False):
-        memory, tail, tail_cu = self.encode(items, cu_seqlens, iterative=iterative)
-        return self.score(memory, tail, tail_cu)
+    def score_history(
+        self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None, request_times=None, *, iterative=False
+    ):
+        memory, tail, tail_cu = self.encode(items, cu_seqlens, iterative=iterative, timestamps=timestamps)
+        tail_times = None
+        if timestamps is not None:  # the tail's rows, as encode cut them
+            tail_times = split_history(timestamps, cu_seqlens.cpu().long().diff(), self.config.segment_len)[1]
+        return self.score(memory, tail, tail_cu, tail_times, request_times)

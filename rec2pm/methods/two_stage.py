@@ -20,18 +20,22 @@ from .token_memory import TokenMemoryModel
 class Rec2PM(TokenMemoryModel):
     method = "rec2pm"
 
-    def stage2(self, items: torch.Tensor, lengths: torch.Tensor, bank: torch.Tensor):
-        """All Stage 2 blocks in one pass; memory tokens read ``bank`` at Stage 1 rows."""
+    def stage2(self, items: torch.Tensor, lengths: torch.Tensor, bank: torch.Tensor, timestamps=None, bank_times=None):
+        """All Stage 2 blocks in one pass; memory tokens read ``bank`` at Stage 1 rows (and,
+        with a timestamp bias, their times from ``bank_times``, the Stage 1 key times)."""
         S, C = self.config.segment_len, self.config.num_memory_tokens
         layout = stage2_layout(lengths, S, C, self.options.mode)
         x = layout.embed(self.item_embedding(items), self.write_tokens, self.memory_input(bank))
-        return layout, self.run(layout, x)
+        times = layout.token_times(timestamps, memory_times=bank_times) if timestamps is not None else None
+        return layout, self.run(layout, x, times=times)
 
-    def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor) -> LossOutput:
+    def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None) -> LossOutput:
         lengths = self.check_history(items, cu_seqlens)
-        layout1, out1 = self.stage1(items, lengths)
+        timestamps = self.check_times(timestamps, items)
+        layout1, out1 = self.stage1(items, lengths, timestamps)
         prefix = out1.detach() if self.options.detach_prefix else out1
-        layout2, out2 = self.stage2(items, lengths, prefix)
+        bank_times = layout1.token_times(timestamps)[0] if timestamps is not None else None
+        layout2, out2 = self.stage2(items, lengths, prefix, timestamps, bank_times)
         ar, n = self.ar_loss(layout2, out2, items)
         if self.options.stage1_ar:
             ar1, n1 = self.ar_loss(layout1, out1, items)

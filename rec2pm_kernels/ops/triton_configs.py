@@ -14,15 +14,21 @@ and sm_80 (mma) differ; and near the 255-register cap one switch of sixteen deci
 each (kernel, fp32 or 16-bit, head dim, architecture) has the largest candidate tile that
 compiled for *every* switch combination within shared memory and without a
 register-pressure spill, measured with triton 3.6 by the compile check.  Only one tile per
-cell: the full compile check (every switch of every config) must fit in 30 minutes on 2
-cores, and compiling is about 1.2 s per specialisation.  After a kernel change, run
+cell: the full product already has 12,320 specialisations (about 1.2 s each, so two hours
+on 2 cores; CI compiles the covering subset), and every extra tile multiplies it.  After a
+kernel change, run
 ``python -m rec2pm_kernels.aot``; a config it reports as spilling goes down to the next
 smaller tile here.
 
-Heavier variants (HSTU's masks, dropout) hold more per score tile: their rank and hash
-tiles.  For them (``heavy=True``) a measured tile of 32 x 32 or more is halved along the
-score tile's inner side (keys for the row-block kernels, rows for ``segment_bwd_dkdv``),
-which the compile check showed is what the largest head dims need.
+Heavier variants (HSTU's masks, its timestamp bias, dropout) hold more per score tile:
+their rank, int64 time-gap and hash tiles.  For them (``heavy >= HEAVY``) a measured tile of
+32 x 32 or more is halved along the score tile's inner side (keys for the row-block
+kernels, rows for ``segment_bwd_dkdv``), which the compile check showed is what the largest
+head dims need.  With the timestamp bias (``heavy == HEAVIEST``) a tile of 64 x 64 or more is
+halved twice, and a tile too small to halve runs on 8 warps instead of 4: the 16-bit
+forward tile at head dim 128 on sm_80, the fp32 dK/dV tile at head dim 64 and the
+bias-gradient kernel's 16 x 16 (its sort of the time buckets) spilled at the register cap
+otherwise.
 """
 
 from __future__ import annotations
@@ -155,16 +161,25 @@ def _measured_tile(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) ->
 
 # Tiles at least this large are halved for the heavy variants (see the module docstring).
 HEAVY_HALVING_ELEMENTS = 32 * 32
+# How heavy a variant is: plain; HSTU's masks or dropout; HSTU's timestamp bias.
+LIGHT, HEAVY, HEAVIEST = 0, 1, 2
+
+
+def heaviness(hstu_masks: bool, dropout: bool, time_bias: bool) -> int:
+    """The ``heavy`` level of a variant with these switches, as the launchers pass it."""
+    if time_bias:
+        return HEAVIEST
+    return HEAVY if hstu_masks or dropout else LIGHT
 
 
 def configs(
-    kernel: str, dtype: torch.dtype, head_dim: int, arch: int | None = None, heavy: bool = False
+    kernel: str, dtype: torch.dtype, head_dim: int, arch: int | None = None, heavy: int = LIGHT
 ) -> list[triton.Config]:
     """Configs of ``kernel`` for ``dtype`` and ``head_dim`` (the larger of the q/k and v
     head dims) on compute capability ``arch`` (default 90): the measured tile, or the
     kernel's smallest one where the measured tile's shared memory exceeds ``arch``'s limit.
     Head dims above 128 were not measured and reuse the head-dim-128 tile.  ``heavy``: the
-    tile of a variant with HSTU's masks or dropout.
+    tile of a heavier variant (``LIGHT``, ``HEAVY`` or ``HEAVIEST``; see the module docstring).
     """
     if kernel not in _MEASURED:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -173,7 +188,13 @@ def configs(
     block_m, block_n, warps, stages = _measured_tile(kernel, dtype, head_dim, arch)
     if arch not in (80, 90) and shared_memory_estimate(kernel, block_m, block_n, stages, dtype, head_dim) > limit:
         block_m, block_n, warps, stages = _SMALLEST[kernel]
-    if heavy and block_m * block_n >= HEAVY_HALVING_ELEMENTS:
+    # HEAVY halves a tile of 32 x 32 or more once; HEAVIEST once more while it has 64 x 32.
+    halvings = 0
+    if heavy >= HEAVY and block_m * block_n >= HEAVY_HALVING_ELEMENTS:
+        halvings = 2 if heavy == HEAVIEST and block_m * block_n >= 4 * HEAVY_HALVING_ELEMENTS else 1
+    elif heavy == HEAVIEST and kernel != "cached_step":
+        warps = max(warps, 8)
+    for _ in range(halvings):
         if kernel == "segment_bwd_dkdv":
             block_m //= 2
         else:
@@ -182,7 +203,7 @@ def configs(
 
 
 def autotune_configs(
-    kernel: str, dtype: torch.dtype, head_dim: int, arch: int, heavy: bool = False
+    kernel: str, dtype: torch.dtype, head_dim: int, arch: int, heavy: int = LIGHT
 ) -> list[triton.Config]:
     """``configs`` cut to the first ``REC2PM_AUTOTUNE_MAX_CONFIGS`` (if set): bounds tuning time."""
     out = configs(kernel, dtype, head_dim, arch, heavy)

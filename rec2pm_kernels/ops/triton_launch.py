@@ -17,7 +17,18 @@ import triton
 from .triton_configs import autotune_configs, configs
 
 # Autotune keys: the length bucket and every switch that changes the compiled code.
-AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "PATTERN", "SCORE", "HAS_BIAS", "INPUT_PRECISION", "SPLIT_K"]
+AUTOTUNE_KEY = [
+    "SEQ_BUCKET",
+    "HEAD_DIM",
+    "HEAD_DIM_V",
+    "PATTERN",
+    "SCORE",
+    "HAS_BIAS",
+    "HAS_TIME_BIAS",
+    "HAS_DROPOUT",
+    "INPUT_PRECISION",
+    "SPLIT_K",
+]
 
 # Runtime integers that change from batch to batch.  Triton would otherwise specialise
 # them (separate binaries for a value of 1 or a multiple of 16), so a ragged batch
@@ -28,6 +39,7 @@ SEGMENT_RUNTIME_INTS = [
     "S",
     "C",
     "NUM_BUCKETS",
+    "NUM_TIME_BUCKETS",
     "SEQ_BUCKET",
     "contextual_seq_len",
     "max_attn_len",
@@ -79,7 +91,7 @@ def launch(
     config: triton.Config | None = None,
     reset_to_zero: tuple[str, ...] = (),
     notes: dict | None = None,
-    heavy: bool = False,
+    heavy: int = 0,
 ):
     """Run ``kernel[grid](**args, **constexprs)`` with ``config``, or the autotuned choice.
 
@@ -89,7 +101,8 @@ def launch(
     ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
     Without an explicit config, off CUDA the first of ``configs(...)`` runs.  ``notes``
     (runtime choices such as ``bias_atomics``) go to ``launch_log`` when it is recording.
-    ``heavy``: the kernel runs HSTU's masks or dropout (``configs``' smaller tiles).
+    ``heavy``: how heavy the variant is (``triton_configs.heaviness``: HSTU's masks, its
+    timestamp bias, dropout get ``configs``' smaller tiles or more warps).
     """
     if launch_log is not None:
         launch_log.append((name, dict(notes or {})))

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .triton_codes import HSTU_CAUSAL, LOG2E, SOFTMAX
 from .triton_patterns import bias_position, bias_tile, hstu_visible_mask, visible_mask
+from .triton_time_bias import time_bias_tile
 
 # Row max before any visible key: finite, so exp2(-inf - m) is 0 rather than NaN.
 NO_MAX = tl.constexpr(-1.0e30)
@@ -78,17 +79,23 @@ def scores(
     C,
     hstu,
     NUM_BUCKETS,
+    time_bias,
     scale,
     PATTERN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TIME_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Scores ``z`` (fp32, ``[BM, BN]``), the visibility mask, and the bias buckets.
+    """Scores ``z`` (fp32, ``[BM, BN]``), the visibility mask, and the relative and time buckets.
 
     ``q``: ``[BM, BD]``; ``k``: ``[BN, BD]``.  The mask also hides padded rows and keys, so
     masked entries never reach a sum.
     """
-    z = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
+    if HAS_TIME_BIAS:  # first: its int64 gaps are dead before the dot's accumulators live
+        z, time_bucket = time_bias_tile(time_bias, offs_m, offs_n, length)
+        z += tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
+    else:
+        z = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
     if PATTERN == HSTU_CAUSAL:
         mask = hstu_visible_mask(offs_m[:, None], offs_n[None, :], length, hstu)
     else:
@@ -100,7 +107,9 @@ def scores(
         lam_c = bias_position(offs_n, S, C, PATTERN)
         b, bucket = bias_tile(bias_head_ptr, lam_r[:, None], lam_c[None, :], NUM_BUCKETS)
         z += b
-    return z, mask, bucket
+    if not HAS_TIME_BIAS:
+        time_bucket = bucket
+    return z, mask, bucket, time_bucket
 
 
 @triton.jit

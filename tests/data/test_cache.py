@@ -18,6 +18,7 @@ def same(a, b):
         and a.item_ids == b.item_ids
         and a.user_ids == b.user_ids
         and a.skipped == b.skipped
+        and torch.equal(a.timestamps, b.timestamps)
     )
 
 

@@ -21,6 +21,12 @@ def test_from_events_orders_by_time_then_item_and_remaps_sorted_ids():
     assert original(0) == [500, 40]
     assert original(1) == [20, 10, 30, 500]
     assert data.items.dtype == torch.int64 and data.skipped == {}
+    assert data.timestamps.tolist() == [2, 9, 1, 5, 5, 5]  # each event keeps its time
+
+
+def test_float_times_order_the_events_but_are_not_timestamps():
+    data = from_events(np.array([1, 1]), np.array([4, 3]), np.array([2.5, 1.5]))
+    assert data.items.tolist() == [1, 2] and data.timestamps is None
 
 
 def test_from_events_is_independent_of_row_order():
@@ -40,6 +46,7 @@ def test_duplicate_events_are_counted_not_dropped_silently():
     )
     assert data.skipped == {"blank lines": 2, "duplicate rows": 1}
     assert data.lengths().tolist() == [2, 1]
+    assert data.timestamps.tolist() == [3, 4, 3]
 
 
 def test_empty_input_is_an_error():

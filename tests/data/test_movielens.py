@@ -31,6 +31,7 @@ def test_csv_orders_by_timestamp_then_movie_id(tmp_path, name):
     assert data.item_ids == [3, 7, 50]
     assert [original(data, u) for u in range(3)] == [[3, 7, 50], [3], [50, 7]]
     assert data.lengths().tolist() == [3, 1, 2]
+    assert data.timestamps.tolist() == [90, 100, 100, 10, 5, 6]
     assert data.skipped == {}
     assert "MovieLens ratings.csv" in data.source and name in data.source
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rec2pm_kernels import testing
+from rec2pm_kernels import segment_attention, testing
 from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, make_cache, ragged_lengths
@@ -111,3 +111,50 @@ def cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **kw):
         cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, rel_bias=bias, upcast=upcast, **kw)
         for upcast in (True, False)
     )
+
+
+# HSTU's timestamp bias: tables of TIME_BUCKETS + 1 weights and gaps that cover most of them.
+TIME_BUCKETS = 60
+TIME_BIAS_NAMES = ("out", "dq", "dk", "dv", "d_rel_bias", "d_ts_bias")
+
+
+def time_inputs(lengths, seed=3, device="cpu"):
+    """Epoch-sized int64 timestamps, increasing in each sequence, with gaps over most buckets."""
+    g = torch.Generator().manual_seed(seed)
+    gaps = torch.randint(0, 5000, (sum(lengths),), generator=g) ** 2
+    cu = cu_seqlens_of(lengths).tolist()
+    times = torch.cat([gaps[a:b].cumsum(0) for a, b in zip(cu[:-1], cu[1:], strict=True)]) + 1_700_000_000
+    return times.to(device)
+
+
+def time_tables(heads_of_tables, with_rel=True, heads=2, dtype=torch.float32, device="cpu"):
+    """``(rel_bias or None, ts_bias)``, requiring grad; ``ts_bias`` has ``heads_of_tables`` rows."""
+    rel = (0.5 * torch.randn(heads, 13, dtype=dtype, device=device)).requires_grad_() if with_rel else None
+    ts = (0.3 * torch.randn(heads_of_tables, TIME_BUCKETS + 1, dtype=dtype, device=device)).requires_grad_()
+    return rel, ts
+
+
+def run_time_bias(q, k, v, cu, tables, grad_out, **kw):
+    """``(out, *grads)`` with ``tables = (rel_bias, ts_bias)`` (either may be ``None``): of a
+    backend (``backend=``) or of the oracle (``upcast=``: float64, or the input dtype)."""
+    rel_bias, ts_bias = tables
+    inputs = [t for t in (q, k, v, rel_bias, ts_bias) if t is not None]
+    if "backend" in kw:
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        out = segment_attention(q, k, v, cu, max_seqlen, rel_bias=rel_bias, ts_bias=ts_bias, **kw)
+    else:
+        out = segment_attention_oracle(q, k, v, cu, rel_bias=rel_bias, ts_bias=ts_bias, **kw)
+    return (out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype)))
+
+
+def check_time_bias(lengths, tables, deterministic=False, dtype=torch.float32, device="cpu", **kw):
+    """The Triton backend against the oracle with a timestamp bias, forward and every gradient."""
+    q, k, v, cu, _ = random_inputs(lengths, with_bias=False, dtype=dtype, device=device)
+    grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], device=device)
+    got = run_time_bias(q, k, v, cu, tables, grad_out, backend="triton", deterministic=deterministic, **kw)
+    reference = run_time_bias(q, k, v, cu, tables, grad_out, upcast=True, **kw)
+    baseline = run_time_bias(q, k, v, cu, tables, grad_out, upcast=False, **kw)
+    names = [name for name in TIME_BIAS_NAMES if name != "d_rel_bias" or tables[0] is not None]
+    for name, g, r, b in zip(names, got, reference, baseline, strict=True):
+        assert_within_budget(name, g, r, b, dtype)
+    return got

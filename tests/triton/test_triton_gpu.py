@@ -14,9 +14,12 @@ from .cases import (
     cached_step_case,
     cached_step_reference,
     check_segment_attention,
+    check_time_bias,
     random_inputs,
     reference_and_baseline,
     score_kwargs,
+    time_inputs,
+    time_tables,
 )
 
 pytestmark = pytest.mark.gpu
@@ -194,3 +197,18 @@ def test_hstu_masks_match_oracle(mask, score, dtype):
     got = (out, *torch.autograd.grad(out, (q, k, v, bias), grad_out))
     reference, baseline = reference_and_baseline(q, k, v, cu, bias, grad_out, **kw)
     assert_outputs_within_budget(got, reference, baseline, dtype)
+
+
+@pytest.mark.parametrize("pattern", ["causal", "kv_memory_overwrite", "hstu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_time_bias_matches_oracle(pattern, dtype):
+    """HSTU's timestamp bias (with its position table) at the model's lengths, forward and
+    every gradient, the tables' included."""
+    lengths = HSTU_LENGTHS if pattern == "hstu" else LENGTHS
+    kw = dict(score="silu", silu_norm=float(max(lengths)), timestamps=time_inputs(lengths, device="cuda"))
+    if pattern == "hstu":
+        kw.update(num_targets=torch.tensor(HSTU_MASKS["all"]["num_targets"], device="cuda"), max_attn_len=256)
+    elif pattern != "causal":
+        kw.update(pattern=pattern, segment_len=SEGMENT_LEN, num_memory_tokens=MEMORY_TOKENS)
+    tables = time_tables(heads_of_tables=1, dtype=dtype, device="cuda")
+    check_time_bias(lengths, tables, dtype=dtype, device="cuda", **kw)

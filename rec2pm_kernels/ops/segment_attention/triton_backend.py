@@ -1,7 +1,7 @@
 """Triton backend of ``segment_attention``: launchers, ``torch.library`` custom ops, autograd.
 
 ``rec2pm::segment_attention_fwd`` returns ``(out, lse)`` and ``rec2pm::segment_attention_bwd``
-returns ``(dq, dk, dv, d_rel_bias)``; both have fake implementations, and the forward op
+returns ``(dq, dk, dv, d_rel_bias, d_ts_bias)``; both have fake implementations, and the forward op
 carries its autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.
 
 HSTU's masks and per-sequence SiLU divisors run as the kernels' ``HSTU_CAUSAL`` pattern:
@@ -23,7 +23,7 @@ from ...hstu_masks import HSTUMask
 from ...patterns import PATTERN_CODES, SCORE_CODES, PatternSpec
 from ..outputs import new_output
 from ..triton_codes import HSTU_CAUSAL_CODE
-from ..triton_configs import BIAS_WINDOW, configs, padded_head_dim
+from ..triton_configs import BIAS_WINDOW, configs, heaviness, padded_head_dim
 from ..triton_dropout import dropout_args
 from ..triton_launch import input_precision, launch, length_bucket
 from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
@@ -31,7 +31,7 @@ from .triton_bias_grad import segment_bwd_bias_kernel
 from .triton_forward import segment_fwd_kernel
 
 
-def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p) -> dict:
+def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p, time_bias) -> dict:
     return dict(
         HEAD_DIM=q.shape[2],
         HEAD_DIM_V=v.shape[2],
@@ -40,6 +40,7 @@ def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p) -> di
         PATTERN=HSTU_CAUSAL_CODE if hstu is not None else PATTERN_CODES[pattern],
         SCORE=SCORE_CODES[score],
         HAS_BIAS=rel_bias is not None,
+        HAS_TIME_BIAS=time_bias is not None,
         HAS_DROPOUT=dropout_p > 0,
         INPUT_PRECISION=input_precision(q.dtype, allow_tf32),
     )
@@ -55,6 +56,18 @@ def _hstu_inputs(hstu) -> dict:
         contextual_seq_len=contextual,
         max_attn_len=window,
         min_full_attn_seq_len=tail,
+    )
+
+
+def _time_inputs(time_bias) -> dict:
+    """The timestamp-bias tensors and bucket count (``time_bias``: ``None``, or
+    ``(ts_bias, timestamps, query_timestamps)``)."""
+    table, times, query_times = time_bias if time_bias is not None else (None, None, None)
+    return dict(
+        TIME_BIAS=table,
+        TIMESTAMPS=times,
+        QUERY_TIMESTAMPS=query_times,
+        NUM_TIME_BUCKETS=table.shape[1] - 1 if table is not None else 0,
     )
 
 
@@ -77,9 +90,9 @@ def _strides(**tensors) -> dict:
     return {f"stride_{name}{axis}": t.stride(dim) for name, t in tensors.items() for dim, axis in enumerate("th")}
 
 
-def _heavy(hstu, dropout_p) -> bool:
-    """Whether the kernels run HSTU's masks or dropout (smaller tiles: ``configs``)."""
-    return hstu is not None or dropout_p > 0
+def _heavy(hstu, dropout_p, time_bias) -> int:
+    """How heavy the variant is (``triton_configs.heaviness``: smaller tiles or more warps)."""
+    return heaviness(hstu is not None, dropout_p > 0, time_bias is not None)
 
 
 def _tune_dim(q, v) -> int:
@@ -105,9 +118,11 @@ def segment_forward(
     hstu: tuple | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
+    time_bias: tuple | None = None,
 ):
     """``(out, lse)``; ``lse`` is ``(H, T)`` fp32 base-2 log-sum-exp for softmax, empty for SiLU.
-    ``hstu``: see ``_hstu_inputs``; dropout as ``ops/triton_dropout.py`` draws it.
+    ``hstu``: see ``_hstu_inputs``; ``time_bias``: see ``_time_inputs``; dropout as
+    ``ops/triton_dropout.py`` draws it.
 
     ``tile_counts`` (interpreter only): a ``(programs, H)`` int32 buffer that receives the
     number of key tiles each program visited.
@@ -118,7 +133,7 @@ def segment_forward(
     lse = new_output((heads, total) if score == "softmax" else (0,), dtype=torch.float32, device=q.device)
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
-    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p)
+    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p, time_bias)
     args = dict(
         Q=q,
         K=k,
@@ -131,6 +146,7 @@ def segment_forward(
         **_strides(q=q, k=k, v=v, o=out),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
         **_hstu_inputs(hstu),
+        **_time_inputs(time_bias),
         **dropout_args(dropout_p, dropout_seed),
     )
     launch(
@@ -143,7 +159,7 @@ def segment_forward(
         head_dim=_tune_dim(q, v),
         device=q.device,
         config=config,
-        heavy=_heavy(hstu, dropout_p),
+        heavy=_heavy(hstu, dropout_p, time_bias),
     )
     return out, lse
 
@@ -171,8 +187,9 @@ def segment_backward(
     hstu: tuple | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
+    time_bias: tuple | None = None,
 ):
-    """``(dq, dk, dv, d_rel_bias)``; ``d_rel_bias`` is empty without a bias.
+    """``(dq, dk, dv, d_rel_bias, d_ts_bias)``; each bias gradient is empty without its bias.
 
     ``configs_by_kernel`` / ``tile_counts``: optional ``{"segment_bwd_dq": ..., "segment_bwd_dkdv": ...}``
     configs and interpreter tile-count buffers, for the tests.
@@ -186,13 +203,26 @@ def segment_backward(
     dq, dk, dv = (new_output(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     buckets = rel_bias.shape[1] if rel_bias is not None else 0
     dbias = torch.zeros((heads, buckets), dtype=torch.float32, device=q.device)
+    ts_bias = time_bias[0] if time_bias is not None else None
+    time_buckets = ts_bias.shape[1] if ts_bias is not None else 0
+    dtime = torch.zeros((heads, time_buckets), dtype=torch.float32, device=q.device)
+
+    def grads():
+        return (
+            dq,
+            dk,
+            dv,
+            dbias.to(rel_bias.dtype) if rel_bias is not None else dbias,
+            dtime.to(ts_bias.dtype) if ts_bias is not None else dtime,
+        )
+
     if total == 0 or batch == 0 or max_seqlen == 0:
-        return dq, dk, dv, dbias.to(rel_bias.dtype) if rel_bias is not None else dbias
+        return grads()
     if score == "softmax":
         delta = (out.float() * dout.float()).sum(-1).transpose(0, 1).contiguous()
     else:  # SiLU needs no row statistics
         lse = delta = None
-    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p)
+    switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p, time_bias)
     # What every backward kernel reads, by parameter name.
     inputs = dict(
         Q=q,
@@ -206,10 +236,13 @@ def segment_backward(
         **_strides(q=q, k=k, v=v, do=dout),
         **_runtime(q, max_seqlen, segment_len, num_memory_tokens, rel_bias, scale, silu_norm),
         **_hstu_inputs(hstu),
+        **_time_inputs(time_bias),
         **dropout_args(dropout_p, dropout_seed),
     )
-    common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device, heavy=_heavy(hstu, dropout_p))
-    atomics = rel_bias is not None and not deterministic
+    common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device, heavy=_heavy(hstu, dropout_p, time_bias))
+    # The timestamp bias's gradient always comes from the deterministic kernel (its buckets
+    # are data-dependent); the relative one's then comes from the same pass.
+    atomics = rel_bias is not None and not deterministic and time_bias is None
 
     counts = tile_counts.get("segment_bwd_dkdv")
     launch(
@@ -244,23 +277,27 @@ def segment_backward(
         **common,
     )
 
-    if rel_bias is not None and deterministic:
+    if (rel_bias is not None and not atomics) or time_bias is not None:
         bias_configs = configs("segment_bwd_bias", q.dtype, _tune_dim(q, v), heavy=common["heavy"])
         config = configs_by_kernel.get("segment_bwd_bias") or bias_configs[0]
         programs = batch * triton.cdiv(max_seqlen, config.kwargs["BLOCK_M"])
         partial = torch.zeros((programs, heads, buckets), dtype=torch.float32, device=q.device)
-        bias_switches = {key: val for key, val in switches.items() if key != "HAS_BIAS"}
+        time_partial = torch.zeros((programs, heads, time_buckets), dtype=torch.float32, device=q.device)
         launch(
             segment_bwd_bias_kernel,
             "segment_bwd_bias",
             lambda meta: (programs, heads),
-            dict(inputs, PARTIAL=partial),
-            dict(bias_switches, WINDOW=BIAS_WINDOW),
+            dict(
+                inputs,
+                PARTIAL=partial if rel_bias is not None else None,
+                TIME_PARTIAL=time_partial if time_bias is not None else None,
+            ),
+            dict(switches, WINDOW=BIAS_WINDOW),
             config=config,
             **common,
         )
-        dbias = partial.sum(0)
-    return dq, dk, dv, dbias.to(rel_bias.dtype) if rel_bias is not None else dbias
+        dbias, dtime = partial.sum(0), time_partial.sum(0)
+    return grads()
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,9 +327,13 @@ def segment_attention_fwd_op(
     min_full_attn_seq_len: int = 0,
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher; ``segment_len = num_memory_tokens = 0`` for ``causal``, ``silu_norm = 1`` for
-    softmax.  HSTU's masks run when ``num_targets`` is given (with ``silu_norms``)."""
+    softmax.  HSTU's masks run when ``num_targets`` is given (with ``silu_norms``), its
+    timestamp bias when ``ts_bias`` is (with both timestamp tensors)."""
     return segment_forward(
         q,
         k,
@@ -310,6 +351,7 @@ def segment_attention_fwd_op(
         hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
+        time_bias=(ts_bias, timestamps, query_timestamps) if ts_bias is not None else None,
     )
 
 
@@ -342,6 +384,9 @@ def _segment_attention_fwd_fake(
     min_full_attn_seq_len=0,
     dropout_p=0.0,
     dropout_seed=0,
+    ts_bias=None,
+    timestamps=None,
+    query_timestamps=None,
 ):
     lse_shape = (q.shape[1], q.shape[0]) if score == "softmax" else (0,)
     return v.new_empty(v.shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -373,8 +418,12 @@ def segment_attention_bwd_op(
     min_full_attn_seq_len: int = 0,
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher: ``(dq, dk, dv, d_rel_bias)`` (the last is ``(H, 0)`` without a bias)."""
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: ``(dq, dk, dv, d_rel_bias, d_ts_bias)`` (a bias gradient is ``(H, 0)``
+    without its bias)."""
     return segment_backward(
         dout,
         q,
@@ -396,6 +445,7 @@ def segment_attention_bwd_op(
         hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
+        time_bias=(ts_bias, timestamps, query_timestamps) if ts_bias is not None else None,
     )
 
 
@@ -425,13 +475,14 @@ def _segment_attention_bwd_fake(
     min_full_attn_seq_len=0,
     dropout_p=0.0,
     dropout_seed=0,
+    ts_bias=None,
+    timestamps=None,
+    query_timestamps=None,
 ):
-    dbias = (
-        rel_bias.new_empty(rel_bias.shape)
-        if rel_bias is not None
-        else q.new_empty((q.shape[1], 0), dtype=torch.float32)
-    )
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    def table_grad(table):
+        return table.new_empty(table.shape) if table is not None else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table_grad(rel_bias), table_grad(ts_bias)
 
 
 # The forward op's inputs in its schema order; autograd hands them over as a tuple and
@@ -455,9 +506,13 @@ _FWD_OPTIONS = (
     "min_full_attn_seq_len",
     "dropout_p",
     "dropout_seed",
+    "ts_bias",
+    "timestamps",
+    "query_timestamps",
 )
 _FWD_ARGS = _FWD_TENSORS + _FWD_OPTIONS
-_SAVED_OPTIONS = ("rel_bias", "num_targets", "silu_norms")  # tensors: saved for backward, not kept as options
+# Tensors: saved for backward, not kept as options.
+_SAVED_OPTIONS = ("rel_bias", "num_targets", "silu_norms", "ts_bias", "timestamps", "query_timestamps")
 
 
 def _setup_context(ctx, inputs, output):
@@ -471,9 +526,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, *saved = ctx.saved_tensors
     tensors = dict(zip(_SAVED_OPTIONS, saved, strict=True))
-    dq, dk, dv, dbias = segment_attention_bwd_op(dout, q, k, v, out, lse, cu_seqlens, **tensors, **ctx.options)
-    rel_bias = tensors["rel_bias"]
-    grads = {"q": dq, "k": dk, "v": dv, "rel_bias": dbias if rel_bias is not None else None}
+    dq, dk, dv, dbias, dtime = segment_attention_bwd_op(dout, q, k, v, out, lse, cu_seqlens, **tensors, **ctx.options)
+    grads = {"q": dq, "k": dk, "v": dv}
+    if tensors["rel_bias"] is not None:
+        grads["rel_bias"] = dbias
+    if tensors["ts_bias"] is not None:
+        grads["ts_bias"] = dtime
     return tuple(grads.get(name) for name in _FWD_ARGS)  # None for every input without a gradient
 
 
@@ -498,8 +556,12 @@ def segment_attention_triton(
     num_targets: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    ts_bias: torch.Tensor | None = None,
+    timestamps: torch.Tensor | None = None,
+    query_timestamps: torch.Tensor | None = None,
 ):
-    """Arguments as ``rec2pm_kernels.segment_attention`` after validation.  The custom op
+    """Arguments as ``rec2pm_kernels.segment_attention`` after validation (``query_timestamps``
+    filled in with ``ts_bias``).  The custom op
     takes the pattern as its plain fields (``S = C = 0`` for ``causal``), and HSTU's masks or
     a per-sequence ``silu_norm`` as ``num_targets`` (zeros without candidates), one divisor
     per sequence and the mask sizes."""
@@ -507,6 +569,9 @@ def segment_attention_triton(
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q of dtype torch.float64")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
+    if ts_bias is not None:
+        ts_bias = ts_bias.contiguous()
+        timestamps, query_timestamps = (t.to(torch.int64).contiguous() for t in (timestamps, query_timestamps))
     hstu_mask = hstu_mask or HSTUMask()
     per_sequence = isinstance(silu_norm, torch.Tensor)
     silu_norms = None
@@ -540,5 +605,8 @@ def segment_attention_triton(
         hstu_mask.min_full_attn_seq_len,
         float(dropout_p),
         int(dropout_seed or 0),
+        ts_bias,
+        timestamps if ts_bias is not None else None,
+        query_timestamps if ts_bias is not None else None,
     )
     return out

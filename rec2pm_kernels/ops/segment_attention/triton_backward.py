@@ -20,6 +20,7 @@ from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end, row_range_start, row_tile_visible
 from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
+from ..triton_time_bias import time_bias_inputs
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS + ["bias_atomics"])
@@ -35,6 +36,9 @@ def segment_bwd_dkdv_kernel(
     DBIAS,
     CU_SEQLENS,
     BIAS,
+    TIME_BIAS,
+    TIMESTAMPS,
+    QUERY_TIMESTAMPS,
     TILE_COUNTS,
     NUM_TARGETS,
     SILU_NORMS,
@@ -55,6 +59,7 @@ def segment_bwd_dkdv_kernel(
     S,
     C,
     NUM_BUCKETS,
+    NUM_TIME_BUCKETS,
     scale,
     silu_norm,
     contextual_seq_len,
@@ -73,6 +78,7 @@ def segment_bwd_dkdv_kernel(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TIME_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
@@ -102,6 +108,7 @@ def segment_bwd_dkdv_kernel(
         bias_head_ptr = BIAS + head * NUM_BUCKETS
     else:
         bias_head_ptr = BIAS  # None: no bias table
+    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
     stats = head * total_tokens + token0
     dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -114,9 +121,9 @@ def segment_bwd_dkdv_kernel(
             row_ok = offs_m < length
             q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
             do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
-            z, mask, bucket = scores(
-                q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
-                INPUT_PRECISION,
+            z, mask, bucket, _ = scores(
+                q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN,
+                HAS_BIAS, HAS_TIME_BIAS, INPUT_PRECISION,
             )  # fmt: skip
             lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
             p = probabilities(z, mask, lse2, silu_norm, SCORE)
@@ -168,6 +175,7 @@ def _dq_key_tile(
     C,
     hstu,
     NUM_BUCKETS,
+    time_bias,
     scale,
     silu_norm,
     head,
@@ -177,6 +185,7 @@ def _dq_key_tile(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TIME_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -184,9 +193,9 @@ def _dq_key_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, _ = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
-        INPUT_PRECISION,
+    z, mask, _, _ = scores(
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN, HAS_BIAS,
+        HAS_TIME_BIAS, INPUT_PRECISION,
     )  # fmt: skip
     p = probabilities(z, mask, lse2, silu_norm, SCORE)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -207,6 +216,9 @@ def segment_bwd_dq_kernel(
     DQ,
     CU_SEQLENS,
     BIAS,
+    TIME_BIAS,
+    TIMESTAMPS,
+    QUERY_TIMESTAMPS,
     TILE_COUNTS,
     NUM_TARGETS,
     SILU_NORMS,
@@ -225,6 +237,7 @@ def segment_bwd_dq_kernel(
     S,
     C,
     NUM_BUCKETS,
+    NUM_TIME_BUCKETS,
     scale,
     silu_norm,
     contextual_seq_len,
@@ -242,6 +255,7 @@ def segment_bwd_dq_kernel(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TIME_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
@@ -270,6 +284,7 @@ def segment_bwd_dq_kernel(
         bias_head_ptr = BIAS + head * NUM_BUCKETS
     else:
         bias_head_ptr = BIAS  # None: no bias table
+    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
     dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
@@ -279,9 +294,9 @@ def segment_bwd_dq_kernel(
             if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
                 dq = _dq_key_tile(
                     dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt,
-                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale,
-                    silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_DROPOUT,
-                    INPUT_PRECISION, BLOCK_N,
+                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias,
+                    scale, silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_TIME_BIAS,
+                    HAS_DROPOUT, INPUT_PRECISION, BLOCK_N,
                 )  # fmt: skip
                 if COUNT_TILES:
                     visited += 1

@@ -3,8 +3,9 @@
 Each program loads its query rows once and streams the key tiles its pattern can see
 (``key_ranges`` / ``tile_visible`` in ``ops/triton_patterns.py``), with an online softmax
 (running max and sum in base 2; the row log-sum-exp is saved for backward) or a SiLU sum.
-Pattern, score, bias and the interpreter-only tile counter are compile-time switches of
-this one kernel; lengths, ``S``, ``C`` and the bucket count are runtime values.
+Pattern, score, the biases (relative, timestamp), dropout and the interpreter-only tile
+counter are compile-time switches of this one kernel; lengths, ``S``, ``C`` and the bucket
+counts are runtime values.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
 from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores, sequence_options
+from ..triton_time_bias import time_bias_inputs
 
 
 @triton.jit
@@ -42,6 +44,7 @@ def _attend_key_tile(
     C,
     hstu,
     NUM_BUCKETS,
+    time_bias,
     scale,
     silu_norm,
     head,
@@ -51,6 +54,7 @@ def _attend_key_tile(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TIME_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -58,9 +62,9 @@ def _attend_key_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_rows(K, key_token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
     v = load_rows(V, key_token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, _ = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, PATTERN, HAS_BIAS,
-        INPUT_PRECISION,
+    z, mask, _, _ = scores(
+        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN, HAS_BIAS,
+        HAS_TIME_BIAS, INPUT_PRECISION,
     )  # fmt: skip
     if HAS_DROPOUT:
         drop = dropout_weights(key_token0 + offs_m, offs_n, head, dropout)
@@ -78,6 +82,9 @@ def segment_fwd_kernel(
     LSE,
     CU_SEQLENS,
     BIAS,
+    TIME_BIAS,
+    TIMESTAMPS,
+    QUERY_TIMESTAMPS,
     TILE_COUNTS,
     NUM_TARGETS,
     SILU_NORMS,
@@ -94,6 +101,7 @@ def segment_fwd_kernel(
     S,
     C,
     NUM_BUCKETS,
+    NUM_TIME_BUCKETS,
     scale,
     silu_norm,
     contextual_seq_len,
@@ -111,6 +119,7 @@ def segment_fwd_kernel(
     PATTERN: tl.constexpr,
     SCORE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_TIME_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr,
@@ -139,6 +148,7 @@ def segment_fwd_kernel(
         bias_head_ptr = BIAS + head * NUM_BUCKETS
     else:
         bias_head_ptr = BIAS  # None: no bias table
+    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
     dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -150,9 +160,9 @@ def segment_fwd_kernel(
             if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
                 acc, m_i, l_i = _attend_key_tile(
                     acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
-                    offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, scale, silu_norm,
-                    head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION,
-                    BLOCK_N,
+                    offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale,
+                    silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_TIME_BIAS,
+                    HAS_DROPOUT, INPUT_PRECISION, BLOCK_N,
                 )  # fmt: skip
                 if COUNT_TILES:
                     visited += 1

@@ -1,0 +1,82 @@
+"""HSTU's timestamp bias inside the Triton kernels: ``rec2pm_kernels.time_bias`` per tile.
+
+The bucket of a (row, key) pair is ``min(floor(log(max(|Δ|, 1)) / 0.301), num_buckets)``
+with ``Δ = query_time(row) - key_time(key)`` subtracted in int64 (epoch timestamps do not
+fit float32) and the logarithm taken in float32, as the ``torch`` and C++ backends do.
+Kernels take the inputs as ``time_bias = (table_row, query_times, key_times,
+num_buckets)``: this head's row of the ``(H, num_buckets + 1)`` table and the sequence's
+first query and key timestamps (``time_bias_inputs``, base pointers computed once).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..time_bias import LOG_GAP_DIVISOR as _LOG_GAP_DIVISOR
+
+LOG_GAP_DIVISOR = tl.constexpr(_LOG_GAP_DIVISOR)
+
+
+@triton.jit
+def time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS,
+                     HAS_TIME_BIAS: tl.constexpr):  # fmt: skip
+    """This program's ``time_bias`` tuple (zeros without a timestamp bias)."""
+    if HAS_TIME_BIAS:
+        time_bias = (
+            TIME_BIAS + head * (NUM_TIME_BUCKETS + 1),
+            QUERY_TIMESTAMPS + token0,
+            TIMESTAMPS + token0,
+            NUM_TIME_BUCKETS,
+        )
+    else:
+        time_bias = (0, 0, 0, 0)
+    return time_bias
+
+
+@triton.jit
+def time_bias_tile(time_bias, offs_m, offs_n, length):
+    """``[BM, BN]`` fp32 weights ``table[bucket(row, key)]`` and the int32 buckets."""
+    table_row, query_times, key_times, num_buckets = time_bias
+    row_times = tl.load(query_times + offs_m, mask=offs_m < length, other=0)
+    key_times = tl.load(key_times + offs_n, mask=offs_n < length, other=0)
+    gap = tl.abs(row_times[:, None] - key_times[None, :])
+    gap = tl.maximum(gap, 1).to(tl.float32)
+    # log(gap) >= 0, so truncation is the floor.
+    bucket = tl.minimum((tl.log(gap) / LOG_GAP_DIVISOR).to(tl.int32), num_buckets)
+    return tl.load(table_row + bucket).to(tl.float32), bucket
+
+
+@triton.jit
+def _segmented_sum(start_a, sum_a, start_b, sum_b):
+    """Combine of a segmented inclusive scan: a segment start resets the running sum."""
+    return start_a | start_b, tl.where(start_b, sum_b, sum_a + sum_b)
+
+
+@triton.jit
+def add_time_bias_grad(PARTIAL_ROW, ds, mask, bucket):
+    """Adds the per-bucket sums of the score gradient ``ds`` (zero where masked) into
+    ``PARTIAL_ROW`` (fp32, this program's row of the partial buffer), in a fixed order.
+
+    Time buckets, unlike the relative ones, can spread over the whole table inside one
+    tile, so no window of buckets covers it.  The tile's (bucket, ds) pairs are sorted by
+    bucket (packed into one int64 key, the bucket in the high word), summed per run of
+    equal buckets by a segmented scan, and each run's sum is added at its last entry: every
+    bucket once, so the stores never collide, and sort and scan are the same every run.
+    """
+    n: tl.constexpr = ds.shape[0] * ds.shape[1]
+    bucket = tl.where(mask, bucket, 2**30)  # masked entries (ds = 0) sort last and are not stored
+    bits = ds.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    key = tl.sort(tl.reshape((bucket.to(tl.int64) << 32) | bits, (n,)))
+    sorted_bucket = (key >> 32).to(tl.int32)
+    value = (key & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    index = tl.arange(0, n)
+    before = tl.gather(sorted_bucket, tl.maximum(index - 1, 0), 0)
+    after = tl.gather(sorted_bucket, tl.minimum(index + 1, n - 1), 0)
+    starts = (index == 0) | (sorted_bucket != before)
+    ends = ((index == n - 1) | (sorted_bucket != after)) & (sorted_bucket < 2**30)
+    _, sums = tl.associative_scan((starts, value), 0, _segmented_sum)
+    ptrs = PARTIAL_ROW + sorted_bucket
+    tl.store(ptrs, tl.load(ptrs, mask=ends, other=0.0) + sums, mask=ends)
+    # The next tile adds to these buckets too, possibly from other threads: publish first.
+    tl.debug_barrier()

@@ -1,0 +1,86 @@
+"""HSTU's timestamp bias on the Triton kernels (interpreter): forward and every gradient,
+``ts_bias``'s included, against the dense oracle on every pattern family; the buckets read
+back at every boundary; bit-identical bias gradients from run to run."""
+
+import math
+
+import pytest
+import torch
+
+from rec2pm_kernels import segment_attention
+from rec2pm_kernels.time_bias import time_bucket
+
+from .cases import (
+    RAGGED,
+    check_time_bias,
+    pattern_kwargs,
+    random_inputs,
+    run_time_bias,
+    score_kwargs,
+    time_inputs,
+    time_tables,
+)
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.mark.parametrize("pattern", ["causal", "global", "kv_memory_overwrite", "kv_memory_append"])
+@pytest.mark.parametrize("score", ["softmax", "silu"])
+def test_time_bias_matches_oracle_on_every_pattern(pattern, score):
+    times = time_inputs(RAGGED)
+    kw = dict(timestamps=times, **pattern_kwargs(pattern), **score_kwargs(score))
+    check_time_bias(RAGGED, time_tables(heads_of_tables=2), **kw)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("with_rel", [False, True], ids=["time_only", "with_rel"])
+def test_time_bias_with_hstu_masks_and_a_shared_table(deterministic, with_rel):
+    lengths = [0, 1, 5, 40, 17]
+    times = time_inputs(lengths)
+    kw = dict(
+        score="silu",
+        silu_norm=torch.linspace(2.0, 6.0, len(lengths)),
+        num_targets=torch.tensor([0, 0, 2, 5, 1]),
+        contextual_seq_len=1,
+        max_attn_len=9,
+        timestamps=times,
+        query_timestamps=times.flip(0),  # given query times, not the next token's
+        deterministic=deterministic,
+    )
+    check_time_bias(lengths, time_tables(heads_of_tables=1, with_rel=with_rel), **kw)
+
+
+def test_bias_gradients_are_bit_identical_from_run_to_run():
+    lengths = [40, 23, 1]
+    times = time_inputs(lengths)
+    q, k, v, cu, _ = random_inputs(lengths, with_bias=False)
+    rel, ts = time_tables(heads_of_tables=2)
+    grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2])
+    runs = [
+        run_time_bias(q, k, v, cu, (rel, ts), grad_out, backend="triton", timestamps=times, score="softmax")
+        for _ in range(2)
+    ]
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_time_buckets_read_back_at_every_boundary():
+    """As the ``torch`` and C++ read-back test: with ``q = 0``, ``v`` the identity and a table of
+    distinct weights, the last row's output names the bucket the kernel chose for every key."""
+    gaps = sorted(
+        {g for k in range(1, 40) for g in (math.floor(math.exp(0.301 * k)) + d for d in (-1, 0, 1)) if g >= 0}
+    )
+    n = len(gaps) + 1
+    query = 10**13
+    times = torch.tensor([query - g for g in gaps] + [query])
+    table = torch.linspace(0.5, 3.0, 41)[None]
+    q = torch.zeros(n, 1, 16)
+    v = torch.eye(n)[:, None, :]
+    out = segment_attention(
+        q, q, v, torch.tensor([0, n]), n, score="silu", silu_norm=1.0, ts_bias=table, timestamps=times,
+        query_timestamps=torch.full((n,), query), backend="triton",
+    )  # fmt: skip
+    weights = torch.nn.functional.silu(table[0])
+    got = [int((weights - w).abs().argmin()) for w in out[-1, 0, :-1]]
+    assert got == time_bucket(torch.tensor(query), times[:-1], 40).tolist()
+    assert len(set(got)) > 30
