@@ -271,7 +271,7 @@ def _time_pointer_types(spec: Specialisation) -> dict[str, str | None]:
         TIME_BIAS=f"*{spec.dtype}" if on else None,
         TIMESTAMPS="*i64" if on else None,
         QUERY_TIMESTAMPS="*i64" if on else None,
-        TIME_PARTIAL="*fp32" if on and spec.kernel == "segment_bwd_bias" else None,
+        TIME_PARTIAL="*fp64" if on and spec.kernel == "segment_bwd_bias" else None,
     )
 
 
@@ -296,7 +296,7 @@ def _segment_pointer_types(spec: Specialisation, t: str, bias: str | None, stats
         )
     if spec.kernel == "segment_bwd_dq":
         return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, DQ=t, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
-    partial = "*fp32" if spec.has_bias else None
+    partial = "*fp64" if spec.has_bias else None  # float64 partial sums (see the launcher)
     return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL=partial, CU_SEQLENS="*i32", BIAS=bias)
 
 

@@ -56,7 +56,7 @@ def _segmented_sum(start_a, sum_a, start_b, sum_b):
 @triton.jit
 def add_time_bias_grad(PARTIAL_ROW, ds, mask, bucket):
     """Adds the per-bucket sums of the score gradient ``ds`` (zero where masked) into
-    ``PARTIAL_ROW`` (fp32, this program's row of the partial buffer), in a fixed order.
+    ``PARTIAL_ROW`` (float64, this program's row of the partial buffer), in a fixed order.
 
     Time buckets, unlike the relative ones, can spread over the whole table inside one
     tile, so no window of buckets covers it.  The tile's (bucket, ds) pairs are sorted by
@@ -69,7 +69,7 @@ def add_time_bias_grad(PARTIAL_ROW, ds, mask, bucket):
     bits = ds.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
     key = tl.sort(tl.reshape((bucket.to(tl.int64) << 32) | bits, (n,)))
     sorted_bucket = (key >> 32).to(tl.int32)
-    value = (key & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    value = (key & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
     index = tl.arange(0, n)
     before = tl.gather(sorted_bucket, tl.maximum(index - 1, 0), 0)
     after = tl.gather(sorted_bucket, tl.minimum(index + 1, n - 1), 0)

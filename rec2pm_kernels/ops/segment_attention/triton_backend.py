@@ -281,8 +281,9 @@ def segment_backward(
         bias_configs = configs("segment_bwd_bias", q.dtype, _tune_dim(q, v), heavy=common["heavy"])
         config = configs_by_kernel.get("segment_bwd_bias") or bias_configs[0]
         programs = batch * triton.cdiv(max_seqlen, config.kwargs["BLOCK_M"])
-        partial = torch.zeros((programs, heads, buckets), dtype=torch.float32, device=q.device)
-        time_partial = torch.zeros((programs, heads, time_buckets), dtype=torch.float32, device=q.device)
+        # float64 partial sums (``triton_bias_grad.py`` says why).
+        partial = torch.zeros((programs, heads, buckets), dtype=torch.float64, device=q.device)
+        time_partial = torch.zeros((programs, heads, time_buckets), dtype=torch.float64, device=q.device)
         launch(
             segment_bwd_bias_kernel,
             "segment_bwd_bias",
@@ -296,7 +297,7 @@ def segment_backward(
             config=config,
             **common,
         )
-        dbias, dtime = partial.sum(0), time_partial.sum(0)
+        dbias, dtime = (p.sum(0).float() for p in (partial, time_partial))
     return grads()
 
 

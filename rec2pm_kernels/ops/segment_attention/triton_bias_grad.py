@@ -1,9 +1,12 @@
 """Deterministic gradients of the bias tables (no atomics): relative-position and timestamp.
 
 One program per (sequence, row block of 16, head) recomputes the score gradient of every
-visible 16 x 16 tile, sums it per bucket and adds the sums into its own row of an fp32
+visible 16 x 16 tile, sums it per bucket and adds the sums into its own row of a float64
 partial buffer ``(programs, H, NUM_BUCKETS)``; the launcher then sums the rows in a fixed
-order.  A 16 x 16 tile holds at most 31 distinct buckets (λ moves by at most one per
+order.  float64 because a softmax's score gradients cancel (every row sums to 0): fp32
+running sums over tiles and programs lost up to 4x what the oracle's fp32 sum loses.
+
+A 16 x 16 tile holds at most 31 distinct relative buckets (λ moves by at most one per
 position), so a window of ``BIAS_WINDOW = 32`` buckets starting at the tile's smallest
 covers it, and the per-bucket sums are a one-hot reduction over a ``(16, 16, 32)`` tile.
 The timestamp bias (``ops/triton_time_bias.py``) has no such bound: its tile's
@@ -80,7 +83,8 @@ def _bias_key_tile(
         first = tl.min(tl.where(mask, bucket, NUM_BUCKETS), axis=None)
         window = tl.arange(0, WINDOW)
         hit = (bucket - first)[:, :, None] == window[None, None, :]
-        sums = tl.sum(tl.sum(tl.where(hit, ds[:, :, None], 0.0), axis=0), axis=0)
+        # Over the rows in fp32, then over the keys in fp64 (the cancelling sums of a softmax).
+        sums = tl.sum(tl.sum(tl.where(hit, ds[:, :, None], 0.0), axis=0).to(tl.float64), axis=0)
         ptrs = PARTIAL_ROW + first + window
         ok = first + window < NUM_BUCKETS
         tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
@@ -147,7 +151,7 @@ def segment_bwd_bias_kernel(
     WINDOW: tl.constexpr,
 ):
     """PARTIAL ``(batch * row_blocks, H, NUM_BUCKETS)`` and TIME_PARTIAL ``(batch * row_blocks,
-    H, NUM_TIME_BUCKETS + 1)`` fp32, zeroed (each present with its bias).  Grid: ``(batch *
+    H, NUM_TIME_BUCKETS + 1)`` float64, zeroed (each present with its bias).  Grid: ``(batch *
     row_blocks, H)``."""
     pid = tl.program_id(0)
     head = tl.program_id(1)
