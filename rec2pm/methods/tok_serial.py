@@ -16,6 +16,7 @@ from .token_memory import TokenMemoryModel
 
 class TokSerial(TokenMemoryModel):
     method = "tok-serial"
+    supports_time_bias = False  # its serial loop carries no memory times (docs/timestamps.md)
 
     def serial_pass(self, items: torch.Tensor, lengths: torch.Tensor):
         """Yields ``(layout, outputs)`` of each step; step ``h`` holds block ``h`` of every

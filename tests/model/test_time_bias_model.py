@@ -119,6 +119,8 @@ def test_times_are_required_checked_and_never_dropped():
         plain(items, cu, times)
     with pytest.raises(ValueError, match="method 'kv-mask' has no timestamp bias"):
         model("kv-mask-o")
+    with pytest.raises(ValueError, match="method 'tok-serial' has no timestamp bias"):
+        model("tok-serial-o")
     with pytest.raises(ValueError, match="backbone 'sasrec' has no bias terms"):
         named_config("sasrec-small", num_time_buckets=8)
     r = model("rec2pm-o")
