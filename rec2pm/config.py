@@ -113,9 +113,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.num_time_buckets, bool) or not isinstance(self.num_time_buckets, int):
-            raise ValueError(f"num_time_buckets must be an int >= 0, got {self.num_time_buckets!r}")
-        if self.num_time_buckets < 0:
+        buckets = self.num_time_buckets
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
             raise ValueError(f"num_time_buckets must be an int >= 0, got {self.num_time_buckets!r}")
         if self.num_time_buckets and self.backbone != "hstu":
             raise ValueError(

@@ -64,6 +64,14 @@ def history_times(part, max_length: int, source: str) -> torch.Tensor:
     return keep_last(part.timestamps, part.cu_seqlens, max_length)[0]
 
 
+def evaluation_times(history, target_times, max_length: int, source: str, device="cpu") -> dict:
+    """``evaluate``'s ``timestamps`` (the kept events') and ``request_times`` (the held-out
+    events' times) for one split part."""
+    return dict(
+        timestamps=history_times(history, max_length, source).to(device), request_times=target_times.to(device)
+    )
+
+
 def gather(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed histories of ``users`` (in that order)."""
     lengths = (cu[1:] - cu[:-1])[users]
@@ -235,19 +243,6 @@ def train(run: dict, *, resume: bool = True) -> dict:
     train_items, train_cu = keep_last(split.train.items, split.train.cu_seqlens, max_length)
     valid = keep_last(split.valid_history.items, split.valid_history.cu_seqlens, max_length)
     test = keep_last(split.test_history.items, split.test_history.cu_seqlens, max_length)
-    uses_times = bool(run["model"].get("num_time_buckets"))
-    if uses_times:
-        train_times = history_times(split.train, max_length, data.source)
-        valid_times = dict(
-            timestamps=history_times(split.valid_history, max_length, data.source).to(device),
-            request_times=split.valid_target_times.to(device),
-        )
-        test_times = dict(
-            timestamps=history_times(split.test_history, max_length, data.source).to(device),
-            request_times=split.test_target_times.to(device),
-        )
-    else:
-        valid_times = test_times = {}
     # Already-seen items are excluded from the whole history, not only the model's window.
     valid_seen = (split.valid_history.items, split.valid_history.cu_seqlens)
     test_seen = (split.test_history.items, split.test_history.cu_seqlens)
@@ -255,6 +250,12 @@ def train(run: dict, *, resume: bool = True) -> dict:
 
     seed_everything(train_cfg["seed"])  # the same initial model on every rank
     model = build(run, data.num_items).to(device)
+    uses_times = bool(model.config.num_time_buckets)
+    valid_times = test_times = {}
+    if uses_times:
+        train_times = history_times(split.train, max_length, data.source)
+        valid_times = evaluation_times(split.valid_history, split.valid_target_times, max_length, data.source, device)
+        test_times = evaluation_times(split.test_history, split.test_target_times, max_length, data.source, device)
     seed_everything(train_cfg["seed"] + 7919 * ctx.rank)  # then one RNG stream per rank (dropout, negatives)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     num_train = train_cu.numel() - 1
@@ -432,14 +433,11 @@ def evaluate_checkpoint(
     history = split.test_history if split_name == "test" else split.valid_history
     targets = split.test_targets if split_name == "test" else split.valid_targets
     items, cu = keep_last(history.items, history.cu_seqlens, run["data"]["max_length"])
-    times = {}
-    if run["model"].get("num_time_buckets"):
-        target_times = split.test_target_times if split_name == "test" else split.valid_target_times
-        times = dict(
-            timestamps=history_times(history, run["data"]["max_length"], data.source),
-            request_times=target_times,
-        )
     model = build(run, data.num_items)
+    times = {}
+    if model.config.num_time_buckets:
+        target_times = split.test_target_times if split_name == "test" else split.valid_target_times
+        times = evaluation_times(history, target_times, run["data"]["max_length"], data.source)
     load_weights(model, ckpt["model"], path)
     model.eval()
     return evaluate(

@@ -181,7 +181,9 @@ class RecModel(nn.Module):
                 f"this model has HSTU's timestamp bias (num_time_buckets={buckets}): pass {name}, one time per item"
             )
         if not isinstance(timestamps, torch.Tensor) or timestamps.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be an int64 tensor, got {getattr(timestamps, 'dtype', type(timestamps))}")
+            raise TypeError(
+                f"{name} must be an int32 or int64 tensor, got {getattr(timestamps, 'dtype', type(timestamps))}"
+            )
         if timestamps.shape != items.shape:
             raise ValueError(
                 f"{name} must have the items' shape {tuple(items.shape)}, one time per item, "
@@ -196,7 +198,9 @@ class RecModel(nn.Module):
         if not self.config.num_time_buckets:
             raise ValueError("request_times given, but this model has no timestamp bias (num_time_buckets=0)")
         if not isinstance(request_times, torch.Tensor) or request_times.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"request_times must be an int64 tensor, got {getattr(request_times, 'dtype', None)}")
+            raise TypeError(
+                f"request_times must be an int32 or int64 tensor, got {getattr(request_times, 'dtype', None)}"
+            )
         if request_times.shape != (batch,):
             raise ValueError(
                 f"request_times must have shape ({batch},), one per user, got {tuple(request_times.shape)}"

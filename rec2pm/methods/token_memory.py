@@ -70,11 +70,18 @@ class TokenMemoryModel(RecModel):
 
     def stage1(self, items: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor | None = None):
         """The Stage 1 pass (``global`` pattern): ``(layout, outputs)``."""
+        layout, out, _ = self.stage1_with_times(items, lengths, timestamps)
+        return layout, out
+
+    def stage1_with_times(self, items: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor | None):
+        """``stage1`` and the stream's key times (``None`` without ``timestamps``): what the
+        memory tokens read after it."""
         S, C = self.config.segment_len, self.config.num_memory_tokens
         layout = stage1_layout(lengths, S, C)
         x = layout.embed(self.item_embedding(items), self.write_tokens)
         times = layout.token_times(timestamps) if timestamps is not None else None
-        return layout, self.run(layout, x, times=times, pattern="global", segment_len=S, num_memory_tokens=C)
+        out = self.run(layout, x, times=times, pattern="global", segment_len=S, num_memory_tokens=C)
+        return layout, out, None if times is None else times[0]
 
     def encode(self, items: torch.Tensor, cu_seqlens: torch.Tensor, *, iterative: bool = False, timestamps=None):
         """History -> ``(Memory, tail_items, tail_cu)``; one Stage 1 pass unless ``iterative``."""
@@ -91,9 +98,9 @@ class TokenMemoryModel(RecModel):
                 rows = (starts[users][:, None] + h * S + torch.arange(S)).flatten()
                 memory = self.update_some(memory, users, items[rows.to(items.device)])
             return memory, tail_items, tail_cu
-        layout, out = self.stage1(items, lengths, timestamps)
+        layout, out, key_times = self.stage1_with_times(items, lengths, timestamps)
         rows, counts = memory_rows(layout, archived, self.options.mode, C)
-        memory_times = layout.token_times(timestamps)[0][rows] if timestamps is not None else None
+        memory_times = key_times[rows] if key_times is not None else None
         return Memory(out[rows.to(out.device)], counts, memory_times), tail_items, tail_cu
 
     def update(self, memory: Memory, segment_items: torch.Tensor, segment_cu: torch.Tensor) -> Memory:

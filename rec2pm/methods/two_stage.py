@@ -32,9 +32,8 @@ class Rec2PM(TokenMemoryModel):
     def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None) -> LossOutput:
         lengths = self.check_history(items, cu_seqlens)
         timestamps = self.check_times(timestamps, items)
-        layout1, out1 = self.stage1(items, lengths, timestamps)
+        layout1, out1, bank_times = self.stage1_with_times(items, lengths, timestamps)
         prefix = out1.detach() if self.options.detach_prefix else out1
-        bank_times = layout1.token_times(timestamps)[0] if timestamps is not None else None
         layout2, out2 = self.stage2(items, lengths, prefix, timestamps, bank_times)
         ar, n = self.ar_loss(layout2, out2, items)
         if self.options.stage1_ar:
