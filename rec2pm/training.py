@@ -67,9 +67,7 @@ def history_times(part, max_length: int, source: str) -> torch.Tensor:
 def evaluation_times(history, target_times, max_length: int, source: str, device="cpu") -> dict:
     """``evaluate``'s ``timestamps`` (the kept events') and ``request_times`` (the held-out
     events' times) for one split part."""
-    return dict(
-        timestamps=history_times(history, max_length, source).to(device), request_times=target_times.to(device)
-    )
+    return dict(timestamps=history_times(history, max_length, source).to(device), request_times=target_times.to(device))
 
 
 def gather(items: torch.Tensor, cu: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
