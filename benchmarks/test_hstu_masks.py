@@ -4,10 +4,12 @@ One group per (length, backend, direction): HSTU's reference head shape (8 heads
 2 users of L tokens, forward on every backend (the ``cpp`` kernel is forward only) and
 forward + backward where gradients exist.  Rows: ``causal`` (the baseline), 64 candidates
 per user (``num_targets``), a contextual prefix of 8, and a local window of 256 (with and
-without a full-attention tail of 64), and HSTU's timestamp bias (a table of 129 buckets and
-epoch-second timestamps).  A window should cost about ``W / (L / 2)`` of causal attention
+without a full-attention tail of 64), HSTU's timestamp bias (a table of 129 buckets and
+epoch-second timestamps), and HSTU's bidirectional masks (``causal=False``, alone and with
+the window).  A window should cost about ``W / (L / 2)`` of causal attention
 where a backend skips masked keys (``cpp`` spans, Triton tiles); candidates and the prefix
-should cost about the same as causal; the timestamp bias adds a gather per score.
+should cost about the same as causal; the timestamp bias adds a gather per score;
+bidirectional attention visits every key, about twice causal (a window: ``2W / (L / 2)``).
 
 Quick mode: L = 1k.  Full mode: L = 1k and 4k.
 """
@@ -31,6 +33,8 @@ MASKS = {
     "window_256": {"max_attn_len": 256},
     "window_256_tail_64": {"max_attn_len": 256, "min_full_attn_seq_len": 64},
     "timestamp_bias_128": {"ts_bias": 128},
+    "bidirectional": {"causal": False},
+    "bidirectional_window_256": {"causal": False, "max_attn_len": 256},
 }
 BACKENDS = ["torch", "cpp", "triton"]
 DIRECTIONS = ["fwd", "fwd+bwd"]

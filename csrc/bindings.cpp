@@ -24,9 +24,10 @@ std::vector<std::pair<int64_t, int64_t>> key_spans(int64_t pattern, int64_t row,
 
 // The same for HSTU's masks.
 std::vector<std::pair<int64_t, int64_t>> hstu_spans(int64_t row, int64_t length, int64_t num_targets, int64_t X,
-                                                    int64_t W, int64_t F) {
+                                                    int64_t W, int64_t F, bool causal) {
   int64_t begin[rec2pm::kMaxHstuSpans], end[rec2pm::kMaxHstuSpans];
-  const int64_t count = rec2pm::hstu_key_spans(rec2pm::HstuMask{X, W, F}, row, length, num_targets, begin, end);
+  const int64_t count =
+      rec2pm::hstu_key_spans(rec2pm::HstuMask{X, W, F, causal}, row, length, num_targets, begin, end);
   std::vector<std::pair<int64_t, int64_t>> spans;
   for (int64_t i = 0; i < count; ++i) spans.emplace_back(begin[i], end[i]);
   return spans;
@@ -52,11 +53,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("score"), pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"),
         pybind11::arg("num_targets") = std::nullopt, pybind11::arg("silu_norms") = std::nullopt,
         pybind11::arg("contextual_seq_len") = 0, pybind11::arg("max_attn_len") = 0,
-        pybind11::arg("min_full_attn_seq_len") = 0, pybind11::arg("ts_bias") = std::nullopt,
+        pybind11::arg("min_full_attn_seq_len") = 0, pybind11::arg("causal") = true,
+        pybind11::arg("ts_bias") = std::nullopt,
         pybind11::arg("timestamps") = std::nullopt, pybind11::arg("query_timestamps") = std::nullopt);
   m.def("hstu_key_spans", &hstu_spans, "Visible keys of one row under HSTU's masks as [begin, end) spans",
         pybind11::arg("row"), pybind11::arg("length"), pybind11::arg("num_targets"),
-        pybind11::arg("contextual_seq_len"), pybind11::arg("max_attn_len"), pybind11::arg("min_full_attn_seq_len"));
+        pybind11::arg("contextual_seq_len"), pybind11::arg("max_attn_len"), pybind11::arg("min_full_attn_seq_len"),
+        pybind11::arg("causal") = true);
   m.def("cached_step_forward", &rec2pm::cached_step_forward_cpu,
         "cached_step_attention on the CPU: appends to the caches in place, returns the new rows' outputs",
         pybind11::arg("q_new"), pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("cu_seqlens_new"),

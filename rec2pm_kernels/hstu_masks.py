@@ -1,5 +1,5 @@
 """The masks of production HSTU models, as rules on token positions: candidates, a
-contextual prefix and a local window.
+contextual prefix, a local window, and HSTU's bidirectional form (``causal=False``).
 
 They refine ``causal`` (no interleaved pattern takes them).  Sequence ``b`` has ``n``
 tokens; with ``T = num_targets[b]``, ``X = contextual_seq_len``, ``W = max_attn_len`` and
@@ -11,7 +11,8 @@ tokens; with ``T = num_targets[b]``, ``X = contextual_seq_len``, ``W = max_attn_
   candidates) all have rank ``m``, one more than the last history token.  Without targets
   ``m = n - max(X - 1, 0)``, past every rank.
 
-With ``d = rank(row) - rank(col)``, a row sees a column when
+With ``d = rank(row) - rank(col)`` (``|rank(row) - rank(col)|`` when not ``causal``), a row
+sees a column when
 
 1. ``col == row``, or ``d > 0`` (so candidates see the whole history and themselves, not
    each other; history rows never see candidates), and
@@ -19,6 +20,11 @@ With ``d = rank(row) - rank(col)``, a row sees a column when
    history tokens and every candidate keep full attention);
 3. or, with ``X > 0``: the row is contextual (``rank(row) == 0``) and ``rank(col) < m``: the
    prefix sees every non-candidate token of the sequence, later ones included.
+
+Bidirectional (``causal=False``, HSTU's ``causal`` argument) makes rules 1 and 2 symmetric:
+a row sees every column of another rank within the window, before or after it; tokens of
+one rank (the candidates, the prefix) still see only themselves among each other, so
+history rows see the candidates and the prefix sees them too (within the window).
 
 Under a window, a contextual column is as far from a row as its rank says (``rank(row)``),
 so rows more than ``W`` tokens past the prefix no longer see it.  These are the masks of
@@ -30,7 +36,7 @@ Every function here works elementwise on broadcastable integer tensors, like
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -38,31 +44,44 @@ import torch
 @dataclass(frozen=True)
 class HSTUMask:
     """The sizes of the HSTU masks that are the same for every sequence (``num_targets``,
-    one count per sequence, is passed as a tensor beside it).  All zero: plain causal."""
+    one count per sequence, is passed as a tensor beside it), and whether they are causal.
+    All zero and causal: plain causal."""
 
     contextual_seq_len: int = 0
     max_attn_len: int = 0
     min_full_attn_seq_len: int = 0
+    causal: bool = True
 
     def __post_init__(self):
         from .validation import check_hstu_mask_fields  # validation imports this module
 
         check_hstu_mask_fields(self)
 
+    def as_kwargs(self) -> dict:
+        """The four fields by name, as the launchers and ``segment_attention`` take them."""
+        return asdict(self)
+
     @property
     def active(self) -> bool:
-        return bool(self.contextual_seq_len or self.max_attn_len)
+        return bool(self.contextual_seq_len or self.max_attn_len or not self.causal)
+
+    def _plain_window(self, has_targets: bool) -> bool:
+        """A window over positions: no prefix, candidates or full-attention tail, whose
+        ranks or full rows would reach past it."""
+        return bool(self.max_attn_len) and not (self.contextual_seq_len or self.min_full_attn_seq_len or has_targets)
 
     def first_visible_column(self, row: int, has_targets: bool) -> int:
-        """Smallest column any row at or after ``row`` can see.  Only a plain window (no
-        prefix, candidates or full-attention tail) forgets the past: candidates count
-        distances in ranks, which skip the other candidates."""
-        if self.max_attn_len and not (self.contextual_seq_len or self.min_full_attn_seq_len or has_targets):
+        """Smallest column any row at or after ``row`` can see.  Only a plain window forgets
+        the past: candidates count distances in ranks, which skip the other candidates."""
+        if self._plain_window(has_targets):
             return max(row - self.max_attn_len, 0)
         return 0
 
-    def column_end(self, row_start: int, row_end: int, length: int) -> int:
-        """One past the last column rows ``[row_start, row_end)`` can see: contextual rows see ahead."""
+    def column_end(self, row_start: int, row_end: int, length: int, has_targets: bool) -> int:
+        """One past the last column rows ``[row_start, row_end)`` can see: contextual rows see
+        ahead, and bidirectional rows up to the window's end (the sequence's without one)."""
+        if not self.causal:
+            return min(row_end + self.max_attn_len, length) if self._plain_window(has_targets) else length
         return length if row_start < self.contextual_seq_len else row_end
 
 
@@ -90,6 +109,8 @@ def hstu_visible(
     row_rank, last = ranks(row, length, num_targets, mask.contextual_seq_len)
     col_rank, _ = ranks(col, length, num_targets, mask.contextual_seq_len)
     distance = row_rank - col_rank
+    if not mask.causal:
+        distance = distance.abs()
     seen = (col == row) | (distance > 0)
     if mask.max_attn_len:
         near = distance <= mask.max_attn_len

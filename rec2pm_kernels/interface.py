@@ -79,6 +79,7 @@ def segment_attention(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    causal: bool = True,
     ts_bias: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
     query_timestamps: torch.Tensor | None = None,
@@ -98,7 +99,7 @@ def segment_attention(
             ``[cu_seqlens[b], cu_seqlens[b + 1])``.  Empty sequences are allowed.
         max_seqlen: an int at least the longest sequence's length, an upper bound that sizes
             the kernels' grids (values above the token count are treated as the token count).
-        pattern: which keys each query sees (every pattern is causal inside its sequence):
+        pattern: which keys each query sees (every pattern is causal; ``causal=False`` below):
 
             * ``"causal"``: every earlier token.
             * ``"global"`` (Stage 1): every earlier item, and the write tokens of its own unit.
@@ -133,6 +134,11 @@ def segment_attention(
             rows to keys at most that far back, except the last ``min_full_attn_seq_len``
             history rows and the candidates.  Each sequence must be empty or hold at least
             ``contextual_seq_len + num_targets[b]`` tokens.
+        causal: HSTU's ``causal`` flag.  ``False`` makes those masks bidirectional (distances
+            ``|rank(row) - rank(col)|``): every row sees the keys of other ranks within the
+            window on both sides, e.g. all of its sequence without other options (candidates
+            still not each other).  Only with ``pattern="causal"`` and without ``rel_bias``
+            (a table of distances ``row - col >= 0``); ``ts_bias`` is symmetric and works.
         ts_bias: optional ``(heads or 1, num_time_buckets + 1)`` table of HSTU's timestamp
             bias (``rec2pm_kernels.time_bias``): ``ts_bias[h, bucket(query_time(row) -
             timestamp(col))]`` is added to the score.  Receives a gradient.
@@ -181,8 +187,8 @@ def segment_attention(
     check.check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device)
     batch = cu_seqlens.numel() - 1
     spec = check.check_pattern(pattern, segment_len, num_memory_tokens)
-    hstu_mask = HSTUMask(contextual_seq_len, max_attn_len, min_full_attn_seq_len)
-    check.check_hstu_options(spec, hstu_mask, num_targets, batch, q.device)
+    hstu_mask = HSTUMask(contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
+    check.check_hstu_options(spec, hstu_mask, num_targets, batch, q.device, rel_bias=rel_bias)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
     check.check_time_bias(ts_bias, timestamps, query_timestamps, q.shape[1], q.shape[0], q.device)
     check.check_dropout(dropout_p, dropout_seed)

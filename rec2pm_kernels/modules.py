@@ -29,7 +29,7 @@ class SegmentAttention(nn.Module):
                                   num_memory_tokens=4, score="silu", silu_norm=max_seq_len)
 
     HSTU's masks that a model fixes (``contextual_seq_len``, ``max_attn_len``,
-    ``min_full_attn_seq_len``) are set here; what changes per batch (``num_targets``, the
+    ``min_full_attn_seq_len``, ``causal``) are set here; what changes per batch (``num_targets``, the
     timestamps, a per-call ``silu_norm``) is passed to ``forward``.  ``shared_bias`` makes
     the position table ``(1, num_buckets)`` for all heads, as HSTU's; ``num_time_buckets``
     adds HSTU's timestamp table; ``dropout`` is attention dropout while training.
@@ -53,6 +53,7 @@ class SegmentAttention(nn.Module):
         contextual_seq_len: int = 0,
         max_attn_len: int = 0,
         min_full_attn_seq_len: int = 0,
+        causal: bool = True,
         dropout: float = 0.0,
         backend: str = "auto",
     ):
@@ -70,8 +71,9 @@ class SegmentAttention(nn.Module):
         per_call_norm = score == "silu" and silu_norm is None
         placeholder = 1.0 if per_call_norm else silu_norm
         check.check_score_options(score, scale, placeholder, None, num_heads, torch.empty(0, num_heads, 1))
-        mask = HSTUMask(contextual_seq_len, max_attn_len, min_full_attn_seq_len)
-        check.check_hstu_options(self.pattern, mask, None, 0, torch.device("cpu"))
+        mask = HSTUMask(contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
+        rel_bias = torch.empty(1, num_buckets) if num_buckets else None  # only its presence is checked
+        check.check_hstu_options(self.pattern, mask, None, 0, torch.device("cpu"), rel_bias=rel_bias)
         check.check_dropout(dropout, None)
         self.num_heads = num_heads
         self.dropout = float(dropout)
@@ -82,6 +84,7 @@ class SegmentAttention(nn.Module):
             contextual_seq_len=contextual_seq_len,
             max_attn_len=max_attn_len,
             min_full_attn_seq_len=min_full_attn_seq_len,
+            causal=causal,
             backend=backend,
         )
         self.silu_norm = silu_norm

@@ -172,6 +172,8 @@ def check_hstu_mask_fields(mask) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not 0 <= value <= MAX_POSITION:
             raise ValueError(f"{name} must be in [0, {MAX_POSITION}], got {value}")
+    if not isinstance(mask.causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(mask.causal).__name__}")
     if mask.min_full_attn_seq_len and not mask.max_attn_len:
         raise ValueError(
             "min_full_attn_seq_len keeps full attention for the last tokens under a local window; "
@@ -179,8 +181,11 @@ def check_hstu_mask_fields(mask) -> None:
         )
 
 
-def check_hstu_options(pattern: PatternSpec, mask, num_targets, batch: int, device: torch.device) -> None:
-    """Targets, a contextual prefix and a window refine ``causal`` only."""
+def check_hstu_options(
+    pattern: PatternSpec, mask, num_targets, batch: int, device: torch.device, rel_bias=None
+) -> None:
+    """Targets, a contextual prefix, a window and ``causal=False`` refine ``causal`` only;
+    bidirectional masks take no one-sided ``rel_bias``."""
     if num_targets is not None:
         check_tensor("num_targets", num_targets, rank=1, dtypes=INDEX_DTYPES)
         if num_targets.shape != (batch,):
@@ -189,8 +194,13 @@ def check_hstu_options(pattern: PatternSpec, mask, num_targets, batch: int, devi
             raise ValueError(f"num_targets must be on {device}, got {num_targets.device}")
     if pattern.interleaved and (mask.active or num_targets is not None):
         raise ValueError(
-            "num_targets, contextual_seq_len and max_attn_len refine pattern='causal'; "
+            "num_targets, contextual_seq_len, max_attn_len and causal=False refine pattern='causal'; "
             f"pattern={pattern.name!r} interleaves its own write tokens and takes none of them"
+        )
+    if not mask.causal and rel_bias is not None:
+        raise ValueError(
+            "rel_bias holds one weight per distance row - col >= 0, so it cannot bias keys after the row; "
+            "causal=False takes ts_bias (symmetric in time) but no rel_bias"
         )
 
 
@@ -290,6 +300,26 @@ def check_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, k_cache, 
             f"got {tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
         )
     check_cache_layout(("k_cache", "v_cache"), k_cache, v_cache)
+
+
+def check_layer_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, caches, cache_seqlens) -> None:
+    """``check_caches`` for every layer's ``(k_cache, v_cache)`` (a decoder step), in full for
+    the first layer; the others must have its layout (shape, strides, dtype, device: all that
+    the per-cache checks read) and each layer's two caches must share no memory."""
+    if not caches:
+        return
+    (k0, v0), *rest = caches
+    check_caches(q_new, v_new, batch, k0, v0, cache_seqlens)
+    layout = [(c.shape, c.stride(), c.dtype, c.device) for c in (k0, v0)]
+    for layer, (k_cache, v_cache) in enumerate(rest, start=1):
+        for name, cache, want in (("k_cache", k_cache, layout[0]), ("v_cache", v_cache, layout[1])):
+            if not isinstance(cache, torch.Tensor) or (cache.shape, cache.stride(), cache.dtype, cache.device) != want:
+                raise ValueError(
+                    f"layer {layer}'s {name} must have layer 0's shape {tuple(want[0])}, strides {want[1]}, "
+                    f"dtype {want[2]} and device {want[3]}"
+                )
+        if _may_share_elements(k_cache, v_cache):
+            raise ValueError(f"layer {layer}'s k_cache and v_cache must not share memory")
 
 
 def check_cache_layout(names: tuple[str, str], k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

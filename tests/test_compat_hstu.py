@@ -31,7 +31,8 @@ def _qkv(requires_grad=True, dtype=torch.float32, lengths=LENGTHS):
 @pytest.mark.parametrize("contextual", [0, 1])
 @pytest.mark.parametrize("window", [(0, 0), (2, 0), (3, 2)], ids=["nowindow", "w2", "w3tail2"])
 @pytest.mark.parametrize("attn_scale", ["none", "scalar", "per_token"])
-def test_hstu_mha_matches_oracle(targets, contextual, window, attn_scale):
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_hstu_mha_matches_oracle(targets, contextual, window, attn_scale, causal):
     q, k, v = _qkv()
     cu = cu_seqlens_of(LENGTHS, dtype=torch.int64)
     nt = TARGETS if targets else None
@@ -40,8 +41,8 @@ def test_hstu_mha_matches_oracle(targets, contextual, window, attn_scale):
         "scalar": torch.tensor(0.3),
         "per_token": torch.rand(sum(LENGTHS), generator=torch.Generator().manual_seed(1)) + 0.1,
     }[attn_scale]
-    out = hstu_mha(MAX_LEN, 0.7, q, k, v, cu, True, 0.0, True, nt, scale, window[0], contextual, window[1])
-    mask_kw = dict(num_targets=nt, contextual_seq_len=contextual, max_attn_len=window[0])
+    out = hstu_mha(MAX_LEN, 0.7, q, k, v, cu, causal, 0.0, True, nt, scale, window[0], contextual, window[1])
+    mask_kw = dict(num_targets=nt, contextual_seq_len=contextual, max_attn_len=window[0], causal=causal)
     mask_kw["min_full_attn_seq_len"] = window[1]
     norm = {"none": float(MAX_LEN), "scalar": 1 / 0.3, "per_token": 1.0}[attn_scale]
     refs = []
@@ -109,8 +110,10 @@ def test_jagged_to_kv_cache_keeps_room_for_the_last_tokens():
 def test_hstu_argument_errors():
     q, k, v = _qkv(requires_grad=False)
     cu = cu_seqlens_of(LENGTHS, dtype=torch.int64)
-    with pytest.raises(NotImplementedError, match="causal=False"):
-        hstu_mha(MAX_LEN, 1.0, q, k, v, cu, causal=False)
+    with pytest.raises(ValueError, match="causal=False takes ts_bias .* but no rel_bias"):
+        hstu_mha(MAX_LEN, 1.0, q, k, v, cu, causal=False, rel_bias=torch.zeros(1, MAX_LEN))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        hstu_mha(MAX_LEN, 1.0, q, k, v, cu, causal=0)
     with pytest.raises(ValueError, match="attn_scale must be a scalar or have shape \\(L=34,\\)"):
         hstu_mha(MAX_LEN, 1.0, q, k, v, cu, attn_scale=torch.ones(3))
     with pytest.raises(ValueError, match="delta_q must have B \\* delta rows"):

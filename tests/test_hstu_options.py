@@ -20,21 +20,22 @@ from rec2pm_kernels import backends as backends_status
 from rec2pm_kernels import segment_attention
 from rec2pm_kernels.hstu_masks import HSTUMask, hstu_visible
 from rec2pm_kernels.ops.segment_attention.oracle import dense_hstu_mask, segment_attention_oracle
-from rec2pm_kernels.ops.segment_attention.torch_backend import segment_attention_torch
+from rec2pm_kernels.ops.segment_attention.torch_backend import row_chunks, segment_attention_torch
 from rec2pm_kernels.patterns import PatternSpec
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
 from rec2pm_kernels.time_bias import next_timestamps, time_bucket
 
 from .helpers import make_qkv, require_backend
 
-# (length, num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len): rows of "1" where visible.
+# (length, num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal): rows
+# of "1" where visible.
 GOLDEN_MASKS = {
-    (6, 2, 0, 0, 0): ["100000", "110000", "111000", "111100", "111110", "111101"],
-    (6, None, 2, 0, 0): ["111111", "111111", "111000", "111100", "111110", "111111"],
-    (7, None, 0, 2, 0): ["1000000", "1100000", "1110000", "0111000", "0011100", "0001110", "0000111"],
-    (7, None, 0, 2, 2): ["1000000", "1100000", "1110000", "0111000", "0011100", "1111110", "1111111"],
+    (6, 2, 0, 0, 0, True): ["100000", "110000", "111000", "111100", "111110", "111101"],
+    (6, None, 2, 0, 0, True): ["111111", "111111", "111000", "111100", "111110", "111111"],
+    (7, None, 0, 2, 0, True): ["1000000", "1100000", "1110000", "0111000", "0011100", "0001110", "0000111"],
+    (7, None, 0, 2, 2, True): ["1000000", "1100000", "1110000", "0111000", "0011100", "1111110", "1111111"],
     # Prefix of 2, window 2 with a tail of 1, 2 candidates: the window hides the prefix from row 4.
-    (8, 2, 2, 2, 1): [
+    (8, 2, 2, 2, 1, True): [
         "11111100",
         "11111100",
         "11100000",
@@ -44,13 +45,29 @@ GOLDEN_MASKS = {
         "11111110",
         "11111101",
     ],
+    # Bidirectional: candidates still miss each other, everything else sees both ways.
+    (6, 2, 0, 0, 0, False): ["111111", "111111", "111111", "111111", "111110", "111101"],
+    (6, None, 2, 0, 0, False): ["111111"] * 6,
+    (7, None, 0, 2, 0, False): ["1110000", "1111000", "1111100", "0111110", "0011111", "0001111", "0000111"],
+    (7, None, 0, 2, 2, False): ["1110000", "1111000", "1111100", "0111110", "0011111", "1111111", "1111111"],
+    # The window now reaches two ranks ahead too: row 4 (rank 3) sees the candidates (rank 5).
+    (8, 2, 2, 2, 1, False): [
+        "11111100",
+        "11111100",
+        "11111000",
+        "11111100",
+        "00111111",
+        "11111111",
+        "11111110",
+        "11111101",
+    ],
 }
 
 
-def _rule_mask(n, targets, contextual, window, tail):
+def _rule_mask(n, targets, contextual, window, tail, causal=True):
     p = torch.arange(n)
     nt = None if targets is None else torch.tensor(targets)
-    return hstu_visible(p[:, None], p[None, :], torch.tensor(n), nt, HSTUMask(contextual, window, tail))
+    return hstu_visible(p[:, None], p[None, :], torch.tensor(n), nt, HSTUMask(contextual, window, tail, causal))
 
 
 def _as_rows(mask: torch.Tensor) -> list[str]:
@@ -60,7 +77,7 @@ def _as_rows(mask: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("layout", list(GOLDEN_MASKS), ids=str)
 @pytest.mark.parametrize("implementation", ["rule", "oracle", "torch", "cpp"])
 def test_golden_masks(layout, implementation):
-    n, targets, contextual, window, tail = layout
+    n, targets, contextual, window, tail, causal = layout
     require_backend(implementation)
     if implementation == "rule":
         mask = _rule_mask(*layout)
@@ -77,11 +94,13 @@ def test_golden_masks(layout, implementation):
             n,
             score="silu",
             silu_norm=1.0,
-            rel_bias=torch.ones(1, 1, dtype=torch.float64),
+            ts_bias=torch.ones(1, 1, dtype=torch.float64),  # one bucket: the same bias everywhere
+            timestamps=torch.zeros(n, dtype=torch.int64),
             num_targets=None if targets is None else torch.tensor([targets]),
             contextual_seq_len=contextual,
             max_attn_len=window,
             min_full_attn_seq_len=tail,
+            causal=causal,
             backend=implementation,
         )
         mask = out[:, 0] != 0
@@ -90,14 +109,23 @@ def test_golden_masks(layout, implementation):
 
 def test_rule_matches_the_pair_loop_on_every_small_layout():
     checked = 0
-    for n, targets, contextual, window in itertools.product(range(9), [None, 0, 1, 3], range(4), range(4)):
+    layouts = itertools.product(range(9), [None, 0, 1, 3], range(4), range(4), [True, False])
+    for n, targets, contextual, window, causal in layouts:
         if n and n < contextual + (targets or 0) or (targets and not n):
             continue
         for tail in range(3) if window else [0]:
-            layout = (n, targets, contextual, window, tail)
+            layout = (n, targets, contextual, window, tail, causal)
             assert torch.equal(_rule_mask(*layout), dense_hstu_mask(*layout)), layout
             checked += 1
-    assert checked > 500
+    assert checked > 1000
+
+
+def test_bidirectional_masks_are_the_causal_ones_mirrored_without_options():
+    for n in range(7):
+        assert torch.equal(_rule_mask(n, None, 0, 0, 0, causal=False), torch.ones(n, n, dtype=torch.bool))
+        for window in (1, 3):
+            causal = _rule_mask(n, None, 0, window, 0)
+            assert torch.equal(_rule_mask(n, None, 0, window, 0, causal=False), causal | causal.T)
 
 
 def test_without_options_the_masks_are_causal():
@@ -159,6 +187,36 @@ def _time_inputs(lengths, buckets, heads, seed=1):
     times = torch.cat([gaps[a:b].cumsum(0) for a, b in itertools.pairwise(cu_seqlens_of(lengths).tolist())])
     table = (0.3 * torch.randn(heads, buckets + 1, generator=g)).requires_grad_()
     return times + 1_700_000_000, table
+
+
+def _bidirectional_options(targets, contextual, window, score, lengths, ts_bias, times):
+    nt = TARGETS[targets]
+    return dict(
+        score=score,
+        silu_norm=torch.linspace(2.0, 8.0, len(lengths)) if score == "silu" else None,
+        ts_bias=ts_bias,
+        timestamps=times,
+        num_targets=None if nt is None else torch.tensor(nt),
+        contextual_seq_len=contextual,
+        max_attn_len=window[0],
+        min_full_attn_seq_len=window[1],
+        causal=False,
+    )
+
+
+def _lengths_for(targets, contextual):
+    nt = TARGETS[targets] or [0] * len(LENGTHS)
+    return [n if n == 0 else max(n, contextual + nt[i]) for i, n in enumerate(LENGTHS)]
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("contextual", [0, 2])
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2)], ids=["nowindow", "w1", "w3tail2"])
+@pytest.mark.parametrize("score", ["softmax", "silu"])
+def test_bidirectional_masks_match_oracle(targets, contextual, window, score):
+    lengths = _lengths_for(targets, contextual)
+    times, ts_bias = _time_inputs(lengths, buckets=64, heads=1)  # buckets up to gaps of ~e^19
+    _compare(lengths, _bidirectional_options(targets, contextual, window, score, lengths, ts_bias, times), (ts_bias,))
 
 
 @pytest.mark.parametrize("heads_of_tables", [1, 2], ids=["shared", "per_head"])
@@ -252,7 +310,8 @@ def test_per_sequence_silu_norm_matches_oracle_and_the_scalar_form():
 
 
 @pytest.mark.parametrize("score", ["softmax", "silu"])
-def test_chunked_rows_match_one_chunk(score):
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_chunked_rows_match_one_chunk(score, causal):
     """Many small (checkpointed) chunks give the one-chunk result: the prefix's keys run ahead,
     the window's start moves, and dropout redraws the same mask in backward."""
     lengths = [40, 7, 0, 23]
@@ -265,7 +324,7 @@ def test_chunked_rows_match_one_chunk(score):
         scale=0.5,
         silu_norm=9.0 if score == "silu" else None,
         rel_bias=None,
-        hstu_mask=HSTUMask(contextual_seq_len=2, max_attn_len=5, min_full_attn_seq_len=3),
+        hstu_mask=HSTUMask(contextual_seq_len=2, max_attn_len=5, min_full_attn_seq_len=3, causal=causal),
         num_targets=torch.tensor([3, 1, 0, 2]),
         ts_bias=ts_bias,
         timestamps=times,
@@ -277,13 +336,24 @@ def test_chunked_rows_match_one_chunk(score):
     for max_chunk in (1 << 30, 2 * 2 * 40 * 3, 1):
         out = segment_attention_torch(q, k, v, cu, max_chunk_elements=max_chunk, **kw)
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, ts_bias))))
-    windowed = dict(kw, hstu_mask=HSTUMask(max_attn_len=5), num_targets=None, dropout_p=0.0)
+    windowed = dict(kw, hstu_mask=HSTUMask(max_attn_len=5, causal=causal), num_targets=None, dropout_p=0.0)
     for max_chunk in (1 << 30, 1):  # a plain window skips the keys before it
         out = segment_attention_torch(q, k, v, cu, max_chunk_elements=max_chunk, **windowed)
         results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, ts_bias))))
     for first, other in ((results[0], results[1]), (results[0], results[2]), (results[3], results[4])):
         for a, b in zip(first, other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_chunks_of_a_plain_window_hold_only_its_keys():
+    for causal in (True, False):
+        chunks = row_chunks(PatternSpec(), HSTUMask(max_attn_len=5, causal=causal), False, 40, 40, 8 * 40)
+        assert [(r0, r1) for r0, r1, _, _ in chunks] == [(r, r + 8) for r in range(0, 40, 8)]
+        for r0, r1, k0, k1 in chunks:
+            assert (k0, k1) == (max(r0 - 5, 0), r1 if causal else min(r1 + 5, 40))
+    # Candidates, a prefix or a tail reach past the window: bidirectional chunks keep every key.
+    mask = HSTUMask(contextual_seq_len=1, max_attn_len=5, causal=False)
+    assert {(k0, k1) for _, _, k0, k1 in row_chunks(PatternSpec(), mask, False, 40, 40, 8 * 40)} == {(0, 40)}
 
 
 @pytest.mark.parametrize("score", ["softmax", "silu"])
@@ -343,20 +413,23 @@ def test_cpp_spans_follow_the_rule_on_every_small_layout():
     from rec2pm_kernels import _extension
 
     checked = 0
-    for n, targets, contextual, window in itertools.product(range(1, 9), [0, 1, 3], range(4), range(4)):
+    layouts = itertools.product(range(1, 9), [0, 1, 3], range(4), range(4), [True, False])
+    for n, targets, contextual, window, causal in layouts:
         if n < contextual + targets:
             continue
         for tail in range(3) if window else [0]:
-            rule = _rule_mask(n, targets, contextual, window, tail)
+            rule = _rule_mask(n, targets, contextual, window, tail, causal)
             for row in range(n):
-                spans = _extension.C.hstu_key_spans(row, n, targets, contextual, window, tail)
+                spans = _extension.C.hstu_key_spans(row, n, targets, contextual, window, tail, causal)
                 got = torch.zeros(n, dtype=torch.bool)
-                for begin, end in spans:
-                    assert begin < end and not got[begin:end].any(), (spans, row)
+                previous_end = -1
+                for begin, end in spans:  # increasing, disjoint and not touching (merged)
+                    assert previous_end < begin < end, (spans, row)
                     got[begin:end] = True
-                assert torch.equal(got, rule[row]), (n, targets, contextual, window, tail, row, spans)
+                    previous_end = end
+                assert torch.equal(got, rule[row]), (n, targets, contextual, window, tail, causal, row, spans)
                 checked += 1
-    assert checked > 2000
+    assert checked > 4000
 
 
 @pytest.mark.parametrize("targets", list(TARGETS))
@@ -383,6 +456,22 @@ def test_cpp_masks_match_oracle(targets, contextual, window, score):
     assert_within_budget("out", out, ref, base, torch.float32)
 
 
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("contextual", [0, 2])
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (3, 2)], ids=["nowindow", "w1", "w3tail2"])
+@pytest.mark.parametrize("score", ["softmax", "silu"])
+def test_cpp_bidirectional_masks_match_oracle(targets, contextual, window, score):
+    require_backend("cpp")
+    lengths = _lengths_for(targets, contextual)
+    times, ts_bias = _time_inputs(lengths, buckets=64, heads=2)
+    q, k, v, cu = _inputs(lengths, requires_grad=False)
+    kw = _bidirectional_options(targets, contextual, window, score, lengths, ts_bias.detach(), times)
+    out = segment_attention(q, k, v, cu, max(lengths), backend="cpp", **kw)
+    ref = segment_attention_oracle(q, k, v, cu, **kw)
+    base = segment_attention_oracle(q, k, v, cu, upcast=False, **kw)
+    assert_within_budget("out", out, ref, base, torch.float32)
+
+
 BAD_OPTIONS = [
     (dict(num_targets=torch.tensor([1])), "num_targets must have shape \\(batch=2,\\)"),
     (dict(num_targets=torch.tensor([1.0, 1.0])), "num_targets must have dtype"),
@@ -393,6 +482,12 @@ BAD_OPTIONS = [
     (dict(contextual_seq_len=-1), "contextual_seq_len must be in"),
     (dict(max_attn_len=2.5), "max_attn_len must be an int"),
     (dict(min_full_attn_seq_len=2), "it needs max_attn_len > 0"),
+    (
+        dict(causal=False, rel_bias=torch.zeros(2, 4)),
+        "causal=False takes ts_bias \\(symmetric in time\\) but no rel_bias",
+    ),
+    (dict(causal=False, pattern="global", segment_len=2, num_memory_tokens=1), "and causal=False refine"),
+    (dict(causal=None), "causal must be a bool, got NoneType"),
     (dict(num_targets=torch.tensor([1, 1]), pattern="global", segment_len=2, num_memory_tokens=1), "refine"),
     (dict(ts_bias=torch.zeros(2, 5)), "ts_bias needs timestamps"),
     (dict(timestamps=torch.zeros(8, dtype=torch.int64)), "pass ts_bias too"),
@@ -465,3 +560,21 @@ def test_module_takes_the_per_batch_options_in_forward():
     assert not torch.equal(attn(q, k, v, cu, 6, silu_norm=norm, dropout_seed=0, **kw), out)
     with pytest.raises(ValueError, match="no timestamp table"):
         SegmentAttention(2)(q, k, v, cu, 6, timestamps=times)
+
+
+def test_module_builds_bidirectional_masks():
+    from rec2pm_kernels import SegmentAttention
+
+    with pytest.raises(ValueError, match="no rel_bias"):
+        SegmentAttention(2, causal=False, num_buckets=4)
+    attn = SegmentAttention(2, score="silu", silu_norm=6.0, num_time_buckets=8, contextual_seq_len=1, causal=False)
+    with torch.no_grad():
+        attn.ts_bias.normal_()
+    lengths = [6, 4]
+    q, k, v, cu = _inputs(lengths, dtype=torch.float32)
+    times, _ = _time_inputs(lengths, buckets=8, heads=1)
+    out = attn(q, k, v, cu, 6, timestamps=times)
+    kw = dict(score="silu", silu_norm=6.0, ts_bias=attn.ts_bias, timestamps=times, contextual_seq_len=1)
+    want = segment_attention_oracle(q, k, v, cu, causal=False, **kw)
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, segment_attention_oracle(q, k, v, cu, **kw).float(), atol=1e-3)

@@ -21,6 +21,7 @@
 
 #include "attention_ops.h"
 #include "rec2pm/attention_math.h"
+#include "vector_math.h"
 #include "rec2pm/hstu_masks.h"
 #include "rec2pm/time_bias.h"
 
@@ -28,7 +29,7 @@ namespace rec2pm {
 namespace {
 
 constexpr int64_t kRowBlock = 16;  // rows per task: enough work to amortise scheduling
-constexpr int64_t kKeyTile = 16;
+constexpr int64_t kKeyTile = 16;  // keys whose scores accumulate together (one AVX-512 vector of fp32)
 // Multiply-adds a thread should get before work is split: a serving step is a few thousand
 // per layer, and waking threads for it costs more than it saves (and much more when the
 // cores are shared).
@@ -36,7 +37,7 @@ constexpr int64_t kMinWorkPerThread = 1 << 16;
 
 int64_t grain_size(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
-}  // keys whose scores accumulate together (one AVX-512 vector of fp32)
+}
 
 // x (tokens, heads, dim) -> out (heads, dim, tokens).
 template <typename T>
@@ -48,60 +49,6 @@ void transpose_heads(const T* x, int64_t tokens, int64_t heads, int64_t dim, T* 
       for (int64_t t = 0; t < tokens; ++t) row[t] = x[(t * heads + h) * dim + d];
     }
   });
-}
-
-// exp for fp32 without a library call, so that loops over keys vectorise (a call to expf
-// per score cost more than the dot products): x = k ln 2 + r with |r| <= ln 2 / 2, then
-// 2^k * p(r) with the Cephes polynomial, about 1 ulp.  Arguments below -87 give 0.
-__attribute__((always_inline)) inline float vector_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float k = (x * 1.44269504088896341f + shifter) - shifter;
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x <= -87.0f ? 0.0f : p * scale;
-}
-inline double vector_exp(double x) { return std::exp(x); }
-
-// Reductions with kLanes independent partial results: a fixed summation order (so results
-// do not depend on the machine or the thread count) that the compiler can still vectorise,
-// which a single running sum forbids without -ffast-math.
-constexpr int64_t kLanes = 8;
-
-template <typename T>
-__attribute__((always_inline)) inline T lane_sum(const T* a, int64_t n) {
-  T lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l];
-  }
-  for (; j < n; ++j) lanes[0] += a[j];
-  T total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
-template <typename T>
-__attribute__((always_inline)) inline T lane_max(const T* a, int64_t n) {
-  T lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = a[j + l] > lanes[l] ? a[j + l] : lanes[l];
-  }
-  for (; j < n; ++j) lanes[0] = a[j] > lanes[0] ? a[j] : lanes[0];
-  T top = lanes[0];
-  for (int64_t l = 1; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
-  return top;
 }
 
 // acc[0..dim_v) += sum_j w[j] * value[j * stride + e]: values in their own layout, one key
@@ -182,15 +129,6 @@ struct RowSpans {
   }
 };
 
-// Compiled once per instruction set, chosen at load time by the CPU's features: the loops
-// over keys then use the widest vectors the machine has (results are bit-identical on one
-// machine; across machines the instruction set, and so the rounding of fused multiply-adds,
-// may differ).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define REC2PM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define REC2PM_VECTOR_CLONES
-#endif
 
 // One output row: query row r of the sequence starting at token0, head h.
 template <typename T>
@@ -313,11 +251,6 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
   });
 }
 
-// Cache strides, in elements: (batch, slot, head, dim).
-struct CacheLayout {
-  int64_t batch, slot, head, dim;
-};
-
 // One new row over slots [0, position] of its user's cache (keys and values already offset
 // to the user and head).
 template <typename T>
@@ -418,6 +351,22 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
+void cached_step_rows(const float* q, const float* k_new, const float* v_new, const int64_t* cu, const int64_t* cached,
+                      int64_t batch, int64_t heads, int64_t dim, int64_t dim_v, float* k_cache, CacheLayout ks,
+                      float* v_cache, CacheLayout vs, Score score, float scale, const float* bias, int64_t buckets,
+                      float silu_norm, float* out) {
+  cached_step<float>(q, k_new, v_new, cu, cached, batch, heads, dim, dim_v, k_cache, ks, v_cache, vs, true, score,
+                     scale, bias, buckets, silu_norm, out);
+}
+
+void cached_step_rows(const double* q, const double* k_new, const double* v_new, const int64_t* cu,
+                      const int64_t* cached, int64_t batch, int64_t heads, int64_t dim, int64_t dim_v, double* k_cache,
+                      CacheLayout ks, double* v_cache, CacheLayout vs, Score score, double scale, const double* bias,
+                      int64_t buckets, double silu_norm, double* out) {
+  cached_step<double>(q, k_new, v_new, cu, cached, batch, heads, dim, dim_v, k_cache, ks, v_cache, vs, true, score,
+                      scale, bias, buckets, silu_norm, out);
+}
+
 torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                             const torch::Tensor& cu_seqlens, int64_t pattern, int64_t segment_len,
                                             int64_t num_memory_tokens, int64_t score, double scale,
@@ -425,7 +374,7 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
                                             const std::optional<torch::Tensor>& num_targets,
                                             const std::optional<torch::Tensor>& silu_norms,
                                             int64_t contextual_seq_len, int64_t max_attn_len,
-                                            int64_t min_full_attn_seq_len,
+                                            int64_t min_full_attn_seq_len, bool causal,
                                             const std::optional<torch::Tensor>& ts_bias,
                                             const std::optional<torch::Tensor>& timestamps,
                                             const std::optional<torch::Tensor>& query_timestamps) {
@@ -443,9 +392,9 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
               "num_targets must be a contiguous int64 (batch,) tensor");
   TORCH_CHECK(!silu_norms || (silu_norms->dim() == 1 && silu_norms->numel() == batch),
               "silu_norms must be a (batch,) tensor");
-  const bool uses_hstu = num_targets.has_value() || contextual_seq_len > 0 || max_attn_len > 0;
+  const bool uses_hstu = num_targets.has_value() || contextual_seq_len > 0 || max_attn_len > 0 || !causal;
   TORCH_CHECK(!uses_hstu || static_cast<Pattern>(pattern) == Pattern::kCausal,
-              "num_targets, contextual_seq_len and max_attn_len refine the causal pattern only");
+              "num_targets, contextual_seq_len, max_attn_len and causal=false refine the causal pattern only");
   TORCH_CHECK(!ts_bias || (timestamps && query_timestamps && ts_bias->dim() == 2 && ts_bias->size(0) == q.size(1) &&
                            timestamps->scalar_type() == torch::kLong && query_timestamps->scalar_type() == torch::kLong &&
                            timestamps->is_contiguous() && query_timestamps->is_contiguous() &&
@@ -460,7 +409,7 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
                                rel_bias ? rel_bias->size(1) : 1,
                                static_cast<Pattern>(pattern),
                                static_cast<Score>(score),
-                               HstuMask{contextual_seq_len, max_attn_len, min_full_attn_seq_len},
+                               HstuMask{contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal},
                                uses_hstu};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "segment_attention_forward_cpu", [&] {
     const scalar_t* bias = nullptr;

@@ -4,13 +4,15 @@
 
 #include <optional>
 
+#include "rec2pm/attention_math.h"
+
 namespace rec2pm {
 
 // segment_attention forward on the CPU: q, k (T, H, D), v (T, H, Dv), fp32 or fp64,
 // contiguous; cu_seqlens (B + 1,) int64; rel_bias (H, buckets) of q's dtype or absent.
 // Options as rec2pm_kernels.segment_attention after validation (pattern and score codes);
-// HSTU's masks (causal only): num_targets (B,) int64, contextual_seq_len, max_attn_len,
-// min_full_attn_seq_len; silu_norms (B,) replaces silu_norm per sequence when given;
+// HSTU's masks (on the causal pattern only): num_targets (B,) int64, contextual_seq_len,
+// max_attn_len, min_full_attn_seq_len, causal (false: bidirectional); silu_norms (B,) replaces silu_norm per sequence when given;
 // HSTU's timestamp bias ts_bias (H, buckets + 1) with int64 timestamps and query_timestamps (T,).
 torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                             const torch::Tensor& cu_seqlens, int64_t pattern, int64_t segment_len,
@@ -19,10 +21,27 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
                                             const std::optional<torch::Tensor>& num_targets,
                                             const std::optional<torch::Tensor>& silu_norms,
                                             int64_t contextual_seq_len, int64_t max_attn_len,
-                                            int64_t min_full_attn_seq_len,
+                                            int64_t min_full_attn_seq_len, bool causal,
                                             const std::optional<torch::Tensor>& ts_bias,
                                             const std::optional<torch::Tensor>& timestamps,
                                             const std::optional<torch::Tensor>& query_timestamps);
+
+// Cache strides, in elements: (batch, slot, head, dim).
+struct CacheLayout {
+  int64_t batch, slot, head, dim;
+};
+
+// The cached step on raw pointers, for a caller that has checked shapes, dtypes and that
+// every user's new rows fit its cache (the fused decoder step): appends the new rows
+// (tokens, heads, dim) contiguous, then writes out (tokens, heads, dim_v).
+void cached_step_rows(const float* q, const float* k_new, const float* v_new, const int64_t* cu, const int64_t* cached,
+                      int64_t batch, int64_t heads, int64_t dim, int64_t dim_v, float* k_cache, CacheLayout ks,
+                      float* v_cache, CacheLayout vs, Score score, float scale, const float* bias, int64_t buckets,
+                      float silu_norm, float* out);
+void cached_step_rows(const double* q, const double* k_new, const double* v_new, const int64_t* cu,
+                      const int64_t* cached, int64_t batch, int64_t heads, int64_t dim, int64_t dim_v, double* k_cache,
+                      CacheLayout ks, double* v_cache, CacheLayout vs, Score score, double scale, const double* bias,
+                      int64_t buckets, double silu_norm, double* out);
 
 // cached_step_attention on the CPU: appends k_new / v_new into the caches in place (unless
 // `append` is false: the caller appended already), then returns (total_new, H, Dv).

@@ -12,7 +12,7 @@ What each HSTU argument means here:
 ``alpha``                  multiplies q.k (``scale``); HSTU's research blocks use 1 (no scaling)
 ``q, k, v``                ``(L, H, D)``, ``(L, H, D)``, ``(L, H, V)`` jagged
 ``seq_offsets``            ``(B + 1,)`` int32 or int64: ``cu_seqlens``
-``causal``                 True; ``causal=False`` is not implemented (a clear error)
+``causal``                 False: HSTU's bidirectional masks (``|rank(row) - rank(col)|``); no ``rel_bias``
 ``dropout_pr, training``   attention dropout, applied when ``training`` (seed: ``dropout_seed``)
 ``num_targets``            ``(B,)``: candidates at the end of each sequence (``rec2pm_kernels.hstu_masks``)
 ``attn_scale``             None: divide by ``max_seq_len``; a scalar tensor: multiply by it; one
@@ -32,13 +32,6 @@ import torch
 
 from ..hstu_masks import HSTUMask, hstu_visible
 from ..interface import cached_step_attention, segment_attention
-
-
-def _check_causal(causal) -> None:
-    if causal is not True:
-        raise NotImplementedError(
-            f"causal={causal!r}: rec2pm's kernels are causal; bidirectional HSTU attention is not implemented"
-        )
 
 
 def _silu_norm_and_row_scale(attn_scale, max_seq_len: int, total: int):
@@ -90,7 +83,6 @@ def hstu_mha(
 
     Returns ``(L, H, V)`` in ``v``'s dtype, differentiable in ``q``, ``k``, ``v`` and the tables.
     """
-    _check_causal(causal)
     silu_norm, row_scale = _silu_norm_and_row_scale(attn_scale, max_seq_len, q.shape[0])
     out = segment_attention(
         q,
@@ -106,6 +98,7 @@ def hstu_mha(
         contextual_seq_len=contextual_seq_len,
         max_attn_len=max_attn_len,
         min_full_attn_seq_len=min_full_attn_seq_len if max_attn_len > 0 else 0,
+        causal=causal,
         ts_bias=ts_bias,
         timestamps=timestamps,
         query_timestamps=query_timestamps,

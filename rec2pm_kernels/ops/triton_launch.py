@@ -44,6 +44,7 @@ SEGMENT_RUNTIME_INTS = [
     "contextual_seq_len",
     "max_attn_len",
     "min_full_attn_seq_len",
+    "causal",
     "dropout_seed_step",
     "dropout_seed_high",
     "dropout_threshold",

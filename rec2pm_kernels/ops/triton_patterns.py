@@ -62,22 +62,29 @@ def visible_mask(rows, cols, S, C, PATTERN: tl.constexpr):
 
 
 @triton.jit
+def _rank(p, shift, last):
+    """HSTU's rank of position ``p``: 0 in the prefix, counting on after it, ``last`` from the candidates on."""
+    return tl.minimum(tl.maximum(p - shift, 0), last)
+
+
+@triton.jit
 def hstu_ranks(p, length, hstu):
     """``(rank(p), m)`` of ``rec2pm_kernels.hstu_masks``: the prefix shares rank 0, the
     candidates rank ``m``."""
-    num_targets, contextual, _, _ = hstu
+    num_targets, contextual, _, _, _ = hstu
     shift = tl.maximum(contextual - 1, 0)
     last = length - shift - num_targets
-    return tl.minimum(tl.maximum(p - shift, 0), last), last
+    return _rank(p, shift, last), last
 
 
 @triton.jit
 def hstu_visible_mask(rows, cols, length, hstu):
     """Boolean tile of HSTU's masks for positions ``rows`` (``[BM, 1]``) and ``cols`` (``[1, BN]``)."""
-    _, contextual, window, tail = hstu
+    _, contextual, window, tail, causal = hstu
     row_rank, last = hstu_ranks(rows, length, hstu)
     col_rank, _ = hstu_ranks(cols, length, hstu)
     distance = row_rank - col_rank
+    distance = tl.where(causal == 0, tl.abs(distance), distance)
     near = (distance <= window) | (window == 0) | ((tail > 0) & (row_rank >= last - tail))
     seen = ((cols == rows) | (distance > 0)) & near
     return seen | ((contextual > 0) & (row_rank == 0) & (col_rank < last))
@@ -90,37 +97,41 @@ def _spans_meet(a0, a1, b0, b1):
 
 
 @triton.jit
+def _first_of_rank(rank, shift, last, length):
+    """First position whose HSTU rank is at least ``rank`` (``length`` when none)."""
+    return tl.where(rank > last, length, tl.where(rank <= 0, 0, rank + shift))
+
+
+@triton.jit
+def _rank_pairs_reach(r0, r1, c0, c1, reach, causal, shift, last):
+    """Do rows ``[r0, r1]`` and keys ``[c0, c1]`` hold a pair whose rank distance
+    ``d = rank(row) - rank(key)`` has ``1 <= d <= reach`` (or ``1 <= |d| <= reach`` when
+    not ``causal``)?  Ranks of a range of positions are a range of integers, so the
+    distances of the block are the integers of ``[rank(r0) - rank(c1), rank(r1) - rank(c0)]``."""
+    low = _rank(r0, shift, last) - _rank(c1, shift, last)
+    high = _rank(r1, shift, last) - _rank(c0, shift, last)
+    ahead = (high >= 1) & (low <= reach)
+    behind = (causal == 0) & (low <= -1) & (high >= -reach)
+    return (r0 <= r1) & (c0 <= c1) & (ahead | behind)
+
+
+@triton.jit
 def hstu_tile_visible(r0, r1, c0, c1, length, hstu):
-    """Does any row in ``[r0, r1]`` see any key in ``[c0, c1]`` under HSTU's masks?  Exact:
-    the rows split into the prefix, history (windowed, then the full tail) and candidates,
-    each with the key spans of ``csrc/include/rec2pm/hstu_masks.h``."""
-    num_targets, contextual, window, tail = hstu
+    """Does any row in ``[r0, r1]`` see any key in ``[c0, c1]`` under HSTU's masks?  Exact,
+    from the rules of ``rec2pm_kernels.hstu_masks``: the diagonal, the prefix rows' keys of
+    rank below ``m``, and the pairs of other ranks within reach, split into windowed rows
+    and full-attention rows (the tail and candidates, or all rows without a window)."""
+    num_targets, contextual, window, tail, causal = hstu
     shift = tl.maximum(contextual - 1, 0)
-    first_candidate = length - num_targets
-    last_rank = first_candidate - shift
-    # Prefix rows see every non-candidate key.
-    ok = (r0 <= tl.minimum(r1, contextual - 1)) & (c0 <= tl.minimum(c1, first_candidate - 1))
-    # History rows [h0, h1]: a full row sees [0, row]; a windowed one the prefix (while its rank
-    # is within the window) and the history keys at most `window` back, and itself.
-    h0 = tl.maximum(r0, contextual)
-    h1 = tl.minimum(r1, first_candidate - 1)
-    full_from = tl.where(window == 0, 0, tl.where(tail > 0, first_candidate - tail, first_candidate))
-    f0 = tl.maximum(h0, full_from)
-    ok = ok | ((f0 <= h1) & (c0 <= h1))
-    w1 = tl.minimum(h1, f0 - 1)
-    windowed = h0 <= w1
-    ok = ok | (windowed & _spans_meet(tl.maximum(contextual, h0 - window), w1, c0, c1))
-    ok = ok | (windowed & (h0 - shift <= window) & _spans_meet(0, contextual - 1, c0, c1))
-    # Candidate rows see themselves, and the keys before the first candidate (all of them
-    # with no window or any tail; else the prefix when m <= window and the last `window`).
-    t0 = tl.maximum(r0, first_candidate)
-    candidates = t0 <= r1
-    ok = ok | (candidates & _spans_meet(t0, r1, c0, c1))
-    full = (window == 0) | (tail > 0)
-    before = tl.where(full, 0, tl.maximum(contextual, first_candidate - window))
-    ok = ok | (candidates & _spans_meet(before, first_candidate - 1, c0, c1))
-    prefix_seen = candidates & (full == 0) & (last_rank <= window)
-    return ok | (prefix_seen & _spans_meet(0, contextual - 1, c0, c1))
+    last = length - shift - num_targets
+    ok = _spans_meet(r0, r1, c0, c1)
+    prefix_end = _first_of_rank(1, shift, last, length)  # rows of rank 0 (the prefix)
+    history_end = _first_of_rank(last, shift, last, length)  # keys of rank below m
+    ok = ok | ((contextual > 0) & (r0 <= tl.minimum(r1, prefix_end - 1)) & (c0 <= tl.minimum(c1, history_end - 1)))
+    full_from = tl.where(window == 0, 0, tl.where(tail > 0, _first_of_rank(last - tail, shift, last, length), length))
+    f0 = tl.maximum(r0, full_from)
+    ok = ok | _rank_pairs_reach(f0, r1, c0, c1, length, causal, shift, last)
+    return ok | _rank_pairs_reach(r0, tl.minimum(r1, f0 - 1), c0, c1, window, causal, shift, last)
 
 
 @triton.jit
@@ -212,9 +223,9 @@ PLAIN_PASS = tl.constexpr(1)
 @triton.jit
 def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, length, S, C, hstu, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(lo, hi)``: the key tiles of ``KEY_PASS`` start at ``range(lo, hi, BLOCK_N)``."""
-    if PATTERN == HSTU_CAUSAL:  # every tile predicated; prefix rows see past their block
-        _, contextual, _, _ = hstu
-        pred_hi = tl.where(r0 < contextual, length, r1 + 1)
+    if PATTERN == HSTU_CAUSAL:  # every tile predicated; prefix and bidirectional rows see past their block
+        _, contextual, _, _, causal = hstu
+        pred_hi = tl.where((r0 < contextual) | (causal == 0), length, r1 + 1)
         pred_lo, plain_lo, plain_hi = 0, pred_hi, pred_hi
     else:
         pred_lo, pred_hi, plain_lo, plain_hi = key_ranges(r0, r1, S, C, PATTERN, BLOCK_N)
@@ -244,11 +255,11 @@ def key_tile_in_pass(
 @triton.jit
 def row_range_start(c0, hstu, PATTERN: tl.constexpr, BLOCK_M: tl.constexpr):
     """First row tile that may see a key at or after ``c0``: ``c0``'s own, or the first
-    under HSTU's masks with a prefix (prefix rows see ahead)."""
+    under HSTU's masks with a prefix or bidirectional (those rows see ahead)."""
     start = c0 // BLOCK_M * BLOCK_M
     if PATTERN == HSTU_CAUSAL:
-        _, contextual, _, _ = hstu
-        start = tl.where(contextual > 0, 0, start)
+        _, contextual, _, _, causal = hstu
+        start = tl.where((contextual > 0) | (causal == 0), 0, start)
     return start
 
 

@@ -19,17 +19,17 @@ NO_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def sequence_options(seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm,
-                     PATTERN: tl.constexpr):  # fmt: skip
+def sequence_options(seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal,
+                     silu_norm, PATTERN: tl.constexpr):  # fmt: skip
     """``(hstu, silu_norm)`` of sequence ``seq``: HSTU's mask tuple (``num_targets``, prefix,
-    window, tail) and the sequence's own SiLU divisor under ``HSTU_CAUSAL``; zeros and the
-    call's divisor otherwise."""
+    window, tail, ``causal``: 1 for HSTU's causal masks, 0 for bidirectional) and the
+    sequence's own SiLU divisor under ``HSTU_CAUSAL``; zeros and the call's divisor otherwise."""
     if PATTERN == HSTU_CAUSAL:
         num_targets = tl.load(NUM_TARGETS + seq).to(tl.int32)
         silu_norm = tl.load(SILU_NORMS + seq)
     else:
         num_targets = 0
-    return (num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len), silu_norm
+    return (num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal), silu_norm
 
 
 @triton.jit

@@ -9,7 +9,15 @@ from rec2pm_kernels import segment_attention
 from rec2pm_kernels.ops.segment_attention.oracle import dense_hstu_mask
 from rec2pm_kernels.ops.triton_configs import configs
 
-from .cases import RAGGED, assert_outputs_within_budget, random_inputs, reference_and_baseline
+from .cases import (
+    RAGGED,
+    assert_outputs_within_budget,
+    check_time_bias,
+    random_inputs,
+    reference_and_baseline,
+    time_inputs,
+    time_tables,
+)
 from .test_tile_counts_interpreter import count_tiles, visible_tiles
 
 pytestmark = pytest.mark.interpreter
@@ -52,6 +60,32 @@ def test_masks_match_oracle(mask, score, deterministic):
     assert_outputs_within_budget(got, reference, baseline, torch.float32)
 
 
+# Bidirectional masks take no rel_bias; one case adds the timestamp bias (symmetric in time).
+BIDIRECTIONAL_MASKS = ["targets", "window", "all"]
+
+
+@pytest.mark.parametrize("mask", BIDIRECTIONAL_MASKS)
+@pytest.mark.parametrize("score", ["softmax", "silu"])
+def test_bidirectional_masks_match_oracle(mask, score):
+    q, k, v, cu, _ = random_inputs(LENGTHS, with_bias=False)
+    kw = dict(
+        score=score,
+        silu_norm=torch.linspace(3.0, 8.0, len(LENGTHS)) if score == "silu" else None,
+        causal=False,
+        **_options(mask),
+    )
+    out = segment_attention(q, k, v, cu, 40, backend="triton", **kw)
+    grad_out = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    reference, baseline = reference_and_baseline(q, k, v, cu, None, grad_out, **kw)
+    assert_outputs_within_budget(got, reference, baseline, torch.float32)
+
+
+def test_bidirectional_masks_with_the_time_bias_match_oracle():
+    kw = dict(score="silu", silu_norm=6.0, timestamps=time_inputs(LENGTHS), causal=False, **_options("all"))
+    check_time_bias(LENGTHS, time_tables(1, with_rel=False), **kw)
+
+
 def test_head_shared_bias_and_a_scalar_norm_with_targets():
     lengths = RAGGED  # several units of the interleaved cases: short sequences, a few hundred bias terms
     q, k, v, cu, _ = random_inputs(lengths, with_bias=False)
@@ -66,31 +100,38 @@ def test_head_shared_bias_and_a_scalar_norm_with_targets():
 
 
 # Longer sequences for the tile counts: 16 x 16 tiles cut windows, prefixes and candidates.
+# (num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
 TILE_LENGTHS = [70, 16, 33, 0, 18]
 TILE_MASKS = {
-    "targets": ([5, 0, 17, 0, 3], 0, 0, 0),
-    "prefix": (None, 12, 0, 0),
-    "window": (None, 0, 12, 0),
-    "window_tail": (None, 0, 12, 20),
-    "all": ([6, 0, 2, 0, 1], 3, 12, 9),
-    "window_targets": ([20, 0, 17, 0, 2], 1, 5, 0),
+    "targets": ([5, 0, 17, 0, 3], 0, 0, 0, True),
+    "prefix": (None, 12, 0, 0, True),
+    "window": (None, 0, 12, 0, True),
+    "window_tail": (None, 0, 12, 20, True),
+    "all": ([6, 0, 2, 0, 1], 3, 12, 9, True),
+    "window_targets": ([20, 0, 17, 0, 2], 1, 5, 0, True),
     # The prefix fills the first 16-key tile, so only the prefix rule reaches it: rows 32..
     # (rank 17) still see it under a window of 17, and so do the candidates of rank 17.
-    "prefix_tile_edge": (None, 16, 17, 0),
-    "candidates_prefix_edge": ([38, 0, 0, 0, 0], 16, 17, 0),
+    "prefix_tile_edge": (None, 16, 17, 0, True),
+    "candidates_prefix_edge": ([38, 0, 0, 0, 0], 16, 17, 0, True),
+    # Bidirectional: candidates fill tiles that no other candidate tile sees, the window
+    # reaches ahead as far as back, and the prefix tile is seen from both sides.
+    "bidirectional_targets": ([38, 0, 17, 0, 3], 0, 0, 0, False),
+    "bidirectional_window": (None, 0, 12, 0, False),
+    "bidirectional_all": ([6, 0, 2, 0, 1], 3, 12, 9, False),
+    "bidirectional_prefix_edge": ([38, 0, 0, 0, 0], 16, 17, 0, False),
 }
 
 
 def _expected_counts(layout, lengths, block_m, block_n, per):
     """Per program, as the kernels number them: key tiles per row block or row tiles per key block."""
-    targets, contextual, window, tail = layout
+    targets, contextual, window, tail, causal = layout
     block = block_m if per == "row" else block_n
     blocks = triton.cdiv(max(lengths), block)
     out = torch.zeros(len(lengths) * blocks, dtype=torch.int32)
     for b, n in enumerate(lengths):
         if n == 0:
             continue
-        dense = dense_hstu_mask(n, None if targets is None else targets[b], contextual, window, tail)
+        dense = dense_hstu_mask(n, None if targets is None else targets[b], contextual, window, tail, causal)
         tiles = visible_tiles(dense, block_m, block_n)
         counts = tiles.sum(1) if per == "row" else tiles.sum(0)
         out[b * blocks : b * blocks + counts.numel()] = counts.int()
@@ -101,7 +142,7 @@ def _expected_counts(layout, lengths, block_m, block_n, per):
 @pytest.mark.parametrize("block", [16, None], ids=["M16N16", "tuned"])
 def test_visited_tiles_equal_visible_tiles(mask, block):
     layout = TILE_MASKS[mask]
-    targets, contextual, window, tail = layout
+    targets, contextual, window, tail, causal = layout
     config = (
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
         if block
@@ -119,5 +160,5 @@ def test_visited_tiles_equal_visible_tiles(mask, block):
     assert torch.equal(counts["segment_bwd_dq"], per_row)
     assert torch.equal(counts["segment_bwd_dkdv"], per_col), (counts["segment_bwd_dkdv"], per_col)
     if window and not (tail or contextual) and block:  # a window skips work once tiles are shorter than it
-        causal = _expected_counts((None, 0, 0, 0), TILE_LENGTHS, block_m, block_n, "row")
-        assert per_row.sum() < causal.sum()
+        unwindowed = _expected_counts((None, 0, 0, 0, causal), TILE_LENGTHS, block_m, block_n, "row")
+        assert per_row.sum() < unwindowed.sum()

@@ -174,6 +174,9 @@ HSTU_MASKS = {
     "targets": dict(num_targets=[64, 0, 20, 0, 7]),
     "prefix_window_tail": dict(contextual_seq_len=8, max_attn_len=256, min_full_attn_seq_len=64),
     "all": dict(num_targets=[64, 0, 20, 0, 7], contextual_seq_len=8, max_attn_len=256),
+    # Bidirectional masks take no rel_bias (a one-sided table).
+    "bidirectional": dict(causal=False),
+    "bidirectional_all": dict(num_targets=[64, 0, 20, 0, 7], contextual_seq_len=8, max_attn_len=256, causal=False),
 }
 
 
@@ -192,9 +195,12 @@ def test_hstu_masks_match_oracle(mask, score, dtype):
     kw.update(score_kwargs(score))
     if score == "silu":
         kw["silu_norm"] = torch.full((len(lengths),), float(max(lengths)), device="cuda")
+    if not kw.get("causal", True):
+        bias = None
     out = segment_attention(q, k, v, cu, max(lengths), rel_bias=bias, backend="triton", **kw)
     grad_out = torch.randn_like(out)
-    got = (out, *torch.autograd.grad(out, (q, k, v, bias), grad_out))
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
+    got = (out, *torch.autograd.grad(out, inputs, grad_out))
     reference, baseline = reference_and_baseline(q, k, v, cu, bias, grad_out, **kw)
     assert_outputs_within_budget(got, reference, baseline, dtype)
 

@@ -30,7 +30,12 @@ def dense_mask(
 
 
 def dense_hstu_mask(
-    n: int, num_targets: int | None, contextual_seq_len: int, max_attn_len: int, min_full_attn_seq_len: int
+    n: int,
+    num_targets: int | None,
+    contextual_seq_len: int,
+    max_attn_len: int,
+    min_full_attn_seq_len: int,
+    causal: bool = True,
 ) -> torch.Tensor:
     """``(n, n)`` HSTU mask, one pair at a time from the rules in ``docs/patterns.md``."""
     first = n - (num_targets or 0)  # first candidate
@@ -45,14 +50,15 @@ def dense_hstu_mask(
     mask = torch.zeros(n, n, dtype=torch.bool)
     for row in range(n):
         for col in range(n):
-            if row < contextual_seq_len:  # the prefix sees every non-candidate token
-                mask[row, col] = col == row or col < first
-                continue
             distance = rank(row) - rank(col)
+            if not causal:
+                distance = abs(distance)
             seen = col == row or distance > 0
             if max_attn_len > 0:
                 tail = min_full_attn_seq_len > 0 and rank(row) >= history_end_rank - min_full_attn_seq_len
                 seen = seen and (distance <= max_attn_len or tail)
+            if row < contextual_seq_len:  # the prefix sees every non-candidate token
+                seen = seen or col < first
             mask[row, col] = seen
     return mask
 
@@ -95,6 +101,7 @@ def segment_attention_oracle(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    causal: bool = True,
     ts_bias: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
     query_timestamps: torch.Tensor | None = None,
@@ -107,13 +114,14 @@ def segment_attention_oracle(
     dtype = compute_dtype(q.dtype, upcast)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bounds = cu_seqlens.tolist()
-    hstu = num_targets is not None or contextual_seq_len or max_attn_len
+    hstu = num_targets is not None or contextual_seq_len or max_attn_len or not causal
     outs = []
     for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         n = end - start
         if hstu:
             targets = None if num_targets is None else int(num_targets[b])
-            mask = dense_hstu_mask(n, targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len).to(q.device)
+            mask = dense_hstu_mask(n, targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
+            mask = mask.to(q.device)
         else:
             mask = dense_mask(pattern, n, segment_len, num_memory_tokens, device=q.device)
         bias = None

@@ -17,7 +17,7 @@ How it works:
    with an additive mask (0 / -inf, plus the bias); SiLU is an einsum.
    HSTU's masks (``rec2pm_kernels.hstu_masks``) depend on each sequence's length and
    candidate count, so with them the mask is built per sequence, ``(G, 1, rows, keys)``;
-   contextual rows see ahead, so their chunk's keys run to the end.
+   contextual and bidirectional rows see ahead, so their chunk's keys run further.
 4. Autograd keeps every chunk's probabilities for backward when the scores are SiLU,
    dropout is on or a bias table needs a gradient (SDPA's fused CPU path keeps only row
    statistics).  Dropout draws are a hash of (seed, row, key, head), the same however rows
@@ -63,7 +63,7 @@ def row_chunks(
     for r0 in range(0, length, rows):
         r1 = min(r0 + rows, length)
         k0 = max(pattern.first_visible_column(r0), hstu_mask.first_visible_column(r0, has_targets))
-        chunks.append((r0, r1, k0, hstu_mask.column_end(r0, r1, length)))
+        chunks.append((r0, r1, k0, hstu_mask.column_end(r0, r1, length, has_targets)))
     return chunks
 
 

@@ -48,14 +48,15 @@ def _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p, time_
 
 def _hstu_inputs(hstu) -> dict:
     """The HSTU tensors and sizes every segment kernel takes (``hstu``: ``None``, or
-    ``(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len)``)."""
-    num_targets, silu_norms, contextual, window, tail = hstu if hstu is not None else (None, None, 0, 0, 0)
+    ``(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)``)."""
+    num_targets, silu_norms, contextual, window, tail, causal = hstu if hstu is not None else (None, None, 0, 0, 0, 1)
     return dict(
         NUM_TARGETS=num_targets,
         SILU_NORMS=silu_norms,
         contextual_seq_len=contextual,
         max_attn_len=window,
         min_full_attn_seq_len=tail,
+        causal=int(causal),
     )
 
 
@@ -326,6 +327,7 @@ def segment_attention_fwd_op(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    causal: bool = True,
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
     ts_bias: torch.Tensor | None = None,
@@ -349,17 +351,17 @@ def segment_attention_fwd_op(
         rel_bias,
         silu_norm,
         allow_tf32,
-        hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
+        hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         time_bias=(ts_bias, timestamps, query_timestamps) if ts_bias is not None else None,
     )
 
 
-def _hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len):
+def _hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal):
     if num_targets is None:
         return None
-    return (num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len)
+    return (num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
 
 
 @segment_attention_fwd_op.register_fake
@@ -383,6 +385,7 @@ def _segment_attention_fwd_fake(
     contextual_seq_len=0,
     max_attn_len=0,
     min_full_attn_seq_len=0,
+    causal=True,
     dropout_p=0.0,
     dropout_seed=0,
     ts_bias=None,
@@ -417,6 +420,7 @@ def segment_attention_bwd_op(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    causal: bool = True,
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
     ts_bias: torch.Tensor | None = None,
@@ -443,7 +447,7 @@ def segment_attention_bwd_op(
         silu_norm,
         allow_tf32,
         deterministic,
-        hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len),
+        hstu=_hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         time_bias=(ts_bias, timestamps, query_timestamps) if ts_bias is not None else None,
@@ -474,6 +478,7 @@ def _segment_attention_bwd_fake(
     contextual_seq_len=0,
     max_attn_len=0,
     min_full_attn_seq_len=0,
+    causal=True,
     dropout_p=0.0,
     dropout_seed=0,
     ts_bias=None,
@@ -505,6 +510,7 @@ _FWD_OPTIONS = (
     "contextual_seq_len",
     "max_attn_len",
     "min_full_attn_seq_len",
+    "causal",
     "dropout_p",
     "dropout_seed",
     "ts_bias",
@@ -576,7 +582,7 @@ def segment_attention_triton(
     hstu_mask = hstu_mask or HSTUMask()
     per_sequence = isinstance(silu_norm, torch.Tensor)
     silu_norms = None
-    if hstu_mask.active or num_targets is not None or per_sequence:
+    if hstu_mask.active or num_targets is not None or per_sequence:  # the HSTU_CAUSAL kernels
         batch = cu_seqlens.numel() - 1
         if num_targets is None:
             num_targets = torch.zeros(batch, dtype=torch.int32, device=q.device)
@@ -589,25 +595,23 @@ def segment_attention_triton(
         k,
         v,
         cu_seqlens,
-        int(max_seqlen),
-        pattern.name,
-        pattern.segment_len or 0,
-        pattern.num_memory_tokens or 0,
-        score,
-        float(scale),
-        rel_bias,
-        float(silu_norm) if silu_norm is not None else 1.0,
-        bool(allow_tf32),
-        bool(deterministic),
-        num_targets if silu_norms is not None else None,
-        silu_norms,
-        hstu_mask.contextual_seq_len,
-        hstu_mask.max_attn_len,
-        hstu_mask.min_full_attn_seq_len,
-        float(dropout_p),
-        int(dropout_seed or 0),
-        ts_bias,
-        timestamps if ts_bias is not None else None,
-        query_timestamps if ts_bias is not None else None,
+        max_seqlen=int(max_seqlen),
+        pattern=pattern.name,
+        segment_len=pattern.segment_len or 0,
+        num_memory_tokens=pattern.num_memory_tokens or 0,
+        score=score,
+        scale=float(scale),
+        rel_bias=rel_bias,
+        silu_norm=float(silu_norm) if silu_norm is not None else 1.0,
+        allow_tf32=bool(allow_tf32),
+        deterministic=bool(deterministic),
+        num_targets=num_targets if silu_norms is not None else None,
+        silu_norms=silu_norms,
+        **hstu_mask.as_kwargs(),
+        dropout_p=float(dropout_p),
+        dropout_seed=int(dropout_seed or 0),
+        ts_bias=ts_bias,
+        timestamps=timestamps if ts_bias is not None else None,
+        query_timestamps=query_timestamps if ts_bias is not None else None,
     )
     return out

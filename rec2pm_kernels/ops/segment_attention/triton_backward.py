@@ -65,6 +65,7 @@ def segment_bwd_dkdv_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    causal,
     dropout_seed_step,
     dropout_seed_high,
     dropout_threshold,
@@ -96,8 +97,9 @@ def segment_bwd_dkdv_kernel(
     if c0 >= length:
         return
     hstu, silu_norm = sequence_options(
-        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
-    )
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal, silu_norm,
+        PATTERN,
+    )  # fmt: skip
     c1 = tl.minimum(c0 + BLOCK_N, length) - 1
     offs_n = c0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -243,6 +245,7 @@ def segment_bwd_dq_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    causal,
     dropout_seed_step,
     dropout_seed_high,
     dropout_threshold,
@@ -269,8 +272,9 @@ def segment_bwd_dq_kernel(
     if r0 >= length:
         return
     hstu, silu_norm = sequence_options(
-        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
-    )
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal, silu_norm,
+        PATTERN,
+    )  # fmt: skip
     r1 = tl.minimum(r0 + BLOCK_M, length) - 1
     offs_m = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

@@ -131,6 +131,7 @@ def segment_bwd_bias_kernel(
     contextual_seq_len,
     max_attn_len,
     min_full_attn_seq_len,
+    causal,
     dropout_seed_step,
     dropout_seed_high,
     dropout_threshold,
@@ -159,8 +160,9 @@ def segment_bwd_bias_kernel(
     if r0 >= length:
         return
     hstu, silu_norm = sequence_options(
-        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, silu_norm, PATTERN
-    )
+        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal, silu_norm,
+        PATTERN,
+    )  # fmt: skip
     r1 = tl.minimum(r0 + BLOCK_M, length) - 1
     offs_m = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
