@@ -311,6 +311,10 @@ def check_layer_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, cac
     (k0, v0), *rest = caches
     check_caches(q_new, v_new, batch, k0, v0, cache_seqlens)
     layout = [(c.shape, c.stride(), c.dtype, c.device) for c in (k0, v0)]
+    # Bytes from a cache's first element to one past its last (the same for every layer).
+    spans = [
+        (sum((n - 1) * st for n, st in zip(c.shape, c.stride(), strict=True)) + 1) * c.element_size() for c in (k0, v0)
+    ]
     for layer, (k_cache, v_cache) in enumerate(rest, start=1):
         for name, cache, want in (("k_cache", k_cache, layout[0]), ("v_cache", v_cache, layout[1])):
             if not isinstance(cache, torch.Tensor) or (cache.shape, cache.stride(), cache.dtype, cache.device) != want:
@@ -318,7 +322,9 @@ def check_layer_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, cac
                     f"layer {layer}'s {name} must have layer 0's shape {tuple(want[0])}, strides {want[1]}, "
                     f"dtype {want[2]} and device {want[3]}"
                 )
-        if _may_share_elements(k_cache, v_cache):
+        k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
+        apart = k_ptr + spans[0] <= v_ptr or v_ptr + spans[1] <= k_ptr  # disjoint byte ranges: nothing shared
+        if not apart and _may_share_elements(k_cache, v_cache):
             raise ValueError(f"layer {layer}'s k_cache and v_cache must not share memory")
 
 

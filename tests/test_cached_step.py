@@ -35,11 +35,16 @@ def cached_step(request):
     ],
     ids=["ragged", "equal", "equal-ends"],
 )
-def test_matches_oracle_and_appends(cached_step, score, with_bias, dtype, filled, new):
+# The usual (batch, slot, heads, dim) cache, and the same shape over a head-major buffer (the
+# C++ step reads a slot's heads in one pass only when they are contiguous).
+@pytest.mark.parametrize("layout", ["slot-major", "head-major"])
+def test_matches_oracle_and_appends(cached_step, score, with_bias, dtype, filled, new, layout):
     heads, dim, dim_v, capacity = 2, 8, 6, 24
     cu = cu_seqlens_of(new)
     q, k, v = make_qkv(sum(new), heads, dim, dim_v, dtype)
     k_cache, v_cache = make_cache(len(new), capacity, heads, dim, dim_v, filled, dtype)
+    if layout == "head-major":
+        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
     seqlens = torch.tensor(filled, dtype=torch.int32)
     bias = make_bias(heads, num_buckets=10, dtype=dtype) if with_bias else None
     kw = dict(rel_bias=bias, **score_kwargs(score))

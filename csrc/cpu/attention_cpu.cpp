@@ -306,6 +306,65 @@ inline void attend_cached_row_any(const double* q, const double* k, CacheLayout 
   attend_cached_row_f64(q, k, ks, v, vs, dim, dim_v, position, score, scale, b, buckets, norm, s, acc, o);
 }
 
+// One new row, every head at once, over slots [0, position] of its user's cache, when a
+// slot's heads lie contiguous (head stride = dim, dim stride = 1: the usual (batch, slot,
+// heads, dim) cache).  Both passes then read the cache slot by slot as one stream, rather
+// than once per head with a stride of heads * dim: at a batch of users the caches come from
+// memory, and the per-head walk left most of each line it fetched for a later pass.
+// scores: heads * (position + 1) values; out: heads * dim_v.
+template <typename T>
+__attribute__((always_inline)) inline void attend_cached_row_all_heads(
+    const T* query, const T* keys, int64_t key_slot, const T* values, int64_t value_slot, int64_t heads, int64_t dim,
+    int64_t dim_v, int64_t position, Score score, T scale, const T* bias, int64_t buckets, T silu_norm, T* scores,
+    T* out) {
+  const int64_t n = position + 1;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* key = keys + j * key_slot;
+    const int64_t bucket = bias_bucket(position, j, buckets);
+    for (int64_t h = 0; h < heads; ++h) {
+      T z = 0;
+      for (int64_t d = 0; d < dim; ++d) z += query[h * dim + d] * key[h * dim + d];
+      scores[h * n + j] = z * scale + (bias != nullptr ? bias[h * buckets + bucket] : T(0));
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    T* w = scores + h * n;
+    const T normaliser = score_weights(w, n, score, silu_norm);
+    T* acc = out + h * dim_v;
+    std::fill(acc, acc + dim_v, T(0));
+    add_weighted_values(w, values + h * dim_v, value_slot, n, dim_v, acc);
+    for (int64_t e = 0; e < dim_v; ++e) acc[e] *= normaliser;
+  }
+}
+
+REC2PM_VECTOR_CLONES void attend_cached_row_all_heads_f32(const float* q, const float* k, int64_t ks, const float* v,
+                                                          int64_t vs, int64_t heads, int64_t dim, int64_t dim_v,
+                                                          int64_t position, Score score, float scale, const float* b,
+                                                          int64_t buckets, float norm, float* s, float* o) {
+  attend_cached_row_all_heads<float>(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm, s,
+                                     o);
+}
+REC2PM_VECTOR_CLONES void attend_cached_row_all_heads_f64(const double* q, const double* k, int64_t ks,
+                                                          const double* v, int64_t vs, int64_t heads, int64_t dim,
+                                                          int64_t dim_v, int64_t position, Score score, double scale,
+                                                          const double* b, int64_t buckets, double norm, double* s,
+                                                          double* o) {
+  attend_cached_row_all_heads<double>(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm,
+                                      s, o);
+}
+inline void attend_cached_row_all_heads_any(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
+                                            int64_t heads, int64_t dim, int64_t dim_v, int64_t position, Score score,
+                                            float scale, const float* b, int64_t buckets, float norm, float* s,
+                                            float* o) {
+  attend_cached_row_all_heads_f32(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm, s, o);
+}
+inline void attend_cached_row_all_heads_any(const double* q, const double* k, int64_t ks, const double* v, int64_t vs,
+                                            int64_t heads, int64_t dim, int64_t dim_v, int64_t position, Score score,
+                                            double scale, const double* b, int64_t buckets, double norm, double* s,
+                                            double* o) {
+  attend_cached_row_all_heads_f64(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm, s, o);
+}
+
 template <typename T>
 void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, const int64_t* cached, int64_t batch,
                  int64_t heads, int64_t dim, int64_t dim_v, T* k_cache, CacheLayout ks, T* v_cache, CacheLayout vs,
@@ -327,6 +386,21 @@ void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, 
   for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, cached[b] + cu[b + 1] - cu[b]);
   int64_t new_rows = 0;
   for (int64_t b = 0; b < batch; ++b) new_rows = std::max(new_rows, cu[b + 1] - cu[b]);
+  if (ks.dim == 1 && ks.head == dim && vs.dim == 1 && vs.head == dim_v) {  // a slot's heads contiguous
+    const int64_t work_per_user = std::max<int64_t>(new_rows, 1) * longest * heads * (dim + dim_v);
+    at::parallel_for(0, batch, grain_size(work_per_user), [&](int64_t first, int64_t last) {
+      std::vector<T> scores(heads * longest);
+      for (int64_t b = first; b < last; ++b) {
+        for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
+          const int64_t position = cached[b] + t - cu[b];
+          attend_cached_row_all_heads_any(q + t * heads * dim, k_cache + b * ks.batch, ks.slot, v_cache + b * vs.batch,
+                                          vs.slot, heads, dim, dim_v, position, score, scale, bias, buckets,
+                                          silu_norm, scores.data(), out + t * heads * dim_v);
+        }
+      }
+    });
+    return;
+  }
   const int64_t work_per_task = std::max<int64_t>(new_rows, 1) * longest * (dim + dim_v);
   at::parallel_for(0, batch * heads, grain_size(work_per_task), [&](int64_t first, int64_t last) {
     std::vector<T> scores(longest), acc(dim_v);

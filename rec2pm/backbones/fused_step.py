@@ -40,37 +40,50 @@ def applies(decoder, x_new: torch.Tensor, caches) -> bool:
     )
 
 
+# Each block's tensors in the order the C++ step reads them: (submodule path, parameter
+# name), the path empty for the block's own.  Read through the modules' dicts: nn.Module
+# attribute lookups cost more than the whole C++ step of a small layer.
+LAYER_WEIGHTS = {
+    "sasrec": (
+        (("attn_norm",), "weight"),
+        (("attn_norm",), "bias"),
+        (("query",), "weight"),
+        (("query",), "bias"),
+        (("key",), "weight"),
+        (("value",), "weight"),
+        (("value",), "bias"),
+        (("attn_out",), "weight"),
+        (("attn_out",), "bias"),
+        (("ffn_norm",), "weight"),
+        (("ffn_norm",), "bias"),
+        (("ffn", "0"), "weight"),
+        (("ffn", "0"), "bias"),
+        (("ffn", "3"), "weight"),
+        (("ffn", "3"), "bias"),
+    ),
+    "hstu": (
+        (("input_norm",), "weight"),
+        (("input_norm",), "bias"),
+        (("f1",), "weight"),
+        (("f1",), "bias"),
+        ((), "rel_bias"),
+        (("output_norm",), "weight"),
+        (("output_norm",), "bias"),
+        (("f2",), "weight"),
+        (("f2",), "bias"),
+    ),
+}
+
+
 def layer_weights(block, backbone: str) -> list[torch.Tensor]:
     """One block's tensors in the order the C++ step reads them."""
-    if backbone == "sasrec":
-        return [
-            block.attn_norm.weight,
-            block.attn_norm.bias,
-            block.query.weight,
-            block.query.bias,
-            block.key.weight,
-            block.value.weight,
-            block.value.bias,
-            block.attn_out.weight,
-            block.attn_out.bias,
-            block.ffn_norm.weight,
-            block.ffn_norm.bias,
-            block.ffn[0].weight,
-            block.ffn[0].bias,
-            block.ffn[3].weight,
-            block.ffn[3].bias,
-        ]
-    return [
-        block.input_norm.weight,
-        block.input_norm.bias,
-        block.f1.weight,
-        block.f1.bias,
-        block.rel_bias,
-        block.output_norm.weight,
-        block.output_norm.bias,
-        block.f2.weight,
-        block.f2.bias,
-    ]
+    weights = []
+    for path, name in LAYER_WEIGHTS[backbone]:
+        module = block
+        for child in path:
+            module = module._modules[child]
+        weights.append(module._parameters[name])
+    return weights
 
 
 def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens) -> torch.Tensor:
@@ -85,8 +98,7 @@ def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seql
     # (tokens, heads, head_dim) each layer appends.
     config = decoder.config
     rows = x_new.new_empty((x_new.shape[0], config.num_heads, config.head_dim))
-    for cache in caches:  # shapes and strides only: free
-        check.check_caches(rows, rows, counts.numel(), cache.k, cache.v, cache_seqlens)
+    check.check_layer_caches(rows, rows, counts.numel(), [(cache.k, cache.v) for cache in caches], cache_seqlens)
     if caches:  # the filled lengths are the same for every layer: checked once, against the smallest cache
         check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
     backbone = decoder.config.backbone

@@ -51,11 +51,17 @@ def step_both_ways(decoder, dtype, prefix, new):
     return results
 
 
+# Up to 8 new rows the C++ step runs as loops over the weights, beyond as ATen matrix products.
+NEW_ROWS = {"loops": [1, 3, 0, 2], "gemm": [5, 4, 0, 3]}
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_fused_step_equals_the_block_by_block_step(backbone, dtype):
+@pytest.mark.parametrize("path", list(NEW_ROWS))
+def test_fused_step_equals_the_block_by_block_step(backbone, dtype, path):
     decoder = randomised_decoder(backbone, dtype)
-    (fused, fused_caches), (plain, plain_caches) = step_both_ways(decoder, dtype, prefix=[5, 1, 9, 3], new=[1, 3, 0, 2])
+    new = NEW_ROWS[path]
+    (fused, fused_caches), (plain, plain_caches) = step_both_ways(decoder, dtype, prefix=[5, 1, 9, 3], new=new)
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(fused, plain, rtol=tolerance, atol=tolerance)
     for a, b in zip(fused_caches, plain_caches, strict=True):  # the same K/V appended in the same slots
@@ -109,6 +115,16 @@ def test_the_fused_step_checks_the_cache_shapes_like_every_cached_step():
                     swapped,
                     seqlens[:1],
                 )
+        # Every layer is checked, not only the first: another capacity, or K and V in one buffer.
+        step = (torch.randn(1, d, dtype=torch.float64), torch.tensor([3]), cu_seqlens_of([1]), 1)
+        shorter = list(caches)
+        shorter[1] = type(caches[1])(caches[1].k[:, :4], caches[1].v[:, :4])
+        with pytest.raises(ValueError, match="layer 1's k_cache must have layer 0's shape"):
+            decoder.step(*step, shorter, seqlens[:1])
+        shared = list(caches)
+        shared[1] = type(caches[1])(caches[1].k, caches[1].k)
+        with pytest.raises(ValueError, match="layer 1's k_cache and v_cache must not share memory"):
+            decoder.step(*step, shared, seqlens[:1])
     ext = require_extension()
     with pytest.raises(RuntimeError, match="must be \\(batch, capacity, heads, head_dim\\)"):
         q = torch.randn(2, heads, d // heads, dtype=torch.float64)
