@@ -8,6 +8,7 @@ import torch
 
 from rec2pm_kernels.compat.hstu import (
     cached_hstu_mha,
+    delta_hstu_mha,
     hstu_mha,
     hstu_timestamps,
     jagged_to_kv_cache,
@@ -120,6 +121,36 @@ def test_hstu_argument_errors():
         cached_hstu_mha(MAX_LEN, 1.0, q[:7], k, v, cu)
     with pytest.raises(ValueError, match="every sequence must hold its delta=2 new tokens"):
         cached_hstu_mha(MAX_LEN, 1.0, q[:10], k, v, cu)
+
+
+def test_hstu_kernel_arguments_are_taken_in_hstu_order():
+    """HSTU's dispatcher passes sort_by_length, kernel and enable_tma after the masks: a call
+    written for it runs unchanged, its kernel choice picking the backend."""
+    import enum
+
+    class HammerKernel(enum.Enum):  # HSTU's enum, by member name
+        PYTORCH = "PYTORCH"
+        TRITON = "TRITON"
+        CUTLASS = "CUTLASS"
+
+    q, k, v = _qkv(requires_grad=False)
+    cu = cu_seqlens_of(LENGTHS, dtype=torch.int64)
+    plain = hstu_mha(MAX_LEN, 1.0, q, k, v, cu, True, 0.0, False, TARGETS, None, 3, 1, 2)
+    hinted = hstu_mha(MAX_LEN, 1.0, q, k, v, cu, True, 0.0, False, TARGETS, None, 3, 1, 2, True, None, True)
+    assert torch.equal(hinted, plain)  # the hints change nothing
+    named = hstu_mha(MAX_LEN, 1.0, q, k, v, cu, True, 0.0, False, TARGETS, None, 3, 1, 2, False, "PYTORCH")
+    torch.testing.assert_close(named, plain, rtol=1e-5, atol=1e-6)
+    by_enum = hstu_mha(MAX_LEN, 1.0, q, k, v, cu, num_targets=TARGETS, kernel=HammerKernel.PYTORCH)
+    torch.testing.assert_close(by_enum, hstu_mha(MAX_LEN, 1.0, q, k, v, cu, num_targets=TARGETS, backend="torch"))
+    rows = torch.cat([torch.arange(end - 1, end) for end in cu[1:].tolist()])
+    step = delta_hstu_mha(MAX_LEN, 1.0, q[rows], k, v, cu, None, 0, 0, HammerKernel.PYTORCH, False)
+    torch.testing.assert_close(step, hstu_mha(MAX_LEN, 1.0, q, k, v, cu)[rows], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kernel must be one of HSTU's"):
+        hstu_mha(MAX_LEN, 1.0, q, k, v, cu, kernel=HammerKernel.CUTLASS)
+    with pytest.raises(ValueError, match="not both"):
+        hstu_mha(MAX_LEN, 1.0, q, k, v, cu, kernel="TRITON", backend="torch")
+    with pytest.raises(TypeError, match="sort_by_length"):
+        hstu_mha(MAX_LEN, 1.0, q, k, v, cu, sort_by_length="yes")
 
 
 def test_min_full_attn_seq_len_is_ignored_without_a_window_as_in_hstu():

@@ -21,7 +21,14 @@ What each HSTU argument means here:
 ``contextual_seq_len``     contextual prefix (0: none)
 ``min_full_attn_seq_len``  the last tokens keeping full attention under the window (ignored
                            without one, as in HSTU)
+``sort_by_length``         accepted, no effect: a scheduling hint of HSTU's Triton kernel (rec2pm's
+                           kernels take ragged batches as they come)
+``kernel``                 HSTU's ``HammerKernel`` (or its name): ``PYTORCH`` runs ``backend="torch"``,
+                           ``TRITON`` / ``TRITON_CC`` ``"triton"``, ``CUDA`` ``"auto"``; None: ``backend``
+``enable_tma``             accepted, no effect (rec2pm's Triton kernels do not use TMA)
 =========================  ==========================================================================
+
+``delta_hstu_mha`` is ``cached_hstu_mha`` under the name of HSTU's dispatcher.
 """
 
 from __future__ import annotations
@@ -30,8 +37,24 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import validation as check
 from ..hstu_masks import HSTUMask, hstu_visible
 from ..interface import cached_step_attention, segment_attention
+
+# HSTU's kernel choices, by name, as rec2pm backends.
+HAMMER_KERNEL_BACKENDS = {"PYTORCH": "torch", "TRITON": "triton", "TRITON_CC": "triton", "CUDA": "auto"}
+
+
+def _backend_of(kernel, backend: str) -> str:
+    """``backend``, or the one HSTU's ``kernel`` names (an enum member or its name)."""
+    if kernel is None:
+        return backend
+    name = getattr(kernel, "name", kernel)
+    if name not in HAMMER_KERNEL_BACKENDS:
+        raise ValueError(f"kernel must be one of HSTU's {tuple(HAMMER_KERNEL_BACKENDS)} (or None), got {kernel!r}")
+    if backend != "auto":
+        raise ValueError(f"pass kernel={name!r} or backend={backend!r}, not both")
+    return HAMMER_KERNEL_BACKENDS[name]
 
 
 def _silu_norm_and_row_scale(attn_scale, max_seq_len: int, total: int):
@@ -65,6 +88,9 @@ def hstu_mha(
     max_attn_len: int = 0,
     contextual_seq_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    sort_by_length: bool = False,
+    kernel=None,
+    enable_tma: bool = False,
     *,
     rel_bias: torch.Tensor | None = None,
     ts_bias: torch.Tensor | None = None,
@@ -83,6 +109,9 @@ def hstu_mha(
 
     Returns ``(L, H, V)`` in ``v``'s dtype, differentiable in ``q``, ``k``, ``v`` and the tables.
     """
+    check.check_flag("sort_by_length", sort_by_length)
+    check.check_flag("enable_tma", enable_tma)
+    backend = _backend_of(kernel, backend)
     silu_norm, row_scale = _silu_norm_and_row_scale(attn_scale, max_seq_len, q.shape[0])
     out = segment_attention(
         q,
@@ -122,6 +151,8 @@ def cached_hstu_mha(
     num_targets: torch.Tensor | None = None,
     max_attn_len: int = 0,
     contextual_seq_len: int = 0,
+    kernel=None,
+    enable_tma: bool = False,
     *,
     backend: str = "auto",
     validate: bool | None = None,
@@ -136,6 +167,8 @@ def cached_hstu_mha(
     over a cache built from the jagged K/V; with them, a dense PyTorch pass over the
     ``delta`` rows.  Returns ``(B * delta, H, V)``.
     """
+    check.check_flag("enable_tma", enable_tma)
+    backend = _backend_of(kernel, backend)
     batch = seq_offsets.numel() - 1
     if batch < 1 or delta_q.shape[0] % batch:
         raise ValueError(f"delta_q must have B * delta rows for B={batch} sequences, got {delta_q.shape[0]}")
@@ -178,6 +211,9 @@ def cached_hstu_mha(
         weights = torch.nn.functional.silu(scores) / max_seq_len * seen[:, None]
         out = torch.einsum("bhtn,bnhv->bthv", weights, vp)
         return out.reshape(batch * delta, heads, dim_v)
+
+
+delta_hstu_mha = cached_hstu_mha  # the name of HSTU's dispatcher for the delta-query form
 
 
 def _last_rows(seq_offsets: torch.Tensor, delta: int) -> torch.Tensor:
