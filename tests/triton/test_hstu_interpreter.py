@@ -9,15 +9,7 @@ from rec2pm_kernels import segment_attention
 from rec2pm_kernels.ops.segment_attention.oracle import dense_hstu_mask
 from rec2pm_kernels.ops.triton_configs import configs
 
-from .cases import (
-    RAGGED,
-    assert_outputs_within_budget,
-    check_time_bias,
-    random_inputs,
-    reference_and_baseline,
-    time_inputs,
-    time_tables,
-)
+from .cases import RAGGED, assert_outputs_within_budget, random_inputs, reference_and_baseline
 from .test_tile_counts_interpreter import count_tiles, visible_tiles
 
 pytestmark = pytest.mark.interpreter
@@ -60,7 +52,7 @@ def test_masks_match_oracle(mask, score, deterministic):
     assert_outputs_within_budget(got, reference, baseline, torch.float32)
 
 
-# Bidirectional masks take no rel_bias; one case adds the timestamp bias (symmetric in time).
+# Bidirectional masks take no rel_bias (with the timestamp bias: tests/triton/test_time_bias_interpreter.py).
 BIDIRECTIONAL_MASKS = ["targets", "window", "all"]
 
 
@@ -79,11 +71,6 @@ def test_bidirectional_masks_match_oracle(mask, score):
     got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
     reference, baseline = reference_and_baseline(q, k, v, cu, None, grad_out, **kw)
     assert_outputs_within_budget(got, reference, baseline, torch.float32)
-
-
-def test_bidirectional_masks_with_the_time_bias_match_oracle():
-    kw = dict(score="silu", silu_norm=6.0, timestamps=time_inputs(LENGTHS), causal=False, **_options("all"))
-    check_time_bias(LENGTHS, time_tables(1, with_rel=False), **kw)
 
 
 def test_head_shared_bias_and_a_scalar_norm_with_targets():

@@ -43,7 +43,9 @@ def test_time_bias_matches_oracle_on_every_pattern(pattern, score):
     check_time_bias(LENGTHS, time_tables(heads_of_tables=2), **kw)
 
 
-@pytest.mark.parametrize("with_rel", [False, True], ids=["time_only", "with_rel"])
+# Bidirectional masks take no rel_bias, so the time-only case runs them (a time-only causal
+# case runs on every pattern above).
+@pytest.mark.parametrize("with_rel", [False, True], ids=["time_only-bidirectional", "with_rel-causal"])
 def test_time_bias_with_hstu_masks_and_a_shared_table(monkeypatch, with_rel):
     """``deterministic`` is not a case: with a timestamp bias every table gradient comes from
     the deterministic kernel, whatever the flag (the launch log shows no atomics)."""
@@ -61,6 +63,7 @@ def test_time_bias_with_hstu_masks_and_a_shared_table(monkeypatch, with_rel):
         max_attn_len=9,
         timestamps=times,
         query_timestamps=times.flip(0),  # given query times, not the next token's
+        causal=with_rel,
     )
     check_time_bias(lengths, time_tables(heads_of_tables=1, with_rel=with_rel), deterministic=False, **kw)
     assert [name for name, _ in log] == ["segment_fwd", "segment_bwd_dkdv", "segment_bwd_dq", "segment_bwd_bias"]
