@@ -311,10 +311,7 @@ def check_layer_caches(q_new: torch.Tensor, v_new: torch.Tensor, batch: int, cac
     (k0, v0), *rest = caches
     check_caches(q_new, v_new, batch, k0, v0, cache_seqlens)
     layout = [(c.shape, c.stride(), c.dtype, c.device) for c in (k0, v0)]
-    # Bytes from a cache's first element to one past its last (the same for every layer).
-    spans = [
-        (sum((n - 1) * st for n, st in zip(c.shape, c.stride(), strict=True)) + 1) * c.element_size() for c in (k0, v0)
-    ]
+    spans = [_byte_span(c) for c in (k0, v0)]  # the same for every layer: computed once
     for layer, (k_cache, v_cache) in enumerate(rest, start=1):
         for name, cache, want in (("k_cache", k_cache, layout[0]), ("v_cache", v_cache, layout[1])):
             if not isinstance(cache, torch.Tensor) or (cache.shape, cache.stride(), cache.dtype, cache.device) != want:
@@ -359,17 +356,18 @@ def _has_internal_overlap(t: torch.Tensor) -> bool:
     return False
 
 
+def _byte_span(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to one past its last (``t`` not empty)."""
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
+
+
 def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
 
-    def byte_range(t):
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    (a0, a1), (b0, b1) = ((t.data_ptr(), t.data_ptr() + _byte_span(t)) for t in (a, b))
     if a1 <= b0 or b1 <= a0:
         return False
     if a.stride() != b.stride() or a.shape != b.shape or a.dtype != b.dtype:
