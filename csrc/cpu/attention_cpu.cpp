@@ -386,7 +386,10 @@ void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, 
   for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, cached[b] + cu[b + 1] - cu[b]);
   int64_t new_rows = 0;
   for (int64_t b = 0; b < batch; ++b) new_rows = std::max(new_rows, cu[b + 1] - cu[b]);
-  if (ks.dim == 1 && ks.head == dim && vs.dim == 1 && vs.head == dim_v) {  // a slot's heads contiguous
+  // All heads per task when a slot's heads are contiguous and the users alone occupy the
+  // threads; otherwise one task per (user, head), so one user's long cache still splits.
+  const bool slot_major = ks.dim == 1 && ks.head == dim && vs.dim == 1 && vs.head == dim_v;
+  if (slot_major && batch >= at::get_num_threads()) {
     const int64_t work_per_user = std::max<int64_t>(new_rows, 1) * longest * heads * (dim + dim_v);
     at::parallel_for(0, batch, grain_size(work_per_user), [&](int64_t first, int64_t last) {
       std::vector<T> scores(heads * longest);
