@@ -68,6 +68,7 @@ from .ops.triton_configs import (
     BIAS_WINDOW,
     MEASURED_HEAD_DIMS,
     SHARED_MEMORY_LIMIT,
+    bias_grad_precision,
     configs,
     heaviness,
     padded_head_dim,
@@ -188,7 +189,8 @@ def covering_subset(specs: list[Specialisation]) -> list[Specialisation]:
 
     Greedy: for each (arch, kernel, dtype, head dim, config) take the variant that adds the
     most switch values not yet seen for its (arch, kernel), trying the variants from a
-    rotating start so that ties spread over the combinations.
+    rotating start so that ties spread over the combinations.  Then every variant
+    ``at_the_register_edge``.
     """
     groups: dict[tuple, list[Specialisation]] = defaultdict(list)
     for spec in specs:
@@ -208,7 +210,24 @@ def covering_subset(specs: list[Specialisation]) -> list[Specialisation]:
         if missing:
             chosen.append(spec)
             seen[(spec.arch, spec.kernel)] |= missing
-    return chosen
+    return chosen + [spec for spec in specs if at_the_register_edge(spec) and spec not in chosen]
+
+
+def at_the_register_edge(spec: Specialisation) -> bool:
+    """The heaviest variants of the segment kernels: the largest head dim, the global pattern
+    with SiLU, both biases and dropout, in 16-bit and in both fp32 precisions.  They sit near
+    the register cap (249 to 255 registers), so a kernel change spills there first: the
+    bias-gradient kernel did, and a subset that only covers switch values had missed it."""
+    return (
+        spec.kernel in SEGMENT_KERNELS
+        and spec.head_dim == max(HEAD_DIMS)
+        and spec.pattern == PATTERN_CODES["global"]
+        and spec.score == SCORE_CODES["silu"]
+        and spec.has_bias
+        and spec.has_time_bias
+        and spec.has_dropout
+        and spec.dtype in ("fp32", "fp16")
+    )
 
 
 def _switch_values(spec: Specialisation) -> set:
@@ -317,8 +336,9 @@ def _constexprs(spec: Specialisation) -> dict:
     values.update(
         PATTERN=spec.pattern, HAS_BIAS=spec.has_bias, HAS_TIME_BIAS=spec.has_time_bias, HAS_DROPOUT=spec.has_dropout
     )
-    if spec.kernel == "segment_bwd_bias":
-        return dict(values, WINDOW=BIAS_WINDOW)
+    if spec.kernel == "segment_bwd_bias":  # compiled at the precision its launcher runs it at
+        precision = bias_grad_precision(spec.precision, block_d, spec.has_bias, spec.has_time_bias)
+        return dict(values, WINDOW=BIAS_WINDOW, INPUT_PRECISION=precision)
     return dict(values, COUNT_TILES=False)
 
 

@@ -73,6 +73,8 @@ def test_subset_covers_every_value_of_the_full_product():
     full = aot.all_specialisations()
     subset = aot.covering_subset(full)
     assert len(subset) < len(full) / 10
+    edge = [spec for spec in full if aot.at_the_register_edge(spec)]
+    assert len(edge) == 2 * 4 * 3 and set(edge) <= set(subset)  # archs x segment kernels x (fp16, fp32 ieee/tf32)
     rows = [dict(vars(spec), config=spec.config) for spec in subset]
     _assert_covers(rows, aot.ARCHS)
 

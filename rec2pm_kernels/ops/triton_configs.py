@@ -159,6 +159,20 @@ def _measured_tile(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) ->
     return _MEASURED[kernel][inputs][dim][1 if arch >= 90 else 0]
 
 
+def bias_grad_precision(precision: str, block_d: int, has_bias: bool, has_time_bias: bool) -> str:
+    """The dot precision of the bias-gradient kernel for a call made at ``precision``.
+
+    tf32 with both tables at a padded head dim of 128 or more runs in exact fp32 (``ieee``):
+    there the kernel's 16 x 16 tile on tf32 tensor cores spilled at the register cap on
+    sm_80 and sm_90 (255 registers, 8 to 32 bytes of stack, every pattern that reads the
+    memory tokens), while its exact-fp32 dots took 108 to 142 registers and no spill.  The
+    kernel only recomputes scores for the tables' gradients, which exact fp32 makes no worse.
+    """
+    if precision == "tf32" and has_bias and has_time_bias and block_d >= 128:
+        return "ieee"
+    return precision
+
+
 # Tiles at least this large are halved for the heavy variants (see the module docstring).
 HEAVY_HALVING_ELEMENTS = 32 * 32
 # How heavy a variant is: plain; HSTU's masks or dropout; HSTU's timestamp bias.

@@ -45,38 +45,3 @@ def time_bias_tile(time_bias, offs_m, offs_n, length):
     # log(gap) >= 0, so truncation is the floor.
     bucket = tl.minimum((tl.log(gap) / LOG_GAP_DIVISOR).to(tl.int32), num_buckets)
     return tl.load(table_row + bucket).to(tl.float32), bucket
-
-
-@triton.jit
-def _segmented_sum(start_a, sum_a, start_b, sum_b):
-    """Combine of a segmented inclusive scan: a segment start resets the running sum."""
-    return start_a | start_b, tl.where(start_b, sum_b, sum_a + sum_b)
-
-
-@triton.jit
-def add_time_bias_grad(PARTIAL_ROW, ds, mask, bucket):
-    """Adds the per-bucket sums of the score gradient ``ds`` (zero where masked) into
-    ``PARTIAL_ROW`` (float64, this program's row of the partial buffer), in a fixed order.
-
-    Time buckets, unlike the relative ones, can spread over the whole table inside one
-    tile, so no window of buckets covers it.  The tile's (bucket, ds) pairs are sorted by
-    bucket (packed into one int64 key, the bucket in the high word), summed per run of
-    equal buckets by a segmented scan, and each run's sum is added at its last entry: every
-    bucket once, so the stores never collide, and sort and scan are the same every run.
-    """
-    n: tl.constexpr = ds.shape[0] * ds.shape[1]
-    bucket = tl.where(mask, bucket, 2**30)  # masked entries (ds = 0) sort last and are not stored
-    bits = ds.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    key = tl.sort(tl.reshape((bucket.to(tl.int64) << 32) | bits, (n,)))
-    sorted_bucket = (key >> 32).to(tl.int32)
-    value = (key & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
-    index = tl.arange(0, n)
-    before = tl.gather(sorted_bucket, tl.maximum(index - 1, 0), 0)
-    after = tl.gather(sorted_bucket, tl.minimum(index + 1, n - 1), 0)
-    starts = (index == 0) | (sorted_bucket != before)
-    ends = ((index == n - 1) | (sorted_bucket != after)) & (sorted_bucket < 2**30)
-    _, sums = tl.associative_scan((starts, value), 0, _segmented_sum)
-    ptrs = PARTIAL_ROW + sorted_bucket
-    tl.store(ptrs, tl.load(ptrs, mask=ends, other=0.0) + sums, mask=ends)
-    # The next tile adds to these buckets too, possibly from other threads: publish first.
-    tl.debug_barrier()

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..triton_codes import SOFTMAX
 from ..triton_launch import CACHED_STEP_RUNTIME_INTS
-from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block
+from ..triton_tiles import NO_MAX, accumulate, head_rows, load_rows, program_block, store_rows
 
 
 @triton.jit(do_not_specialize=CACHED_STEP_RUNTIME_INTS)
@@ -71,9 +71,9 @@ def cached_step_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < n_new
     position = cached + offs_m
-    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, n_new, offs_d, HEAD_DIM)
-    k_user = K_CACHE + user.to(tl.int64) * stride_kb
-    v_user = V_CACHE + user.to(tl.int64) * stride_vb
+    q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, n_new, offs_d, HEAD_DIM)
+    k_base = K_CACHE + user.to(tl.int64) * stride_kb + head * stride_kh
+    v_base = V_CACHE + user.to(tl.int64) * stride_vb + head * stride_vh
     keys = cached + tl.minimum(t0 + BLOCK_M, n_new)
     piece = tl.cdiv(tl.cdiv(keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     lo = split * piece
@@ -83,8 +83,8 @@ def cached_step_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = load_rows(k_user, 0, offs_n, stride_ks, head * stride_kh, hi, offs_d, HEAD_DIM)
-        v = load_rows(v_user, 0, offs_n, stride_vs, head * stride_vh, hi, offs_dv, HEAD_DIM_V)
+        k = load_rows(k_base, offs_n, stride_ks, hi, offs_d, HEAD_DIM)
+        v = load_rows(v_base, offs_n, stride_vs, hi, offs_dv, HEAD_DIM_V)
         z = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
         if HAS_BIAS:
             bucket = tl.minimum(tl.maximum(position[:, None] - offs_n[None, :], 0), NUM_BUCKETS - 1)
@@ -96,8 +96,9 @@ def cached_step_kernel(
     if not SPLIT_K:
         if SCORE == SOFTMAX:
             acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        out_ptrs = OUT + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
-        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=store_mask)
+        store_rows(
+            head_rows(OUT, token0, head, stride_ot, stride_oh), offs_m, stride_ot, n_new, offs_dv, HEAD_DIM_V, acc
+        )
     else:
         row = (split * total_new + token0 + offs_m) * heads + head
         tl.store(PARTIAL_ACC + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=store_mask)

@@ -7,8 +7,10 @@
   fake implementations and the autograd link between forward and backward.
 * ``triton_forward.py``: the forward kernel (online softmax or SiLU sum over visible tiles).
 * ``triton_backward.py``: the dK/dV kernel (one program per key block) and the dQ kernel.
-* ``triton_bias_grad.py``: the relative-bias gradient (atomic or deterministic two-pass).
+* ``triton_bias_grad.py``: the bias tables' deterministic gradient (relative and timestamp;
+  the default relative-bias gradient is atomic, inside the dK/dV kernel).
 
 The tile math all Triton kernels share is in ``ops/triton_tiles.py``, the pattern rule on
-tiles in ``ops/triton_patterns.py`` and the named switch codes in ``ops/triton_codes.py``.
+tiles in ``ops/triton_patterns.py``, the per-bucket sums of the bias gradients in
+``ops/triton_bucket_sums.py`` and the named switch codes in ``ops/triton_codes.py``.
 """

@@ -23,7 +23,7 @@ from ...hstu_masks import HSTUMask
 from ...patterns import PATTERN_CODES, SCORE_CODES, PatternSpec
 from ..outputs import new_output
 from ..triton_codes import HSTU_CAUSAL_CODE
-from ..triton_configs import BIAS_WINDOW, configs, heaviness, padded_head_dim
+from ..triton_configs import BIAS_WINDOW, bias_grad_precision, configs, heaviness, padded_head_dim
 from ..triton_dropout import dropout_args
 from ..triton_launch import input_precision, launch, length_bucket
 from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
@@ -294,7 +294,16 @@ def segment_backward(
                 PARTIAL=partial if rel_bias is not None else None,
                 TIME_PARTIAL=time_partial if time_bias is not None else None,
             ),
-            dict(switches, WINDOW=BIAS_WINDOW),
+            dict(
+                switches,
+                WINDOW=BIAS_WINDOW,
+                INPUT_PRECISION=bias_grad_precision(
+                    switches["INPUT_PRECISION"],
+                    max(switches["BLOCK_D"], switches["BLOCK_DV"]),
+                    rel_bias is not None,
+                    time_bias is not None,
+                ),
+            ),
             config=config,
             **common,
         )

@@ -19,8 +19,20 @@ import triton.language as tl
 from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end, row_range_start, row_tile_visible
-from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
-from ..triton_time_bias import time_bias_inputs
+from ..triton_tiles import (
+    head_rows,
+    load_key_tile,
+    load_row_stats,
+    load_rows,
+    probabilities,
+    program_biases,
+    program_block,
+    score_grad,
+    score_grad_tile,
+    scores,
+    sequence_options,
+    store_rows,
+)
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS + ["bias_atomics"])
@@ -104,13 +116,13 @@ def segment_bwd_dkdv_kernel(
     offs_n = c0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(K, token0, offs_n, stride_kt, head * stride_kh, length, offs_d, HEAD_DIM)
-    v = load_rows(V, token0, offs_n, stride_vt, head * stride_vh, length, offs_dv, HEAD_DIM_V)
-    if HAS_BIAS:
-        bias_head_ptr = BIAS + head * NUM_BUCKETS
-    else:
-        bias_head_ptr = BIAS  # None: no bias table
-    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
+    k = load_rows(head_rows(K, token0, head, stride_kt, stride_kh), offs_n, stride_kt, length, offs_d, HEAD_DIM)
+    v = load_rows(head_rows(V, token0, head, stride_vt, stride_vh), offs_n, stride_vt, length, offs_dv, HEAD_DIM_V)
+    q_base = head_rows(Q, token0, head, stride_qt, stride_qh)
+    do_base = head_rows(DO, token0, head, stride_dot, stride_doh)
+    masks = (S, C, hstu)
+    biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
+                            HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip
     stats = head * total_tokens + token0
     dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -121,21 +133,21 @@ def segment_bwd_dkdv_kernel(
         if row_tile_visible(m0, tl.minimum(m0 + BLOCK_M, length) - 1, c0, c1, length, hstu, PATTERN):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < length
-            q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
-            do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+            q = load_rows(q_base, offs_m, stride_qt, length, offs_d, HEAD_DIM)
+            do = load_rows(do_base, offs_m, stride_dot, length, offs_dv, HEAD_DIM_V)
             z, mask, bucket, _ = scores(
-                q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN,
-                HAS_BIAS, HAS_TIME_BIAS, INPUT_PRECISION,
-            )  # fmt: skip
+                q, k, offs_m, offs_n, length, masks, biases, scale, PATTERN, HAS_BIAS, HAS_TIME_BIAS, INPUT_PRECISION
+            )
             lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
             p = probabilities(z, mask, lse2, silu_norm, SCORE)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
             if HAS_DROPOUT:  # the output saw the dropped weights: so do dV and dP
                 drop = dropout_weights(token0 + offs_m, offs_n, head, dropout)
-                dv += tl.dot(tl.trans((p * drop).to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                seen = p * drop
                 dp = dp * drop
             else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                seen = p
+            dv += tl.dot(tl.trans(seen.to(do.dtype)), do, input_precision=INPUT_PRECISION)
             ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
@@ -144,67 +156,12 @@ def segment_bwd_dkdv_kernel(
                 tl.atomic_add(DBIAS + head * NUM_BUCKETS + bucket, ds, mask=mask & (bias_atomics != 0))
             if COUNT_TILES:
                 visited += 1
-    col_ok = offs_n < length
-    dk_ptrs = DK + (token0 + offs_n)[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    dv_ptrs = DV + (token0 + offs_n)[:, None] * stride_dvt + head * stride_dvh + offs_dv[None, :]
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    store_rows(
+        head_rows(DK, token0, head, stride_dkt, stride_dkh), offs_n, stride_dkt, length, offs_d, HEAD_DIM, dk * scale
+    )
+    store_rows(head_rows(DV, token0, head, stride_dvt, stride_dvh), offs_n, stride_dvt, length, offs_dv, HEAD_DIM_V, dv)
     if COUNT_TILES:
         tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)
-
-
-@triton.jit
-def _dq_key_tile(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    n0,
-    K,
-    V,
-    token0,
-    key_head,
-    value_head,
-    stride_kt,
-    stride_vt,
-    offs_m,
-    offs_d,
-    offs_dv,
-    length,
-    bias_head_ptr,
-    S,
-    C,
-    hstu,
-    NUM_BUCKETS,
-    time_bias,
-    scale,
-    silu_norm,
-    head,
-    dropout,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    PATTERN: tl.constexpr,
-    SCORE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_TIME_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
-    v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, _, _ = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN, HAS_BIAS,
-        HAS_TIME_BIAS, INPUT_PRECISION,
-    )  # fmt: skip
-    p = probabilities(z, mask, lse2, silu_norm, SCORE)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    if HAS_DROPOUT:
-        dp = dp * dropout_weights(token0 + offs_m, offs_n, head, dropout)
-    ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
@@ -280,15 +237,15 @@ def segment_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < length
-    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
-    do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+    q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, length, offs_d, HEAD_DIM)
+    do = load_rows(head_rows(DO, token0, head, stride_dot, stride_doh), offs_m, stride_dot, length, offs_dv, HEAD_DIM_V)
     stats = head * total_tokens + token0
     lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
-    if HAS_BIAS:
-        bias_head_ptr = BIAS + head * NUM_BUCKETS
-    else:
-        bias_head_ptr = BIAS  # None: no bias table
-    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
+    keys = (head_rows(K, token0, head, stride_kt, stride_kh), head_rows(V, token0, head, stride_vt, stride_vh),
+            stride_kt, stride_vt)  # fmt: skip
+    masks = (S, C, hstu)
+    biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
+                            HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip
     dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
@@ -296,15 +253,16 @@ def segment_bwd_dq_kernel(
         lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
-                dq = _dq_key_tile(
-                    dq, q, do, lse2, delta, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt,
-                    stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias,
-                    scale, silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_TIME_BIAS,
-                    HAS_DROPOUT, INPUT_PRECISION, BLOCK_N,
+                offs_n, k, v = load_key_tile(keys, n0, length, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N)
+                ds, _, _, _ = score_grad_tile(
+                    q, do, lse2, delta, k, v, offs_m, offs_n, length, masks, biases, scale, silu_norm, token0, head,
+                    dropout, PATTERN, SCORE, HAS_BIAS, HAS_TIME_BIAS, HAS_DROPOUT, INPUT_PRECISION,
                 )  # fmt: skip
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
                 if COUNT_TILES:
                     visited += 1
-    dq_ptrs = DQ + (token0 + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    store_rows(
+        head_rows(DQ, token0, head, stride_dqt, stride_dqh), offs_m, stride_dqt, length, offs_d, HEAD_DIM, dq * scale
+    )
     if COUNT_TILES:
         tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)

@@ -6,12 +6,12 @@ partial buffer ``(programs, H, NUM_BUCKETS)``; the launcher then sums the rows i
 order.  float64 because a softmax's score gradients cancel (every row sums to 0): fp32
 running sums over tiles and programs lost up to 4x what the oracle's fp32 sum loses.
 
-A 16 x 16 tile holds at most 31 distinct relative buckets (λ moves by at most one per
-position), so a window of ``BIAS_WINDOW = 32`` buckets starting at the tile's smallest
-covers it, and the per-bucket sums are a one-hot reduction over a ``(16, 16, 32)`` tile.
-The timestamp bias (``ops/triton_time_bias.py``) has no such bound: its tile's
-(bucket, gradient) pairs are sorted by bucket and summed per run of equal buckets.  The
-sums, and so the gradients, come out bit-identical from run to run.
+The per-bucket sums (``ops/triton_bucket_sums.py``): a 16 x 16 tile holds at most 31
+distinct relative buckets (λ moves by at most one per position), so the relative bias
+alone takes a one-hot reduction over a window of ``BIAS_WINDOW = 32`` buckets; the
+timestamp bias has no such bound and sorts the tile's (bucket, gradient) pairs, and with
+both tables the relative one is summed that way too (the one-hot tile beside the sort
+spilled registers).  The sums, and so the gradients, come out bit-identical from run to run.
 """
 
 from __future__ import annotations
@@ -19,80 +19,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_dropout import dropout_weights
+from ..triton_bucket_sums import add_sorted_bucket_sums, add_windowed_bucket_sums
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
-from ..triton_tiles import load_row_stats, load_rows, probabilities, program_block, score_grad, scores, sequence_options
-from ..triton_time_bias import add_time_bias_grad, time_bias_inputs
-
-
-@triton.jit
-def _bias_key_tile(
-    q,
-    do,
-    lse2,
-    delta,
-    n0,
-    K,
-    V,
-    PARTIAL_ROW,
-    TIME_PARTIAL_ROW,
-    token0,
-    key_head,
-    value_head,
-    stride_kt,
-    stride_vt,
-    offs_m,
-    offs_d,
-    offs_dv,
-    length,
-    bias_head_ptr,
-    S,
-    C,
-    hstu,
-    NUM_BUCKETS,
-    time_bias,
-    scale,
-    silu_norm,
-    head,
-    dropout,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    PATTERN: tl.constexpr,
-    SCORE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_TIME_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr,
-):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(K, token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
-    v = load_rows(V, token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, bucket, time_bucket = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN, HAS_BIAS,
-        HAS_TIME_BIAS, INPUT_PRECISION,
-    )  # fmt: skip
-    p = probabilities(z, mask, lse2, silu_norm, SCORE)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    if HAS_DROPOUT:
-        dp = dp * dropout_weights(token0 + offs_m, offs_n, head, dropout)
-    ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
-    if HAS_BIAS:
-        first = tl.min(tl.where(mask, bucket, NUM_BUCKETS), axis=None)
-        window = tl.arange(0, WINDOW)
-        hit = (bucket - first)[:, :, None] == window[None, None, :]
-        # Over the rows in fp32, then over the keys in fp64 (the cancelling sums of a softmax).
-        sums = tl.sum(tl.sum(tl.where(hit, ds[:, :, None], 0.0), axis=0).to(tl.float64), axis=0)
-        ptrs = PARTIAL_ROW + first + window
-        ok = first + window < NUM_BUCKETS
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + sums, mask=ok)
-        # The next tile's window may overlap this one and be handled by other threads of the
-        # program: make these stores visible to them first.
-        tl.debug_barrier()
-    if HAS_TIME_BIAS:
-        add_time_bias_grad(TIME_PARTIAL_ROW, ds, mask, time_bucket)
+from ..triton_tiles import (
+    head_rows,
+    load_key_tile,
+    load_row_stats,
+    load_rows,
+    program_biases,
+    program_block,
+    score_grad_tile,
+    sequence_options,
+)
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
@@ -168,18 +107,20 @@ def segment_bwd_bias_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < length
-    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
-    do = load_rows(DO, token0, offs_m, stride_dot, head * stride_doh, length, offs_dv, HEAD_DIM_V)
+    q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, length, offs_d, HEAD_DIM)
+    do = load_rows(head_rows(DO, token0, head, stride_dot, stride_doh), offs_m, stride_dot, length, offs_dv, HEAD_DIM_V)
     stats = head * total_tokens + token0
     lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
+    keys = (head_rows(K, token0, head, stride_kt, stride_kh), head_rows(V, token0, head, stride_vt, stride_vh),
+            stride_kt, stride_vt)  # fmt: skip
+    masks = (S, C, hstu)
+    biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
+                            HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip
     program_row = (pid * tl.num_programs(1) + head).to(tl.int64)
     if HAS_BIAS:
-        bias_head_ptr = BIAS + head * NUM_BUCKETS
         partial_row = PARTIAL + program_row * NUM_BUCKETS
     else:
-        bias_head_ptr = BIAS  # None: no relative bias
-        partial_row = PARTIAL
-    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
+        partial_row = PARTIAL  # None: no relative bias
     if HAS_TIME_BIAS:
         time_partial_row = TIME_PARTIAL + program_row * (NUM_TIME_BUCKETS + 1)
     else:
@@ -189,9 +130,15 @@ def segment_bwd_bias_kernel(
         lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
-                _bias_key_tile(
-                    q, do, lse2, delta, n0, K, V, partial_row, time_partial_row, token0, head * stride_kh,
-                    head * stride_vh, stride_kt, stride_vt, offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C,
-                    hstu, NUM_BUCKETS, time_bias, scale, silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN,
-                    SCORE, HAS_BIAS, HAS_TIME_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_N, WINDOW,
+                offs_n, k, v = load_key_tile(keys, n0, length, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N)
+                ds, mask, bucket, time_bucket = score_grad_tile(
+                    q, do, lse2, delta, k, v, offs_m, offs_n, length, masks, biases, scale, silu_norm, token0, head,
+                    dropout, PATTERN, SCORE, HAS_BIAS, HAS_TIME_BIAS, HAS_DROPOUT, INPUT_PRECISION,
                 )  # fmt: skip
+                if HAS_BIAS:
+                    if HAS_TIME_BIAS:  # the one-hot tile beside the time sums spilled registers (16-bit d128)
+                        add_sorted_bucket_sums(partial_row, ds, mask, bucket)
+                    else:
+                        add_windowed_bucket_sums(partial_row, ds, mask, bucket, NUM_BUCKETS, WINDOW)
+                if HAS_TIME_BIAS:
+                    add_sorted_bucket_sums(time_partial_row, ds, mask, time_bucket)

@@ -17,60 +17,18 @@ from ..triton_codes import SOFTMAX
 from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
-from ..triton_tiles import NO_MAX, accumulate, load_rows, program_block, scores, sequence_options
-from ..triton_time_bias import time_bias_inputs
-
-
-@triton.jit
-def _attend_key_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    n0,
-    K,
-    V,
-    key_token0,
-    key_head,
-    value_head,
-    stride_kt,
-    stride_vt,
-    offs_m,
-    offs_d,
-    offs_dv,
-    length,
-    bias_head_ptr,
-    S,
-    C,
-    hstu,
-    NUM_BUCKETS,
-    time_bias,
-    scale,
-    silu_norm,
-    head,
-    dropout,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    PATTERN: tl.constexpr,
-    SCORE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_TIME_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(K, key_token0, offs_n, stride_kt, key_head, length, offs_d, HEAD_DIM)
-    v = load_rows(V, key_token0, offs_n, stride_vt, value_head, length, offs_dv, HEAD_DIM_V)
-    z, mask, _, _ = scores(
-        q, k, offs_m, offs_n, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale, PATTERN, HAS_BIAS,
-        HAS_TIME_BIAS, INPUT_PRECISION,
-    )  # fmt: skip
-    if HAS_DROPOUT:
-        drop = dropout_weights(key_token0 + offs_m, offs_n, head, dropout)
-    else:
-        drop = 0.0
-    return accumulate(acc, m_i, l_i, z, mask, v, silu_norm, drop, SCORE, HAS_DROPOUT, INPUT_PRECISION)
+from ..triton_tiles import (
+    NO_MAX,
+    accumulate,
+    head_rows,
+    load_key_tile,
+    load_rows,
+    program_biases,
+    program_block,
+    scores,
+    sequence_options,
+    store_rows,
+)
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
@@ -145,12 +103,12 @@ def segment_fwd_kernel(
     offs_m = r0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_rows(Q, token0, offs_m, stride_qt, head * stride_qh, length, offs_d, HEAD_DIM)
-    if HAS_BIAS:
-        bias_head_ptr = BIAS + head * NUM_BUCKETS
-    else:
-        bias_head_ptr = BIAS  # None: no bias table
-    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
+    q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, length, offs_d, HEAD_DIM)
+    keys = (head_rows(K, token0, head, stride_kt, stride_kh), head_rows(V, token0, head, stride_vt, stride_vh),
+            stride_kt, stride_vt)  # fmt: skip
+    masks = (S, C, hstu)
+    biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
+                            HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip
     dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
     m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -160,12 +118,18 @@ def segment_fwd_kernel(
         lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
             if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
-                acc, m_i, l_i = _attend_key_tile(
-                    acc, m_i, l_i, q, n0, K, V, token0, head * stride_kh, head * stride_vh, stride_kt, stride_vt,
-                    offs_m, offs_d, offs_dv, length, bias_head_ptr, S, C, hstu, NUM_BUCKETS, time_bias, scale,
-                    silu_norm, head, dropout, HEAD_DIM, HEAD_DIM_V, PATTERN, SCORE, HAS_BIAS, HAS_TIME_BIAS,
-                    HAS_DROPOUT, INPUT_PRECISION, BLOCK_N,
+                offs_n, k, v = load_key_tile(keys, n0, length, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N)
+                z, mask, _, _ = scores(
+                    q, k, offs_m, offs_n, length, masks, biases, scale, PATTERN, HAS_BIAS, HAS_TIME_BIAS,
+                    INPUT_PRECISION,
                 )  # fmt: skip
+                if HAS_DROPOUT:
+                    drop = dropout_weights(token0 + offs_m, offs_n, head, dropout)
+                else:
+                    drop = 0.0
+                acc, m_i, l_i = accumulate(
+                    acc, m_i, l_i, z, mask, v, silu_norm, drop, SCORE, HAS_DROPOUT, INPUT_PRECISION
+                )
                 if COUNT_TILES:
                     visited += 1
     row_ok = offs_m < length
@@ -173,7 +137,6 @@ def segment_fwd_kernel(
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         acc = acc / l_safe[:, None]
         tl.store(LSE + head * total_tokens + token0 + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
-    out_ptrs = OUT + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    store_rows(head_rows(OUT, token0, head, stride_ot, stride_oh), offs_m, stride_ot, length, offs_dv, HEAD_DIM_V, acc)
     if COUNT_TILES:
         tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)
