@@ -5,7 +5,7 @@ Exact resume: a checkpoint holds the model, optimiser, scheduler, every RNG stat
 (torch, Python, NumPy), the epoch and the next batch inside it.  The data order of an
 epoch is a function of ``(seed, epoch)`` alone, so a resumed run replays the same batches
 with the same dropout masks and negatives, and ends with the same metrics as a run that
-was never interrupted (``tests/test_training.py`` checks it).
+was never interrupted (``tests/training/test_training.py`` checks it).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ unit ``p // (S + C)``.  A row (query) may see a column (key) when:
 Every function here works elementwise on broadcastable integer tensors, so the oracle
 builds whole dense masks with it and the ``torch`` backend builds one row chunk at a time
 with the very same rule.  The C++ header ``csrc/include/rec2pm/patterns.h`` implements the
-same rule for the compiled kernels; ``tests/test_patterns.py`` keeps the two in step.
+same rule for the compiled kernels; ``tests/kernels/test_patterns.py`` keeps the two in step.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class TrainingOptions:
     Where the write tokens learn: through the Stage 2 prefix (``detach_prefix=False``) and
     through ``L_con`` on ``m_upd`` (``con_weight > 0``).  With the prefix detached and
     ``con_weight=0`` they get no gradient at all, since Stage 1 item rows never see a
-    write token (``tests/test_model_equivalences.py`` checks each case).
+    write token (``tests/model/test_model_equivalences.py`` checks each case).
     """
 
     mode: str = "overwrite"

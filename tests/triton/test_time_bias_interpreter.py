@@ -104,3 +104,34 @@ def test_time_buckets_read_back_at_every_boundary():
     got = [int((weights - w).abs().argmin()) for w in out[-1, 0, :-1]]
     assert got == time_bucket(torch.tensor(query), times[:-1], 40).tolist()
     assert len(set(got)) > 30
+
+
+@pytest.mark.parametrize("with_time", [False, True], ids=["rel", "rel_and_time"])
+def test_frozen_tables_are_not_differentiated(monkeypatch, with_time):
+    """Tables that require no gradient get none: no atomics, no bias-gradient kernel, and
+    the output and q, k, v's gradients are the same bits as with the tables trained."""
+    from rec2pm_kernels.ops import triton_launch
+
+    lengths = [9, 0, 17]
+    q, k, v, cu, _ = random_inputs(lengths, with_bias=False)
+    rel, ts = time_tables(heads_of_tables=2)
+    kw = dict(backend="triton", score="softmax")
+    if with_time:
+        kw["timestamps"] = time_inputs(lengths)
+    else:
+        ts = None
+    grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2])
+    log = []
+    monkeypatch.setattr(triton_launch, "launch_log", log)
+    trained = run_time_bias(q, k, v, cu, (rel, ts), grad_out, **kw)
+    assert len(trained) == (6 if with_time else 5)
+    assert ("segment_bwd_bias" in [name for name, _ in log]) == with_time
+    log.clear()
+    out = segment_attention(
+        q, k, v, cu, max(lengths), rel_bias=rel.detach(), ts_bias=ts.detach() if with_time else None, **kw
+    )
+    frozen = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    assert [name for name, _ in log] == ["segment_fwd", "segment_bwd_dkdv", "segment_bwd_dq"]
+    assert log[1][1] == {"bias_atomics": False}
+    for got, expected in zip(frozen, trained[:4], strict=True):
+        assert torch.equal(got, expected)

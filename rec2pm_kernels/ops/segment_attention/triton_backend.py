@@ -189,8 +189,12 @@ def segment_backward(
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
     time_bias: tuple | None = None,
+    tables_need_grad: bool = True,
 ):
     """``(dq, dk, dv, d_rel_bias, d_ts_bias)``; each bias gradient is empty without its bias.
+
+    ``tables_need_grad=False`` (no bias table requires a gradient): the tables' gradients
+    are not computed (no atomics, no bias-gradient kernel) and come back as zeros.
 
     ``configs_by_kernel`` / ``tile_counts``: optional ``{"segment_bwd_dq": ..., "segment_bwd_dkdv": ...}``
     configs and interpreter tile-count buffers, for the tests.
@@ -243,7 +247,7 @@ def segment_backward(
     common = dict(dtype=q.dtype, head_dim=_tune_dim(q, v), device=q.device, heavy=_heavy(hstu, dropout_p, time_bias))
     # The timestamp bias's gradient always comes from the deterministic kernel (its buckets
     # are data-dependent); the relative one's then comes from the same pass.
-    atomics = rel_bias is not None and not deterministic and time_bias is None
+    atomics = rel_bias is not None and not deterministic and time_bias is None and tables_need_grad
 
     counts = tile_counts.get("segment_bwd_dkdv")
     launch(
@@ -278,7 +282,7 @@ def segment_backward(
         **common,
     )
 
-    if (rel_bias is not None and not atomics) or time_bias is not None:
+    if tables_need_grad and ((rel_bias is not None and not atomics) or time_bias is not None):
         bias_configs = configs("segment_bwd_bias", q.dtype, _tune_dim(q, v), heavy=common["heavy"])
         config = configs_by_kernel.get("segment_bwd_bias") or bias_configs[0]
         programs = batch * triton.cdiv(max_seqlen, config.kwargs["BLOCK_M"])
@@ -435,9 +439,10 @@ def segment_attention_bwd_op(
     ts_bias: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
     query_timestamps: torch.Tensor | None = None,
+    tables_need_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: ``(dq, dk, dv, d_rel_bias, d_ts_bias)`` (a bias gradient is ``(H, 0)``
-    without its bias)."""
+    without its bias, zeros when ``tables_need_grad`` is False)."""
     return segment_backward(
         dout,
         q,
@@ -460,6 +465,7 @@ def segment_attention_bwd_op(
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         time_bias=(ts_bias, timestamps, query_timestamps) if ts_bias is not None else None,
+        tables_need_grad=tables_need_grad,
     )
 
 
@@ -493,6 +499,7 @@ def _segment_attention_bwd_fake(
     ts_bias=None,
     timestamps=None,
     query_timestamps=None,
+    tables_need_grad=True,
 ):
     def table_grad(table):
         return table.new_empty(table.shape) if table is not None else q.new_empty((q.shape[1], 0), dtype=torch.float32)
@@ -542,11 +549,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, *saved = ctx.saved_tensors
     tensors = dict(zip(_SAVED_OPTIONS, saved, strict=True))
-    dq, dk, dv, dbias, dtime = segment_attention_bwd_op(dout, q, k, v, out, lse, cu_seqlens, **tensors, **ctx.options)
+    # needs_input_grad follows the schema but stops before the trailing arguments left at
+    # their defaults (14 of 25 entries without a timestamp bias): those need no gradient.
+    wanted = {name for name, needed in zip(_FWD_ARGS, ctx.needs_input_grad, strict=False) if needed}
+    tables = {"rel_bias", "ts_bias"} & wanted
+    dq, dk, dv, dbias, dtime = segment_attention_bwd_op(
+        dout, q, k, v, out, lse, cu_seqlens, **tensors, **ctx.options, tables_need_grad=bool(tables)
+    )
     grads = {"q": dq, "k": dk, "v": dv}
-    if tensors["rel_bias"] is not None:
+    if "rel_bias" in tables:
         grads["rel_bias"] = dbias
-    if tensors["ts_bias"] is not None:
+    if "ts_bias" in tables:
         grads["ts_bias"] = dtime
     return tuple(grads.get(name) for name in _FWD_ARGS)  # None for every input without a gradient
 

@@ -9,7 +9,7 @@ from rec2pm_kernels import cached_step_attention, segment_attention
 from rec2pm_kernels.ops.cached_step.oracle import cached_step_oracle
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, make_cache
 
-from .helpers import CPU_BACKENDS, make_bias, make_qkv, score_kwargs
+from ...helpers import CPU_BACKENDS, make_bias, make_qkv, score_kwargs
 
 SCORES = ["softmax", "silu"]
 
@@ -17,7 +17,7 @@ SCORES = ["softmax", "silu"]
 @pytest.fixture(params=CPU_BACKENDS)
 def cached_step(request):
     """``cached_step_attention`` on each CPU backend (the C++ one when the extension is built)."""
-    from .helpers import require_backend
+    from ...helpers import require_backend
 
     require_backend(request.param)
     return functools.partial(cached_step_attention, backend=request.param)

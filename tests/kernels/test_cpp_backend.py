@@ -7,8 +7,8 @@ from rec2pm_kernels import PATTERNS, backends, segment_attention
 from rec2pm_kernels.patterns import PATTERN_CODES, visible
 from rec2pm_kernels.testing import cu_seqlens_of
 
-from .conftest import require_extension
-from .helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
+from ..conftest import require_extension
+from ..helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
 
 RAGGED = [0, 1, S - 1, S, S + C, S + C + 1, 2 * (S + C) + S, 4 * (S + C) + 1, 3 * (S + C)]
 SCORES = ["softmax", "silu"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "summarize_runs.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "summarize_runs.py"
 
 
 def load_script():

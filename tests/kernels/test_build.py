@@ -14,7 +14,7 @@ import torch
 import rec2pm_kernels
 from rec2pm_kernels import backends
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in a fresh interpreter where importing rec2pm_kernels._C fails, as on an install
 # without a C++ compiler (REC2PM_BUILD_EXT=0).

@@ -8,7 +8,7 @@ import pytest
 
 from rec2pm.run_config import build_run_config
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
 
 
 def differences(a: dict, b: dict) -> set[str]:

@@ -9,7 +9,7 @@ import torch
 from rec2pm_kernels.ops.segment_attention.oracle import dense_mask
 from rec2pm_kernels.patterns import PATTERN_CODES, PATTERNS, bias_positions, first_visible_column
 
-from .conftest import require_extension
+from ..conftest import require_extension
 
 # S = 2, C = 1, stream i0 i1 w0 i2 i3 w1 i4 (docs/patterns.md), rows top to bottom.
 GOLDEN = {

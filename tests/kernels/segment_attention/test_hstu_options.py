@@ -25,7 +25,7 @@ from rec2pm_kernels.patterns import PatternSpec
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
 from rec2pm_kernels.time_bias import next_timestamps, time_bucket
 
-from .helpers import make_qkv, require_backend
+from ...helpers import make_qkv, require_backend
 
 # (length, num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal): rows
 # of "1" where visible.

@@ -11,7 +11,7 @@ from rec2pm_kernels.ops.segment_attention.torch_backend import group_by_length, 
 from rec2pm_kernels.patterns import bias_bucket, bias_positions, visible
 from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, interleaved_lengths
 
-from .helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
+from ...helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
 
 # Ragged: empty, length 1, S - 1, S, S + 1, complete units, units plus a tail.
 RAGGED = [0, 1, S - 1, S, S + C, S + C + 1, 2 * (S + C) + S, 4 * (S + C) + 1, 3 * (S + C)]

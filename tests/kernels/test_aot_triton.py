@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from rec2pm_kernels import aot  # noqa: E402
 from rec2pm_kernels.ops.triton_configs import config_key, configs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _without_interpreter() -> dict:

@@ -13,7 +13,7 @@ from rec2pm.cli import main
 from rec2pm.run_config import build_run_config, parse_override
 from rec2pm.training import epoch_batches, load_checkpoint, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     'data.kind="synthetic"',
     "data.synthetic_users=40",
