@@ -8,7 +8,7 @@ Each program computes its base pointers once (``head_rows``: its head of a tenso
 sequence's first token) and hands the tile helpers three small tuples instead of pointer,
 offset and stride lists:
 
-* ``keys = (k_base, v_base, stride_kt, stride_vt)``: the program's K and V rows;
+* ``keys = (k_base, v_base, stride_kt, stride_vt)`` from ``program_keys``: the program's K and V rows;
 * ``masks = (S, C, hstu)``: what the pattern's visibility rule reads (``hstu``: HSTU's mask
   tuple from ``sequence_options``, zeros for the other patterns);
 * ``biases = (bias_row, NUM_BUCKETS, time_bias)`` from ``program_biases``: this head's row of
@@ -78,21 +78,40 @@ def head_rows(PTR, token0, head, stride_t, stride_h):
 
 
 @triton.jit
-def load_rows(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr):
-    """``[len(offs), len(offs_d)]`` tile of rows ``offs`` of ``base`` (zeros past ``n_valid`` or the head dim).
+def _row_tile(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr):
+    """Pointers and mask of the ``[len(offs), len(offs_d)]`` tile of rows ``offs`` of ``base``
+    (rows past ``n_valid`` and columns past the head dim masked).
 
     Row offsets are widened to int64 before the stride: no overflow on long sequences, and
     the compile check measured fewer registers than with int32 offsets (up to 37 fewer).
     """
     ptrs = base + offs.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
-    return tl.load(ptrs, mask=(offs[:, None] < n_valid) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    return ptrs, (offs[:, None] < n_valid) & (offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def load_rows(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr):
+    """The tile of rows ``offs`` of ``base`` (``_row_tile``), zeros where masked."""
+    ptrs, mask = _row_tile(base, offs, stride_t, n_valid, offs_d, HEAD_DIM)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
 def store_rows(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr, tile):
     """Stores ``tile`` (cast to ``base``'s type) into rows ``offs`` of ``base``, as ``load_rows`` reads them."""
-    ptrs = base + offs.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(offs[:, None] < n_valid) & (offs_d[None, :] < HEAD_DIM))
+    ptrs, mask = _row_tile(base, offs, stride_t, n_valid, offs_d, HEAD_DIM)
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def program_keys(K, V, token0, head, stride_kt, stride_kh, stride_vt, stride_vh):
+    """This program's ``keys`` tuple, which ``load_key_tile`` reads."""
+    return (
+        head_rows(K, token0, head, stride_kt, stride_kh),
+        head_rows(V, token0, head, stride_vt, stride_vh),
+        stride_kt,
+        stride_vt,
+    )
 
 
 @triton.jit

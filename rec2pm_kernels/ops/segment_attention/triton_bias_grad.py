@@ -29,6 +29,7 @@ from ..triton_tiles import (
     load_rows,
     program_biases,
     program_block,
+    program_keys,
     score_grad_tile,
     sequence_options,
 )
@@ -111,8 +112,7 @@ def segment_bwd_bias_kernel(
     do = load_rows(head_rows(DO, token0, head, stride_dot, stride_doh), offs_m, stride_dot, length, offs_dv, HEAD_DIM_V)
     stats = head * total_tokens + token0
     lse2, delta = load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE, BLOCK_M)
-    keys = (head_rows(K, token0, head, stride_kt, stride_kh), head_rows(V, token0, head, stride_vt, stride_vh),
-            stride_kt, stride_vt)  # fmt: skip
+    keys = program_keys(K, V, token0, head, stride_kt, stride_kh, stride_vt, stride_vh)
     masks = (S, C, hstu)
     biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
                             HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip

@@ -25,6 +25,7 @@ from ..triton_tiles import (
     load_rows,
     program_biases,
     program_block,
+    program_keys,
     scores,
     sequence_options,
     store_rows,
@@ -104,8 +105,7 @@ def segment_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, length, offs_d, HEAD_DIM)
-    keys = (head_rows(K, token0, head, stride_kt, stride_kh), head_rows(V, token0, head, stride_vt, stride_vh),
-            stride_kt, stride_vt)  # fmt: skip
+    keys = program_keys(K, V, token0, head, stride_kt, stride_kh, stride_vt, stride_vh)
     masks = (S, C, hstu)
     biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
                             HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip
