@@ -136,9 +136,10 @@ def time_tables(heads_of_tables, with_rel=True, heads=2, dtype=torch.float32, de
 
 def run_time_bias(q, k, v, cu, tables, grad_out, **kw):
     """``(out, *grads)`` with ``tables = (rel_bias, ts_bias)`` (either may be ``None``): of a
-    backend (``backend=``) or of the oracle (``upcast=``: float64, or the input dtype)."""
+    backend (``backend=``) or of the oracle (``upcast=``: float64, or the input dtype).  The
+    gradients are those of the inputs that require one."""
     rel_bias, ts_bias = tables
-    inputs = [t for t in (q, k, v, rel_bias, ts_bias) if t is not None]
+    inputs = [t for t in (q, k, v, rel_bias, ts_bias) if t is not None and t.requires_grad]
     if "backend" in kw:
         max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
         out = segment_attention(q, k, v, cu, max_seqlen, rel_bias=rel_bias, ts_bias=ts_bias, **kw)
