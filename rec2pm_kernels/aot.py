@@ -35,14 +35,16 @@ specialisation compiles into a scratch cache deleted right after: every speciali
 really compiled, and neither the user's cache nor the disk fills with thousands of
 kernels (about 0.6 MB each) this machine never runs.
 
-The arguments mirror the launchers (``ops/*/triton_backend.py``): the dummy tensors they
-pass for unused pointers keep their real dtypes, ``cu_seqlens`` is int32 and the
-relative-position bias has the inputs' dtype.  Pointers carry the 16-byte alignment hint
-of fresh allocations, and strides the divisibility-by-16 hint that a contiguous
-``(tokens, heads, head_dim)`` layout gives when ``head_dim % 16 == 0``; that is the
-specialisation the launchers compile for the usual contiguous inputs.  The dK/dV
-kernel's choice between atomic and deterministic bias gradients is a runtime flag, so one
-binary serves both.
+The arguments mirror the launchers (``ops/*/triton_backend.py``), packed into the kernels'
+tuple parameters as ``ops/triton_args.py`` packs them: an absent pointer is a constexpr
+``None``, ``cu_seqlens`` is int32 and the relative-position bias has the inputs' dtype.
+Pointers carry the 16-byte alignment hint of fresh allocations, and strides the
+divisibility-by-16 hint that a contiguous ``(tokens, heads, head_dim)`` layout gives when
+``head_dim % 16 == 0``; that is the specialisation the launchers compile for the usual
+contiguous inputs.  The sizes a model fixes (pattern sizes, bucket counts, HSTU's mask
+sizes) compile as plain integers: the check covers the code for every value, where a run
+may also fold a value of 1.  The dK/dV kernel's choice between atomic and deterministic
+bias gradients is a runtime flag, so one binary serves both.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ from collections import defaultdict
 
 import torch
 
-from .ops.triton_codes import HSTU_CAUSAL_CODE
+from .ops.triton_args import TUPLE_ARGS
+from .ops.triton_codes import HSTU_CAUSAL_CODE, WRITES_BIAS_SUMS, WRITES_DQ
 from .ops.triton_configs import (
     BIAS_WINDOW,
     MEASURED_HEAD_DIMS,
@@ -244,13 +247,13 @@ def _kernel_function(kernel: str):
         from .ops.cached_step.triton_kernel import cached_step_kernel
 
         return cached_step_kernel
-    from .ops.segment_attention import triton_backward, triton_bias_grad, triton_forward
+    from .ops.segment_attention import triton_backward, triton_forward
 
     return {
         "segment_fwd": triton_forward.segment_fwd_kernel,
         "segment_bwd_dkdv": triton_backward.segment_bwd_dkdv_kernel,
-        "segment_bwd_dq": triton_backward.segment_bwd_dq_kernel,
-        "segment_bwd_bias": triton_bias_grad.segment_bwd_bias_kernel,
+        "segment_bwd_dq": triton_backward.segment_bwd_rows_kernel,  # WRITES_DQ
+        "segment_bwd_bias": triton_backward.segment_bwd_rows_kernel,  # WRITES_BIAS_SUMS
     }[kernel]
 
 
@@ -313,10 +316,11 @@ def _segment_pointer_types(spec: Specialisation, t: str, bias: str | None, stats
             BIAS=bias,
             TILE_COUNTS=None,
         )
-    if spec.kernel == "segment_bwd_dq":
-        return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, DQ=t, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
-    partial = "*fp64" if spec.has_bias else None  # float64 partial sums (see the launcher)
-    return dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, PARTIAL=partial, CU_SEQLENS="*i32", BIAS=bias)
+    # The row-block kernel: dQ, or the bias tables' float64 partial sums (see the launcher).
+    writes_dq = spec.kernel == "segment_bwd_dq"
+    partial = "*fp64" if spec.has_bias and not writes_dq else None
+    rows = dict(Q=t, K=t, V=t, DO=t, LSE=stats, DELTA=stats, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
+    return dict(rows, DQ=t if writes_dq else None, PARTIAL=partial)
 
 
 def _constexprs(spec: Specialisation) -> dict:
@@ -336,43 +340,63 @@ def _constexprs(spec: Specialisation) -> dict:
     values.update(
         PATTERN=spec.pattern, HAS_BIAS=spec.has_bias, HAS_TIME_BIAS=spec.has_time_bias, HAS_DROPOUT=spec.has_dropout
     )
+    values.update(COUNT_TILES=False)
+    if spec.kernel == "segment_bwd_dq":
+        return dict(values, WRITES=WRITES_DQ, WINDOW=BIAS_WINDOW)
     if spec.kernel == "segment_bwd_bias":  # compiled at the precision its launcher runs it at
         precision = bias_grad_precision(spec.precision, block_d, spec.has_bias, spec.has_time_bias)
-        return dict(values, WINDOW=BIAS_WINDOW, INPUT_PRECISION=precision)
-    return dict(values, COUNT_TILES=False)
+        return dict(values, WRITES=WRITES_BIAS_SUMS, WINDOW=BIAS_WINDOW, INPUT_PRECISION=precision)
+    return values
+
+
+def _argument_type(name: str, pointers: dict, aligned_strides: bool) -> tuple[str, list | None]:
+    """The type of one runtime value the launchers pass (by its flat name, ``ops/triton_args.py``)
+    and its alignment hint: pointers carry the 16-byte hint of fresh allocations, strides the
+    multiple-of-16 hint of a contiguous layout with ``head_dim % 16 == 0``."""
+    if name in pointers:
+        if pointers[name] is None:  # an absent pointer: a constexpr None
+            return "constexpr", None
+        return pointers[name], [["tt.divisibility", 16]]
+    if name in ("scale", "silu_norm", "dropout_scale"):
+        return "fp32", None
+    if name.startswith("dropout_"):  # 32-bit values held unsigned: past int32
+        return "i64", None
+    return "i32", ([["tt.divisibility", 16]] if name.startswith("stride_") and aligned_strides else None)
 
 
 def compile_source(spec: Specialisation):
-    """``triton.compiler.ASTSource`` of ``spec``: signature, constexpr values and alignment hints."""
+    """``triton.compiler.ASTSource`` of ``spec``: signature, constexpr values and alignment hints.
+
+    A tuple parameter (``ops/triton_args.py``) gets the tuple of its members' types; hints and
+    absent pointers inside it are keyed by ``(parameter index, member index)``.
+    """
     from triton.compiler import ASTSource
 
     fn = _kernel_function(spec.kernel)
     pointers = _pointer_types(spec)
     constexprs = _constexprs(spec)
-    unspecialised = {param.name for param in fn.params if param.do_not_specialize}
     aligned_strides = spec.head_dim % 16 == 0
-    signature, attrs = {}, {}
+    signature, attrs, values = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointers and pointers[name] is None:  # an absent pointer: a constexpr None
-            signature[name] = "constexpr"
-            constexprs[name] = None
-        elif name in pointers:
-            signature[name] = pointers[name]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name in ("scale", "silu_norm", "dropout_scale"):
-            signature[name] = "fp32"
-        elif name.startswith("dropout_"):  # 32-bit values held unsigned: past int32
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") and aligned_strides and name not in unspecialised:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+            values[name] = constexprs[name]
+            continue
+        members = TUPLE_ARGS.get(name)
+        kinds = []
+        for member_index, member in enumerate(members or (name,)):
+            key = (index, member_index) if members else (index,)
+            kind, hint = _argument_type(member, pointers, aligned_strides)
+            kinds.append(kind)
+            if kind == "constexpr":
+                values[key] = None
+            if hint:
+                attrs[key] = hint
+        signature[name] = tuple(kinds) if members else kinds[0]
     missing = set(constexprs) - set(fn.arg_names)
     if missing:
         raise ValueError(f"{spec.kernel} has no constexpr {sorted(missing)}")
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,3 +26,8 @@ SILU = tl.constexpr(SCORE_CODES["silu"])
 
 # Softmax runs in base 2 (exp2 is one instruction): exp(z) = exp2(z * LOG2E).
 LOG2E = tl.constexpr(1.4426950408889634)
+
+# What the row-block backward kernel makes of each tile's score gradient
+# (``ops/segment_attention/triton_backward.py``): dQ, or the bias tables' deterministic sums.
+WRITES_DQ = tl.constexpr(0)
+WRITES_BIAS_SUMS = tl.constexpr(1)

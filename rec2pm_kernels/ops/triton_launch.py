@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 
+from .triton_args import pack
 from .triton_configs import autotune_configs, configs
 
 # Autotune keys: the length bucket and every switch that changes the compiled code.
@@ -31,25 +32,11 @@ AUTOTUNE_KEY = [
 ]
 
 # Runtime integers that change from batch to batch.  Triton would otherwise specialise
-# them (separate binaries for a value of 1 or a multiple of 16), so a ragged batch
-# could recompile; strides stay specialised, they are fixed by the tensor layout.
-SEGMENT_RUNTIME_INTS = [
-    "total_tokens",
-    "max_seqlen",
-    "S",
-    "C",
-    "NUM_BUCKETS",
-    "NUM_TIME_BUCKETS",
-    "SEQ_BUCKET",
-    "contextual_seq_len",
-    "max_attn_len",
-    "min_full_attn_seq_len",
-    "causal",
-    "dropout_seed_step",
-    "dropout_seed_high",
-    "dropout_threshold",
-]
-CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "NUM_BUCKETS", "SEQ_BUCKET"]
+# them (separate binaries for a value of 1 or a multiple of 16), so a ragged batch could
+# recompile.  Strides and the sizes a model fixes are specialised: they sit in the kernels'
+# tuple arguments (``triton_args``), where ``do_not_specialize`` cannot reach.
+SEGMENT_RUNTIME_INTS = ["total_tokens", "max_seqlen", "dropout_seed_step", "dropout_seed_high", "SEQ_BUCKET"]
+CACHED_STEP_RUNTIME_INTS = ["total_new", "max_new", "SEQ_BUCKET"]
 
 
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -96,8 +83,9 @@ def launch(
 ):
     """Run ``kernel[grid](**args, **constexprs)`` with ``config``, or the autotuned choice.
 
-    ``args`` names every runtime argument (pointers, strides, lengths) by the kernel's
-    parameter names, so no launcher depends on the order of a kernel's signature.
+    ``args`` names every runtime argument (pointers, strides, lengths) flat, by the names
+    ``triton_args.pack`` groups into the kernel's tuple parameters, so no launcher depends
+    on the order of a kernel's signature.
 
     ``grid`` is a function of the config's meta-parameters (``BLOCK_M`` / ``BLOCK_N``).
     Without an explicit config, off CUDA the first of ``configs(...)`` runs.  ``notes``
@@ -107,6 +95,7 @@ def launch(
     """
     if launch_log is not None:
         launch_log.append((name, dict(notes or {})))
+    args = pack(kernel.arg_names, args)
     if config is None and device.type == "cuda" and not interpreting():
         arch = device_arch(device)
         key = (name, dtype, head_dim, arch, reset_to_zero, heavy)

@@ -3,7 +3,8 @@
 The Triton twin of ``rec2pm_kernels.patterns``; ``PATTERN`` is one of the named codes of
 ``ops/triton_codes.py`` (``CAUSAL``, ``GLOBAL``, ``KV_MEMORY_OVERWRITE``; the last ``else``
 branch of every function is ``KV_MEMORY_APPEND``).  Positions are indices inside one
-sequence; ``S`` and ``C`` are runtime integers (``causal`` ignores them).
+sequence; ``S`` and ``C`` are runtime integers (``causal`` ignores them).  The kernels' tile
+ranges take them as ``masks = (S, C, hstu)`` (``ops/triton_tiles.py``).
 
 Tile skipping.  Kernels walk a fixed grid of tiles (rows in blocks of ``BLOCK_M``, keys in
 blocks of ``BLOCK_N``, both starting at the sequence's first token) and visit exactly the
@@ -221,8 +222,9 @@ PLAIN_PASS = tl.constexpr(1)
 
 
 @triton.jit
-def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, length, S, C, hstu, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, length, masks, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(lo, hi)``: the key tiles of ``KEY_PASS`` start at ``range(lo, hi, BLOCK_N)``."""
+    S, C, hstu = masks
     if PATTERN == HSTU_CAUSAL:  # every tile predicated; prefix and bidirectional rows see past their block
         _, contextual, _, _, causal = hstu
         pred_hi = tl.where((r0 < contextual) | (causal == 0), length, r1 + 1)
@@ -237,10 +239,9 @@ def key_pass_bounds(KEY_PASS: tl.constexpr, r0, r1, length, S, C, hstu, PATTERN:
 
 
 @triton.jit
-def key_tile_in_pass(
-    KEY_PASS: tl.constexpr, r0, r1, n0, length, S, C, hstu, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr
-):
+def key_tile_in_pass(KEY_PASS: tl.constexpr, r0, r1, n0, length, masks, PATTERN: tl.constexpr, BLOCK_N: tl.constexpr):
     """Whether the key tile at ``n0`` is visited: tested in the predicated pass, always in the plain one."""
+    S, C, hstu = masks
     if KEY_PASS == PREDICATED_PASS:
         c1 = tl.minimum(n0 + BLOCK_N, length) - 1
         if PATTERN == HSTU_CAUSAL:
@@ -253,9 +254,10 @@ def key_tile_in_pass(
 
 
 @triton.jit
-def row_range_start(c0, hstu, PATTERN: tl.constexpr, BLOCK_M: tl.constexpr):
+def row_range_start(c0, masks, PATTERN: tl.constexpr, BLOCK_M: tl.constexpr):
     """First row tile that may see a key at or after ``c0``: ``c0``'s own, or the first
     under HSTU's masks with a prefix or bidirectional (those rows see ahead)."""
+    _, _, hstu = masks
     start = c0 // BLOCK_M * BLOCK_M
     if PATTERN == HSTU_CAUSAL:
         _, contextual, _, _, causal = hstu
@@ -264,9 +266,10 @@ def row_range_start(c0, hstu, PATTERN: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def row_tile_visible(m0, m1, c0, c1, length, hstu, PATTERN: tl.constexpr):
+def row_tile_visible(m0, m1, c0, c1, length, masks, PATTERN: tl.constexpr):
     """Whether a key block visits the row tile ``[m0, m1]``: always inside the exact row
     range of the patterns, tested under HSTU's masks."""
+    _, _, hstu = masks
     if PATTERN == HSTU_CAUSAL:
         visible = hstu_tile_visible(m0, m1, c0, c1, length, hstu)
     else:
@@ -275,10 +278,11 @@ def row_tile_visible(m0, m1, c0, c1, length, hstu, PATTERN: tl.constexpr):
 
 
 @triton.jit
-def row_range_end(c0, c1, length, S, C, PATTERN: tl.constexpr):
+def row_range_end(c0, c1, length, masks, PATTERN: tl.constexpr):
     """End (exclusive) of the rows that see some key in ``[c0, c1]``; every row tile from
     ``c0``'s tile up to it holds a visible entry (see the module docstring), except under
     HSTU's masks, whose tiles are tested one by one."""
+    S, C, _ = masks
     if PATTERN == CAUSAL or PATTERN == HSTU_CAUSAL:
         end = length
     else:

@@ -4,11 +4,15 @@ backward, ``cached_step_attention``).
 Scores are ``z = scale * q.k + bias``.  Softmax works in base 2 (``exp2(z * log2 e - lse2)``),
 so the saved row statistic ``lse2`` is the base-2 log-sum-exp of ``z * log2 e``.
 
-Each program computes its base pointers once (``head_rows``: its head of a tensor at its
-sequence's first token) and hands the tile helpers three small tuples instead of pointer,
-offset and stride lists:
+The kernels take tuple arguments (``ops/triton_args.py``): a ``(T, H, D)`` tensor comes as
+``(pointer, token stride, head stride)``, the pattern sizes as ``sizes = (S, C)``, and the
+bias tables, HSTU's inputs and dropout's constants as one tuple each.  Each program opens
+its sequence once (``open_sequence_block``, or ``open_row_block`` for a row block) and
+hands the tile helpers small tuples instead of pointer, offset and stride lists:
 
-* ``keys = (k_base, v_base, stride_kt, stride_vt)`` from ``program_keys``: the program's K and V rows;
+* ``rows = (base, token stride)`` from ``head_rows``: its head of a tensor at its sequence's
+  first token, which ``load_rows`` and ``store_rows`` read;
+* ``keys = (k_rows, v_rows)`` from ``program_keys``, which ``load_key_tile`` reads;
 * ``masks = (S, C, hstu)``: what the pattern's visibility rule reads (``hstu``: HSTU's mask
   tuple from ``sequence_options``, zeros for the other patterns);
 * ``biases = (bias_row, NUM_BUCKETS, time_bias)`` from ``program_biases``: this head's row of
@@ -30,11 +34,12 @@ NO_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def sequence_options(seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal,
-                     silu_norm, PATTERN: tl.constexpr):  # fmt: skip
-    """``(hstu, silu_norm)`` of sequence ``seq``: HSTU's mask tuple (``num_targets``, prefix,
-    window, tail, ``causal``: 1 for HSTU's causal masks, 0 for bidirectional) and the
-    sequence's own SiLU divisor under ``HSTU_CAUSAL``; zeros and the call's divisor otherwise."""
+def sequence_options(seq, hstu, silu_norm, PATTERN: tl.constexpr):
+    """``(hstu_masks, silu_norm)`` of sequence ``seq``: HSTU's mask tuple (``num_targets``,
+    prefix, window, tail, ``causal``: 1 for HSTU's causal masks, 0 for bidirectional) and the
+    sequence's own SiLU divisor under ``HSTU_CAUSAL``; zeros and the call's divisor otherwise.
+    ``hstu``: the kernel argument ``(NUM_TARGETS, SILU_NORMS, prefix, window, tail, causal)``."""
+    NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal = hstu
     if PATTERN == HSTU_CAUSAL:
         num_targets = tl.load(NUM_TARGETS + seq).to(tl.int32)
         silu_norm = tl.load(SILU_NORMS + seq)
@@ -60,8 +65,50 @@ def program_block(CU_SEQLENS, max_len, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def open_sequence_block(CU_SEQLENS, max_len, sizes, rel_bias, time_bias, hstu, silu_norm, PATTERN: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_TIME_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """``(head, token0, length, start, last, offs, masks, biases, silu_norm)`` of this program's
+    head, sequence and block (``program_block``): the block holds positions ``offs = start +
+    arange(BLOCK)``, the last of them inside the sequence ``last``.  A block with ``start >=
+    length`` lies past its sequence's end and the kernel returns.  The dK/dV kernel opens its
+    key block with this call, the row-block kernels through ``open_row_block``."""
+    seq, token0, length, start = program_block(CU_SEQLENS, max_len, BLOCK)
+    S, C = sizes
+    hstu_masks, silu_norm = sequence_options(seq, hstu, silu_norm, PATTERN)
+    head = tl.program_id(1)
+    biases = program_biases(rel_bias, time_bias, token0, head, HAS_BIAS, HAS_TIME_BIAS)
+    last = tl.minimum(start + BLOCK, length) - 1
+    return head, token0, length, start, last, start + tl.arange(0, BLOCK), (S, C, hstu_masks), biases, silu_norm
+
+
+@triton.jit
+def open_row_block(Q, K, V, CU_SEQLENS, max_len, sizes, rel_bias, time_bias, hstu, silu_norm, PATTERN: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_TIME_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """``(head, token0, length, r0, r1, offs_m, q, keys, masks, biases, silu_norm)`` of a row-block
+    program (the forward and the row-block backward): ``open_sequence_block``, then its query
+    rows and its ``keys`` tuple.  Past the sequence's end every row of ``q`` is masked, so the
+    load costs the returning programs no memory traffic."""
+    head, token0, length, r0, r1, offs_m, masks, biases, silu_norm = open_sequence_block(
+        CU_SEQLENS, max_len, sizes, rel_bias, time_bias, hstu, silu_norm, PATTERN, HAS_BIAS, HAS_TIME_BIAS, BLOCK_M
+    )
+    q = load_rows(head_rows(Q, token0, head), offs_m, length, HEAD_DIM, BLOCK_D)
+    return head, token0, length, r0, r1, offs_m, q, program_keys(K, V, token0, head), masks, biases, silu_norm
+
+
+@triton.jit
+def load_row_grads(DO, LSE, DELTA, token0, head, total_tokens, offs_m, length, SCORE: tl.constexpr,
+                   HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """``(do, lse2, delta)`` of a row block, for the row-block backward (``load_row_stats``)."""
+    do = load_rows(head_rows(DO, token0, head), offs_m, length, HEAD_DIM_V, BLOCK_DV)
+    lse2, delta = load_row_stats(LSE, DELTA, head * total_tokens + token0, offs_m, offs_m < length, SCORE, BLOCK_M)
+    return do, lse2, delta
+
+
+@triton.jit
 def load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Backward row statistics: softmax reads ``lse2`` and ``delta``; SiLU needs neither (zeros)."""
+    """Backward row statistics: softmax reads ``lse2`` and ``delta`` at ``stats + offs_m`` (this
+    head's row of the ``(H, T)`` buffers, at the sequence's first token); SiLU needs neither (zeros)."""
     if SCORE == SOFTMAX:
         lse2 = tl.load(LSE + stats + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + stats + offs_m, mask=row_ok, other=0.0)
@@ -72,69 +119,68 @@ def load_row_stats(LSE, DELTA, stats, offs_m, row_ok, SCORE: tl.constexpr, BLOCK
 
 
 @triton.jit
-def head_rows(PTR, token0, head, stride_t, stride_h):
-    """This program's head of a ``(T, H, D)`` tensor, at its sequence's first token."""
-    return PTR + token0 * stride_t + head * stride_h
+def head_rows(tensor, token0, head):
+    """``rows = (base, token stride)``: this program's head of a ``(T, H, D)`` tensor at its
+    sequence's first token; ``tensor`` is the kernel argument ``(pointer, token stride, head stride)``."""
+    pointer, stride_t, stride_h = tensor
+    return pointer + token0 * stride_t + head * stride_h, stride_t
 
 
 @triton.jit
-def _row_tile(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr):
-    """Pointers and mask of the ``[len(offs), len(offs_d)]`` tile of rows ``offs`` of ``base``
+def _row_tile(rows, offs, n_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers and mask of the ``[len(offs), BLOCK_D]`` tile of rows ``offs`` of ``rows``
     (rows past ``n_valid`` and columns past the head dim masked).
 
     Row offsets are widened to int64 before the stride: no overflow on long sequences, and
     the compile check measured fewer registers than with int32 offsets (up to 37 fewer).
     """
+    base, stride_t = rows
+    offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + offs.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
     return ptrs, (offs[:, None] < n_valid) & (offs_d[None, :] < HEAD_DIM)
 
 
 @triton.jit
-def load_rows(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr):
-    """The tile of rows ``offs`` of ``base`` (``_row_tile``), zeros where masked."""
-    ptrs, mask = _row_tile(base, offs, stride_t, n_valid, offs_d, HEAD_DIM)
+def load_rows(rows, offs, n_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile of rows ``offs`` of ``rows`` (``_row_tile``), zeros where masked."""
+    ptrs, mask = _row_tile(rows, offs, n_valid, HEAD_DIM, BLOCK_D)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def store_rows(base, offs, stride_t, n_valid, offs_d, HEAD_DIM: tl.constexpr, tile):
-    """Stores ``tile`` (cast to ``base``'s type) into rows ``offs`` of ``base``, as ``load_rows`` reads them."""
-    ptrs, mask = _row_tile(base, offs, stride_t, n_valid, offs_d, HEAD_DIM)
-    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
+def store_rows(rows, offs, n_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, tile):
+    """Stores ``tile`` (cast to the tensor's type) into rows ``offs`` of ``rows``, as ``load_rows`` reads them."""
+    ptrs, mask = _row_tile(rows, offs, n_valid, HEAD_DIM, BLOCK_D)
+    tl.store(ptrs, tile.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def program_keys(K, V, token0, head, stride_kt, stride_kh, stride_vt, stride_vh):
+def program_keys(K, V, token0, head):
     """This program's ``keys`` tuple, which ``load_key_tile`` reads."""
-    return (
-        head_rows(K, token0, head, stride_kt, stride_kh),
-        head_rows(V, token0, head, stride_vt, stride_vh),
-        stride_kt,
-        stride_vt,
-    )
+    return head_rows(K, token0, head), head_rows(V, token0, head)
 
 
 @triton.jit
-def load_key_tile(keys, n0, length, offs_d, offs_dv, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_N: tl.constexpr):  # fmt: skip
+def load_key_tile(keys, n0, length, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """``(offs_n, k, v)`` of the key tile starting at ``n0``."""
-    k_base, v_base, stride_kt, stride_vt = keys
+    k_rows, v_rows = keys
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(k_base, offs_n, stride_kt, length, offs_d, HEAD_DIM)
-    v = load_rows(v_base, offs_n, stride_vt, length, offs_dv, HEAD_DIM_V)
+    k = load_rows(k_rows, offs_n, length, HEAD_DIM, BLOCK_D)
+    v = load_rows(v_rows, offs_n, length, HEAD_DIM_V, BLOCK_DV)
     return offs_n, k, v
 
 
 @triton.jit
-def program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
-                   HAS_BIAS: tl.constexpr, HAS_TIME_BIAS: tl.constexpr):  # fmt: skip
-    """This program's ``biases`` tuple (zeros stand for absent tables: a jit function cannot return ``None``)."""
+def program_biases(rel_bias, time_bias, token0, head, HAS_BIAS: tl.constexpr, HAS_TIME_BIAS: tl.constexpr):
+    """This program's ``biases`` tuple from the kernel arguments ``rel_bias = (BIAS, NUM_BUCKETS)``
+    and ``time_bias`` (zeros stand for absent tables: a jit function cannot return ``None``)."""
+    BIAS, NUM_BUCKETS = rel_bias
     if HAS_BIAS:
         bias_row = BIAS + head * NUM_BUCKETS
     else:
         bias_row = 0
-    time_bias = time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS, HAS_TIME_BIAS)
-    return bias_row, NUM_BUCKETS, time_bias
+    return bias_row, NUM_BUCKETS, time_bias_inputs(time_bias, token0, head, HAS_TIME_BIAS)
 
 
 @triton.jit

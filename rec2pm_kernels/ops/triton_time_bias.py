@@ -19,9 +19,10 @@ LOG_GAP_DIVISOR = tl.constexpr(_LOG_GAP_DIVISOR)
 
 
 @triton.jit
-def time_bias_inputs(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, token0, head, NUM_TIME_BUCKETS,
-                     HAS_TIME_BIAS: tl.constexpr):  # fmt: skip
-    """This program's ``time_bias`` tuple (zeros without a timestamp bias)."""
+def time_bias_inputs(time_bias_args, token0, head, HAS_TIME_BIAS: tl.constexpr):
+    """This program's ``time_bias`` tuple (zeros without a timestamp bias), from the kernel
+    argument ``(TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS)``."""
+    TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS = time_bias_args
     if HAS_TIME_BIAS:
         time_bias = (
             TIME_BIAS + head * (NUM_TIME_BUCKETS + 1),

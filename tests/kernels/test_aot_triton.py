@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 from rec2pm_kernels import aot  # noqa: E402
+from rec2pm_kernels.ops.triton_args import MODEL_SIZES, TUPLE_ARGS  # noqa: E402
 from rec2pm_kernels.ops.triton_configs import config_key, configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,20 +81,25 @@ def test_subset_covers_every_value_of_the_full_product():
 
 
 def test_lengths_are_not_specialised():
-    """Every integer argument except the strides is a runtime value that changes with the
-    batch; specialising it (value 1, multiple of 16) would recompile on ragged batches."""
+    """Every loose integer argument is a runtime value that changes with the batch;
+    specialising it (value 1, multiple of 16) would recompile on ragged batches.  Tuple
+    arguments are specialised (``do_not_specialize`` cannot reach inside them), so the only
+    integers they may hold are strides and the sizes a model fixes."""
     specs = aot.all_specialisations(archs=(90,))
     for kernel in aot.KERNELS:
         spec = next(s for s in specs if s.kernel == kernel)
         fn = aot._kernel_function(kernel)
         unspecialised = {param.name for param in fn.params if param.do_not_specialize}
-        integers = {
-            name
-            for name, kind in aot.compile_source(spec).signature.items()
-            if kind == "i32" and not name.startswith("stride_")
-        }
-        assert integers, kernel
-        assert integers <= unspecialised, f"{kernel} specialises {sorted(integers - unspecialised)}"
+        loose, in_tuples = set(), set()
+        for name, kind in aot.compile_source(spec).signature.items():
+            if isinstance(kind, tuple):
+                in_tuples |= {member for member, t in zip(TUPLE_ARGS[name], kind, strict=True) if t in ("i32", "i64")}
+            elif kind in ("i32", "i64"):
+                loose.add(name)
+        assert loose, kernel
+        assert loose <= unspecialised, f"{kernel} specialises {sorted(loose - unspecialised)}"
+        sizes = {name for name in in_tuples if not name.startswith("stride_")}
+        assert sizes <= MODEL_SIZES, f"{kernel} specialises {sorted(sizes - MODEL_SIZES)} inside a tuple"
 
 
 def test_refuses_to_run_under_the_interpreter():

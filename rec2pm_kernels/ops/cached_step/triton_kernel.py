@@ -18,48 +18,27 @@ from ..triton_launch import CACHED_STEP_RUNTIME_INTS
 from ..triton_tiles import NO_MAX, accumulate, head_rows, load_rows, program_block, store_rows
 
 
+@triton.jit
+def cache_rows(cache, user, head):
+    """``rows = (base, slot stride)`` of one user's head of a ``(batch, slots, H, D)`` cache;
+    ``cache`` is the kernel argument ``(pointer, batch stride, slot stride, head stride)``."""
+    pointer, stride_b, stride_s, stride_h = cache
+    return pointer + user.to(tl.int64) * stride_b + head * stride_h, stride_s
+
+
 @triton.jit(do_not_specialize=CACHED_STEP_RUNTIME_INTS)
 def cached_step_kernel(
-    Q,
-    K_CACHE,
-    V_CACHE,
-    OUT,
-    PARTIAL_ACC,
-    PARTIAL_STATS,
-    CU_NEW,
-    CACHE_SEQLENS,
-    BIAS,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    total_new,
-    max_new,
-    NUM_BUCKETS,
-    scale,
-    silu_norm,
-    SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    SCORE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K_CACHE, V_CACHE, OUT, PARTIAL_ACC, PARTIAL_STATS, CU_NEW, CACHE_SEQLENS,
+    rel_bias, scale, silu_norm, total_new, max_new, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """OUT ``(total_new, H, Dv)`` without ``SPLIT_K``; else PARTIAL_ACC ``(splits, total_new, H, Dv)``
     and PARTIAL_STATS ``(splits, total_new, H, 2)`` (running max and sum, base 2), fp32.
     Grid: ``(batch * cdiv(max_new, BLOCK_M), H, splits)``.  The number of splits is the grid's
-    third dimension, a runtime value: one binary serves every count."""
+    third dimension, a runtime value: one binary serves every count.  ``Q`` and ``OUT`` are
+    ``(pointer, token stride, head stride)``, ``rel_bias`` is ``(BIAS, NUM_BUCKETS)``."""
     head = tl.program_id(1)
     split = tl.program_id(2)
     user, token0, n_new, t0 = program_block(CU_NEW, max_new, BLOCK_M)
@@ -67,13 +46,13 @@ def cached_step_kernel(
         return
     cached = tl.load(CACHE_SEQLENS + user).to(tl.int32)
     offs_m = t0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < n_new
     position = cached + offs_m
-    q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, n_new, offs_d, HEAD_DIM)
-    k_base = K_CACHE + user.to(tl.int64) * stride_kb + head * stride_kh
-    v_base = V_CACHE + user.to(tl.int64) * stride_vb + head * stride_vh
+    q = load_rows(head_rows(Q, token0, head), offs_m, n_new, HEAD_DIM, BLOCK_D)
+    k_rows = cache_rows(K_CACHE, user, head)
+    v_rows = cache_rows(V_CACHE, user, head)
+    BIAS, NUM_BUCKETS = rel_bias
     keys = cached + tl.minimum(t0 + BLOCK_M, n_new)
     piece = tl.cdiv(tl.cdiv(keys, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     lo = split * piece
@@ -83,8 +62,8 @@ def cached_step_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_ks, hi, offs_d, HEAD_DIM)
-        v = load_rows(v_base, offs_n, stride_vs, hi, offs_dv, HEAD_DIM_V)
+        k = load_rows(k_rows, offs_n, hi, HEAD_DIM, BLOCK_D)
+        v = load_rows(v_rows, offs_n, hi, HEAD_DIM_V, BLOCK_DV)
         z = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
         if HAS_BIAS:
             bucket = tl.minimum(tl.maximum(position[:, None] - offs_n[None, :], 0), NUM_BUCKETS - 1)
@@ -96,9 +75,7 @@ def cached_step_kernel(
     if not SPLIT_K:
         if SCORE == SOFTMAX:
             acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        store_rows(
-            head_rows(OUT, token0, head, stride_ot, stride_oh), offs_m, stride_ot, n_new, offs_dv, HEAD_DIM_V, acc
-        )
+        store_rows(head_rows(OUT, token0, head), offs_m, n_new, HEAD_DIM_V, BLOCK_DV, acc)
     else:
         row = (split * total_new + token0 + offs_m) * heads + head
         tl.store(PARTIAL_ACC + row[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=store_mask)

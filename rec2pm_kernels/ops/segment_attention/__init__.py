@@ -6,11 +6,12 @@
 * ``triton_backend.py``: the Triton launchers and their ``torch.library`` custom ops, with
   fake implementations and the autograd link between forward and backward.
 * ``triton_forward.py``: the forward kernel (online softmax or SiLU sum over visible tiles).
-* ``triton_backward.py``: the dK/dV kernel (one program per key block) and the dQ kernel.
-* ``triton_bias_grad.py``: the bias tables' deterministic gradient (relative and timestamp;
-  the default relative-bias gradient is atomic, inside the dK/dV kernel).
+* ``triton_backward.py``: the dK/dV kernel (one program per key block; by default it also
+  adds the relative-bias gradient with atomics) and the row-block kernel, which writes dQ
+  or the bias tables' deterministic gradient (relative and timestamp).
 
 The tile math all Triton kernels share is in ``ops/triton_tiles.py``, the pattern rule on
 tiles in ``ops/triton_patterns.py``, the per-bucket sums of the bias gradients in
-``ops/triton_bucket_sums.py`` and the named switch codes in ``ops/triton_codes.py``.
+``ops/triton_bucket_sums.py`` and the named switch codes in ``ops/triton_codes.py``; the kernels' tuple
+arguments are listed in ``ops/triton_args.py``.
 """

@@ -11,7 +11,8 @@ divisor per sequence) and the mask sizes as runtime integers.
 Backward determinism: dQ, dK and dV never use atomics.  The bias gradient by default
 adds each tile's score gradient with fp32 atomics (fast, order-dependent in the last
 bits); ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) computes it
-with per-program partial sums and a fixed-order reduction instead (``triton_bias_grad.py``).
+with per-program partial sums and a fixed-order reduction instead (the row-block kernel of
+``triton_backward.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import triton
 from ...hstu_masks import HSTUMask
 from ...patterns import PATTERN_CODES, SCORE_CODES, PatternSpec
 from ..outputs import new_output
-from ..triton_codes import HSTU_CAUSAL_CODE
+from ..triton_codes import HSTU_CAUSAL_CODE, WRITES_BIAS_SUMS, WRITES_DQ
 from ..triton_configs import BIAS_WINDOW, bias_grad_precision, configs, heaviness, padded_head_dim
 from ..triton_dropout import dropout_args
 from ..triton_launch import input_precision, launch, length_bucket
-from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_dq_kernel
-from .triton_bias_grad import segment_bwd_bias_kernel
+from .triton_backward import segment_bwd_dkdv_kernel, segment_bwd_rows_kernel
 from .triton_forward import segment_fwd_kernel
 
 
@@ -228,7 +228,8 @@ def segment_backward(
     else:  # SiLU needs no row statistics
         lse = delta = None
     switches = _switches(q, v, pattern, score, rel_bias, allow_tf32, hstu, dropout_p, time_bias)
-    # What every backward kernel reads, by parameter name.
+    # What every backward kernel reads, by parameter name (the row-block kernel's outputs
+    # are absent where its launch does not write them).
     inputs = dict(
         Q=q,
         K=k,
@@ -273,11 +274,11 @@ def segment_backward(
 
     counts = tile_counts.get("segment_bwd_dq")
     launch(
-        segment_bwd_dq_kernel,
+        segment_bwd_rows_kernel,
         "segment_bwd_dq",
         lambda meta: (batch * triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads),
-        dict(inputs, DQ=dq, TILE_COUNTS=counts, **_strides(dq=dq)),
-        dict(switches, COUNT_TILES=counts is not None),
+        dict(inputs, DQ=dq, PARTIAL=None, TIME_PARTIAL=None, TILE_COUNTS=counts, **_strides(dq=dq)),
+        dict(switches, WRITES=WRITES_DQ, COUNT_TILES=counts is not None, WINDOW=BIAS_WINDOW),
         config=configs_by_kernel.get("segment_bwd_dq"),
         **common,
     )
@@ -286,20 +287,25 @@ def segment_backward(
         bias_configs = configs("segment_bwd_bias", q.dtype, _tune_dim(q, v), heavy=common["heavy"])
         config = configs_by_kernel.get("segment_bwd_bias") or bias_configs[0]
         programs = batch * triton.cdiv(max_seqlen, config.kwargs["BLOCK_M"])
-        # float64 partial sums (``triton_bias_grad.py`` says why).
+        # float64 partial sums (``triton_backward.py`` says why).
         partial = torch.zeros((programs, heads, buckets), dtype=torch.float64, device=q.device)
         time_partial = torch.zeros((programs, heads, time_buckets), dtype=torch.float64, device=q.device)
         launch(
-            segment_bwd_bias_kernel,
+            segment_bwd_rows_kernel,
             "segment_bwd_bias",
             lambda meta: (programs, heads),
             dict(
                 inputs,
+                DQ=None,
                 PARTIAL=partial if rel_bias is not None else None,
                 TIME_PARTIAL=time_partial if time_bias is not None else None,
+                TILE_COUNTS=None,
+                **_strides(dq=dq),
             ),
             dict(
                 switches,
+                WRITES=WRITES_BIAS_SUMS,
+                COUNT_TILES=False,
                 WINDOW=BIAS_WINDOW,
                 INPUT_PRECISION=bias_grad_precision(
                     switches["INPUT_PRECISION"],

@@ -17,108 +17,42 @@ from ..triton_codes import SOFTMAX
 from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass
-from ..triton_tiles import (
-    NO_MAX,
-    accumulate,
-    head_rows,
-    load_key_tile,
-    load_rows,
-    program_biases,
-    program_block,
-    program_keys,
-    scores,
-    sequence_options,
-    store_rows,
-)
+from ..triton_tiles import NO_MAX, accumulate, head_rows, load_key_tile, open_row_block, scores, store_rows
 
 
 @triton.jit(do_not_specialize=SEGMENT_RUNTIME_INTS)
 def segment_fwd_kernel(
-    Q,
-    K,
-    V,
-    OUT,
-    LSE,
-    CU_SEQLENS,
-    BIAS,
-    TIME_BIAS,
-    TIMESTAMPS,
-    QUERY_TIMESTAMPS,
-    TILE_COUNTS,
-    NUM_TARGETS,
-    SILU_NORMS,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    total_tokens,
-    max_seqlen,
-    S,
-    C,
-    NUM_BUCKETS,
-    NUM_TIME_BUCKETS,
-    scale,
-    silu_norm,
-    contextual_seq_len,
-    max_attn_len,
-    min_full_attn_seq_len,
-    causal,
-    dropout_seed_step,
-    dropout_seed_high,
-    dropout_threshold,
-    dropout_scale,
-    SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PATTERN: tl.constexpr,
-    SCORE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_TIME_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    COUNT_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, OUT, LSE, CU_SEQLENS, TILE_COUNTS,
+    sizes, rel_bias, time_bias, hstu, dropout, scale, silu_norm,
+    total_tokens, max_seqlen, dropout_seed_step, dropout_seed_high, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PATTERN: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TIME_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """OUT ``(T, H, Dv)``; LSE ``(H, T)`` fp32 (softmax only).  Grid: ``(batch * row_blocks, H)``.
 
+    ``Q``, ``K``, ``V``, ``OUT``: ``(pointer, token stride, head stride)``; ``sizes``,
+    ``rel_bias``, ``time_bias``, ``hstu``, ``dropout``: the tuples of ``ops/triton_args.py``.
     ``SEQ_BUCKET`` (the max length rounded up to a power of two) is unused in the body: it
     is the autotuner's key, so lengths within one bucket share a tuned config.
     """
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    seq, token0, length, r0 = program_block(CU_SEQLENS, max_seqlen, BLOCK_M)
+    head, token0, length, r0, r1, offs_m, q, keys, masks, biases, silu_norm = open_row_block(
+        Q, K, V, CU_SEQLENS, max_seqlen, sizes, rel_bias, time_bias, hstu, silu_norm, PATTERN, HAS_BIAS,
+        HAS_TIME_BIAS, HEAD_DIM, BLOCK_D, BLOCK_M,
+    )  # fmt: skip
     if r0 >= length:
         return
-    hstu, silu_norm = sequence_options(
-        seq, NUM_TARGETS, SILU_NORMS, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal, silu_norm,
-        PATTERN,
-    )  # fmt: skip
-    r1 = tl.minimum(r0 + BLOCK_M, length) - 1
-    offs_m = r0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_rows(head_rows(Q, token0, head, stride_qt, stride_qh), offs_m, stride_qt, length, offs_d, HEAD_DIM)
-    keys = program_keys(K, V, token0, head, stride_kt, stride_kh, stride_vt, stride_vh)
-    masks = (S, C, hstu)
-    biases = program_biases(BIAS, NUM_BUCKETS, TIME_BIAS, TIMESTAMPS, QUERY_TIMESTAMPS, NUM_TIME_BUCKETS, token0, head,
-                            HAS_BIAS, HAS_TIME_BIAS)  # fmt: skip
-    dropout = (dropout_seed_step, dropout_seed_high, dropout_threshold, dropout_scale)
+    dropout = (dropout_seed_step, dropout_seed_high) + dropout
     m_i = tl.full([BLOCK_M], NO_MAX, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     visited = 0
     for key_pass in tl.static_range(2):  # PREDICATED_PASS, then PLAIN_PASS
-        lo, hi = key_pass_bounds(key_pass, r0, r1, length, S, C, hstu, PATTERN, BLOCK_N)
+        lo, hi = key_pass_bounds(key_pass, r0, r1, length, masks, PATTERN, BLOCK_N)
         for n0 in range(lo, hi, BLOCK_N):
-            if key_tile_in_pass(key_pass, r0, r1, n0, length, S, C, hstu, PATTERN, BLOCK_N):
-                offs_n, k, v = load_key_tile(keys, n0, length, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_V, BLOCK_N)
+            if key_tile_in_pass(key_pass, r0, r1, n0, length, masks, PATTERN, BLOCK_N):
+                offs_n, k, v = load_key_tile(keys, n0, length, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N)
                 z, mask, _, _ = scores(
                     q, k, offs_m, offs_n, length, masks, biases, scale, PATTERN, HAS_BIAS, HAS_TIME_BIAS,
                     INPUT_PRECISION,
@@ -137,6 +71,6 @@ def segment_fwd_kernel(
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         acc = acc / l_safe[:, None]
         tl.store(LSE + head * total_tokens + token0 + offs_m, m_i + tl.log2(l_safe), mask=row_ok)
-    store_rows(head_rows(OUT, token0, head, stride_ot, stride_oh), offs_m, stride_ot, length, offs_dv, HEAD_DIM_V, acc)
+    store_rows(head_rows(OUT, token0, head), offs_m, length, HEAD_DIM_V, BLOCK_DV, acc)
     if COUNT_TILES:
-        tl.store(TILE_COUNTS + pid * tl.num_programs(1) + head, visited)
+        tl.store(TILE_COUNTS + tl.program_id(0) * tl.num_programs(1) + head, visited)
