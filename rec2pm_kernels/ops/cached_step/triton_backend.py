@@ -180,21 +180,7 @@ def cached_step_op(
 
 
 @cached_step_op.register_fake
-def _cached_step_fake(
-    q_new,
-    k_new,
-    v_new,
-    cu_seqlens_new,
-    max_new,
-    k_cache,
-    v_cache,
-    cache_seqlens,
-    score,
-    scale,
-    rel_bias,
-    silu_norm,
-    allow_tf32,
-):
+def _cached_step_fake(q_new, k_new, v_new, *options, **keyword_options):
     return v_new.new_empty(v_new.shape)
 
 

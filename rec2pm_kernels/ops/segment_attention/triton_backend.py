@@ -383,35 +383,21 @@ def _hstu_tuple(num_targets, silu_norms, contextual_seq_len, max_attn_len, min_f
     return (num_targets, silu_norms, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
 
 
+def _op_arguments(op) -> tuple[str, ...]:
+    """A custom op's argument names, in its schema's order."""
+    return tuple(argument.name for argument in op._opoverload._schema.arguments)
+
+
+def _named_arguments(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name (those left at their defaults are absent)."""
+    return dict(zip(names, args, strict=False), **kwargs)
+
+
 @segment_attention_fwd_op.register_fake
-def _segment_attention_fwd_fake(
-    q,
-    k,
-    v,
-    cu_seqlens,
-    max_seqlen,
-    pattern,
-    segment_len,
-    num_memory_tokens,
-    score,
-    scale,
-    rel_bias,
-    silu_norm,
-    allow_tf32,
-    deterministic,
-    num_targets=None,
-    silu_norms=None,
-    contextual_seq_len=0,
-    max_attn_len=0,
-    min_full_attn_seq_len=0,
-    causal=True,
-    dropout_p=0.0,
-    dropout_seed=0,
-    ts_bias=None,
-    timestamps=None,
-    query_timestamps=None,
-):
-    lse_shape = (q.shape[1], q.shape[0]) if score == "softmax" else (0,)
+def _segment_attention_fwd_fake(*args, **kwargs):
+    named = _named_arguments(_FWD_ARGS, args, kwargs)
+    q, v = named["q"], named["v"]
+    lse_shape = (q.shape[1], q.shape[0]) if named["score"] == "softmax" else (0,)
     return v.new_empty(v.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
@@ -476,70 +462,27 @@ def segment_attention_bwd_op(
 
 
 @segment_attention_bwd_op.register_fake
-def _segment_attention_bwd_fake(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    cu_seqlens,
-    max_seqlen,
-    pattern,
-    segment_len,
-    num_memory_tokens,
-    score,
-    scale,
-    rel_bias,
-    silu_norm,
-    allow_tf32,
-    deterministic,
-    num_targets=None,
-    silu_norms=None,
-    contextual_seq_len=0,
-    max_attn_len=0,
-    min_full_attn_seq_len=0,
-    causal=True,
-    dropout_p=0.0,
-    dropout_seed=0,
-    ts_bias=None,
-    timestamps=None,
-    query_timestamps=None,
-    tables_need_grad=True,
-):
+def _segment_attention_bwd_fake(*args, **kwargs):
+    named = _named_arguments(_op_arguments(segment_attention_bwd_op), args, kwargs)
+    q, k, v = named["q"], named["k"], named["v"]
+
     def table_grad(table):
         return table.new_empty(table.shape) if table is not None else q.new_empty((q.shape[1], 0), dtype=torch.float32)
 
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table_grad(rel_bias), table_grad(ts_bias)
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        *map(table_grad, (named["rel_bias"], named.get("ts_bias"))),
+    )
 
 
-# The forward op's inputs in its schema order; autograd hands them over as a tuple and
-# wants one gradient per input, so both sides go through these names.
+# The forward op's inputs in its schema order (read from the schema, so never restated);
+# autograd hands them over as a tuple and wants one gradient per input, so both sides go
+# through these names.
+_FWD_ARGS = _op_arguments(segment_attention_fwd_op)
 _FWD_TENSORS = ("q", "k", "v", "cu_seqlens")
-_FWD_OPTIONS = (
-    "max_seqlen",
-    "pattern",
-    "segment_len",
-    "num_memory_tokens",
-    "score",
-    "scale",
-    "rel_bias",
-    "silu_norm",
-    "allow_tf32",
-    "deterministic",
-    "num_targets",
-    "silu_norms",
-    "contextual_seq_len",
-    "max_attn_len",
-    "min_full_attn_seq_len",
-    "causal",
-    "dropout_p",
-    "dropout_seed",
-    "ts_bias",
-    "timestamps",
-    "query_timestamps",
-)
-_FWD_ARGS = _FWD_TENSORS + _FWD_OPTIONS
+_FWD_OPTIONS = tuple(name for name in _FWD_ARGS if name not in _FWD_TENSORS)
 # Tensors: saved for backward, not kept as options.
 _SAVED_OPTIONS = ("rel_bias", "num_targets", "silu_norms", "ts_bias", "timestamps", "query_timestamps")
 
