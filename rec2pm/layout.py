@@ -29,12 +29,23 @@ Every layout is a ``PackedLayout``: per-token index tensors (all ``int64``, ``-1
 field does not apply) plus ``cu_seqlens`` / ``max_seqlen`` for the kernels.  Item inputs are
 *packed histories*: the items of all users back to back, user ``u`` owning rows
 ``[items_cu[u], items_cu[u + 1])``; ``item_index`` and ``target_index`` index those rows.
+
+**Host and device.**  Layouts are built on the host, from the host lengths that input checks
+read anyway (sizing a layout on the device would read its sizes back).  A layout never changes
+once built, so it keeps what is derived from it: ``to(device)`` copies it once (one transfer
+of all per-token fields) and returns that copy on every later call, and the row sets
+(``rows``, ``target_rows``) and ``max_position`` are computed once on the host and moved with
+it, so no use site copies a layout or reads a device tensor back.  ``LayoutCache`` (the shared
+one: ``cached_layout``) keeps the layouts of recent calls by their builder and arguments,
+so that a batch with the lengths of an earlier one builds nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +54,18 @@ from rec2pm_kernels.varlen import expand_lengths, prepare_offsets, range_rows
 
 ITEM, WRITE, MEMORY = 0, 1, 2
 MODES = ("overwrite", "append")
+# The per-token fields of a PackedLayout, which travel to a device together as one tensor.
+PER_TOKEN_FIELDS = (
+    "role",
+    "user",
+    "segment",
+    "slot",
+    "position",
+    "item_index",
+    "target_index",
+    "memory_index",
+    "reference_index",
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,9 @@ class PackedLayout:
         reference_index: ``(T,)`` Stage 2 write tokens: the Stage 1 stream row of the write
             token with the same (user, segment, slot), whose output is the reference memory
             that ``L_con`` compares with; else ``-1``.
+
+    The tensors are never changed in place: device copies and row sets are kept with the
+    layout (module docstring, "Host and device"), and cached layouts are shared by calls.
     """
 
     cu_seqlens: torch.Tensor
@@ -81,6 +107,9 @@ class PackedLayout:
     target_index: torch.Tensor
     memory_index: torch.Tensor
     reference_index: torch.Tensor
+    # Device copies, row sets and host values derived from the fields, kept on first use;
+    # a device copy also keeps the host layout it came from under "host".
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -90,9 +119,41 @@ class PackedLayout:
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    @property
+    def host(self) -> PackedLayout:
+        """The layout as built (on the host); a device copy returns the layout it was copied from."""
+        return self._derived.get("host", self)
+
+    def _kept(self, key, make: Callable[[], object]):
+        """``make()``, computed on the first call and kept with the layout."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def _host_rows(self, key, find: Callable[[PackedLayout], torch.Tensor]) -> torch.Tensor:
+        """Rows that ``find`` picks on the host layout, on this layout's device (no read back)."""
+        host = self.host
+        if host is self:
+            return self._kept(key, lambda: find(self))
+        return self._kept(key, lambda: host._host_rows(key, find).to(self.role.device))
+
     def rows(self, role: int) -> torch.Tensor:
         """Stream rows holding tokens of ``role``, in stream order."""
-        return torch.nonzero(self.role == role).flatten()
+        return self._host_rows(("rows", role), lambda layout: torch.nonzero(layout.role == role).flatten())
+
+    @property
+    def target_rows(self) -> torch.Tensor:
+        """Item rows that predict a next item (``target_index >= 0``), in stream order."""
+        return self._host_rows(
+            "target_rows",
+            lambda layout: torch.nonzero((layout.role == ITEM) & (layout.target_index >= 0)).flatten(),
+        )
+
+    @property
+    def max_position(self) -> int:
+        """The largest position (``-1`` with no tokens), read on the host."""
+        host = self.host
+        return host._kept("max_position", lambda: int(host.position.max()) if host.num_tokens else -1)
 
     @property
     def last_rows(self) -> torch.Tensor:
@@ -109,9 +170,9 @@ class PackedLayout:
             write_tokens: ``(C, d)`` the learned write-token embeddings.
             memory: ``(bank_rows, d)`` the memory bank ``memory_index`` points into.
         """
-        out = items.new_zeros((self.num_tokens, items.shape[-1]))
         if self.role.device != items.device:
             return self.to(items.device).embed(items, write_tokens, memory)
+        out = items.new_zeros((self.num_tokens, items.shape[-1]))
         rows = self.rows(ITEM)
         out = out.index_put((rows,), items[self.item_index[rows]])
         rows = self.rows(WRITE)
@@ -151,41 +212,67 @@ class PackedLayout:
         Query times: an item that predicts a next item queries at that item's time; the last
         item of a history queries at its user's ``request_times`` (``(batch,)``) when given,
         else at its own time; write and memory tokens query at their own time.
+
+        The times are on ``item_times``' device, computed there from row sets found on the host.
         """
-        item_times = item_times.detach().cpu().long()
-        key = torch.zeros(self.num_tokens, dtype=torch.int64)
-        items = self.rows(ITEM)
-        key[items] = item_times[self.item_index[items]]
-        writes = self.rows(WRITE)
+        device = item_times.device
+        on_device = self.to(device)
+        item_times = item_times.detach().long()
+        key = torch.zeros(self.num_tokens, dtype=torch.int64, device=device)
+        items = on_device.rows(ITEM)
+        key[items] = item_times[on_device.item_index[items]]
+        writes = on_device.rows(WRITE)
         if writes.numel():
-            # The nearest item row at or before each row; blocks put write tokens right after their items.
-            item_rows = torch.where(self.role == ITEM, torch.arange(self.num_tokens), -1)
-            last_item = torch.cummax(item_rows, 0).values[writes]
-            starts = self.cu_seqlens.long()[:-1]
-            sequence = torch.searchsorted(self.cu_seqlens.long(), writes, right=True) - 1
-            if bool((last_item < starts[sequence]).any()):
-                raise ValueError("a write token has no item before it in its sequence; its time is undefined")
-            key[writes] = key[last_item]
-        memory = self.rows(MEMORY)
+            # Each write token takes the time of the nearest item row before it (found on the host).
+            key[writes] = key[on_device._host_rows("write_time_rows", _write_time_rows)]
+        memory = on_device.rows(MEMORY)
         if memory.numel():
             if memory_times is None:
                 raise ValueError("memory_times is required: this layout has memory tokens, and they carry a time")
-            key[memory] = memory_times.detach().cpu().long()[self.memory_index[memory]]
+            key[memory] = memory_times.detach().to(device).long()[on_device.memory_index[memory]]
         query = key.clone()
-        predicts = items[self.target_index[items] >= 0]
-        query[predicts] = item_times[self.target_index[predicts]]
+        predicts = on_device.target_rows
+        query[predicts] = item_times[on_device.target_index[predicts]]
         if request_times is not None:
-            last = items[self.target_index[items] < 0]
-            query[last] = request_times.detach().cpu().long()[self.user[last]]
+            last = on_device._host_rows(
+                "last_item_rows", lambda layout: layout.rows(ITEM)[layout.target_index[layout.rows(ITEM)] < 0]
+            )
+            query[last] = request_times.detach().to(device).long()[on_device.user[last]]
         return key, query
 
     def to(self, device) -> PackedLayout:
-        return PackedLayout(
-            **{
-                f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-                for f in fields(self)
-            }
+        """This layout on ``device``: copied on the first call, the same copy on every later one."""
+        device = torch.device(device)
+        if self.role.device == device:
+            return self
+        host = self.host
+        if host.role.device == device:
+            return host
+        return host._kept(("on", device), lambda: host._copy_to(device))
+
+    def _copy_to(self, device: torch.device) -> PackedLayout:
+        # One transfer for the per-token fields (views of one block on the device), one for the offsets.
+        per_token = torch.stack([getattr(self, name) for name in PER_TOKEN_FIELDS]).to(device)
+        copy = PackedLayout(
+            cu_seqlens=self.cu_seqlens.to(device),
+            max_seqlen=self.max_seqlen,
+            **dict(zip(PER_TOKEN_FIELDS, per_token.unbind(0), strict=True)),
         )
+        copy._derived["host"] = self
+        return copy
+
+
+def _write_time_rows(layout: PackedLayout) -> torch.Tensor:
+    """For each write token, the nearest item row at or before it: the row whose time it takes.
+    Blocks put write tokens right after their items."""
+    writes = layout.rows(WRITE)
+    item_rows = torch.where(layout.role == ITEM, torch.arange(layout.num_tokens), -1)
+    last_item = torch.cummax(item_rows, 0).values[writes]
+    starts = layout.cu_seqlens.long()[:-1]
+    sequence = torch.searchsorted(layout.cu_seqlens.long(), writes, right=True) - 1
+    if bool((last_item < starts[sequence]).any()):
+        raise ValueError("a write token has no item before it in its sequence; its time is undefined")
+    return last_item
 
 
 def _as_counts(name: str, values, minimum: int) -> torch.Tensor:
@@ -413,3 +500,87 @@ def split_history(items: torch.Tensor, lengths: torch.Tensor, segment_len: int):
     archived, tail = history_shape(lengths, segment_len)
     rows = packed_rows(lengths.cumsum(0) - tail, tail)
     return archived, items[rows.to(items.device)], prepare_offsets(tail)
+
+
+def _cache_key(value):
+    """A hashable stand-in for a builder argument; tensors by dtype, shape and values, so that
+    a float or bool tensor never finds the layout of an int one."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), tuple(value.flatten().tolist()))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_cache_key(v) for v in value))
+    return (type(value).__name__, value)
+
+
+class LayoutCache:
+    """Layouts by their builder and arguments, least recently used out first.
+
+    A call with the arguments of an earlier one returns that call's layout, with the device
+    copies and row sets it keeps, instead of building (and moving) it again.  Bounded twice:
+    at most ``max_entries`` layouts and ``max_tokens`` tokens among them (their device copies
+    hold as many on each device); a layout larger than ``max_tokens`` is built and not kept.
+    Safe to share between threads.  ``builds`` counts the layouts built through the cache.
+
+    A token costs about 72 bytes (nine int64 fields), so the default bound is about 19 MB per
+    device: room for many serving blocks and the streams of a few training batches.  Keeping a
+    layout is not free when no call repeats its lengths (its memory is not reused by the next
+    build), which is why the bound is small.
+    """
+
+    def __init__(self, max_entries: int = 256, max_tokens: int = 1 << 18):
+        for name, value in (("max_entries", max_entries), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.max_entries, self.max_tokens = max_entries, max_tokens
+        self.builds = 0
+        self._entries: OrderedDict[tuple, PackedLayout] = OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the layouts kept now."""
+        return self._tokens
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._tokens = 0
+
+    def get(self, builder: Callable[..., PackedLayout], *args, **kwargs) -> PackedLayout:
+        """``builder(*args, **kwargs)``, built on the first call with these arguments."""
+        try:
+            key = (builder, _cache_key(args), _cache_key(tuple(sorted(kwargs.items()))))
+            hash(key)
+        except TypeError:  # an argument that has no value to compare: build it every time
+            return builder(*args, **kwargs)
+        with self._lock:
+            layout = self._entries.get(key)
+            if layout is not None:
+                self._entries.move_to_end(key)
+                return layout
+        # Built outside the lock, so that threads build different layouts side by side.
+        layout = builder(*args, **kwargs)
+        with self._lock:
+            self.builds += 1
+            if key in self._entries or layout.num_tokens > self.max_tokens:
+                return layout
+            self._entries[key] = layout
+            self._tokens += layout.num_tokens
+            while len(self._entries) > self.max_entries or self._tokens > self.max_tokens:
+                _, dropped = self._entries.popitem(last=False)
+                self._tokens -= dropped.num_tokens
+        return layout
+
+
+# The layouts of the model's calls, shared by every model of the process: a layout depends on
+# its builder's arguments alone (lengths, S, C, mode), not on any model.
+layout_cache = LayoutCache()
+
+
+def cached_layout(builder: Callable[..., PackedLayout], *args, **kwargs) -> PackedLayout:
+    """``builder(*args, **kwargs)`` through the shared ``layout_cache``."""
+    return layout_cache.get(builder, *args, **kwargs)

@@ -74,15 +74,20 @@ class Decoder(nn.Module):
         if self.position is not None:
             nn.init.normal_(self.position.weight, std=std)
 
-    def _check_positions(self, positions: torch.Tensor) -> None:
-        if positions.numel() and int(positions.max()) >= self.config.max_positions:
+    def _check_positions(self, positions: torch.Tensor, max_position: int | None = None) -> None:
+        if not positions.numel():
+            return
+        largest = int(positions.max()) if max_position is None else max_position
+        if largest >= self.config.max_positions:
             raise ValueError(
-                f"a stream position reaches {int(positions.max())}, but the model was configured "
+                f"a stream position reaches {largest}, but the model was configured "
                 f"with max_positions={self.config.max_positions}; shorten the history or raise it"
             )
 
-    def _with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self._check_positions(positions)
+    def _with_positions(
+        self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None = None
+    ) -> torch.Tensor:
+        self._check_positions(positions, max_position)
         if self.position is None:
             return x
         return x + self.position(positions)
@@ -99,15 +104,18 @@ class Decoder(nn.Module):
         num_memory_tokens: int | None = None,
         collect_kv: bool = False,
         times: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_position: int | None = None,
     ):
         """``x (T, d)`` token embeddings at ``positions (T,)`` (the layout's λ) -> ``(T, d)``.
 
         With ``collect_kv`` also returns every layer's packed ``(k, v)``, ``(T, H, D)`` each.
         ``times``: ``(key_times, query_times)`` of the tokens (``PackedLayout.token_times``),
         required when the model has HSTU's timestamp bias (``num_time_buckets > 0``).
+        ``max_position``: the largest of ``positions`` when the caller has it on the host
+        (``PackedLayout.max_position``), so that checking them reads nothing back from the device.
         """
         time_options = self._time_options(times, x.device)
-        h = self.input_dropout(self._with_positions(x, positions))
+        h = self.input_dropout(self._with_positions(x, positions, max_position))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         kernels = self.config.kernels
 
@@ -155,8 +163,11 @@ class Decoder(nn.Module):
         max_new: int,
         caches: list[LayerCache],
         cache_seqlens: torch.Tensor,
+        max_position: int | None = None,
     ) -> torch.Tensor:
-        """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``."""
+        """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``.
+
+        ``max_position``: the largest of ``positions_new`` when the caller has it on the host."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
         if self.config.num_time_buckets:
@@ -165,9 +176,9 @@ class Decoder(nn.Module):
                 "scores with full passes (score_history), not prefill/step"
             )
         if fused_step.applies(self, x_new, caches):
-            self._check_positions(positions_new)
+            self._check_positions(positions_new, max_position)
             return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)
-        h = self._with_positions(x_new, positions_new)
+        h = self._with_positions(x_new, positions_new, max_position)
         kernels = self.config.kernels
         for block, cache in zip(self.blocks, caches, strict=True):
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..backbones import Decoder
 from ..config import ModelConfig
 from ..fields import check_instance_types
-from ..layout import ITEM, PackedLayout
+from ..layout import PackedLayout
 from ..losses import LOSSES, next_item_loss
 
 MODES = ("overwrite", "append")
@@ -115,7 +115,9 @@ class RecModel(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------------
     def check_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, name: str = "items") -> torch.Tensor:
-        """Validates packed histories (every one non-empty); returns the lengths (CPU int64)."""
+        """Validates packed histories (every one non-empty); returns the lengths (CPU int64).
+
+        Reads a device at most once (``check_packed_items``); layouts are built from these lengths."""
         lengths = self.check_packed_items(items, cu_seqlens, name)
         if lengths.numel() == 0:
             raise ValueError(f"cu_seqlens for {name} must be a 1-D tensor (batch + 1,) with batch >= 1")
@@ -130,6 +132,8 @@ class RecModel(nn.Module):
         """Packed item ids and their offsets (sequences may be empty); returns the lengths (CPU int64).
 
         ``batch``: the number of sequences the offsets must describe, when the caller knows it.
+        Device tensors come to the host in one read when items and offsets share a device (one
+        device-to-host sync on CUDA, not three).
         """
         if not isinstance(items, torch.Tensor) or items.dim() != 1 or items.dtype not in (torch.int32, torch.int64):
             raise TypeError(
@@ -152,14 +156,22 @@ class RecModel(nn.Module):
                 f"{offsets} must have batch + 1 = {batch + 1} entries (one user per row of the "
                 f"serving state), got {cu_seqlens.numel()}"
             )
-        cu = cu_seqlens.detach().cpu().long()
+        cu = cu_seqlens.detach().long()
+        extremes = None  # the smallest and largest id, read on the host; CPU tensors are read in place
+        if items.numel() and items.device.type != "cpu":
+            extremes = torch.stack([items.min(), items.max()]).long()
+            if extremes.device == cu.device:
+                host = torch.cat([cu, extremes]).cpu()
+                cu, extremes = host[:-2], host[-2:]
+            extremes = extremes.cpu()
+        cu = cu.cpu()
         lengths = cu.diff()
         if int(cu[0]) != 0 or int(cu[-1]) != items.numel() or bool((lengths < 0).any()):
             raise ValueError(
                 f"{offsets} must start at 0, be non-decreasing and end at {items.numel()}, got {cu.tolist()[:8]}"
             )
         if items.numel():
-            low, high = int(items.min()), int(items.max())
+            low, high = (int(items.min()), int(items.max())) if extremes is None else extremes.tolist()
             if low < 1 or high > self.config.num_items:
                 bad = low if low < 1 else high
                 raise ValueError(
@@ -239,8 +251,16 @@ class RecModel(nn.Module):
     # -- decoding and scoring -----------------------------------------------------------------
     def run(self, layout: PackedLayout, x: torch.Tensor, *, times=None, **pattern) -> torch.Tensor:
         """The decoder over ``layout``; ``times``: ``layout.token_times(...)`` with a timestamp bias."""
-        layout = layout.to(x.device)
-        return self.decoder(x, layout.position, layout.cu_seqlens, layout.max_seqlen, times=times, **pattern)
+        on_device = layout.to(x.device)
+        return self.decoder(
+            x,
+            on_device.position,
+            on_device.cu_seqlens,
+            on_device.max_seqlen,
+            times=times,
+            max_position=on_device.max_position,
+            **pattern,
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(n, d)`` -> ``(n, N + 1)`` scores, tied to the item embeddings; column 0 is -inf."""
@@ -250,8 +270,9 @@ class RecModel(nn.Module):
 
     def ar_loss(self, layout: PackedLayout, hidden: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Next-item loss over the item rows of ``layout`` that have a target."""
-        rows = torch.nonzero((layout.role == ITEM) & (layout.target_index >= 0)).flatten().to(hidden.device)
-        targets = items[layout.target_index.to(items.device)[rows]]
+        on_device = layout.to(hidden.device)
+        rows = on_device.target_rows
+        targets = items[on_device.target_index[rows]]
         loss = next_item_loss(
             self.options.loss, hidden[rows], targets, self.item_embedding.weight, self.options.num_negatives
         )

@@ -10,7 +10,7 @@ import torch
 
 from rec2pm_kernels.varlen import expand_lengths
 
-from ..layout import block_layout, history_shape, split_history
+from ..layout import block_layout, cached_layout, history_shape, split_history
 from .base import LossOutput, RecModel
 
 
@@ -33,7 +33,7 @@ class FullAttention(RecModel):
         lengths = self.check_history(items, cu_seqlens)
         timestamps = self.check_times(timestamps, items)
         request_times = self.check_request_times(request_times, lengths.numel())
-        layout = _whole_history_layout(lengths)
+        layout = cached_layout(_whole_history_layout, lengths)
         times = _times(layout, timestamps, request_times)
         return self.run(layout, self.item_embedding(items), times=times), layout
 
@@ -44,7 +44,7 @@ class FullAttention(RecModel):
 
     def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None, request_times=None):
         h, layout = self.hidden(items, cu_seqlens, timestamps, request_times)
-        return self.logits(h[layout.last_rows.to(h.device)])
+        return self.logits(h[layout.to(h.device).last_rows])
 
 
 class RecentOnly(RecModel):
@@ -61,8 +61,8 @@ class RecentOnly(RecModel):
         users, h_index = expand_lengths(archived + 1)  # block h of each user
         first = h_index * S
         counts = torch.minimum(lengths[users] - first, torch.full_like(first, S))
-        layout = block_layout(
-            torch.zeros_like(counts), counts, 1, users=users, item_first=first, history_lengths=lengths
+        layout = cached_layout(
+            block_layout, torch.zeros_like(counts), counts, 1, users=users, item_first=first, history_lengths=lengths
         )
         h = self.run(layout, layout.embed(self.item_embedding(items)), times=_times(layout, timestamps))
         ar, n = self.ar_loss(layout, h, items)
@@ -74,7 +74,7 @@ class RecentOnly(RecModel):
         request_times = self.check_request_times(request_times, lengths.numel())
         _, recent, recent_cu = split_history(items, lengths, self.config.segment_len)
         tail = recent_cu.diff()
-        layout = block_layout(torch.zeros_like(tail), tail, 1)
+        layout = cached_layout(_whole_history_layout, tail)
         recent_times = None if timestamps is None else split_history(timestamps, lengths, self.config.segment_len)[1]
         h = self.run(layout, self.item_embedding(recent), times=_times(layout, recent_times, request_times))
-        return self.logits(h[layout.last_rows.to(h.device)])
+        return self.logits(h[layout.to(h.device).last_rows])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones.decoder import caches_from_kv
-from ..layout import ITEM, split_history, stage1_layout
+from ..layout import ITEM, cached_layout, split_history, stage1_layout
 from .base import LossOutput, RecModel
 from .token_memory import memory_rows
 
@@ -39,18 +39,19 @@ class KVMask(RecModel):
 
     def stream(self, items: torch.Tensor, lengths: torch.Tensor, collect_kv: bool = False):
         S, C = self.config.segment_len, self.config.num_memory_tokens
-        layout = stage1_layout(lengths, S, C)
+        layout = cached_layout(stage1_layout, lengths, S, C)
         positions = torch.arange(layout.num_tokens) - layout.cu_seqlens[:-1].long()[layout.user]
         x = layout.embed(self.item_embedding(items), self.write_tokens)
         result = self.decoder(
             x,
             positions.to(x.device),
-            layout.cu_seqlens.to(x.device),
+            layout.to(x.device).cu_seqlens,
             layout.max_seqlen,
             pattern=self.pattern,
             segment_len=S,
             num_memory_tokens=C,
             collect_kv=collect_kv,
+            max_position=int(positions.max()) if positions.numel() else None,
         )
         return layout, result
 
@@ -70,7 +71,8 @@ class KVMask(RecModel):
         rows, counts = memory_rows(layout, archived, self.options.mode, C)
         tail_rows = torch.nonzero((layout.role == ITEM) & (layout.segment == archived[layout.user])).flatten()
         tail_positions = tail_rows - layout.cu_seqlens[:-1].long()[layout.user[tail_rows]]
-        memory = KVMemory([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv], counts)
+        rows = rows.to(items.device)  # once for every layer's keys and values
+        memory = KVMemory([(k[rows], v[rows]) for k, v in kv], counts)
         return memory, tail_items, tail_cu, tail_positions
 
     @torch.no_grad()

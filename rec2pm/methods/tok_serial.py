@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import WRITE, block_layout, history_shape
+from ..layout import WRITE, block_layout, cached_layout, history_shape
 from .base import LossOutput
 from .token_memory import TokenMemoryModel
 
@@ -30,7 +30,8 @@ class TokSerial(TokenMemoryModel):
             users = torch.nonzero(archived >= h).flatten()
             writes = archived[users] > h
             counts = torch.where(writes, S, lengths[users] - h * S)
-            layout = block_layout(
+            layout = cached_layout(
+                block_layout,
                 torch.full_like(users, memory.shape[1]),
                 counts,
                 C,
@@ -43,7 +44,7 @@ class TokSerial(TokenMemoryModel):
             out = self.run(layout, layout.embed(embeddings, self.write_tokens, self.memory_input(active)))
             yield layout, out
             new = memory.new_zeros((batch, C, d)).index_put(
-                (users[writes].to(memory.device),), out[layout.rows(WRITE).to(out.device)].view(-1, C, d)
+                (users[writes].to(memory.device),), out[layout.to(out.device).rows(WRITE)].view(-1, C, d)
             )
             memory = new if self.options.mode == "overwrite" else torch.cat([memory, new], dim=1)
             if self.options.serial_truncation and (h + 1) % self.options.serial_truncation == 0:

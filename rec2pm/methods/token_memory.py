@@ -25,7 +25,7 @@ import torch
 from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
 
 from ..backbones.decoder import LayerCache, caches_from_kv
-from ..layout import WRITE, packed_rows, serving_layout, split_history, stage1_layout, update_layout
+from ..layout import WRITE, cached_layout, packed_rows, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
 
 
@@ -77,7 +77,7 @@ class TokenMemoryModel(RecModel):
         """``stage1`` and the stream's key times (``None`` without ``timestamps``): what the
         memory tokens read after it."""
         S, C = self.config.segment_len, self.config.num_memory_tokens
-        layout = stage1_layout(lengths, S, C)
+        layout = cached_layout(stage1_layout, lengths, S, C)
         x = layout.embed(self.item_embedding(items), self.write_tokens)
         times = layout.token_times(timestamps) if timestamps is not None else None
         out = self.run(layout, x, times=times, pattern="global", segment_len=S, num_memory_tokens=C)
@@ -126,10 +126,10 @@ class TokenMemoryModel(RecModel):
 
     def _update(self, memory: Memory, segment_items: torch.Tensor, lengths: torch.Tensor) -> Memory:
         C = self.config.num_memory_tokens
-        layout = update_layout(memory.counts, lengths, C)
+        layout = cached_layout(update_layout, memory.counts, lengths, C)
         x = layout.embed(self.item_embedding(segment_items), self.write_tokens, self.memory_input(memory.vectors))
         out = self.run(layout, x)
-        new = out[layout.rows(WRITE).to(out.device)]  # C rows per user, user after user
+        new = out[layout.to(out.device).rows(WRITE)]  # C rows per user, user after user
         if self.options.mode == "overwrite":
             return Memory(new, torch.full_like(memory.counts, C))
         # Append: each user's old memories, then its new C (two ranges per user of one source).
@@ -151,14 +151,20 @@ class TokenMemoryModel(RecModel):
         self.check_memory(memory.vectors, memory.counts, lengths.numel())
         recent_times = self.check_times(recent_times, recent_items, "recent_times")
         request_times = self.check_request_times(request_times, lengths.numel())
-        layout = serving_layout(memory.counts, lengths, self.config.num_memory_tokens)
+        layout = cached_layout(serving_layout, memory.counts, lengths, self.config.num_memory_tokens)
         times = None
         if recent_times is not None:
             times = layout.token_times(recent_times, memory_times=memory.times, request_times=request_times)
         layout = layout.to(recent_items.device)
         x = layout.embed(self.item_embedding(recent_items), self.write_tokens, self.memory_input(memory.vectors))
         result = self.decoder(
-            x, layout.position, layout.cu_seqlens, layout.max_seqlen, collect_kv=collect_kv, times=times
+            x,
+            layout.position,
+            layout.cu_seqlens,
+            layout.max_seqlen,
+            collect_kv=collect_kv,
+            times=times,
+            max_position=layout.max_position,
         )
         return layout, result
 
@@ -196,18 +202,19 @@ class TokenMemoryModel(RecModel):
         """
         if not isinstance(state, ServingState):
             raise TypeError(f"state must be the ServingState that prefill returned, got {type(state).__name__}")
-        counts = self.check_packed_items(new_items, new_cu, "new_items", batch=state.seqlens.numel()).to(new_cu.device)
+        counts = self.check_packed_items(new_items, new_cu, "new_items", batch=state.seqlens.numel())  # host
         if new_items.device != state.seqlens.device or new_cu.device != state.seqlens.device:
             raise ValueError(
                 f"new_items and new_cu must be on the serving state's device {state.seqlens.device}, "
                 f"got {new_items.device} and {new_cu.device}"
             )
         capacity = state.caches[0].k.shape[1] if state.caches else 0
-        ends = state.seqlens.long().cpu() + counts.cpu()
+        held = state.seqlens.long().cpu()
+        ends = held + counts
         if ends.numel() and int(ends.max()) > capacity:
             user = int(ends.argmax())
             raise ValueError(
-                f"the serving state is full: user {user} holds {int(state.seqlens[user])} of "
+                f"the serving state is full: user {user} holds {int(held[user])} of "
                 f"{capacity} cache slots and got {int(counts[user])} new events; prefill with a "
                 "larger capacity"
             )
@@ -220,8 +227,10 @@ class TokenMemoryModel(RecModel):
             int(counts.max()) if counts.numel() else 0,
             state.caches,
             state.seqlens,
+            # The last new position of a user with new events is ends - 1.
+            max_position=max((e - 1 for e, n in zip(ends.tolist(), counts.tolist(), strict=True) if n), default=None),
         )
-        state.seqlens += counts.to(torch.int32)
+        state.seqlens += counts.to(state.seqlens.device, torch.int32)
         last = (new_cu[1:] - 1).clamp(min=0)
         return self.logits(h[last]) if new_items.numel() else h.new_zeros((counts.numel(), self.config.num_items + 1))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import WRITE, stage2_layout
+from ..layout import WRITE, cached_layout, stage2_layout
 from .base import LossOutput
 from .token_memory import TokenMemoryModel
 
@@ -24,7 +24,7 @@ class Rec2PM(TokenMemoryModel):
         """All Stage 2 blocks in one pass; memory tokens read ``bank`` at Stage 1 rows (and,
         with a timestamp bias, their times from ``bank_times``, the Stage 1 key times)."""
         S, C = self.config.segment_len, self.config.num_memory_tokens
-        layout = stage2_layout(lengths, S, C, self.options.mode)
+        layout = cached_layout(stage2_layout, lengths, S, C, self.options.mode)
         x = layout.embed(self.item_embedding(items), self.write_tokens, self.memory_input(bank))
         times = layout.token_times(timestamps, memory_times=bank_times) if timestamps is not None else None
         return layout, self.run(layout, x, times=times)
