@@ -51,7 +51,7 @@ class KVMask(RecModel):
             segment_len=S,
             num_memory_tokens=C,
             collect_kv=collect_kv,
-            max_position=int(positions.max()) if positions.numel() else None,
+            max_position=layout.max_seqlen - 1 if layout.num_tokens else None,  # positions restart per user
         )
         return layout, result
 
