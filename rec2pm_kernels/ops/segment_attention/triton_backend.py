@@ -296,7 +296,7 @@ def segment_backward(
             lambda meta: (programs, heads),
             dict(
                 inputs,
-                DQ=None,
+                DQ=None,  # not written; dq's strides only fill the kernel's DQ tuple
                 PARTIAL=partial if rel_bias is not None else None,
                 TIME_PARTIAL=time_partial if time_bias is not None else None,
                 TILE_COUNTS=None,
@@ -463,7 +463,7 @@ def segment_attention_bwd_op(
 
 @segment_attention_bwd_op.register_fake
 def _segment_attention_bwd_fake(*args, **kwargs):
-    named = _named_arguments(_op_arguments(segment_attention_bwd_op), args, kwargs)
+    named = _named_arguments(_BWD_ARGS, args, kwargs)
     q, k, v = named["q"], named["k"], named["v"]
 
     def table_grad(table):
@@ -481,6 +481,7 @@ def _segment_attention_bwd_fake(*args, **kwargs):
 # autograd hands them over as a tuple and wants one gradient per input, so both sides go
 # through these names.
 _FWD_ARGS = _op_arguments(segment_attention_fwd_op)
+_BWD_ARGS = _op_arguments(segment_attention_bwd_op)
 _FWD_TENSORS = ("q", "k", "v", "cu_seqlens")
 _FWD_OPTIONS = tuple(name for name in _FWD_ARGS if name not in _FWD_TENSORS)
 # Tensors: saved for backward, not kept as options.
