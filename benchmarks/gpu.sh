@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks and kernel benchmarks for a machine with a CUDA device; about 5 minutes in all.
+# GPU checks and kernel benchmarks for a machine with a CUDA device; about 5 minutes in all
+# (up to 5 more when the CUDA kernels are built).
 #
 #   bash benchmarks/gpu.sh                   # results in $OUT, else benchmarks/results/gpu
 #
@@ -8,7 +9,10 @@
 #   install       pip install --no-deps --no-build-isolation -e .          T_INSTALL=40
 #                 (REC2PM_BUILD_EXT=0: no C++ CPU build; REC2PM_GPU_SKIP_INSTALL=1 skips it)
 #   smoke         benchmarks/gpu_smoke.py: Triton vs torch backend, bf16  T_SMOKE=60
-#   gpu-tests     pytest -m gpu tests/                                     T_TESTS=75
+#   cuda-build    the extension with its CUDA kernels (when nvcc is found)   T_CUDA_BUILD=240
+#   cuda-kernels  tests/kernels/test_cuda_backend.py against the oracle;     T_CUDA_TESTS=60
+#                 writes cuda-validation.json (what `auto` waits for)
+#   gpu-tests     pytest -m gpu tests/ (the CUDA kernels' file excepted)     T_TESTS=75
 #   bench-cached  benchmarks/test_cached_step.py                           T_BENCH_CACHED=20
 #   bench-segment benchmarks/test_segment_attention.py: SDPA, flash-attn   T_BENCH_SEGMENT=45
 #                 and the triton backend
@@ -82,7 +86,29 @@ install_package() {
     --no-input -e .
 }
 
-export -f env_report install_package  # `timeout` runs programs, so the two shell functions run through bash -c
+build_cuda_extension() {
+  if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
+    echo "torch has no CUDA: the CUDA kernels are not built (backend='cuda' stays unavailable)"
+    return 0
+  fi
+  if ! command -v nvcc >/dev/null 2>&1 && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    echo "nvcc not found: the CUDA kernels are not built (backend='cuda' stays unavailable)"
+    return 0
+  fi
+  REC2PM_BUILD_EXT=1 REC2PM_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install --no-deps \
+    --no-build-isolation --no-index --disable-pip-version-check --no-input -e .
+}
+
+# The CUDA kernels against the oracle, and a record of the outcome beside the results.
+validate_cuda_kernels() {
+  "$PY" -m pytest -q -m gpu tests/kernels/test_cuda_backend.py -p no:cacheprovider \
+    --junitxml="$OUT_DIR/cuda-kernels.xml"
+  local rc=$?
+  "$PY" benchmarks/cuda_validation.py "$OUT_DIR/cuda-kernels.xml" "$rc" "$OUT_DIR/cuda-validation.json"
+  return "$rc"
+}
+
+export -f env_report install_package build_cuda_extension validate_cuda_kernels  # `timeout` runs programs, so the two shell functions run through bash -c
 run_stage env "${T_ENV:-10}" bash -c env_report
 has_cuda=0
 timeout 30 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && has_cuda=1
@@ -95,8 +121,10 @@ fi
 
 run_stage install "${T_INSTALL:-40}" bash -c install_package
 run_stage smoke "${T_SMOKE:-60}" "$PY" benchmarks/gpu_smoke.py
+run_stage cuda-build "${T_CUDA_BUILD:-240}" bash -c build_cuda_extension
+run_stage cuda-kernels "${T_CUDA_TESTS:-60}" bash -c validate_cuda_kernels
 run_stage gpu-tests "${T_TESTS:-75}" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider \
-  --junitxml="$OUT_DIR/gpu-tests.xml"
+  --ignore=tests/kernels/test_cuda_backend.py --junitxml="$OUT_DIR/gpu-tests.xml"
 bench=("$PY" -m pytest -q -p no:cacheprovider --bench-mode "$bench_mode" --bench-results "$OUT_DIR/bench")
 run_stage bench-cached "${T_BENCH_CACHED:-20}" "${bench[@]}" benchmarks/test_cached_step.py
 # segment_attention in three runs, most important first; each repeats the SDPA baseline for its ratio tables.

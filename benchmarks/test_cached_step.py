@@ -7,8 +7,9 @@ append, then SDPA of a 1-row query over the N + 1 keys (forced onto the FlashAtt
 kernel for bf16 on CUDA).  flash-attn's ``flash_attn_with_kvcache`` (the same append and
 attention in one kernel) runs when installed.
 
-Devices: CUDA in bf16 with 128 users; CPU in fp32 with 8 users, where only the ``torch``
-backend and SDPA run (``triton`` and flash-attn are skipped, with the reason).
+Devices: CUDA in bf16 with 128 users, where the compiled CUDA kernels (``cuda``) run beside
+Triton when the extension is built with CUDA; CPU in fp32 with 8 users, where the ``torch``
+and ``cpp`` backends and SDPA run (``triton``, ``cuda`` and flash-attn are skipped, with the reason).
 Quick mode: N = 1k, d = 16.  Full mode: N = 1k, 4k, 16k and d = 16, 64.
 """
 
@@ -33,7 +34,24 @@ HEADS = 4
 USERS = {"cpu": 8, "cuda": 128}
 SLOTS = {"quick": [1024], "full": [1024, 4096, 16384]}
 HEAD_DIMS = {"quick": [16], "full": [16, 64]}
-CASES = ["sdpa/cache", "flash_attn/kvcache", "torch/cached_step", "triton/cached_step", "cpp/cached_step"]
+CASES = [
+    "sdpa/cache",
+    "flash_attn/kvcache",
+    "torch/cached_step",
+    "triton/cached_step",
+    "cpp/cached_step",
+    "cuda/cached_step",
+]
+
+
+def cuda_kernels_skip_reason(device: torch.device) -> str | None:
+    """Why the compiled CUDA kernels (``backend="cuda"``) do not run here, or ``None``."""
+    from rec2pm_kernels import backends
+
+    status = backends()["cuda"]
+    if not status.available:
+        return status.reason
+    return None if device.type == "cuda" else "backend='cuda' runs on CUDA tensors"
 
 
 def make_call(case: str, users: int, slots: int, head_dim: int, device: torch.device, dtype: torch.dtype):
@@ -90,9 +108,12 @@ def test_cached_step(measure, bench_mode, slots, head_dim, case):
     backend = case.split("/")[0]
     from .test_segment_attention import cpp_skip_reason
 
-    reason = {"triton": triton_skip_reason, "flash_attn": flash_attn_skip_reason, "cpp": cpp_skip_reason}.get(
-        backend, lambda d: None
-    )(device)
+    reason = {
+        "triton": triton_skip_reason,
+        "flash_attn": flash_attn_skip_reason,
+        "cpp": cpp_skip_reason,
+        "cuda": cuda_kernels_skip_reason,
+    }.get(backend, lambda d: None)(device)
     if reason:
         pytest.skip(reason)
     dtype = bench_dtype(device)

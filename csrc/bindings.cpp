@@ -5,6 +5,9 @@
 #include "cpu/attention_ops.h"
 #include "cpu/decoder_step_ops.h"
 #include "cpu/patterns_ops.h"
+#ifdef REC2PM_WITH_CUDA
+#include "cuda/attention_cuda_ops.h"
+#endif
 #include "rec2pm/attention_math.h"
 #include "rec2pm/hstu_masks.h"
 
@@ -76,6 +79,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("visibility_mask_cuda", &rec2pm::visibility_mask_cuda, "Dense (n, n) bool mask of a pattern on a GPU",
         pybind11::arg("pattern"), pybind11::arg("n"), pybind11::arg("segment_len"),
         pybind11::arg("num_memory_tokens"), pybind11::arg("device_index"));
+  m.def("cached_step_forward_cuda", &rec2pm::cached_step_forward_cuda,
+        "cached_step_attention on CUDA: appends to the caches in place, returns the new rows' outputs",
+        pybind11::arg("q_new"), pybind11::arg("k_new"), pybind11::arg("v_new"), pybind11::arg("cu_seqlens_new"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cache_seqlens"), pybind11::arg("score"),
+        pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"));
+  m.def("segment_attention_forward_cuda", &rec2pm::segment_attention_forward_cuda,
+        "segment_attention forward on CUDA for short blocks (every pattern, both scores, the relative bias)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens"),
+        pybind11::arg("max_seqlen"), pybind11::arg("pattern"), pybind11::arg("segment_len"),
+        pybind11::arg("num_memory_tokens"), pybind11::arg("score"), pybind11::arg("scale"),
+        pybind11::arg("rel_bias"), pybind11::arg("silu_norm"));
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -9,7 +9,7 @@ import torch
 
 from . import _extension
 
-BACKENDS = ("auto", "torch", "triton", "cpp")
+BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 OPS = ("segment_attention", "cached_step_attention")
 
 
@@ -86,6 +86,34 @@ def _probe_cpp() -> BackendStatus:
     )
 
 
+_CUDA_STATUS: dict[bool, BackendStatus] = {}  # by whether a CUDA device is present
+
+
+def _cuda_status(device_present: bool) -> BackendStatus:
+    if device_present not in _CUDA_STATUS:
+        _CUDA_STATUS[device_present] = _probe_cuda(device_present)
+    return _CUDA_STATUS[device_present]
+
+
+def _probe_cuda(device_present: bool) -> BackendStatus:
+    if _extension.C is None or not getattr(_extension.C, "with_cuda", False):
+        return BackendStatus(
+            "cuda",
+            False,
+            (),
+            "rec2pm_kernels._C is built without CUDA kernels (they build where torch has CUDA and nvcc is found)",
+        )
+    if not device_present:
+        return BackendStatus("cuda", False, (), "rec2pm_kernels._C has CUDA kernels, but no CUDA device is present")
+    return BackendStatus(
+        "cuda",
+        True,
+        OPS,
+        "rec2pm_kernels._C CUDA kernels: forward only; segment_attention without HSTU's masks, ts_bias "
+        "or dropout (short blocks such as the memory update); auto keeps triton on CUDA",
+    )
+
+
 _TORCH_STATUS = BackendStatus("torch", True, OPS, f"torch {torch.__version__}")
 
 
@@ -93,15 +121,17 @@ def _status(name: str) -> BackendStatus:
     """One backend's status, from the per-process caches (every attention call asks)."""
     if name == "triton":
         return _triton_status(torch.cuda.is_available(), triton_interpreting())
+    if name == "cuda":
+        return _cuda_status(torch.cuda.is_available())
     return _cpp_status() if name == "cpp" else _TORCH_STATUS
 
 
 def backends() -> dict[str, BackendStatus]:
-    """Status of every backend: ``{"torch": BackendStatus(...), "triton": ..., "cpp": ...}``.
+    """Status of every backend: ``{"torch": BackendStatus(...), "triton": ..., "cpp": ..., "cuda": ...}``.
 
     >>> rec2pm_kernels.backends()["cpp"].reason
     """
-    return {name: _status(name) for name in ("torch", "triton", "cpp")}
+    return {name: _status(name) for name in BACKENDS[1:]}
 
 
 # Softmax over long causal-like sequences (causal, global) is faster through SDPA's fused
@@ -127,6 +157,11 @@ def _auto_choice(device: torch.device, needs_grad: bool, dtype: torch.dtype, pre
     return "torch"
 
 
+# The compiled forward-only backends: the device type each runs on, and the backend that
+# gives gradients there.
+FORWARD_ONLY = {"cpp": ("cpu", "torch"), "cuda": ("cuda", "triton")}
+
+
 def resolve_backend(
     requested: str,
     op: str,
@@ -140,7 +175,10 @@ def resolve_backend(
     ``auto`` picks ``triton`` for CUDA tensors of fp16, bf16 or fp32 when Triton is
     installed; on the CPU ``cpp`` when no gradient is needed, the extension is built and
     ``prefer_cpp`` (see ``cpp_preferred``), else ``torch``.  ``triton`` takes CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients.
+    ``TRITON_INTERPRET=1``; ``cpp`` takes CPU tensors and no gradients; ``cuda`` (the compiled
+    CUDA kernels) CUDA tensors and no gradients.  ``auto`` does not pick ``cuda``: its kernels are
+    checked against the oracle by ``benchmarks/gpu.sh`` on a GPU, and ``auto`` keeps ``triton``
+    until that check has passed and its timings favour them.
     """
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
@@ -149,14 +187,17 @@ def resolve_backend(
     status = _status(requested)
     if op not in status.ops:
         raise ValueError(f"backend={requested!r} cannot run {op} here: {status.reason}")
-    if requested == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+    if requested in FORWARD_ONLY:
+        device_type, gradients_on = FORWARD_ONLY[requested]
+        if device.type != device_type:
+            raise ValueError(f"backend={requested!r} runs on {device_type.upper()} tensors, got tensors on {device}")
         if needs_grad:
             raise ValueError(
-                f"backend='cpp' is forward only, but an input of {op} requires grad; use "
-                "backend='torch' (or 'auto', which picks it) for gradients, or call it under torch.no_grad()"
+                f"backend={requested!r} is forward only, but an input of {op} requires grad; use "
+                f"backend={gradients_on!r} (or 'auto', which picks it) for gradients, or call it under torch.no_grad()"
             )
+    if requested == "cuda" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"backend='cuda' takes float32, float16 or bfloat16 tensors, got {dtype}")
     if requested == "triton" and not (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"

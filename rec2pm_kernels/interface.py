@@ -14,8 +14,10 @@ from . import validation as check
 from .backends import cpp_preferred, resolve_backend
 from .hstu_masks import HSTUMask
 from .ops.cached_step.cpp_backend import cached_step_cpp
+from .ops.cached_step.cuda_backend import cached_step_cuda
 from .ops.cached_step.torch_backend import cached_step_torch
 from .ops.segment_attention.cpp_backend import segment_attention_cpp
+from .ops.segment_attention.cuda_backend import segment_attention_cuda
 from .ops.segment_attention.torch_backend import segment_attention_torch
 from .patterns import PatternSpec
 from .time_bias import next_timestamps
@@ -31,6 +33,15 @@ def _segment_attention_triton(q, k, v, cu_seqlens, max_seqlen, **options):
 def _segment_attention_cpp(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
     # Forward only, exact fp32 (or fp64) math, deterministic for any thread count.
     return segment_attention_cpp(q, k, v, cu_seqlens, **options)
+
+
+def _segment_attention_cuda(q, k, v, cu_seqlens, max_seqlen, *, allow_tf32, deterministic, **options):
+    # Forward only, fp32 math in a fixed order: deterministic, no TF32.
+    return segment_attention_cuda(q, k, v, cu_seqlens, max_seqlen, **options)
+
+
+def _cached_step_cuda(*args, allow_tf32, **options):
+    return cached_step_cuda(*args, **options)
 
 
 def _cached_step_torch(*args, allow_tf32, **options):
@@ -57,8 +68,14 @@ SEGMENT_ATTENTION_IMPLS = {
     "torch": _segment_attention_torch,
     "triton": _segment_attention_triton,
     "cpp": _segment_attention_cpp,
+    "cuda": _segment_attention_cuda,
 }
-CACHED_STEP_IMPLS = {"torch": _cached_step_torch, "triton": _cached_step_triton, "cpp": _cached_step_cpp}
+CACHED_STEP_IMPLS = {
+    "torch": _cached_step_torch,
+    "triton": _cached_step_triton,
+    "cpp": _cached_step_cpp,
+    "cuda": _cached_step_cuda,
+}
 
 
 def segment_attention(
@@ -151,14 +168,16 @@ def segment_attention(
             position, head): equal seeds give equal masks, forward and backward, on the
             ``torch`` and ``triton`` backends alike; ``None`` takes a seed from torch's default
             generator (reproducible under ``torch.manual_seed``).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpp"``.  ``"auto"`` runs ``triton`` on
-            CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the extension is
-            built (except softmax with ``causal`` or ``global`` over sequences longer than
-            512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"`` is
-            forward only.  ``rec2pm_kernels.backends()`` says which are available here and why not.
-            The HSTU masks, ``ts_bias`` and a per-sequence ``silu_norm`` run on every backend,
-            dropout on ``torch`` and ``triton`` (the same draws for one seed; ``auto`` does not
-            pick ``cpp`` for it).
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"``.  ``"auto"`` runs
+            ``triton`` on CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the
+            extension is built (except softmax with ``causal`` or ``global`` over sequences
+            longer than 512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"``
+            (CPU) and ``"cuda"`` (the compiled CUDA kernels, for short blocks such as the
+            memory update; ``auto`` does not pick it) are forward only.
+            ``rec2pm_kernels.backends()`` says which are available here and why not.
+            The HSTU masks, ``ts_bias`` and a per-sequence ``silu_norm`` run on every backend
+            but ``cuda``, dropout on ``torch`` and ``triton`` (the same draws for one seed;
+            ``auto`` does not pick ``cpp`` for it).
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
             shapes, dtypes, devices, options and ranges of the Python arguments; and, when
             ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
@@ -212,8 +231,8 @@ def segment_attention(
     # An upper bound that sizes work: no sequence is longer than all the tokens.
     max_seqlen = min(max_seqlen, q.shape[0])
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
-    if dropout_p > 0 and backend == "cpp":
-        raise ValueError("backend='cpp' is forward only and has no dropout_p; use backend='torch' or 'triton'")
+    if dropout_p > 0 and backend in ("cpp", "cuda"):
+        raise ValueError(f"backend={backend!r} is forward only and has no dropout_p; use backend='torch' or 'triton'")
     chosen = resolve_backend(
         backend,
         "segment_attention",

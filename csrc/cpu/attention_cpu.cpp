@@ -23,6 +23,7 @@
 #include "rec2pm/attention_math.h"
 #include "vector_math.h"
 #include "rec2pm/hstu_masks.h"
+#include "rec2pm/split_keys.h"
 #include "rec2pm/time_bias.h"
 
 namespace rec2pm {
@@ -82,17 +83,40 @@ __attribute__((always_inline)) inline void add_weighted_values(const T* w, const
   }
 }
 
-// Softmax (in place, returns 1 / sum) or SiLU weights of n scores.
+// Softmax or SiLU weights of n scores, in place, with the chunk's maximum and weight sum
+// (split_keys.h; SiLU's are 0 and unused).  One function per score: a branch on the score
+// inside the callers' loops over heads kept the exp loop from vectorising as well.
 template <typename T>
-__attribute__((always_inline)) inline T score_weights(T* s, int64_t n, Score score, T silu_norm) {
-  if (score == Score::kSilu) {
-    const T inv_norm = T(1) / silu_norm;
-    for (int64_t j = 0; j < n; ++j) s[j] = s[j] / (T(1) + vector_exp(-s[j])) * inv_norm;
-    return T(1);
-  }
+__attribute__((always_inline)) inline void softmax_weights(T* s, int64_t n, T* max, T* sum) {
   const T top = lane_max(s, n);
   for (int64_t j = 0; j < n; ++j) s[j] = vector_exp(s[j] - top);
-  return T(1) / lane_sum(s, n);
+  *max = top;
+  *sum = lane_sum(s, n);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void silu_weights(T* s, int64_t n, T silu_norm, T* max, T* sum) {
+  const T inv_norm = T(1) / silu_norm;
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] / (T(1) + vector_exp(-s[j])) * inv_norm;
+  *max = *sum = T(0);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void chunk_weights(T* s, int64_t n, Score score, T silu_norm, T* max, T* sum) {
+  if (score == Score::kSilu) {
+    silu_weights(s, n, silu_norm, max, sum);
+  } else {
+    softmax_weights(s, n, max, sum);
+  }
+}
+
+// The weights of all of a row's n scores, in place; returns what their weighted sum is
+// multiplied by (1 / sum for softmax, 1 for SiLU).
+template <typename T>
+__attribute__((always_inline)) inline T score_weights(T* s, int64_t n, Score score, T silu_norm) {
+  T max, sum;
+  chunk_weights(s, n, score, silu_norm, &max, &sum);
+  return finish_scale(score, sum);
 }
 
 struct SegmentProblem {
@@ -251,76 +275,100 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
   });
 }
 
-// One new row over slots [0, position] of its user's cache (keys and values already offset
-// to the user and head).
+// A row of the cached step attends to slots [0, position] of its user's cache.  A row with
+// more than kCacheChunk slots is split into even chunks of at most that many (split_keys.h),
+// each its own task, so one user's long cache spreads over the threads at small batches;
+// the chunk partials then merge in order.  The chunks depend only on the row's length, so
+// results do not depend on the thread count.
+constexpr int64_t kCacheChunk = 4096;
+
+// A chunk's partial result: dim_v weighted values, then the largest score and the weight sum.
 template <typename T>
-__attribute__((always_inline)) inline void attend_cached_row(const T* query, const T* keys, CacheLayout ks,
-                                                             const T* values, CacheLayout vs, int64_t dim,
-                                                             int64_t dim_v, int64_t position, Score score, T scale,
-                                                             const T* bias_row, int64_t buckets, T silu_norm,
-                                                             T* scores, T* acc, T* out) {
-  for (int64_t j = 0; j <= position; ++j) {
-    const T* key = keys + j * ks.slot;
+struct PartialRows {
+  std::vector<T> data;
+  int64_t dim_v = 0, chunks = 0, heads = 0;
+  T* at(int64_t t, int64_t h, int64_t c) { return data.data() + ((t * heads + h) * chunks + c) * (dim_v + 2); }
+};
+
+// One new row (keys and values already offset to the user and head), slots [first, last):
+// writes the chunk's unnormalised weighted values to acc and its maximum and sum.
+template <typename T>
+__attribute__((always_inline)) inline void attend_cached_chunk(const T* query, const T* keys, CacheLayout ks,
+                                                               const T* values, CacheLayout vs, int64_t dim,
+                                                               int64_t dim_v, int64_t position, int64_t first,
+                                                               int64_t last, Score score, T scale, const T* bias_row,
+                                                               int64_t buckets, T silu_norm, T* scores, T* acc,
+                                                               T* max, T* sum) {
+  const int64_t n = last - first;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* key = keys + (first + j) * ks.slot;
     T z = 0;
     for (int64_t d = 0; d < dim; ++d) z += query[d] * key[d * ks.dim];
     z *= scale;
-    if (bias_row != nullptr) z += bias_row[bias_bucket(position, j, buckets)];
+    if (bias_row != nullptr) z += bias_row[bias_bucket(position, first + j, buckets)];
     scores[j] = z;
   }
-  const T normaliser = score_weights(scores, position + 1, score, silu_norm);
+  chunk_weights(scores, n, score, silu_norm, max, sum);
   std::fill(acc, acc + dim_v, T(0));
+  const T* chunk_values = values + first * vs.slot;
   if (vs.dim == 1) {
-    add_weighted_values(scores, values, vs.slot, position + 1, dim_v, acc);
+    add_weighted_values(scores, chunk_values, vs.slot, n, dim_v, acc);
   } else {
-    for (int64_t j = 0; j <= position; ++j) {
-      for (int64_t e = 0; e < dim_v; ++e) acc[e] += scores[j] * values[j * vs.slot + e * vs.dim];
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t e = 0; e < dim_v; ++e) acc[e] += scores[j] * chunk_values[j * vs.slot + e * vs.dim];
     }
   }
-  for (int64_t e = 0; e < dim_v; ++e) out[e] = acc[e] * normaliser;
 }
 
-REC2PM_VECTOR_CLONES void attend_cached_row_f32(const float* query, const float* keys, CacheLayout ks,
-                                                const float* values, CacheLayout vs, int64_t dim, int64_t dim_v,
-                                                int64_t position, Score score, float scale, const float* bias_row,
-                                                int64_t buckets, float silu_norm, float* scores, float* acc,
-                                                float* out) {
-  attend_cached_row<float>(query, keys, ks, values, vs, dim, dim_v, position, score, scale, bias_row, buckets,
-                           silu_norm, scores, acc, out);
+REC2PM_VECTOR_CLONES void attend_cached_chunk_f32(const float* query, const float* keys, CacheLayout ks,
+                                                  const float* values, CacheLayout vs, int64_t dim, int64_t dim_v,
+                                                  int64_t position, int64_t first, int64_t last, Score score,
+                                                  float scale, const float* bias_row, int64_t buckets,
+                                                  float silu_norm, float* scores, float* acc, float* max,
+                                                  float* sum) {
+  attend_cached_chunk<float>(query, keys, ks, values, vs, dim, dim_v, position, first, last, score, scale, bias_row,
+                             buckets, silu_norm, scores, acc, max, sum);
 }
-REC2PM_VECTOR_CLONES void attend_cached_row_f64(const double* query, const double* keys, CacheLayout ks,
-                                                const double* values, CacheLayout vs, int64_t dim, int64_t dim_v,
-                                                int64_t position, Score score, double scale, const double* bias_row,
-                                                int64_t buckets, double silu_norm, double* scores, double* acc,
-                                                double* out) {
-  attend_cached_row<double>(query, keys, ks, values, vs, dim, dim_v, position, score, scale, bias_row, buckets,
-                            silu_norm, scores, acc, out);
+REC2PM_VECTOR_CLONES void attend_cached_chunk_f64(const double* query, const double* keys, CacheLayout ks,
+                                                  const double* values, CacheLayout vs, int64_t dim, int64_t dim_v,
+                                                  int64_t position, int64_t first, int64_t last, Score score,
+                                                  double scale, const double* bias_row, int64_t buckets,
+                                                  double silu_norm, double* scores, double* acc, double* max,
+                                                  double* sum) {
+  attend_cached_chunk<double>(query, keys, ks, values, vs, dim, dim_v, position, first, last, score, scale, bias_row,
+                              buckets, silu_norm, scores, acc, max, sum);
 }
-inline void attend_cached_row_any(const float* q, const float* k, CacheLayout ks, const float* v, CacheLayout vs,
-                                  int64_t dim, int64_t dim_v, int64_t position, Score score, float scale,
-                                  const float* b, int64_t buckets, float norm, float* s, float* acc, float* o) {
-  attend_cached_row_f32(q, k, ks, v, vs, dim, dim_v, position, score, scale, b, buckets, norm, s, acc, o);
+inline void attend_cached_chunk_any(const float* q, const float* k, CacheLayout ks, const float* v, CacheLayout vs,
+                                    int64_t dim, int64_t dim_v, int64_t position, int64_t first, int64_t last,
+                                    Score score, float scale, const float* b, int64_t buckets, float norm, float* s,
+                                    float* acc, float* max, float* sum) {
+  attend_cached_chunk_f32(q, k, ks, v, vs, dim, dim_v, position, first, last, score, scale, b, buckets, norm, s, acc,
+                          max, sum);
 }
-inline void attend_cached_row_any(const double* q, const double* k, CacheLayout ks, const double* v, CacheLayout vs,
-                                  int64_t dim, int64_t dim_v, int64_t position, Score score, double scale,
-                                  const double* b, int64_t buckets, double norm, double* s, double* acc, double* o) {
-  attend_cached_row_f64(q, k, ks, v, vs, dim, dim_v, position, score, scale, b, buckets, norm, s, acc, o);
+inline void attend_cached_chunk_any(const double* q, const double* k, CacheLayout ks, const double* v,
+                                    CacheLayout vs, int64_t dim, int64_t dim_v, int64_t position, int64_t first,
+                                    int64_t last, Score score, double scale, const double* b, int64_t buckets,
+                                    double norm, double* s, double* acc, double* max, double* sum) {
+  attend_cached_chunk_f64(q, k, ks, v, vs, dim, dim_v, position, first, last, score, scale, b, buckets, norm, s, acc,
+                          max, sum);
 }
 
-// One new row, every head at once, over slots [0, position] of its user's cache, when a
-// slot's heads lie contiguous (head stride = dim, dim stride = 1: the usual (batch, slot,
-// heads, dim) cache).  Both passes then read the cache slot by slot as one stream, rather
-// than once per head with a stride of heads * dim: at a batch of users the caches come from
-// memory, and the per-head walk left most of each line it fetched for a later pass.
-// scores: heads * (position + 1) values; out: heads * dim_v.
+// One new row, every head at once, slots [first, last) of its user's cache, when a slot's
+// heads lie contiguous (head stride = dim, dim stride = 1: the usual (batch, slot, heads,
+// dim) cache).  Both passes then read the cache slot by slot as one stream, rather than once
+// per head with a stride of heads * dim: at a batch of users the caches come from memory,
+// and the per-head walk left most of each line it fetched for a later pass.  The numbers
+// equal attend_cached_chunk's head by head.  scores: heads * (last - first) values; acc,
+// max and sum: heads * dim_v, heads and heads values.
 template <typename T>
-__attribute__((always_inline)) inline void attend_cached_row_all_heads(
+__attribute__((always_inline)) inline void attend_cached_chunk_all_heads(
     const T* query, const T* keys, int64_t key_slot, const T* values, int64_t value_slot, int64_t heads, int64_t dim,
-    int64_t dim_v, int64_t position, Score score, T scale, const T* bias, int64_t buckets, T silu_norm, T* scores,
-    T* out) {
-  const int64_t n = position + 1;
+    int64_t dim_v, int64_t position, int64_t first, int64_t last, Score score, T scale, const T* bias,
+    int64_t buckets, T silu_norm, T* scores, T* acc, T* max, T* sum) {
+  const int64_t n = last - first;
   for (int64_t j = 0; j < n; ++j) {
-    const T* key = keys + j * key_slot;
-    const int64_t bucket = bias_bucket(position, j, buckets);
+    const T* key = keys + (first + j) * key_slot;
+    const int64_t bucket = bias_bucket(position, first + j, buckets);
     for (int64_t h = 0; h < heads; ++h) {
       T z = 0;
       for (int64_t d = 0; d < dim; ++d) z += query[h * dim + d] * key[h * dim + d];
@@ -328,41 +376,75 @@ __attribute__((always_inline)) inline void attend_cached_row_all_heads(
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
-    T* w = scores + h * n;
-    const T normaliser = score_weights(w, n, score, silu_norm);
-    T* acc = out + h * dim_v;
-    std::fill(acc, acc + dim_v, T(0));
-    add_weighted_values(w, values + h * dim_v, value_slot, n, dim_v, acc);
-    for (int64_t e = 0; e < dim_v; ++e) acc[e] *= normaliser;
+    if (score == Score::kSilu) {
+      silu_weights(scores + h * n, n, silu_norm, max + h, sum + h);
+    } else {
+      softmax_weights(scores + h * n, n, max + h, sum + h);
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    T* head_acc = acc + h * dim_v;
+    std::fill(head_acc, head_acc + dim_v, T(0));
+    add_weighted_values(scores + h * n, values + first * value_slot + h * dim_v, value_slot, n, dim_v, head_acc);
   }
 }
 
-REC2PM_VECTOR_CLONES void attend_cached_row_all_heads_f32(const float* q, const float* k, int64_t ks, const float* v,
-                                                          int64_t vs, int64_t heads, int64_t dim, int64_t dim_v,
-                                                          int64_t position, Score score, float scale, const float* b,
-                                                          int64_t buckets, float norm, float* s, float* o) {
-  attend_cached_row_all_heads<float>(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm, s,
-                                     o);
+REC2PM_VECTOR_CLONES void attend_cached_chunk_all_heads_f32(const float* q, const float* k, int64_t ks,
+                                                            const float* v, int64_t vs, int64_t heads, int64_t dim,
+                                                            int64_t dim_v, int64_t position, int64_t first,
+                                                            int64_t last, Score score, float scale, const float* b,
+                                                            int64_t buckets, float norm, float* s, float* acc,
+                                                            float* max, float* sum) {
+  attend_cached_chunk_all_heads<float>(q, k, ks, v, vs, heads, dim, dim_v, position, first, last, score, scale, b,
+                                       buckets, norm, s, acc, max, sum);
 }
-REC2PM_VECTOR_CLONES void attend_cached_row_all_heads_f64(const double* q, const double* k, int64_t ks,
-                                                          const double* v, int64_t vs, int64_t heads, int64_t dim,
-                                                          int64_t dim_v, int64_t position, Score score, double scale,
-                                                          const double* b, int64_t buckets, double norm, double* s,
-                                                          double* o) {
-  attend_cached_row_all_heads<double>(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm,
-                                      s, o);
+REC2PM_VECTOR_CLONES void attend_cached_chunk_all_heads_f64(const double* q, const double* k, int64_t ks,
+                                                            const double* v, int64_t vs, int64_t heads, int64_t dim,
+                                                            int64_t dim_v, int64_t position, int64_t first,
+                                                            int64_t last, Score score, double scale, const double* b,
+                                                            int64_t buckets, double norm, double* s, double* acc,
+                                                            double* max, double* sum) {
+  attend_cached_chunk_all_heads<double>(q, k, ks, v, vs, heads, dim, dim_v, position, first, last, score, scale, b,
+                                        buckets, norm, s, acc, max, sum);
 }
-inline void attend_cached_row_all_heads_any(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
-                                            int64_t heads, int64_t dim, int64_t dim_v, int64_t position, Score score,
-                                            float scale, const float* b, int64_t buckets, float norm, float* s,
-                                            float* o) {
-  attend_cached_row_all_heads_f32(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm, s, o);
+inline void attend_cached_chunk_all_heads_any(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
+                                              int64_t heads, int64_t dim, int64_t dim_v, int64_t position,
+                                              int64_t first, int64_t last, Score score, float scale, const float* b,
+                                              int64_t buckets, float norm, float* s, float* acc, float* max,
+                                              float* sum) {
+  attend_cached_chunk_all_heads_f32(q, k, ks, v, vs, heads, dim, dim_v, position, first, last, score, scale, b,
+                                    buckets, norm, s, acc, max, sum);
 }
-inline void attend_cached_row_all_heads_any(const double* q, const double* k, int64_t ks, const double* v, int64_t vs,
-                                            int64_t heads, int64_t dim, int64_t dim_v, int64_t position, Score score,
-                                            double scale, const double* b, int64_t buckets, double norm, double* s,
-                                            double* o) {
-  attend_cached_row_all_heads_f64(q, k, ks, v, vs, heads, dim, dim_v, position, score, scale, b, buckets, norm, s, o);
+inline void attend_cached_chunk_all_heads_any(const double* q, const double* k, int64_t ks, const double* v,
+                                              int64_t vs, int64_t heads, int64_t dim, int64_t dim_v,
+                                              int64_t position, int64_t first, int64_t last, Score score,
+                                              double scale, const double* b, int64_t buckets, double norm, double* s,
+                                              double* acc, double* max, double* sum) {
+  attend_cached_chunk_all_heads_f64(q, k, ks, v, vs, heads, dim, dim_v, position, first, last, score, scale, b,
+                                    buckets, norm, s, acc, max, sum);
+}
+
+// out = acc * finish_scale(sum), dim_v values.
+template <typename T>
+inline void finish_row(Score score, const T* acc, T sum, int64_t dim_v, T* out) {
+  const T normaliser = finish_scale(score, sum);
+  for (int64_t e = 0; e < dim_v; ++e) out[e] = acc[e] * normaliser;
+}
+
+// Merges a row's chunk partials in chunk order (split_keys.h) into its output.
+template <typename T>
+void merge_chunks(PartialRows<T>& partials, int64_t t, int64_t h, int64_t chunks, Score score, T* out) {
+  const int64_t dim_v = partials.dim_v;
+  std::vector<T> acc(partials.at(t, h, 0), partials.at(t, h, 0) + dim_v);
+  T max = partials.at(t, h, 0)[dim_v], sum = partials.at(t, h, 0)[dim_v + 1];
+  for (int64_t c = 1; c < chunks; ++c) {
+    const T* chunk = partials.at(t, h, c);
+    const MergeScales<T> s = merge_scales(score, max, chunk[dim_v]);
+    for (int64_t e = 0; e < dim_v; ++e) acc[e] = acc[e] * s.first + chunk[e] * s.second;
+    sum = sum * s.first + chunk[dim_v + 1] * s.second;
+    max = s.max;
+  }
+  finish_row(score, acc.data(), sum, dim_v, out);
 }
 
 template <typename T>
@@ -382,42 +464,99 @@ void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, 
       }
     }
   }
-  int64_t longest = 1;
-  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, cached[b] + cu[b + 1] - cu[b]);
-  int64_t new_rows = 0;
-  for (int64_t b = 0; b < batch; ++b) new_rows = std::max(new_rows, cu[b + 1] - cu[b]);
+  // Tasks are (user, chunk) with every head, or (user, head, chunk); a user's chunks cover
+  // its last new row's slots.  Without a split (the usual serving step) task b is user b.
+  int64_t new_rows = 0, longest = 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    new_rows = std::max(new_rows, cu[b + 1] - cu[b]);
+    longest = std::max(longest, cached[b] + cu[b + 1] - cu[b]);
+  }
+  const int64_t most_chunks = chunk_count(longest, kCacheChunk);
+  std::vector<int64_t> first_chunk;
+  PartialRows<T> partials;
+  if (most_chunks > 1) {
+    first_chunk.assign(batch + 1, 0);
+    for (int64_t b = 0; b < batch; ++b) {
+      first_chunk[b + 1] = first_chunk[b] + chunk_count(cached[b] + cu[b + 1] - cu[b], kCacheChunk);
+    }
+    partials = {std::vector<T>(cu[batch] * heads * most_chunks * (dim_v + 2)), dim_v, most_chunks, heads};
+  }
+  const int64_t chunk_tasks = most_chunks > 1 ? first_chunk[batch] : batch;
+  const auto user_of = [&](int64_t chunk_task) -> int64_t {
+    if (most_chunks == 1) return chunk_task;
+    return std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk_task) - first_chunk.begin() - 1;
+  };
+  const auto chunk_of = [&](int64_t chunk_task, int64_t b) { return most_chunks > 1 ? chunk_task - first_chunk[b] : 0; };
+  const int64_t chunk_slots = std::min(longest, kCacheChunk);
+  const int64_t work_per_chunk = std::max<int64_t>(new_rows, 1) * chunk_slots * (dim + dim_v);
+  // A row with one chunk is written out at once; a longer one leaves partials to merge.
+  const auto split = [](int64_t position) { return chunk_count(position + 1, kCacheChunk) > 1; };
   // All heads per task when a slot's heads are contiguous and the users alone occupy the
-  // threads; otherwise one task per (user, head), so one user's long cache still splits.
+  // threads; otherwise one task per head too, so one user's cache still splits (a user's
+  // chunks need not be even: the last may hold one slot).
   const bool slot_major = ks.dim == 1 && ks.head == dim && vs.dim == 1 && vs.head == dim_v;
   if (slot_major && batch >= at::get_num_threads()) {
-    const int64_t work_per_user = std::max<int64_t>(new_rows, 1) * longest * heads * (dim + dim_v);
-    at::parallel_for(0, batch, grain_size(work_per_user), [&](int64_t first, int64_t last) {
-      std::vector<T> scores(heads * longest);
-      for (int64_t b = first; b < last; ++b) {
+    at::parallel_for(0, chunk_tasks, grain_size(work_per_chunk * heads), [&](int64_t first, int64_t last) {
+      std::vector<T> scores(heads * chunk_slots), acc(heads * dim_v), max(heads), sum(heads);
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = user_of(task), c = chunk_of(task, b);
         for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
           const int64_t position = cached[b] + t - cu[b];
-          attend_cached_row_all_heads_any(q + t * heads * dim, k_cache + b * ks.batch, ks.slot, v_cache + b * vs.batch,
-                                          vs.slot, heads, dim, dim_v, position, score, scale, bias, buckets,
-                                          silu_norm, scores.data(), out + t * heads * dim_v);
+          int64_t begin, end;
+          even_chunk(position + 1, kCacheChunk, c, &begin, &end);
+          if (begin >= end) continue;
+          // An unsplit row accumulates in its output, then is normalised there.
+          T* row_acc = split(position) ? acc.data() : out + t * heads * dim_v;
+          attend_cached_chunk_all_heads_any(q + t * heads * dim, k_cache + b * ks.batch, ks.slot,
+                                            v_cache + b * vs.batch, vs.slot, heads, dim, dim_v, position, begin, end,
+                                            score, scale, bias, buckets, silu_norm, scores.data(), row_acc,
+                                            max.data(), sum.data());
+          for (int64_t h = 0; h < heads; ++h) {
+            T* head_acc = row_acc + h * dim_v;
+            if (split(position)) {
+              T* partial = partials.at(t, h, c);
+              std::copy(head_acc, head_acc + dim_v, partial);
+              partial[dim_v] = max[h];
+              partial[dim_v + 1] = sum[h];
+            } else {
+              finish_row(score, head_acc, sum[h], dim_v, head_acc);
+            }
+          }
         }
       }
     });
-    return;
-  }
-  const int64_t work_per_task = std::max<int64_t>(new_rows, 1) * longest * (dim + dim_v);
-  at::parallel_for(0, batch * heads, grain_size(work_per_task), [&](int64_t first, int64_t last) {
-    std::vector<T> scores(longest), acc(dim_v);
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / heads, h = task % heads;
-      const T* keys = k_cache + b * ks.batch + h * ks.head;
-      const T* values = v_cache + b * vs.batch + h * vs.head;
-      const T* bias_row = bias != nullptr ? bias + h * buckets : nullptr;
-      for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
-        const int64_t position = cached[b] + t - cu[b];  // λ of the new row; it sees slots 0..position
-        attend_cached_row_any(q + (t * heads + h) * dim, keys, ks, values, vs, dim, dim_v, position, score, scale,
-                              bias_row, buckets, silu_norm, scores.data(), acc.data(),
-                              out + (t * heads + h) * dim_v);
+  } else {
+    at::parallel_for(0, chunk_tasks * heads, grain_size(work_per_chunk), [&](int64_t first, int64_t last) {
+      std::vector<T> scores(chunk_slots), scratch(dim_v + 2);
+      for (int64_t task = first; task < last; ++task) {
+        // Heads outermost: the threads' contiguous ranges then hold whole heads, each with
+        // all of its chunks, rather than every head's first chunk on one thread.
+        const int64_t h = task / chunk_tasks, b = user_of(task % chunk_tasks), c = chunk_of(task % chunk_tasks, b);
+        const T* keys = k_cache + b * ks.batch + h * ks.head;
+        const T* values = v_cache + b * vs.batch + h * vs.head;
+        const T* bias_row = bias != nullptr ? bias + h * buckets : nullptr;
+        for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
+          const int64_t position = cached[b] + t - cu[b];  // λ of the new row; it sees slots 0..position
+          int64_t begin, end;
+          even_chunk(position + 1, kCacheChunk, c, &begin, &end);
+          if (begin >= end) continue;
+          T* acc = split(position) ? partials.at(t, h, c) : scratch.data();
+          attend_cached_chunk_any(q + (t * heads + h) * dim, keys, ks, values, vs, dim, dim_v, position, begin, end,
+                                  score, scale, bias_row, buckets, silu_norm, scores.data(), acc, acc + dim_v,
+                                  acc + dim_v + 1);
+          if (!split(position)) finish_row(score, acc, acc[dim_v + 1], dim_v, out + (t * heads + h) * dim_v);
+        }
       }
+    });
+  }
+  if (most_chunks == 1) return;
+  // A merge is a few vectors per row: on the calling thread unless there are many.
+  at::parallel_for(0, cu[batch] * heads, grain_size(most_chunks * (dim_v + 2)), [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t t = row / heads, h = row % heads;
+      const int64_t b = std::upper_bound(cu, cu + batch + 1, t) - cu - 1;
+      const int64_t row_chunks = chunk_count(cached[b] + t - cu[b] + 1, kCacheChunk);
+      if (row_chunks > 1) merge_chunks(partials, t, h, row_chunks, score, out + row * dim_v);
     }
   });
 }

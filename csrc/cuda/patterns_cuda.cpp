@@ -1,6 +1,6 @@
 // Torch-facing wrapper of the CUDA mask kernel (built only with CUDA).
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include "../cpu/patterns_ops.h"
@@ -14,7 +14,7 @@ torch::Tensor visibility_mask_cuda(int64_t pattern, int64_t n, int64_t S, int64_
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
   auto mask = torch::empty({n, n}, torch::dtype(torch::kBool).device(torch::kCUDA, device_index));
   const cudaError_t err = launch_visibility_mask(mask.data_ptr<bool>(), n, static_cast<int32_t>(pattern), S, C,
-                                                 at::cuda::getCurrentCUDAStream());
+                                                 c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "visibility_mask_kernel failed: ", cudaGetErrorString(err));
   return mask;
 }

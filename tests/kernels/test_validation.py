@@ -73,7 +73,7 @@ SEGMENT_CASES = {
     "bias heads": (dict(rel_bias=torch.randn(H + 1, 5)), ValueError, "rel_bias must have shape (heads=2"),
     "bias no buckets": (dict(rel_bias=torch.randn(H, 0)), ValueError, "rel_bias must have shape"),
     "bias dtype": (dict(rel_bias=torch.ones(H, 5, dtype=torch.int32)), TypeError, "rel_bias must have dtype"),
-    "unknown backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
+    "unknown backend": (dict(backend="metal"), ValueError, "backend must be one of"),
     "q has NaN": (dict(q=nan_q()), ValueError, "q contains NaN or Inf"),
     "validate not a flag": (dict(validate="yes"), TypeError, "validate must be True, False or None, got 'yes'"),
     "allow_tf32 not a flag": (dict(allow_tf32=1), TypeError, "allow_tf32 must be True or False, got 1"),

@@ -155,7 +155,7 @@ def test_segment_attention_module_matches_function():
         (dict(num_heads=2, dropout=1.5), "dropout_p must be a number in [0, 1)"),
         (dict(num_heads=2, pattern="global", segment_len=3, num_memory_tokens=1, contextual_seq_len=2), "refine"),
         (dict(num_heads=2, num_buckets=0), "num_buckets must be >= 1"),
-        (dict(num_heads=2, backend="cuda"), "backend must be one of"),
+        (dict(num_heads=2, backend="metal"), "backend must be one of"),
     ],
 )
 def test_segment_attention_module_checks_its_options_when_built(kwargs, text):

@@ -14,6 +14,7 @@ import torch
 from ... import _extension
 from ...patterns import SCORES
 from ..segment_attention.cpp_backend import KERNEL_DTYPES, math_dtype
+from .compiled import compiled_cached_step
 from .torch_backend import append_to_cache
 
 
@@ -72,22 +73,4 @@ def _cpp_cached_step_fake(
     return q_new.new_empty((q_new.shape[0], q_new.shape[1], v_new.shape[2]), dtype=math_dtype(q_new.dtype))
 
 
-def cached_step_cpp(
-    q_new, k_new, v_new, cu_seqlens_new, max_new, k_cache, v_cache, cache_seqlens, *, score, scale, rel_bias, silu_norm
-):
-    """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
-    run = cpp_cached_step_op if torch.compiler.is_compiling() else run_cpp_cached_step
-    out = run(
-        q_new,
-        k_new,
-        v_new,
-        cu_seqlens_new,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        score,
-        float(scale),
-        rel_bias,
-        float(silu_norm) if silu_norm is not None else 1.0,
-    )
-    return out.to(v_new.dtype)
+cached_step_cpp = compiled_cached_step(cpp_cached_step_op, run_cpp_cached_step)

@@ -3,6 +3,7 @@
 * ``oracle.py``: the test-only reference (dense masks, float64 math for fp32 inputs).
 * ``torch_backend.py``: the fast differentiable PyTorch path (row-chunked, bounded memory).
 * ``cpp_backend.py``: the C++ CPU forward (``csrc/cpu/attention_cpu.cpp``), forward only.
+* ``cuda_backend.py``: the compiled CUDA forward for short blocks (``csrc/cuda/attention_kernels.cu``).
 * ``triton_backend.py``: the Triton launchers and their ``torch.library`` custom ops, with
   fake implementations and the autograd link between forward and backward.
 * ``triton_forward.py``: the forward kernel (online softmax or SiLU sum over visible tiles).

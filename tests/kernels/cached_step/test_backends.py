@@ -140,3 +140,52 @@ def test_fresh_kernel_outputs_are_nan_under_the_test_fixture():
     assert new_output((2, 3), dtype=torch.float32, device=torch.device("cpu")).isnan().all()
     with nan_filled_outputs(False):
         assert new_output((0,), dtype=torch.float32, device=torch.device("cpu")).numel() == 0
+
+
+# Caches longer than the C++ step's chunk of 4,096 slots: its rows are split and their
+# partials merged (csrc/include/rec2pm/split_keys.h).  The users straddle the boundary: a
+# row with 4,096 slots (one chunk), rows that cross it, and one row of three chunks.
+LONG_FILLED, LONG_NEW = [4095, 4092, 9000, 5], [1, 6, 3, 2]
+LONG_CAPACITY = 9100
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("layout", ["slot-major", "head-major"])
+def test_long_caches_match_oracle(cached_step, score, layout):
+    heads, dim, dim_v = 2, 8, 16
+    cu = cu_seqlens_of(LONG_NEW)
+    q, k, v = make_qkv(sum(LONG_NEW), heads, dim, dim_v)
+    # Scores spread wide enough that the chunks' maxima differ and the rescaling matters.
+    q = q * 3
+    k_cache, v_cache = make_cache(len(LONG_NEW), LONG_CAPACITY, heads, dim, dim_v, LONG_FILLED)
+    if layout == "head-major":
+        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
+    seqlens = torch.tensor(LONG_FILLED, dtype=torch.int32)
+    kw = dict(rel_bias=make_bias(heads, num_buckets=5000), **score_kwargs(score))
+    ref = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, **kw)
+    base = cached_step_oracle(q, k, v, cu, k_cache, v_cache, seqlens, upcast=False, **kw)
+    out = cached_step(q, k, v, cu, max(LONG_NEW), k_cache, v_cache, seqlens, **kw)
+    assert_within_budget("out", out, ref, base, torch.float32)
+
+
+def test_long_caches_are_bit_identical_across_thread_counts():
+    """The chunks have a fixed length, so the split does not depend on the thread count
+    (nor does the choice between the all-heads and per-head passes)."""
+    from ...helpers import require_backend
+
+    require_backend("cpp")
+    heads, dim = 4, 16
+    cu = cu_seqlens_of(LONG_NEW)
+    q, k, v = make_qkv(sum(LONG_NEW), heads, dim, dim)
+    k_cache, v_cache = make_cache(len(LONG_NEW), LONG_CAPACITY, heads, dim, dim, LONG_FILLED)
+    seqlens = torch.tensor(LONG_FILLED, dtype=torch.int32)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2, 3, 8):
+            torch.set_num_threads(count)
+            caches = (k_cache.clone(), v_cache.clone())
+            outs.append(cached_step_attention(q, k, v, cu, 6, *caches, seqlens, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
