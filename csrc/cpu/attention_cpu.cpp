@@ -84,8 +84,9 @@ __attribute__((always_inline)) inline void add_weighted_values(const T* w, const
 }
 
 // Softmax or SiLU weights of n scores, in place, with the chunk's maximum and weight sum
-// (split_keys.h; SiLU's are 0 and unused).  One function per score: a branch on the score
-// inside the callers' loops over heads kept the exp loop from vectorising as well.
+// (split_keys.h; SiLU's are 0 and unused).  One function per score, so that a loop over
+// heads can branch once outside them: with the branch inside that loop the all-heads step
+// measured about 20% slower.
 template <typename T>
 __attribute__((always_inline)) inline void softmax_weights(T* s, int64_t n, T* max, T* sum) {
   const T top = lane_max(s, n);
