@@ -14,11 +14,8 @@ import torch
 
 from ... import _extension
 from ...patterns import SCORES
+from ..segment_attention.cuda_backend import unit_dim_stride
 from .compiled import compiled_cached_step
-
-
-def _unit_dim_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def run_cuda_cached_step(
@@ -39,9 +36,9 @@ def run_cuda_cached_step(
         raise ValueError("backend='cuda' needs caches with a unit head_dim stride; use backend='triton'")
     dtype = k_cache.dtype
     return _extension.C.cached_step_forward_cuda(
-        q_new=_unit_dim_stride(q_new.to(dtype)),
-        k_new=_unit_dim_stride(k_new.to(dtype)),
-        v_new=_unit_dim_stride(v_new.to(dtype)),
+        q_new=unit_dim_stride(q_new.to(dtype)),
+        k_new=unit_dim_stride(k_new.to(dtype)),
+        v_new=unit_dim_stride(v_new.to(dtype)),
         cu_seqlens_new=cu_seqlens_new.to(torch.int64).contiguous(),
         k_cache=k_cache,
         v_cache=v_cache,

@@ -17,17 +17,20 @@ from ... import _extension
 from ...hstu_masks import HSTUMask
 from ...patterns import PATTERN_CODES, SCORES, PatternSpec
 
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+def unit_dim_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (what the kernels index), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def check_cuda_options(hstu_mask: HSTUMask | None, num_targets, ts_bias, silu_norm, dropout_p: float = 0.0) -> None:
-    """A named ``ValueError`` for an option the CUDA kernels do not implement."""
+def check_cuda_options(hstu_mask: HSTUMask | None, num_targets, ts_bias, silu_norm) -> None:
+    """A named ``ValueError`` for an option the CUDA kernels do not implement (``segment_attention``
+    refuses ``dropout_p`` with this backend before it gets here)."""
     refused = [
         ("HSTU's masks (contextual_seq_len, max_attn_len, causal=False)", hstu_mask is not None and hstu_mask.active),
         ("num_targets", num_targets is not None),
         ("ts_bias", ts_bias is not None),
         ("a per-sequence silu_norm tensor", isinstance(silu_norm, torch.Tensor)),
-        ("dropout_p", dropout_p > 0),
     ]
     for name, given in refused:
         if given:
@@ -98,7 +101,7 @@ def segment_attention_cuda(
     check_cuda_options(hstu_mask, num_targets, ts_bias, silu_norm)
     run = cuda_segment_attention_op if torch.compiler.is_compiling() else run_cuda_segment_attention
     return run(
-        *(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype))),
+        *(unit_dim_stride(t) for t in (q, k, v)),  # of one dtype: validated
         cu_seqlens,
         int(max_seqlen),
         pattern.name,
