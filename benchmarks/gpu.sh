@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks and kernel benchmarks for a machine with a CUDA device; about 5 minutes in all
+# GPU checks and kernel benchmarks for a machine with a CUDA device; about 6 minutes in all
 # (up to 5 more when the CUDA kernels are built).
 #
 #   bash benchmarks/gpu.sh                   # results in $OUT, else benchmarks/results/gpu
@@ -10,16 +10,17 @@
 #                 (REC2PM_BUILD_EXT=0: no C++ CPU build; REC2PM_GPU_SKIP_INSTALL=1 skips it)
 #   smoke         benchmarks/gpu_smoke.py: Triton vs torch backend, bf16  T_SMOKE=60
 #   cuda-build    the extension with its CUDA kernels (when nvcc is found)   T_CUDA_BUILD=240
-#   cuda-kernels  tests/kernels/test_cuda_backend.py against the oracle;     T_CUDA_TESTS=60
+#   cuda-kernels  pytest -m "gpu and cuda_kernels": the CUDA kernels against  T_CUDA_TESTS=60
+#                 the oracle (the shared kernel tests' `cuda` target);
 #                 writes cuda-validation.json (what `auto` waits for)
-#   gpu-tests     pytest -m gpu tests/ (the CUDA kernels' file excepted)     T_TESTS=75
+#   gpu-tests     pytest -m "gpu and not cuda_kernels" tests/                T_TESTS=120
 #   bench-cached  benchmarks/test_cached_step.py                           T_BENCH_CACHED=20
 #   bench-segment benchmarks/test_segment_attention.py: SDPA, flash-attn   T_BENCH_SEGMENT=45
 #                 and the triton backend
 #   bench-flex    the same file: FlexAttention (and the SDPA baseline)     T_BENCH_FLEX=20
 #   bench-torch   the same file: the torch backend (and SDPA)              T_BENCH_TORCH=15
 #   bench-hstu    benchmarks/test_hstu_masks.py: HSTU's masks on Triton    T_BENCH_HSTU=20
-# The defaults add up to about 5 minutes; a full-mode run needs larger values (T_BENCH_*).
+# The defaults add up to about 6 minutes; a full-mode run needs larger values (T_BENCH_*).
 # Benchmarks run in --bench-mode ${REC2PM_GPU_BENCH_MODE:-full} (quick when there is no CUDA
 # device: a dry run).  Each stage writes its log (and JSON) into the results folder as it
 # finishes; pytest stages get SIGINT at their timeout, so they still print their tables and
@@ -101,7 +102,7 @@ build_cuda_extension() {
 
 # The CUDA kernels against the oracle, and a record of the outcome beside the results.
 validate_cuda_kernels() {
-  "$PY" -m pytest -q -m gpu tests/kernels/test_cuda_backend.py -p no:cacheprovider \
+  "$PY" -m pytest -q -m "gpu and cuda_kernels" tests/kernels -p no:cacheprovider \
     --junitxml="$OUT_DIR/cuda-kernels.xml"
   local rc=$?
   "$PY" benchmarks/cuda_validation.py "$OUT_DIR/cuda-kernels.xml" "$rc" "$OUT_DIR/cuda-validation.json"
@@ -123,8 +124,8 @@ run_stage install "${T_INSTALL:-40}" bash -c install_package
 run_stage smoke "${T_SMOKE:-60}" "$PY" benchmarks/gpu_smoke.py
 run_stage cuda-build "${T_CUDA_BUILD:-240}" bash -c build_cuda_extension
 run_stage cuda-kernels "${T_CUDA_TESTS:-60}" bash -c validate_cuda_kernels
-run_stage gpu-tests "${T_TESTS:-75}" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider \
-  --ignore=tests/kernels/test_cuda_backend.py --junitxml="$OUT_DIR/gpu-tests.xml"
+run_stage gpu-tests "${T_TESTS:-120}" "$PY" -m pytest -q -m "gpu and not cuda_kernels" tests/ -p no:cacheprovider \
+  --junitxml="$OUT_DIR/gpu-tests.xml"
 bench=("$PY" -m pytest -q -p no:cacheprovider --bench-mode "$bench_mode" --bench-results "$OUT_DIR/bench")
 run_stage bench-cached "${T_BENCH_CACHED:-20}" "${bench[@]}" benchmarks/test_cached_step.py
 # segment_attention in three runs, most important first; each repeats the SDPA baseline for its ratio tables.

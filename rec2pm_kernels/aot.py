@@ -301,7 +301,7 @@ def _segment_pointer_types(spec: Specialisation, t: str, bias: str | None, stats
     if spec.kernel == "segment_fwd":
         return dict(Q=t, K=t, V=t, OUT=t, LSE=stats, CU_SEQLENS="*i32", BIAS=bias, TILE_COUNTS=None)
     if spec.kernel == "segment_bwd_dkdv":
-        dbias = "*fp32" if spec.has_bias else None
+        dbias = "*fp64" if spec.has_bias else None
         return dict(
             Q=t,
             K=t,

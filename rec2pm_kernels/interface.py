@@ -193,7 +193,7 @@ def segment_attention(
         allow_tf32: let the ``triton`` backend multiply fp32 inputs in TF32 (faster on
             sm_80+, ~1e-3 relative error).  Default: exact fp32 products.
         deterministic: bit-identical gradients from run to run.  Only the ``triton``
-            backend's bias gradient depends on it (fp32 atomics by default; per-program
+            backend's bias gradient depends on it (float64 atomics by default; per-program
             partial sums and a fixed-order reduction when deterministic); everything else
             is deterministic anyway.  Default ``None``: follow
             ``torch.are_deterministic_algorithms_enabled()``.

@@ -28,7 +28,7 @@ trap 'bash scripts/services.sh stop' EXIT
 export REC2PM_TEST_REDIS_URL REC2PM_REQUIRE_REDIS="${REC2PM_REQUIRE_REDIS:-1}"
 run_stage "unit tests" "$py" -m pytest -q -m "not slow and not aot and not gpu and not interpreter"
 # Triton kernels on CPU tensors; the flag must be set before the kernels are defined.
-run_stage "triton interpreter tests" env TRITON_INTERPRET=1 "$py" -m pytest -q -m interpreter tests/triton
+run_stage "triton interpreter tests" env TRITON_INTERPRET=1 "$py" -m pytest -q -m interpreter tests
 run_stage "slow tests (16k tokens)" "$py" -m pytest -q -m slow
 run_stage "compile checks (nvcc, triton.compile; sm_80, sm_90)" env -u TRITON_INTERPRET "$py" -m pytest -q -s -m aot
 run_stage "benchmarks, quick mode" "$py" -m pytest -q benchmarks/ --bench-mode quick

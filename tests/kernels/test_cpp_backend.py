@@ -1,17 +1,21 @@
-"""backend="cpp" (rec2pm_kernels._C, forward only) against the oracle, its span rule, and its dispatch."""
+"""backend="cpp" (rec2pm_kernels._C, forward only) beyond the shared oracle tests: float64
+inputs, its span rule, bit-identical results across thread counts, its dispatch and opcheck."""
 
 import pytest
 import torch
 
-from rec2pm_kernels import PATTERNS, backends, segment_attention
+from rec2pm_kernels import PATTERNS, backends, cached_step_attention, segment_attention
+from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.patterns import PATTERN_CODES, visible
-from rec2pm_kernels.testing import cu_seqlens_of
+from rec2pm_kernels.testing import cu_seqlens_of, make_cache, random_bias, random_inputs, random_qkv
 
 from ..conftest import require_extension
-from ..helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
+from .targets import BY_ID
 
-RAGGED = [0, 1, S - 1, S, S + C, S + C + 1, 2 * (S + C) + S, 4 * (S + C) + 1, 3 * (S + C)]
+TARGET = BY_ID["cpp"]
+S, C = TARGET.segment_len, TARGET.num_memory_tokens
 SCORES = ["softmax", "silu"]
+pattern_kwargs, score_kwargs = TARGET.pattern_kwargs, TARGET.score_kwargs
 
 
 @pytest.fixture(autouse=True)
@@ -21,19 +25,16 @@ def _needs_extension():
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_matches_oracle(pattern, score, with_bias, dtype):
-    check_against_oracle(RAGGED, pattern, score, with_bias=with_bias, dtype=dtype, grads=False, backend="cpp")
-
-
-@pytest.mark.parametrize("dim, dim_v", [(8, 8), (16, 16), (32, 32), (64, 64), (8, 5), (16, 24), (3, 7)])
-@pytest.mark.parametrize("pattern", ["causal", "global", "kv_memory_append"])
-def test_head_dims(dim, dim_v, pattern):
-    # 8/16/32/64 take the fixed-width value loops, the others the generic one.
-    check_against_oracle(
-        RAGGED, pattern, "softmax", with_bias=True, dim=dim, dim_v=dim_v, heads=3, grads=False, backend="cpp"
-    )
+def test_float64_inputs_compute_in_float64(pattern, score):
+    """float64 stays float64 (fp32 math would be ~1e-7 off).  Not the shared error budget:
+    its same-dtype baseline is the reference itself in float64, leaving only a 2-ulp floor
+    that a different summation order can exceed."""
+    q, k, v, cu, bias = random_inputs(TARGET.ragged, dim=8, dtype=torch.float64)
+    kw = dict(rel_bias=bias.detach(), **TARGET.pattern_kwargs(pattern), **TARGET.score_kwargs(score))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out = segment_attention(q, k, v, cu, max(TARGET.ragged), backend="cpp", **kw)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, segment_attention_oracle(q, k, v, cu, **kw), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -53,13 +54,13 @@ def test_long_sequences_with_many_spans():
     # Longer than one key tile of every span, and kv_memory_append rows with many earlier units.
     lengths = [7 * (S + C) + 2, 40 * (S + C), 130]
     for pattern in PATTERNS:
-        check_against_oracle(lengths, pattern, "softmax", with_bias=True, grads=False, backend="cpp", dim=16)
+        TARGET.check(lengths, pattern, "softmax", with_bias=True, dim=16)
 
 
 def test_bit_identical_across_runs_and_thread_counts():
     lengths = [200, 3, 57, 0, 90]
-    q, k, v = make_qkv(sum(lengths), heads=4, dim=16)
-    bias = make_bias(4, num_buckets=40)
+    q, k, v = random_qkv(sum(lengths), heads=4, dim=16)
+    bias = random_bias(4, num_buckets=40)
     cu = cu_seqlens_of(lengths)
     threads = torch.get_num_threads()
     outs = []
@@ -85,7 +86,7 @@ def test_bit_identical_across_runs_and_thread_counts():
 
 
 def test_cpp_is_forward_only_and_auto_picks_it_without_gradients(monkeypatch):
-    q, k, v = make_qkv(9, requires_grad=True)
+    q, k, v = random_qkv(9, requires_grad=True)
     cu = cu_seqlens_of([9])
     with pytest.raises(ValueError, match="backend='cpp' is forward only"):
         segment_attention(q, k, v, cu, 9, backend="cpp")
@@ -107,7 +108,7 @@ def test_cpp_is_forward_only_and_auto_picks_it_without_gradients(monkeypatch):
 
 
 def test_bad_input_reaches_the_shared_validation():
-    q, k, v = make_qkv(10)
+    q, k, v = random_qkv(10)
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
         segment_attention(q, k, v, torch.tensor([0, 7, 4, 10]), 7, backend="cpp")
     with pytest.raises(ValueError, match="q contains NaN or Inf"):
@@ -121,8 +122,8 @@ def test_custom_ops_pass_opcheck():
     from rec2pm_kernels.ops.cached_step.cpp_backend import cpp_cached_step_op
     from rec2pm_kernels.ops.segment_attention.cpp_backend import cpp_segment_attention_op
 
-    q, k, v = make_qkv(12, heads=2, dim=8)
-    bias = make_bias(2)
+    q, k, v = random_qkv(12, heads=2, dim=8)
+    bias = random_bias(2)
     torch.library.opcheck(
         cpp_segment_attention_op, (q, k, v, cu_seqlens_of([5, 7]), "global", S, C, "silu", 0.3, bias, 4.0)
     )
@@ -143,3 +144,28 @@ def test_custom_ops_pass_opcheck():
             1.0,
         ),
     )
+
+
+# Caches longer than the C++ step's chunk of 4,096 slots (cached_step/test_oracle.py checks
+# them against the oracle).
+LONG_FILLED, LONG_NEW, LONG_CAPACITY = [4095, 4092, 9000, 5], [1, 6, 3, 2], 9100
+
+
+def test_long_caches_are_bit_identical_across_thread_counts():
+    """The chunks have a fixed length, so the split does not depend on the thread count
+    (nor does the choice between the all-heads and per-head passes)."""
+    heads, dim = 4, 16
+    cu = cu_seqlens_of(LONG_NEW)
+    q, k, v = random_qkv(sum(LONG_NEW), heads, dim, dim)
+    k_cache, v_cache = make_cache(len(LONG_NEW), LONG_CAPACITY, heads, dim, dim, LONG_FILLED)
+    seqlens = torch.tensor(LONG_FILLED, dtype=torch.int32)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for count in (1, 2, 3, 8):
+            torch.set_num_threads(count)
+            caches = (k_cache.clone(), v_cache.clone())
+            outs.append(cached_step_attention(q, k, v, cu, 6, *caches, seqlens, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])

@@ -96,10 +96,10 @@ def test_bce_by_hand_with_float64_reference():
     negatives = random_other_items(targets, 8, 2, torch.Generator().manual_seed(11))
     by_hand = 0.0
     for n in range(5):
-        pos = float(hidden[n] @ weight[targets[n]])
+        pos = float(hidden[n].detach() @ weight[targets[n]].detach())
         by_hand -= math.log(1 / (1 + math.exp(-pos)))
         for j in range(2):
-            neg = float(hidden[n] @ weight[negatives[n, j]])
+            neg = float(hidden[n].detach() @ weight[negatives[n, j]].detach())
             by_hand -= math.log(1 - 1 / (1 + math.exp(-neg)))
     assert math.isclose(loss.item(), by_hand / 5, rel_tol=1e-12)
     loss.backward()

@@ -9,7 +9,7 @@ the launchers then pass ``num_targets`` (zeros without candidates) and ``silu_no
 divisor per sequence) and the mask sizes as runtime integers.
 
 Backward determinism: dQ, dK and dV never use atomics.  The bias gradient by default
-adds each tile's score gradient with fp32 atomics (fast, order-dependent in the last
+adds each tile's score gradient with float64 atomics (fast, order-dependent in the last
 bits); ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) computes it
 with per-program partial sums and a fixed-order reduction instead (the row-block kernel of
 ``triton_backward.py``).
@@ -207,7 +207,8 @@ def segment_backward(
     # Every row of dq and every key row of dk/dv is written by exactly one program (no atomics).
     dq, dk, dv = (new_output(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     buckets = rel_bias.shape[1] if rel_bias is not None else 0
-    dbias = torch.zeros((heads, buckets), dtype=torch.float32, device=q.device)
+    # float64: the atomic path sums into it directly (``triton_backward.py`` says why).
+    dbias = torch.zeros((heads, buckets), dtype=torch.float64, device=q.device)
     ts_bias = time_bias[0] if time_bias is not None else None
     time_buckets = ts_bias.shape[1] if ts_bias is not None else 0
     dtime = torch.zeros((heads, time_buckets), dtype=torch.float32, device=q.device)
@@ -217,7 +218,7 @@ def segment_backward(
             dq,
             dk,
             dv,
-            dbias.to(rel_bias.dtype) if rel_bias is not None else dbias,
+            dbias.to(rel_bias.dtype) if rel_bias is not None else dbias.float(),
             dtime.to(ts_bias.dtype) if ts_bias is not None else dtime,
         )
 

@@ -2,7 +2,7 @@
 
 * ``segment_bwd_dkdv_kernel``: one program per (sequence, key block, head) owns ``dK`` and
   ``dV`` of its keys and streams the row tiles that see them (``row_range_end``).  By
-  default it also adds each tile's score gradient into the fp32 bias gradient with
+  default it also adds each tile's score gradient into the float64 bias gradient with
   atomics; with ``deterministic=True`` that is left to the row-block kernel.
 * ``segment_bwd_rows_kernel``: one program per (sequence, row block, head) streams the same
   key tiles as the forward kernel and recomputes each tile's score gradient; ``WRITES``
@@ -66,7 +66,7 @@ def segment_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     COUNT_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """DK ``(T, H, D)``, DV ``(T, H, Dv)``; DBIAS ``(H, NUM_BUCKETS)`` fp32 when ``bias_atomics != 0``
+    """DK ``(T, H, D)``, DV ``(T, H, Dv)``; DBIAS ``(H, NUM_BUCKETS)`` fp64 when ``bias_atomics != 0``
     (``rel_bias = (BIAS, NUM_BUCKETS)``).
     Grid: ``(batch * col_blocks, H)``; ``BLOCK_N`` keys per program, rows in tiles of ``BLOCK_M``.
 
@@ -107,10 +107,12 @@ def segment_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(seen.to(do.dtype)), do, input_precision=INPUT_PRECISION)
             ds = score_grad(z, mask, p, dp, delta, silu_norm, SCORE)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-            if HAS_BIAS:
-                # A predicate rather than a branch: a runtime branch keeps more values live
-                # across it, and pushed the largest tiles over 255 registers.
-                tl.atomic_add(DBIAS + head * rel_bias[1] + bucket, ds, mask=mask & (bias_atomics != 0))
+            if HAS_BIAS and not HAS_TIME_BIAS:  # with a timestamp bias, both tables' gradients are partial sums
+                # Added one score gradient at a time, so in float64: an fp32 running sum of a
+                # bucket's thousands of terms lost 4x the error budget by 1k tokens.  A predicate
+                # rather than a branch: a runtime branch keeps more values live across it, and
+                # pushed the largest tiles over 255 registers.
+                tl.atomic_add(DBIAS + head * rel_bias[1] + bucket, ds.to(tl.float64), mask=mask & (bias_atomics != 0))
             if COUNT_TILES:
                 visited += 1
     store_rows(head_rows(DK, token0, head), offs_n, length, HEAD_DIM, BLOCK_D, dk * scale)

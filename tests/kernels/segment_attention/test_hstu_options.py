@@ -22,10 +22,10 @@ from rec2pm_kernels.hstu_masks import HSTUMask, hstu_visible
 from rec2pm_kernels.ops.segment_attention.oracle import dense_hstu_mask, segment_attention_oracle
 from rec2pm_kernels.ops.segment_attention.torch_backend import row_chunks, segment_attention_torch
 from rec2pm_kernels.patterns import PatternSpec
-from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of
+from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, random_qkv
 from rec2pm_kernels.time_bias import next_timestamps, time_bucket
 
-from ...helpers import make_qkv, require_backend
+from ..targets import require_backend
 
 # (length, num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal): rows
 # of "1" where visible.
@@ -139,7 +139,7 @@ TARGETS = {"none": None, "zero": [0] * 7, "mixed": [0, 0, 1, 2, 3, 5, 1]}
 
 def _inputs(lengths, heads=2, dtype=torch.float32, requires_grad=True, seed=0):
     torch.manual_seed(seed)
-    q, k, v = make_qkv(sum(lengths), heads=heads, dim=4, dim_v=3, dtype=dtype, requires_grad=requires_grad)
+    q, k, v = random_qkv(sum(lengths), heads=heads, dim=4, dim_v=3, dtype=dtype, requires_grad=requires_grad)
     return q, k, v, cu_seqlens_of(lengths)
 
 

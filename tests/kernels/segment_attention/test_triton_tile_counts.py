@@ -8,11 +8,15 @@ import pytest
 import torch
 import triton
 
+from rec2pm_kernels import PATTERNS
 from rec2pm_kernels.ops.segment_attention.oracle import dense_mask
 from rec2pm_kernels.ops.segment_attention.triton_backend import segment_backward, segment_forward
 from rec2pm_kernels.ops.triton_configs import configs
+from rec2pm_kernels.testing import random_inputs
 
-from .cases import PATTERNS, UNIT, C, S, random_inputs
+from ..targets import TRITON_INTERPRETER as TARGET
+
+S, C, UNIT = TARGET.segment_len, TARGET.num_memory_tokens, TARGET.unit
 
 pytestmark = pytest.mark.interpreter
 

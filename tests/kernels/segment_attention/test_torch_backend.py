@@ -1,4 +1,6 @@
-"""segment_attention (torch backend) against the oracle, and its execution-mode equivalences."""
+"""segment_attention's torch backend beyond the shared oracle tests (test_oracle.py): its row
+chunking and checkpointing, length grouping, float64 gradcheck, hypothesis-drawn layouts,
+16k-token rows and its memory bound."""
 
 import pytest
 import torch
@@ -9,52 +11,20 @@ from rec2pm_kernels import PATTERNS, PatternSpec, segment_attention
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.ops.segment_attention.torch_backend import group_by_length, segment_attention_torch
 from rec2pm_kernels.patterns import bias_bucket, bias_positions, visible
-from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, interleaved_lengths
+from rec2pm_kernels.testing import assert_within_budget, cu_seqlens_of, interleaved_lengths, random_bias, random_qkv
 
-from ...helpers import C, S, check_against_oracle, make_bias, make_qkv, pattern_kwargs, score_kwargs
+from ..targets import BY_ID
 
-# Ragged: empty, length 1, S - 1, S, S + 1, complete units, units plus a tail.
-RAGGED = [0, 1, S - 1, S, S + C, S + C + 1, 2 * (S + C) + S, 4 * (S + C) + 1, 3 * (S + C)]
+TARGET = BY_ID["torch"]
+S, C = TARGET.segment_len, TARGET.num_memory_tokens
 SCORES = ["softmax", "silu"]
-
-
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_matches_oracle(pattern, score, with_bias, dtype):
-    check_against_oracle(RAGGED, pattern, score, with_bias=with_bias, dtype=dtype)
+pattern_kwargs, score_kwargs = TARGET.pattern_kwargs, TARGET.score_kwargs
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("score", SCORES)
 def test_head_dim_v_differs(pattern, score):
-    check_against_oracle(RAGGED, pattern, score, with_bias=True, dim=8, dim_v=5, heads=3)
-
-
-@pytest.mark.parametrize("dim", [1, 8, 16, 64])
-def test_head_dims(dim):
-    check_against_oracle([5, 13], "global", "softmax", with_bias=True, dim=dim)
-
-
-@pytest.mark.parametrize("lengths", [[], [0], [0, 0, 0], [1], [1, 0, 1]], ids=str)
-@pytest.mark.parametrize("score", SCORES)
-def test_empty_and_single_token_sequences(lengths, score):
-    cu = cu_seqlens_of(lengths)
-    q, k, v = make_qkv(sum(lengths), requires_grad=True)
-    bias = make_bias(2, requires_grad=True)
-    out = segment_attention(q, k, v, cu, max(lengths, default=0), rel_bias=bias, **score_kwargs(score))
-    assert out.shape == v.shape
-    out.sum().backward()
-    for x in (q, k, v, bias):
-        assert x.grad is not None and x.grad.shape == x.shape
-    if sum(lengths) == 0:
-        for x in (q, k, v, bias):
-            assert torch.count_nonzero(x.grad) == 0
-    else:
-        # A length-1 sequence sees only itself: softmax returns v exactly.
-        if score == "softmax":
-            assert torch.equal(out, v.detach())
+    TARGET.check(TARGET.ragged, pattern, score, with_bias=True, dim=8, dim_v=5, heads=3)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -63,8 +33,8 @@ def test_row_chunking_matches_one_chunk(pattern, score):
     """Chunked (and checkpointed) rows give the unchunked result, forward and backward."""
     lengths = [4 * (S + C) + 2, 7, 0, 2 * (S + C)]
     cu = cu_seqlens_of(lengths)
-    q, k, v = make_qkv(sum(lengths), dtype=torch.float64, requires_grad=True)
-    bias = make_bias(2, dtype=torch.float64, requires_grad=True)
+    q, k, v = random_qkv(sum(lengths), dtype=torch.float64, requires_grad=True)
+    bias = random_bias(2, dtype=torch.float64, requires_grad=True)
     kw = dict(
         pattern=PatternSpec.of(**pattern_kwargs(pattern)),
         scale=0.3,
@@ -83,7 +53,7 @@ def test_row_chunking_matches_one_chunk(pattern, score):
 
 def test_cu_seqlens_int32_and_int64_agree():
     lengths = [5, 0, 12]
-    q, k, v = make_qkv(17)
+    q, k, v = random_qkv(17)
     out32 = segment_attention(q, k, v, cu_seqlens_of(lengths, torch.int32), 12)
     out64 = segment_attention(q, k, v, cu_seqlens_of(lengths, torch.int64), 12)
     assert torch.equal(out32, out64)
@@ -100,80 +70,14 @@ def test_group_by_length_bounds_padding():
 def test_deterministic_across_runs():
     lengths = [23, 11, 40]
     cu = cu_seqlens_of(lengths)
-    q, k, v = make_qkv(74, requires_grad=True)
-    bias = make_bias(2, requires_grad=True)
+    q, k, v = random_qkv(74, requires_grad=True)
+    bias = random_bias(2, requires_grad=True)
     runs = []
     for _ in range(2):
         out = segment_attention(q, k, v, cu, 40, pattern="global", segment_len=S, num_memory_tokens=C, rel_bias=bias)
         runs.append((out, *torch.autograd.grad(out.sum(), (q, k, v, bias))))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# Properties of the patterns (docs/patterns.md), with and without the bias.
-
-
-def _items_only(lengths, S_, C_):
-    """Stream rows that are items, and the item-only lengths, for interleaved lengths."""
-    rows, item_lengths, start = [], [], 0
-    for n in lengths:
-        p = torch.arange(n)
-        items = p[p % (S_ + C_) < S_]
-        rows.append(start + items)
-        item_lengths.append(items.numel())
-        start += n
-    return torch.cat(rows), item_lengths
-
-
-@pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_global_item_rows_equal_causal_over_items(score, with_bias):
-    lengths = [3 * (S + C) + 2, S, 2 * (S + C), 1]
-    q, k, v = make_qkv(sum(lengths), dtype=torch.float64)
-    bias = make_bias(2, num_buckets=20, dtype=torch.float64) if with_bias else None
-    glob = segment_attention(
-        q,
-        k,
-        v,
-        cu_seqlens_of(lengths),
-        max(lengths),
-        pattern="global",
-        segment_len=S,
-        num_memory_tokens=C,
-        rel_bias=bias,
-        **score_kwargs(score),
-    )
-    rows, item_lengths = _items_only(lengths, S, C)
-    causal = segment_attention(
-        q[rows], k[rows], v[rows], cu_seqlens_of(item_lengths), max(item_lengths), rel_bias=bias, **score_kwargs(score)
-    )
-    torch.testing.assert_close(glob[rows], causal, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("pattern", ["global", "kv_memory_overwrite", "kv_memory_append"])
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_write_block_ignores_later_tokens_and_other_write_blocks(pattern, with_bias):
-    """Write block h's output depends on nothing after it, nor (global) on other write blocks."""
-    n = 4 * (S + C) + 2
-    cu = cu_seqlens_of([n])
-    q, k, v = make_qkv(n, dtype=torch.float64)
-    bias = make_bias(2, dtype=torch.float64) if with_bias else None
-    kw = dict(pattern=pattern, segment_len=S, num_memory_tokens=C, rel_bias=bias)
-    before = segment_attention(q, k, v, cu, n, **kw)
-    h = 1
-    block = torch.arange(h * (S + C) + S, (h + 1) * (S + C))
-    later = torch.arange((h + 1) * (S + C), n)
-    q2, k2, v2 = (x.clone() for x in (q, k, v))
-    for x in (q2, k2, v2):
-        x[later] = torch.randn_like(x[later])
-    if pattern == "global":  # the write block of unit 0 is invisible to unit 1 as well
-        earlier_block = torch.arange(S, S + C)
-        for x in (k2, v2):
-            x[earlier_block] = torch.randn_like(x[earlier_block])
-    after = segment_attention(q2, k2, v2, cu, n, **kw)
-    torch.testing.assert_close(after[block], before[block], rtol=0, atol=0)
-    assert not torch.allclose(after[later], before[later])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +90,10 @@ def test_write_block_ignores_later_tokens_and_other_write_blocks(pattern, with_b
 def test_gradcheck(pattern, score, with_bias):
     lengths = [2 * (S + C) + 1, 0, S]
     cu = cu_seqlens_of(lengths)
-    q, k, v = make_qkv(sum(lengths), heads=2, dim=3, dim_v=2, dtype=torch.float64, requires_grad=True)
+    q, k, v = random_qkv(sum(lengths), heads=2, dim=3, dim_v=2, dtype=torch.float64, requires_grad=True)
     inputs = [q, k, v]
     if with_bias:
-        inputs.append(make_bias(2, num_buckets=5, dtype=torch.float64, requires_grad=True))
+        inputs.append(random_bias(2, num_buckets=5, dtype=torch.float64, requires_grad=True))
 
     def fn(*args):
         bias = args[3] if with_bias else None
@@ -222,8 +126,8 @@ def test_hypothesis_layouts_match_oracle(pattern, score, seg, mem, heads, dim, d
     gen = torch.Generator().manual_seed(seed)
     lengths = interleaved_lengths(gen, batch, max_units=4, segment_len=seg, num_memory_tokens=mem)
     cu = cu_seqlens_of(lengths, dtype=torch.int64)
-    q, k, v = make_qkv(sum(lengths), heads, dim, dim_v)
-    bias = make_bias(heads, num_buckets=1 + seed % 12) if with_bias else None
+    q, k, v = random_qkv(sum(lengths), heads, dim, dim_v)
+    bias = random_bias(heads, num_buckets=1 + seed % 12) if with_bias else None
     kw = dict(rel_bias=bias, **pattern_kwargs(pattern, seg, mem), **score_kwargs(score))
     out = segment_attention(q, k, v, cu, max(lengths, default=0), **kw)
     ref = segment_attention_oracle(q, k, v, cu, **kw)
@@ -237,8 +141,8 @@ def test_long_sequence_rows_match_dense_rows(pattern):
     """16k tokens through the chunked path, forward and backward, spot-checked row by row."""
     n = 16 * 1024  # 16384 % 204 = 64: ends on an item with S = 200, C = 4
     cu = cu_seqlens_of([n])
-    q, k, v = make_qkv(n, heads=2, dim=16, requires_grad=True)
-    bias = make_bias(2, num_buckets=64, requires_grad=True)
+    q, k, v = random_qkv(n, heads=2, dim=16, requires_grad=True)
+    bias = random_bias(2, num_buckets=64, requires_grad=True)
     kw = pattern_kwargs(pattern, 200, 4)
     out = segment_attention(q, k, v, cu, n, rel_bias=bias, **kw)
     out.sum().backward()
@@ -272,8 +176,8 @@ def test_torch_backend_memory_stays_within_its_chunk_budget(score):
     from rec2pm_kernels.ops.segment_attention.torch_backend import segment_attention_torch
 
     n, heads, chunk = 1024, 2, 2**16
-    q, k, v = make_qkv(n, heads=heads, dim=16, requires_grad=True)
-    bias = make_bias(heads, num_buckets=32, requires_grad=True)
+    q, k, v = random_qkv(n, heads=heads, dim=16, requires_grad=True)
+    bias = random_bias(heads, num_buckets=32, requires_grad=True)
 
     def forward_backward():
         out = segment_attention_torch(

@@ -8,8 +8,11 @@ from rec2pm_kernels import cached_step_attention, segment_attention
 # Importing the backends registers the ops.
 from rec2pm_kernels.ops.cached_step import triton_backend as cached_step_backend  # noqa: F401
 from rec2pm_kernels.ops.segment_attention import triton_backend as segment_backend  # noqa: F401
+from rec2pm_kernels.testing import cached_step_case, random_inputs
 
-from .cases import UNIT, C, S, cached_step_case, random_inputs
+from .targets import TRITON_INTERPRETER as TARGET
+
+S, C, UNIT = TARGET.segment_len, TARGET.num_memory_tokens, TARGET.unit
 
 pytestmark = pytest.mark.interpreter
 

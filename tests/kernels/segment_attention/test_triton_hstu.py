@@ -8,9 +8,12 @@ import triton
 from rec2pm_kernels import segment_attention
 from rec2pm_kernels.ops.segment_attention.oracle import dense_hstu_mask
 from rec2pm_kernels.ops.triton_configs import configs
+from rec2pm_kernels.testing import assert_outputs_within_budget, random_inputs, reference_and_baseline
 
-from .cases import RAGGED, assert_outputs_within_budget, random_inputs, reference_and_baseline
-from .test_tile_counts_interpreter import count_tiles, visible_tiles
+from ..targets import TRITON_INTERPRETER as TARGET
+from .test_triton_tile_counts import count_tiles, visible_tiles
+
+RAGGED = TARGET.ragged
 
 pytestmark = pytest.mark.interpreter
 
@@ -52,7 +55,7 @@ def test_masks_match_oracle(mask, score, deterministic):
     assert_outputs_within_budget(got, reference, baseline, torch.float32)
 
 
-# Bidirectional masks take no rel_bias (with the timestamp bias: tests/triton/test_time_bias_interpreter.py).
+# Bidirectional masks take no rel_bias (with the timestamp bias: test_triton_time_bias.py).
 BIDIRECTIONAL_MASKS = ["targets", "window", "all"]
 
 

@@ -1,18 +1,15 @@
-"""Triton kernels on a real GPU against the oracle: every pattern, score and bias, in bf16,
-fp16 and fp32 (exact and TF32), at the model's geometry (S = 200, C = 4).  Run by
-``benchmarks/gpu.sh``; skipped without CUDA."""
+"""The Triton kernels on a real GPU beyond the shared oracle tests (``segment_attention/`` and
+``cached_step/test_oracle.py`` run every pattern, score, bias and dtype on the
+``triton-cuda`` target): TF32, bit-identical deterministic gradients, no recompiles across
+ragged batches, the CUDA index checks, and HSTU's masks and timestamp bias at serving-like
+lengths.  Run by ``benchmarks/gpu.sh``; skipped without CUDA."""
 
 import pytest
 import torch
 
-from rec2pm_kernels import cached_step_attention, segment_attention
-
-from .cases import (
-    PATTERNS,
-    SCORES,
+from rec2pm_kernels import segment_attention
+from rec2pm_kernels.testing import (
     assert_outputs_within_budget,
-    cached_step_case,
-    cached_step_reference,
     check_segment_attention,
     check_time_bias,
     random_inputs,
@@ -27,45 +24,11 @@ pytestmark = pytest.mark.gpu
 SEGMENT_LEN, MEMORY_TOKENS = 200, 4
 UNIT = SEGMENT_LEN + MEMORY_TOKENS
 LENGTHS = [5 * UNIT + 17, 1, SEGMENT_LEN, 2 * UNIT, 0, 3 * UNIT + SEGMENT_LEN]
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_oracle(pattern, score, with_bias, dtype):
-    check_segment_attention(
-        LENGTHS,
-        pattern,
-        score,
-        with_bias=with_bias,
-        dtype=dtype,
-        device="cuda",
-        heads=2,
-        dim=64,
-        segment_len=SEGMENT_LEN,
-        num_memory_tokens=MEMORY_TOKENS,
-    )
-
-
-@pytest.mark.parametrize("dim, dim_v", [(8, 8), (16, 16), (32, 32), (128, 128), (64, 32)])
-def test_head_dims(dim, dim_v):
-    check_segment_attention(
-        LENGTHS[:3],
-        "global",
-        "softmax",
-        dtype=torch.bfloat16,
-        device="cuda",
-        dim=dim,
-        dim_v=dim_v,
-        segment_len=SEGMENT_LEN,
-        num_memory_tokens=MEMORY_TOKENS,
-    )
+SCORES = ["softmax", "silu"]
 
 
 def test_tf32_is_opt_in_and_close():
-    exact = check_segment_attention(LENGTHS[:2], "causal", "softmax", device="cuda")
+    exact = check_segment_attention(LENGTHS[:2], "causal", "softmax", backend="triton", device="cuda")
     assert exact[0].dtype == torch.float32
     q = torch.randn(300, 2, 64, device="cuda")
     cu = torch.tensor([0, 300], dtype=torch.int32, device="cuda")
@@ -95,23 +58,6 @@ def test_deterministic_bias_gradient_is_bit_identical():
         grads.append(torch.autograd.grad(out.float().square().sum(), (q, bias)))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cached_step_matches_oracle(score, dtype):
-    from rec2pm_kernels.testing import assert_within_budget
-
-    filled, new = [0, 900, 4000, 17, 2047], [1, 1, 5, 0, 2]
-    q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(
-        filled, new, dim=64, dim_v=64, dtype=dtype, device="cuda"
-    )
-    ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **score_kwargs(score))
-    with torch.no_grad():
-        out = cached_step_attention(
-            q, k, v, cu, max(new), k_cache, v_cache, seqlens, rel_bias=bias, **score_kwargs(score)
-        )
-    assert_within_budget("out", out, ref, base, dtype)
 
 
 def test_auto_picks_triton_on_cuda():
@@ -192,7 +138,7 @@ def test_hstu_masks_match_oracle(mask, score, dtype):
     kw = dict(HSTU_MASKS[mask])
     if "num_targets" in kw:
         kw["num_targets"] = torch.tensor(kw["num_targets"], device="cuda")
-    kw.update(score_kwargs(score))
+    kw.update(score_kwargs(score, silu_norm=11.0))
     if score == "silu":
         kw["silu_norm"] = torch.full((len(lengths),), float(max(lengths)), device="cuda")
     if not kw.get("causal", True):

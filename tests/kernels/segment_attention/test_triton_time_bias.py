@@ -8,24 +8,19 @@ import pytest
 import torch
 
 from rec2pm_kernels import segment_attention
+from rec2pm_kernels.testing import check_time_bias, random_inputs, run_time_bias, time_inputs, time_tables
 from rec2pm_kernels.time_bias import time_bucket
 
-from .cases import (
-    check_time_bias,
-    pattern_kwargs,
-    random_inputs,
-    run_time_bias,
-    score_kwargs,
-    time_inputs,
-    time_tables,
-)
+from ..targets import TRITON_INTERPRETER as TARGET
+
+pattern_kwargs, score_kwargs = TARGET.pattern_kwargs, TARGET.score_kwargs
 
 pytestmark = pytest.mark.interpreter
 
 
-# Every pattern and both scores, without the full product, on a shorter ragged batch than
-# RAGGED (empty, 1, S - 1, a unit plus one, units plus a tail, whole units): the
-# interpreter runs the bias kernel's sort of every 16 x 16 tile slowly.
+# Every pattern and both scores, without the full product, on a shorter batch than the
+# standard ragged one (empty, 1, S - 1, units, units plus a tail): the interpreter runs the
+# bias kernel's sort of every 16 x 16 tile slowly.
 LENGTHS = [0, 1, 4, 8, 17, 21]
 PATTERN_SCORES = [
     ("causal", "softmax"),

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from rec2pm_kernels import segment_attention
-from rec2pm_kernels.testing import assert_within_budget
+from rec2pm_kernels.testing import assert_within_budget, random_inputs
 
-from .cases import RAGGED, pattern_kwargs, random_inputs, score_kwargs
+from ..targets import TRITON_INTERPRETER as TARGET
+
+RAGGED = TARGET.ragged
+pattern_kwargs, score_kwargs = TARGET.pattern_kwargs, TARGET.score_kwargs
 
 pytestmark = pytest.mark.interpreter
 
