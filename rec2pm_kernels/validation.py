@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from numbers import Real
 
 import torch
@@ -262,8 +263,26 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name} must have shape (batch + 1,) with at least one entry, got shape (0,)")
 
 
+# The host cu_seqlens checked last, with its version counter, the token count and its lengths:
+# a decoder passes one cu_seqlens to every layer, and the check's handful of small tensor
+# ops measured about 45 us a call, 0.7 ms of a 16-layer serving request.  A weak reference,
+# so that a new tensor at a freed one's address is never taken for it; an in-place write
+# bumps the version.
+_LAST_CHECKED: list = [None]
+
+
 def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name: str) -> torch.Tensor:
     """Returns the sequence lengths (on ``cu``'s device)."""
+    last = _LAST_CHECKED[0]
+    if last is not None and last[0]() is cu and last[1] == cu._version and last[2] == total:
+        return last[3]
+    lengths = _checked_lengths(name, cu, total, tensor_name)
+    if cu.device.type == "cpu":
+        _LAST_CHECKED[0] = (weakref.ref(cu), cu._version, total, lengths)
+    return lengths
+
+
+def _checked_lengths(name: str, cu: torch.Tensor, total: int, tensor_name: str) -> torch.Tensor:
     if int(cu[0]) != 0:
         raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
     lengths = cu[1:] - cu[:-1]

@@ -304,3 +304,29 @@ def test_max_new_is_an_upper_bound_and_never_sizes_a_buffer():
 def test_good_arguments_pass():
     assert segment_attention(**good_segment_args()).shape == (T, H, D)
     assert cached_step_attention(**good_cache_args()).shape == (3, H, D)
+
+
+def test_a_checked_cu_seqlens_is_checked_again_after_an_in_place_write():
+    """The check of the last host cu_seqlens is reused only while it is the same tensor at the
+    same version and token count."""
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    segment_attention(q, q, q, cu, 6)
+    segment_attention(q, q, q, cu, 6)  # the reused check
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal the number of tokens in q \(9\)"):
+        segment_attention(q[:9], q[:9], q[:9], cu, 6)
+    cu[1] = 12
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        segment_attention(q, q, q, cu, 10)
+    fresh = torch.tensor([0, 12, 10], dtype=torch.int32)  # equal values, another tensor
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        segment_attention(q, q, q, fresh, 12)
+
+
+def test_hstu_mask_keywords_name_every_field():
+    import dataclasses
+
+    from rec2pm_kernels.hstu_masks import HSTUMask
+
+    mask = HSTUMask(contextual_seq_len=2, max_attn_len=5, min_full_attn_seq_len=1, causal=False)
+    assert mask.as_kwargs() == {f.name: getattr(mask, f.name) for f in dataclasses.fields(HSTUMask)}
