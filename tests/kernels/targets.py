@@ -40,6 +40,7 @@ class Target:
     segment_len: int
     num_memory_tokens: int
     dim: int  # the head dim of the standard cases
+    dim_v: int  # the value head dim of the cached-step cases (the C++ loops' generic width on the CPU)
     head_dims: tuple[tuple[int, int], ...]  # (head_dim, head_dim_v) pairs of test_head_dims
     # Cached-step cases: (id, cached slots per user, new rows per user).
     cache_cases: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
@@ -112,7 +113,7 @@ _SMALL_CACHES = (
     ("equal", (9, 9, 9), (1, 1, 1)),
     ("equal-ends", (9, 10, 10), (1, 0, 0)),
 )
-_CPU_SIZES = dict(segment_len=3, num_memory_tokens=2, dim=8, cache_cases=_SMALL_CACHES)
+_CPU_SIZES = dict(segment_len=3, num_memory_tokens=2, dim=8, dim_v=6, cache_cases=_SMALL_CACHES)
 
 TARGETS = (
     Target(
@@ -146,6 +147,7 @@ TARGETS = (
         segment_len=5,
         num_memory_tokens=2,
         dim=16,
+        dim_v=8,
         head_dims=((8, 8), (16, 16), (64, 64), (8, 24)),  # 8 is padded to 16 inside the kernels
         cache_cases=(("ragged", (0, 5, 40, 3, 17), (3, 1, 0, 4, 2)),),
         marks=(pytest.mark.interpreter,),
@@ -160,6 +162,7 @@ TARGETS = (
         segment_len=200,  # the model's geometry
         num_memory_tokens=4,
         dim=64,
+        dim_v=64,
         head_dims=((8, 8), (16, 16), (32, 32), (128, 128), (64, 32)),
         cache_cases=(("long", (0, 900, 4000, 17, 2047), (1, 1, 5, 0, 2)), *_SMALL_CACHES[:1]),
         marks=(pytest.mark.gpu,),
@@ -174,6 +177,7 @@ TARGETS = (
         segment_len=20,
         num_memory_tokens=4,
         dim=16,
+        dim_v=8,
         head_dims=((8, 8), (16, 16), (32, 32), (64, 64), (128, 128), (64, 32), (256, 256)),
         cache_cases=(*_SMALL_CACHES[:1], _LONG_CACHE),
         marks=(pytest.mark.gpu, pytest.mark.cuda_kernels),

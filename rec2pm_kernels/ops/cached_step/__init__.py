@@ -9,4 +9,7 @@
 * ``triton_backend.py``: the Triton launcher: cache append, split-K launch, combine.
 * ``triton_kernel.py``: the kernel, sharing its tile math with ``segment_attention``
   through ``ops/triton_tiles.py``.
+
+Their tests: ``tests/kernels/cached_step/`` (``test_oracle.py`` on every backend, one file per
+backend beside it).
 """

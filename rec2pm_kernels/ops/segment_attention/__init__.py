@@ -8,8 +8,11 @@
   fake implementations and the autograd link between forward and backward.
 * ``triton_forward.py``: the forward kernel (online softmax or SiLU sum over visible tiles).
 * ``triton_backward.py``: the dK/dV kernel (one program per key block; by default it also
-  adds the relative-bias gradient with atomics) and the row-block kernel, which writes dQ
+  adds the relative-bias gradient with float64 atomics) and the row-block kernel, which writes dQ
   or the bias tables' deterministic gradient (relative and timestamp).
+
+Their tests: ``tests/kernels/segment_attention/`` (``test_oracle.py`` on every backend, one file
+per backend beside it).
 
 The tile math all Triton kernels share is in ``ops/triton_tiles.py``, the pattern rule on
 tiles in ``ops/triton_patterns.py``, the per-bucket sums of the bias gradients in

@@ -37,7 +37,7 @@ def _in_layout(layout, *caches):
 def test_matches_oracle_and_appends(target, dtype, cache_case, score, with_bias, layout):
     _, filled, new = cache_case
     q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(
-        filled, new, dim=target.dim, dim_v=6, dtype=dtype, device=target.device, with_bias=with_bias
+        filled, new, dim=target.dim, dim_v=target.dim_v, dtype=dtype, device=target.device, with_bias=with_bias
     )
     k_cache, v_cache = _in_layout(layout, k_cache, v_cache)
     kw = score_kwargs(score, 7.0)
