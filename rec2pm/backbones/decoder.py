@@ -144,6 +144,37 @@ class Decoder(nn.Module):
         out = self.final_norm(h)
         return (out, kv) if collect_kv else out
 
+    def prefill(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        capacity: int,
+        max_position: int | None = None,
+    ) -> tuple[torch.Tensor, list[LayerCache], torch.Tensor]:
+        """A ``causal`` ``forward`` over whole blocks that also returns per-layer caches of
+        ``capacity`` slots holding each block's K/V, and their ``cache_seqlens`` (int32).
+        ``positions`` are each block's offsets ``0..n-1``, as the cached step gives its slots.
+
+        Where the fused step applies, this is one ``step`` of every block's rows over empty
+        caches: the cached step attends causally over the rows it appends, so it is the same
+        numbers (``tests/model/test_fused_step.py``), in one C++ call instead of a Python
+        pass per layer and a scatter of every layer's K/V into the caches.
+        """
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        if lengths.numel() and int(lengths.max()) > capacity:
+            raise ValueError(f"capacity {capacity} is smaller than the longest sequence ({int(lengths.max())})")
+        if fused_step.applies(self, x, []):
+            shape = (lengths.numel(), capacity, self.config.num_heads, self.config.head_dim)
+            caches = [LayerCache(x.new_zeros(shape), x.new_zeros(shape)) for _ in self.blocks]
+            seqlens = torch.zeros(lengths.numel(), dtype=torch.int32, device=x.device)
+            out = self.step(x, positions, cu_seqlens, max_seqlen, caches, seqlens, max_position)
+            return out, caches, seqlens.add_(lengths.to(seqlens.device, torch.int32))
+        out, kv = self(x, positions, cu_seqlens, max_seqlen, collect_kv=True, max_position=max_position)
+        caches, seqlens = caches_from_kv(kv, cu_seqlens, capacity)
+        return out, caches, seqlens
+
     def _time_options(self, times, device) -> dict:
         if not self.config.num_time_buckets:
             return {}

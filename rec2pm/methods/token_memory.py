@@ -24,7 +24,7 @@ import torch
 
 from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
 
-from ..backbones.decoder import LayerCache, caches_from_kv
+from ..backbones.decoder import LayerCache
 from ..layout import WRITE, cached_layout, packed_rows, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
 
@@ -144,9 +144,9 @@ class TokenMemoryModel(RecModel):
         return Memory(vectors, counts)
 
     # -- serving -----------------------------------------------------------------------------
-    def _serving_pass(
-        self, memory: Memory, recent_items, recent_cu, collect_kv: bool, recent_times=None, request_times=None
-    ):
+    def _serving_inputs(self, memory: Memory, recent_items, recent_cu, recent_times=None, request_times=None):
+        """The checked ``[M ; recent]`` blocks: their layout (on the items' device), token
+        embeddings and token times (``None`` without a timestamp bias)."""
         lengths = self.check_history(recent_items, recent_cu, "recent_items")
         self.check_memory(memory.vectors, memory.counts, lengths.numel())
         recent_times = self.check_times(recent_times, recent_items, "recent_times")
@@ -157,16 +157,7 @@ class TokenMemoryModel(RecModel):
             times = layout.token_times(recent_times, memory_times=memory.times, request_times=request_times)
         layout = layout.to(recent_items.device)
         x = layout.embed(self.item_embedding(recent_items), self.write_tokens, self.memory_input(memory.vectors))
-        result = self.decoder(
-            x,
-            layout.position,
-            layout.cu_seqlens,
-            layout.max_seqlen,
-            collect_kv=collect_kv,
-            times=times,
-            max_position=layout.max_position,
-        )
-        return layout, result
+        return layout, x, times
 
     def score(
         self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, recent_times=None, request_times=None
@@ -174,7 +165,10 @@ class TokenMemoryModel(RecModel):
         """``[M ; recent]`` -> next-item logits ``(B, N + 1)`` from each block's last position.
         With a timestamp bias: ``recent_times`` (one per recent item), ``memory.times`` and
         optionally ``request_times`` (one per user)."""
-        layout, h = self._serving_pass(memory, recent_items, recent_cu, False, recent_times, request_times)
+        layout, x, times = self._serving_inputs(memory, recent_items, recent_cu, recent_times, request_times)
+        h = self.decoder(
+            x, layout.position, layout.cu_seqlens, layout.max_seqlen, times=times, max_position=layout.max_position
+        )
         return self.logits(h[layout.last_rows])
 
     @torch.no_grad()
@@ -189,8 +183,10 @@ class TokenMemoryModel(RecModel):
         self.require_no_time_bias("prefill (the cached serving step)")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise TypeError(f"capacity must be an int >= 1 (cache slots per user), got {capacity!r}")
-        layout, (h, kv) = self._serving_pass(memory, recent_items, recent_cu, collect_kv=True)
-        caches, seqlens = caches_from_kv(kv, layout.cu_seqlens, capacity)
+        layout, x, _ = self._serving_inputs(memory, recent_items, recent_cu)
+        h, caches, seqlens = self.decoder.prefill(
+            x, layout.position, layout.cu_seqlens, layout.max_seqlen, capacity, max_position=layout.max_position
+        )
         return self.logits(h[layout.last_rows]), ServingState(caches, seqlens)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The one-call C++ decoder step equals Decoder.step block by block, for both backbones."""
+"""The one-call C++ decoder step equals Decoder.step block by block, and Decoder.prefill through it
+equals a causal pass, for both backbones."""
 
 from __future__ import annotations
 
@@ -67,6 +68,53 @@ def test_fused_step_equals_the_block_by_block_step(backbone, dtype, path):
     for a, b in zip(fused_caches, plain_caches, strict=True):  # the same K/V appended in the same slots
         torch.testing.assert_close(a.k, b.k, rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(a.v, b.v, rtol=tolerance, atol=tolerance)
+
+
+# Whole blocks per user: a few rows in all (the loop path) or many (the GEMM path), with an
+# empty block and a one-row block among them.
+PREFILL_BLOCKS = {"loops": [3, 0, 1, 2], "gemm": [13, 1, 0, 21]}
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("path", list(PREFILL_BLOCKS))
+def test_prefill_through_the_fused_step_equals_a_causal_pass(backbone, dtype, path):
+    """Decoder.prefill's one step over empty caches = forward with collect_kv + caches_from_kv."""
+    decoder = randomised_decoder(backbone, dtype)
+    lengths = PREFILL_BLOCKS[path]
+    cu = cu_seqlens_of(lengths)
+    x = torch.randn(sum(lengths), decoder.config.d_model, dtype=dtype)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    capacity = max(lengths) + 3
+    results = []
+    for fused in (True, False):
+        decoder.use_fused_step = fused
+        try:
+            with torch.no_grad():
+                results.append(decoder.prefill(x, positions, cu, max(lengths), capacity))
+        finally:
+            decoder.use_fused_step = True
+    (fused_out, fused_caches, fused_seqlens), (plain_out, plain_caches, plain_seqlens) = results
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(fused_out, plain_out, rtol=tolerance, atol=tolerance)
+    assert fused_seqlens.tolist() == plain_seqlens.tolist() == lengths
+    for a, b in zip(fused_caches, plain_caches, strict=True):
+        assert a.k.shape == b.k.shape == (len(lengths), capacity, *b.k.shape[2:])
+        torch.testing.assert_close(a.k, b.k, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(a.v, b.v, rtol=tolerance, atol=tolerance)
+
+
+def test_prefill_refuses_a_capacity_below_the_longest_block():
+    decoder = randomised_decoder("hstu", torch.float64)
+    x = torch.randn(6, decoder.config.d_model, dtype=torch.float64)
+    for fused in (True, False):
+        decoder.use_fused_step = fused
+        try:
+            too_small = "capacity 3 is smaller than the longest sequence \\(4\\)"
+            with torch.no_grad(), pytest.raises(ValueError, match=too_small):
+                decoder.prefill(x, torch.tensor([0, 1, 0, 1, 2, 3]), cu_seqlens_of([2, 4]), 4, capacity=3)
+        finally:
+            decoder.use_fused_step = True
 
 
 def test_the_fused_step_refuses_to_write_past_the_capacity():
