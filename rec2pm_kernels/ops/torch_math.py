@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9  # a step constant that keeps zero inputs from hashing to zero
@@ -58,6 +59,7 @@ def masked_attention(
     silu_norm: float | torch.Tensor | None,
     keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    fused: bool = True,
 ) -> torch.Tensor:
     """``q (..., H, R, D)``, ``k (..., H, K, D)``, ``v (..., H, K, Dv)``; ``mask`` (bool; ``None``:
     every key visible), ``bias`` and ``silu_norm`` (a number or a tensor) broadcast to
@@ -66,8 +68,10 @@ def masked_attention(
 
     Softmax runs through ``scaled_dot_product_attention`` with an additive mask (0 / -inf,
     plus the bias) built from the boolean one: SDPA on CPU converts boolean masks to that
-    form on every call, which costs ~1.5x.  With dropout it is explicit, since SDPA's
-    dropout cannot be seeded.  SiLU is two einsums with masked entries zeroed.
+    form on every call, which costs ~1.5x.  ``fused=False`` asks SDPA for its math backend,
+    whose probabilities autograd keeps (SDPA picks it anyway when the mask needs a gradient).
+    With dropout it is explicit, since SDPA's dropout cannot be seeded.  SiLU is two einsums
+    with masked entries zeroed.
     """
     if score == "softmax":
         additive = bias
@@ -75,7 +79,10 @@ def masked_attention(
             base = bias if bias is not None else q.new_zeros(())
             additive = torch.where(mask, base, float("-inf")).to(q.dtype)
         if keep is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+            if fused:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale)
         s = torch.einsum("...rd,...kd->...rk", q, k) * scale
         p = torch.softmax(s if additive is None else s + additive, dim=-1)
     else:
