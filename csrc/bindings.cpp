@@ -71,7 +71,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scale"), pybind11::arg("rel_bias"), pybind11::arg("silu_norm"));
   m.def("decoder_step", &rec2pm::decoder_step_cpu,
         "One serving step of a whole SASRec or HSTU decoder over its per-layer caches (CPU, in place)",
-        pybind11::arg("x"), pybind11::arg("position_rows"), pybind11::arg("cu_seqlens_new"),
+        pybind11::arg("x"), pybind11::arg("position_rows"), pybind11::arg("input_norm_weight"),
+        pybind11::arg("input_norm_bias"), pybind11::arg("cu_seqlens_new"),
         pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("cache_seqlens"), pybind11::arg("layers"),
         pybind11::arg("backbone"), pybind11::arg("num_heads"), pybind11::arg("silu_norm"),
         pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"));

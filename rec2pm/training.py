@@ -186,6 +186,17 @@ def load_checkpoint(path: str | Path, map_location="cpu", kind: str = "best") ->
     return ckpt
 
 
+def checkpoint_run(ckpt: dict) -> dict:
+    """The run config that builds a checkpoint's model.  A checkpoint written before
+    ``model.input_norm`` existed neither names the option nor holds the norm's weights: its
+    model is built without one, as it was trained."""
+    run = ckpt["run"]
+    weights = ckpt["model"]
+    if "input_norm" not in run["model"] and isinstance(weights, dict) and "decoder.input_norm.weight" not in weights:
+        return {**run, "model": {**run["model"], "input_norm": False}}
+    return run
+
+
 def load_weights(model: torch.nn.Module, weights, path: Path) -> None:
     """``model.load_state_dict(weights)`` with an error naming the file and what did not match."""
     if not isinstance(weights, dict):
@@ -421,7 +432,7 @@ def evaluate_checkpoint(
     """Metrics of a saved model (``best.pt`` or ``last.pt``) on its run's data split."""
     path = Path(path)
     ckpt = load_checkpoint(path)
-    run = ckpt["run"]
+    run = checkpoint_run(ckpt)
     if data_path is not None:
         run = {**run, "data": {**run["data"], "path": data_path}}
     data = load_data(run["data"])

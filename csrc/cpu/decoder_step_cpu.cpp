@@ -189,6 +189,8 @@ constexpr int64_t kSoftmax = 0, kSilu = 1;  // rec2pm::Score codes
 }  // namespace
 
 torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                               const std::optional<torch::Tensor>& input_norm_weight,
+                               const std::optional<torch::Tensor>& input_norm_bias,
                                const torch::Tensor& cu_seqlens_new, const std::vector<torch::Tensor>& k_caches,
                                const std::vector<torch::Tensor>& v_caches, const torch::Tensor& cache_seqlens,
                                const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
@@ -203,7 +205,10 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
   const auto kind = static_cast<Backbone>(backbone);
   const auto cu = cu_seqlens_new.to(torch::kLong).contiguous();
   const auto filled = cache_seqlens.to(torch::kLong).contiguous();
+  TORCH_CHECK(input_norm_weight.has_value() == input_norm_bias.has_value(),
+              "input_norm_weight and input_norm_bias go together");
   if (position_rows) x = x + *position_rows;
+  if (input_norm_weight) x = at::layer_norm(x, {d}, *input_norm_weight, *input_norm_bias, eps);
   if (loops_apply(x, layers, k_caches, v_caches, final_norm_weight, final_norm_bias)) {
     x = x.contiguous().clone();  // the residual stream, updated in place
     auto out = torch::empty_like(x);

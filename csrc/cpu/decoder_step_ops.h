@@ -9,9 +9,12 @@ namespace rec2pm {
 
 // A whole decoder's serving step: x (tokens, d) item embeddings of the new events,
 // position_rows (tokens, d) SASRec's position embeddings of them (absent for HSTU),
+// input_norm_weight / _bias the decoder's input LayerNorm (absent when it has none),
 // per-layer caches appended in place; layers[l] the block's weights in the order of
 // rec2pm/backbones/fused_step.py.  Returns the final-normed hidden states (tokens, d).
 torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                               const std::optional<torch::Tensor>& input_norm_weight,
+                               const std::optional<torch::Tensor>& input_norm_bias,
                                const torch::Tensor& cu_seqlens_new, const std::vector<torch::Tensor>& k_caches,
                                const std::vector<torch::Tensor>& v_caches, const torch::Tensor& cache_seqlens,
                                const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,

@@ -52,6 +52,8 @@ class Decoder(nn.Module):
                 for _ in range(config.num_layers)
             )
             self.position = None  # HSTU's positions enter through the relative bias only
+        # Why an input norm: see ModelConfig.input_norm.
+        self.input_norm = nn.LayerNorm(d) if config.input_norm else None
         self.input_dropout = nn.Dropout(config.dropout)
         self.final_norm = nn.LayerNorm(d)
         self.reset_parameters()
@@ -84,13 +86,12 @@ class Decoder(nn.Module):
                 f"with max_positions={self.config.max_positions}; shorten the history or raise it"
             )
 
-    def _with_positions(
-        self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None = None
-    ) -> torch.Tensor:
+    def _stream_input(self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
+        """The first block's input: ``x`` plus SASRec's positions, through the input norm."""
         self._check_positions(positions, max_position)
-        if self.position is None:
-            return x
-        return x + self.position(positions)
+        if self.position is not None:
+            x = x + self.position(positions)
+        return x if self.input_norm is None else self.input_norm(x)
 
     def forward(
         self,
@@ -115,7 +116,7 @@ class Decoder(nn.Module):
         (``PackedLayout.max_position``), so that checking them reads nothing back from the device.
         """
         time_options = self._time_options(times, x.device)
-        h = self.input_dropout(self._with_positions(x, positions, max_position))
+        h = self.input_dropout(self._stream_input(x, positions, max_position))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         kernels = self.config.kernels
 
@@ -209,7 +210,7 @@ class Decoder(nn.Module):
         if fused_step.applies(self, x_new, caches):
             self._check_positions(positions_new, max_position)
             return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)
-        h = self._with_positions(x_new, positions_new, max_position)
+        h = self._stream_input(x_new, positions_new, max_position)
         kernels = self.config.kernels
         for block, cache in zip(self.blocks, caches, strict=True):
 

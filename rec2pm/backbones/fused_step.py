@@ -103,9 +103,12 @@ def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seql
         check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
     backbone = decoder.config.backbone
     position_rows = decoder.position(positions_new) if decoder.position is not None else None
+    input_norm = decoder.input_norm  # the C++ step applies every norm with final_norm's eps (all torch's default)
     return _extension.C.decoder_step(
         x=x_new,
         position_rows=position_rows,
+        input_norm_weight=None if input_norm is None else input_norm.weight,
+        input_norm_bias=None if input_norm is None else input_norm.bias,
         cu_seqlens_new=cu_seqlens_new,
         k_caches=[cache.k for cache in caches],
         v_caches=[cache.v for cache in caches],

@@ -72,11 +72,11 @@ def load_model(checkpoint_or_model) -> torch.nn.Module:
             f"checkpoint_or_model must be a checkpoint path or a model from build_model, got "
             f"{type(checkpoint_or_model).__name__}"
         )
-    from ..training import build, load_checkpoint, load_weights
+    from ..training import build, checkpoint_run, load_checkpoint, load_weights
 
     path = Path(checkpoint_or_model)
     ckpt = load_checkpoint(path)
-    model = build(ckpt["run"], ckpt["num_items"])
+    model = build(checkpoint_run(ckpt), ckpt["num_items"])
     load_weights(model, ckpt["model"], path)
     return model
 

@@ -31,6 +31,8 @@ def model(method, seed=0, **options):
         for name, p in m.named_parameters():
             if name.endswith("rel_bias") or name.endswith("ts_bias"):
                 p.normal_(std=0.5)
+            elif name.endswith(("f1.weight", "f2.weight")):  # block updates that show next to the normed input
+                p.normal_(std=0.2)
     return m
 
 

@@ -252,6 +252,27 @@ def test_evaluate_names_the_file_and_what_is_wrong_with_it(tmp_path, trained_run
     assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_the_input_norm_builds_without_it(tmp_path, trained_run, capsys):
+    """Checkpoints written before ``model.input_norm`` existed name no such option and hold no
+    norm weights: evaluating or serving them builds the model they were trained as.  Naming
+    the option while lacking the weights stays an error."""
+    from rec2pm.serving.recommender import load_model
+
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    assert "input_norm" not in ckpt["run"]["model"]
+    old = {**ckpt, "model": {k: v for k, v in ckpt["model"].items() if not k.startswith("decoder.input_norm.")}}
+    torch.save(old, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt").decoder.input_norm is None
+    assert main(["evaluate", str(tmp_path / "old.pt"), "--no-progress"]) == 0
+    assert load_model(trained_run / "best.pt").decoder.input_norm is not None
+    named = {**old, "run": {**old["run"], "model": {**old["run"]["model"], "input_norm": True}}}
+    torch.save(named, tmp_path / "named.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path / "named.pt"), "--no-progress"])
+    assert "the weights do not match" in capsys.readouterr().err
+
+
 def test_training_excludes_the_whole_history_not_the_window(tmp_path, monkeypatch):
     """Seen items are removed from the candidates over the untruncated history by default."""
     import rec2pm.training as training
