@@ -56,9 +56,34 @@ void transpose_heads(const T* x, int64_t tokens, int64_t heads, int64_t dim, T* 
 // adding a vector along the value dim.  For the usual widths the accumulator has a
 // compile-time size and stays in registers; a runtime-sized one would round-trip through
 // memory on every key, a store-to-load chain that cost more than all the arithmetic.
+//
+// Rows of at most one vector register (8 or 16 fp32) spread the keys over four accumulators:
+// with one, every key's add waits for the previous key's (a chain of one add latency per
+// key, a third of an HSTU serving block's attention time at width 8).  They are vector
+// types because arrays indexed in the loop did not stay in registers.
 template <typename T, int64_t kWidth>
 __attribute__((always_inline)) inline void add_weighted_values_fixed(const T* w, const T* value, int64_t stride,
                                                                      int64_t count, T* acc) {
+  if constexpr (kWidth * sizeof(T) <= 64) {
+    typedef T Vector __attribute__((vector_size(kWidth * sizeof(T))));
+    const auto load = [](const T* from) {
+      Vector v;
+      std::memcpy(&v, from, sizeof(Vector));
+      return v;
+    };
+    Vector a0 = load(acc), a1 = {}, a2 = {}, a3 = {};
+    int64_t j = 0;
+    for (; j + 4 <= count; j += 4, value += 4 * stride) {
+      a0 += w[j] * load(value);
+      a1 += w[j + 1] * load(value + stride);
+      a2 += w[j + 2] * load(value + 2 * stride);
+      a3 += w[j + 3] * load(value + 3 * stride);
+    }
+    for (; j < count; ++j, value += stride) a0 += w[j] * load(value);
+    a0 = (a0 + a1) + (a2 + a3);
+    std::memcpy(acc, &a0, sizeof(Vector));
+    return;
+  }
   T local[kWidth];
   for (int64_t e = 0; e < kWidth; ++e) local[e] = acc[e];
   for (int64_t j = 0; j < count; ++j, value += stride) {
@@ -118,6 +143,22 @@ __attribute__((always_inline)) inline T score_weights(T* s, int64_t n, Score sco
   T max, sum;
   chunk_weights(s, n, score, silu_norm, &max, &sum);
   return finish_scale(score, sum);
+}
+
+// s[j] += table[clamp(shift - j, 0, buckets - 1)] for j in [0, count), as three runs that
+// each vectorise: keys past the last bucket (its constant), keys inside the table (read
+// backwards, contiguous) and keys ahead of the row (bucket 0).  A clamped index per key kept
+// the loop scalar, a quarter of an HSTU serving block's attention time.
+template <typename T>
+__attribute__((always_inline)) inline void add_relative_bias(const T* table, int64_t buckets, int64_t shift,
+                                                             int64_t count, T* s) {
+  const int64_t last = buckets - 1;
+  const int64_t far_end = std::clamp<int64_t>(shift - last, 0, count);  // distance > last before it
+  const int64_t near_end = std::clamp<int64_t>(shift + 1, far_end, count);  // distance >= 0 before it
+  const T far = table[last], ahead = table[0];
+  for (int64_t j = 0; j < far_end; ++j) s[j] += far;
+  for (int64_t j = far_end; j < near_end; ++j) s[j] += table[shift - j];
+  for (int64_t j = near_end; j < count; ++j) s[j] += ahead;
 }
 
 struct SegmentProblem {
@@ -188,13 +229,8 @@ __attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, c
     if (bias != nullptr) {
       // λ moves in step with the position inside a span (a global span never leaves its
       // unit), so the distance λ(row) - λ(key) is `shift - j`: no division per key.
-      const T* table = bias + h * p.buckets;
       const int64_t shift = lambda_row - bias_position(p.pattern, begin, S, C);
-      const int64_t last = p.buckets - 1;
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t distance = shift - j;
-        s[j] += table[distance < 0 ? 0 : (distance > last ? last : distance)];
-      }
+      add_relative_bias(bias + h * p.buckets, p.buckets, shift, count, s);
     }
     if (p.time_table != nullptr) {
       const T* table = static_cast<const T*>(p.time_table) + h * (p.time_buckets + 1);
