@@ -240,7 +240,10 @@ __attribute__((always_inline)) inline void attend_row(const SegmentProblem& p, c
     }
     n += count;
   }
-  const T normaliser = score_weights(scores, n, p.score, silu_norm);
+  // SiLU weighs each score alone, so it runs over whole tiles (the buffer has a tile of room,
+  // holding finite values): the last n % kKeyTile scores would otherwise take the scalar exp.
+  const int64_t weighed = p.score == Score::kSilu ? (n + kKeyTile - 1) / kKeyTile * kKeyTile : n;
+  const T normaliser = score_weights(scores, weighed, p.score, silu_norm);
   std::fill(acc, acc + p.dim_v, T(0));
   n = 0;
   for (int64_t span = 0; span < spans.count; ++span) {
@@ -294,7 +297,7 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
   }
   const int64_t work_per_task = kRowBlock * (longest / 2 + 1) * (p.dim + p.dim_v);
   at::parallel_for(0, first_task[batch], grain_size(work_per_task), [&](int64_t first, int64_t last) {
-    std::vector<T> scores(std::max<int64_t>(longest, 1)), acc(p.dim_v);
+    std::vector<T> scores(longest + kKeyTile), acc(p.dim_v);  // a tile of room: see attend_row
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
       const int64_t local = task - first_task[b];
