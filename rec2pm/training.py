@@ -282,6 +282,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
         "bad_epochs": 0,
         "loss_sum": 0.0,
         "loss_count": 0,
+        "wall_s": 0.0,  # training time up to the last checkpoint, so a resumed run reports its whole time
     }
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
@@ -292,6 +293,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
         set_rng_state(ckpt["rng"][ctx.rank])
         state = ckpt["state"]
         say(f"resumed from {last_path} at epoch {state['epoch']}, batch {state['batch']}, step {state['step']}")
+    wall_before = state.get("wall_s", 0.0)  # absent from checkpoints written before it was kept
     trained = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ctx.enabled else model
 
     def save(path: Path) -> None:
@@ -299,6 +301,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
         if ctx.enabled:  # every rank's RNG state, so that each resumes its own stream
             rngs = [None] * ctx.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
+        state["wall_s"] = wall_before + time.perf_counter() - started
         if ctx.is_main:
             save_atomically(
                 {
@@ -415,7 +418,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
             **test_times,
         )
         summary["test"] = test_metrics
-        summary["wall_s"] = round(time.perf_counter() - started, 3)
+        summary["wall_s"] = round(wall_before + time.perf_counter() - started, 3)
         log.write(final=summary)
         say(
             f"best epoch {state['best_epoch']} (valid {SELECTION_METRIC} {state['best']:.4f}); test:\n"
