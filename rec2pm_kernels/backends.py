@@ -135,17 +135,28 @@ def backends() -> dict[str, BackendStatus]:
 
 
 # Softmax over long causal-like sequences (causal, global) is faster through SDPA's fused
-# kernel (the torch backend) than through the C++ one; everything else without gradients
-# is faster in C++.  Measured side by side on 2 CPU cores (benchmarks/test_segment_attention.py,
-# fp32, 4 heads of 16): [M ; 200] serving blocks 1.9x (softmax) and 2.7x (SiLU, 8 x 8) at
-# B = 1, 1.8x and 9.2x at B = 64; kv_memory_* 2-6x at 1k-4k tokens; causal and global
-# softmax 0.8-0.9x at 1k and 0.7-0.85x at 4k tokens.
-CPP_SOFTMAX_MAX_LEN = 512
+# kernel (the torch backend) than through the C++ one, and the sooner the wider the heads;
+# everything else without gradients is faster in C++.  Measured side by side on 2 CPU cores
+# (fp32, 2 sequences x 4 heads, forward only), cpp's speed-up over torch for causal softmax:
+#   head dim 8:   2.9x at 204 tokens, 2.1x at 512, 1.8x at 1k;
+#   head dim 16:  2.2x at 204, 1.2x at 512, 0.96-1.2x at 1k, 0.95x at 2k, 0.65-0.77x at 4k;
+#   head dim 32:  1.4x at 256-384, 0.87x at 512, 0.58x at 1k;
+#   head dim 64:  1.9x at 256, 1.4x at 384, 0.79x at 512, 0.52x at 1k;
+#   head dim 128: 1.1x at 256, 1.0x at 384.
+# kv_memory_* at head dim 64: 1.9x at 1k, 2.9x at 4k; SiLU: 2.5x at head dim 16, 1.0x at 64
+# (1k tokens).  The [M ; 200] serving blocks (HSTU 8 x 8, SASRec 4 x 16) are well inside.
+CPP_SOFTMAX_MAX_LEN = 512  # head dims up to CPP_NARROW_HEAD_DIM
+CPP_NARROW_HEAD_DIM = 16
+CPP_SOFTMAX_MAX_LEN_WIDE = 384  # wider heads
 
 
-def cpp_preferred(score: str, pattern: str, max_seqlen: int) -> bool:
-    """Whether ``auto`` runs a forward-only CPU ``segment_attention`` call in C++."""
-    return score == "silu" or pattern.startswith("kv_memory") or max_seqlen <= CPP_SOFTMAX_MAX_LEN
+def cpp_preferred(score: str, pattern: str, max_seqlen: int, head_dim: int) -> bool:
+    """Whether ``auto`` runs a forward-only CPU ``segment_attention`` call in C++.
+    ``head_dim``: the wider of the query/key and value head dims."""
+    if score == "silu" or pattern.startswith("kv_memory"):
+        return True
+    limit = CPP_SOFTMAX_MAX_LEN if head_dim <= CPP_NARROW_HEAD_DIM else CPP_SOFTMAX_MAX_LEN_WIDE
+    return max_seqlen <= limit
 
 
 def _auto_choice(device: torch.device, needs_grad: bool, dtype: torch.dtype, prefer_cpp: bool) -> str:

@@ -171,7 +171,8 @@ def segment_attention(
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"``.  ``"auto"`` runs
             ``triton`` on CUDA tensors; on the CPU ``cpp`` when no gradient is needed and the
             extension is built (except softmax with ``causal`` or ``global`` over sequences
-            longer than 512, where ``torch``'s fused SDPA is faster), else ``torch``.  ``"cpp"``
+            longer than 512 tokens at head dims up to 16, 384 at wider heads, where ``torch``'s
+            fused SDPA is faster: ``backends.cpp_preferred``), else ``torch``.  ``"cpp"``
             (CPU) and ``"cuda"`` (the compiled CUDA kernels, for short blocks such as the
             memory update; ``auto`` does not pick it) are forward only.
             ``rec2pm_kernels.backends()`` says which are available here and why not.
@@ -239,7 +240,7 @@ def segment_attention(
         q.device,
         needs_grad,
         q.dtype,
-        prefer_cpp=cpp_preferred(score, spec.name, longest) and dropout_p == 0,
+        prefer_cpp=cpp_preferred(score, spec.name, longest, max(q.shape[2], v.shape[2])) and dropout_p == 0,
     )
     extras = dict(hstu_mask=hstu_mask, num_targets=num_targets)
     if dropout_p > 0:  # torch and triton draw the same weights for one seed

@@ -107,6 +107,26 @@ def test_cpp_is_forward_only_and_auto_picks_it_without_gradients(monkeypatch):
     assert backends()["cpp"].available
 
 
+@pytest.mark.parametrize(
+    "dim, length, expected",
+    [(16, 512, "cpp"), (16, 513, "torch"), (64, 384, "cpp"), (64, 385, "torch"), (8, 2000, "torch")],
+)
+def test_auto_picks_cpp_for_softmax_up_to_the_measured_length(monkeypatch, dim, length, expected):
+    """``auto`` without gradients: C++ for causal softmax up to 512 tokens at head dims up to 16,
+    384 at wider ones (``backends.cpp_preferred``); SiLU at any length."""
+    from rec2pm_kernels import interface
+
+    chosen = []
+    for name in ("cpp", "torch"):
+        monkeypatch.setitem(interface.SEGMENT_ATTENTION_IMPLS, name, lambda *a, _name=name, **kw: chosen.append(_name))
+    q, k, v = random_qkv(length, heads=1, dim=dim)
+    cu = cu_seqlens_of([length])
+    with torch.no_grad():
+        segment_attention(q, k, v, cu, length)
+        segment_attention(q, k, v, cu, length, score="silu", silu_norm=float(length))
+    assert chosen == [expected, "cpp"]
+
+
 def test_bad_input_reaches_the_shared_validation():
     q, k, v = random_qkv(10)
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
