@@ -82,15 +82,15 @@ __attribute__((always_inline)) inline void add_weighted_values_fixed(const T* w,
     for (; j < count; ++j, value += stride) a0 += w[j] * load(value);
     a0 = (a0 + a1) + (a2 + a3);
     std::memcpy(acc, &a0, sizeof(Vector));
-    return;
+  } else {
+    T local[kWidth];
+    for (int64_t e = 0; e < kWidth; ++e) local[e] = acc[e];
+    for (int64_t j = 0; j < count; ++j, value += stride) {
+      const T wj = w[j];
+      for (int64_t e = 0; e < kWidth; ++e) local[e] += wj * value[e];
+    }
+    for (int64_t e = 0; e < kWidth; ++e) acc[e] = local[e];
   }
-  T local[kWidth];
-  for (int64_t e = 0; e < kWidth; ++e) local[e] = acc[e];
-  for (int64_t j = 0; j < count; ++j, value += stride) {
-    const T wj = w[j];
-    for (int64_t e = 0; e < kWidth; ++e) local[e] += wj * value[e];
-  }
-  for (int64_t e = 0; e < kWidth; ++e) acc[e] = local[e];
 }
 
 template <typename T>
