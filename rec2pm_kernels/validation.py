@@ -277,7 +277,9 @@ def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name
     if last is not None and last[0]() is cu and last[1] == cu._version and last[2] == total:
         return last[3]
     lengths = _checked_lengths(name, cu, total, tensor_name)
-    if cu.device.type == "cpu":
+    # Inference tensors (made under torch.inference_mode) have no version counter, so an
+    # in-place write to one could not be noticed: they are checked on every call.
+    if cu.device.type == "cpu" and not cu.is_inference():
         _LAST_CHECKED[0] = (weakref.ref(cu), cu._version, total, lengths)
     return lengths
 

@@ -323,6 +323,19 @@ def test_a_checked_cu_seqlens_is_checked_again_after_an_in_place_write():
         segment_attention(q, q, q, fresh, 12)
 
 
+def test_inference_mode_tensors_are_checked_on_every_call():
+    """Tensors made under torch.inference_mode have no version counter: the check is not
+    cached for them (it used to raise), and an in-place write to one is still caught."""
+    with torch.inference_mode():
+        q = torch.randn(10, 2, 8)
+        cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+        first = segment_attention(q, q, q, cu, 6)
+        assert torch.equal(segment_attention(q, q, q, cu, 6), first)
+        cu[1] = 12
+        with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+            segment_attention(q, q, q, cu, 10)
+
+
 def test_hstu_mask_keywords_name_every_field():
     import dataclasses
 
