@@ -115,9 +115,11 @@ setup(
             "triton==3.6.*; platform_system == 'Linux'",
             "numpy<2.3",
             "redis>=5",  # the Redis memory store's integration tests (a real server: scripts/services.sh)
+            "matplotlib",  # the accuracy study's plots (its miniature runs in CI)
         ],
         "data": ["pandas", "pyarrow"],  # Parquet interaction tables
         "serve": ["redis>=5"],  # the Redis memory store (SQLite and the HTTP endpoint need nothing more)
+        "study": ["matplotlib"],  # python -m rec2pm study report: the plots of docs/results.md
         "bench": ["pytest>=8", "pytest-benchmark>=4", "triton==3.6.*; platform_system == 'Linux'", "numpy<2.3"],
     },
     ext_modules=ext_modules,

@@ -1,7 +1,8 @@
 """Command line: ``python -m rec2pm train CONFIG.toml [--set table.key=value ...]`` and
 ``python -m rec2pm evaluate CHECKPOINT [--data PATH] [--split test|valid]`` and
 ``python -m rec2pm encode CHECKPOINT --store URL`` (memory backfill) and
-``python -m rec2pm serve CHECKPOINT --store URL --port P`` (HTTP), both in ``rec2pm.serving``.
+``python -m rec2pm serve CHECKPOINT --store URL --port P`` (HTTP), both in ``rec2pm.serving``, and
+``python -m rec2pm study run|report|list`` (the accuracy study, ``rec2pm.study``).
 
 Distributed: ``torchrun --nproc_per_node 2 -m rec2pm train CONFIG.toml``.
 """
@@ -54,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed at start)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--session-cache-mb", type=int, default=256, help="session K/V cache bound; 0 turns it off")
+    study = sub.add_parser("study", help="the accuracy study: run its grid, redraw docs/results.md, list its runs")
+    study.add_argument("action", choices=("run", "report", "list"))
+    study.add_argument("--scale", choices=("full", "mini"), default="full", help="mini: a few dozen users, for CI")
+    study.add_argument("--only", action="append", default=[], metavar="TEXT", help="runs whose name contains TEXT")
+    study.add_argument("--results", default="docs/results", help="the result files (one JSON per run)")
+    study.add_argument("--work", default="runs/study", help="checkpoints of the runs in progress")
+    study.add_argument("--report", default="docs/results.md", help="the markdown file `report` rewrites")
+    study.add_argument("--data-root", default="../shared/data", help="the folder of the real data sets")
+    study.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     args = parser.parse_args(argv)
 
     if args.command == "encode":
@@ -65,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_serve(args, parser)
 
+    if args.command == "study":
+        from .study.cli import main_study
+
+        return main_study(args, parser)
     if args.command == "train":
         from .run_config import build_run_config
 

@@ -182,8 +182,27 @@ def evaluate(
     targets: torch.Tensor,
     num_items: int,
     *,
-    exclude_history: bool = True,
     ks: Iterable[int] = (1, 10, 50),
+    **options,
+) -> dict[str, float]:
+    """Full-ranking metrics over all users: ``metrics_from_ranks(target_ranks(...), ks)``
+    plus ``"users"``: U.  The arguments and ``options`` (exclusion, batching, progress,
+    timestamps) are those of ``target_ranks``; ``ks`` are the cut-offs of HR@K and NDCG@K."""
+    ks = _check_ks(ks)
+    ranks = target_ranks(score_fn, items, cu_seqlens, targets, num_items, **options)
+    metrics: dict[str, float] = metrics_from_ranks(ranks, ks)
+    metrics["users"] = ranks.numel()
+    return metrics
+
+
+def target_ranks(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    items: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    targets: torch.Tensor,
+    num_items: int,
+    *,
+    exclude_history: bool = True,
     batch_size: int = 256,
     progress: bool = True,
     description: str = "evaluate",
@@ -191,8 +210,9 @@ def evaluate(
     exclude_cu_seqlens: torch.Tensor | None = None,
     timestamps: torch.Tensor | None = None,
     request_times: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Full-ranking evaluation of next-item scores over all users, in batches.
+) -> torch.Tensor:
+    """The 1-based rank of every user's held-out item under full ranking, in batches of users
+    (per-user results, for paired comparisons of two models on the same users).
 
     Args:
         score_fn: ``score_fn(items_batch, cu_batch) -> (b, N + 1)`` logits for b users given
@@ -204,7 +224,6 @@ def evaluate(
         num_items: N.
         exclude_history: remove the items of each user's history from their candidates
             (the standard protocol); a target that repeats a history item stays a candidate.
-        ks: cut-offs for HR@K and NDCG@K.
         batch_size: users per ``score_fn`` call.
         progress: show a tqdm bar when tqdm is installed.
         description: the bar's label.
@@ -217,9 +236,8 @@ def evaluate(
             ``timestamps=`` and ``request_times=``.
 
     Returns:
-        ``metrics_from_ranks`` of all users' ranks, plus ``"users"``: U.
+        (U,) int64 CPU ranks, ``ranks_from_scores`` of each user (``metrics_from_ranks`` averages them).
     """
-    ks = _check_ks(ks)
     if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
         raise ValueError(f"num_items must be an int >= 1, got {num_items!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -290,9 +308,7 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
-    metrics: dict[str, float] = metrics_from_ranks(torch.cat(ranks), ks)
-    metrics["users"] = users
-    return metrics
+    return torch.cat(ranks)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

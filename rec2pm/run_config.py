@@ -24,12 +24,14 @@ DEFAULTS: dict[str, dict] = {
         "kind": "synthetic",  # movielens | s3rec | table | synthetic
         "path": "",  # the source file (not for synthetic)
         "max_length": 200,  # keep each user's last max_length events (truncation from the left)
+        "user_limit": 0,  # keep only the first N users of the file (0 = all); for quick runs
         "user_col": "user_id",  # table only
         "item_col": "item_id",
         "time_col": "timestamp",
         "sep": ",",
         "synthetic_users": 500,  # synthetic only
         "synthetic_length": 120,
+        "synthetic_min_length": 0,  # > 0: lengths log-uniform in [min, synthetic_length]; 0: all equal
         "synthetic_items": 1000,
         "synthetic_noise": 0.1,
         "seed": 0,
@@ -115,6 +117,8 @@ RANGES = {
         "max_length": (2, None),
         "synthetic_users": (1, None),
         "synthetic_length": (1, None),
+        "synthetic_min_length": (0, None),
+        "user_limit": (0, None),
         "synthetic_items": (1, None),
         "synthetic_noise": (0.0, 1.0),
     },
@@ -160,6 +164,11 @@ def validate(config: dict) -> None:
             _check_setting(table, key, value)
     if data["kind"] not in DATA_KINDS:
         raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {data['kind']!r}")
+    if data["synthetic_min_length"] > data["synthetic_length"]:
+        raise ValueError(
+            f"data.synthetic_min_length must be <= data.synthetic_length = {data['synthetic_length']}, "
+            f"got {data['synthetic_min_length']}"
+        )
     if data["kind"] != "synthetic" and not data["path"]:
         raise ValueError(f"data.path is required for data.kind={data['kind']!r}")
     if train["schedule"] not in SCHEDULES:

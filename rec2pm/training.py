@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ import torch
 
 from . import distributed
 from .config import named_config
-from .data import InteractionData, leave_one_out, lifelong_histories, load_dataset
-from .evaluation import evaluate, format_metrics
+from .data import InteractionData, leave_one_out, lifelong_planted, load_dataset
+from .evaluation import evaluate, format_metrics, metrics_from_ranks, target_ranks
 from .layout import packed_rows
 from .methods import build_model
 from .methods.base import TrainingOptions
@@ -33,19 +34,29 @@ SELECTION_METRIC = "NDCG@10"
 
 
 # -- data --------------------------------------------------------------------------------------
+def generate(data: dict):
+    """The generated histories of a ``data.kind = "synthetic"`` table and their ``LifelongPlan``."""
+    return lifelong_planted(
+        data["synthetic_users"],
+        data["synthetic_length"],
+        data["synthetic_items"],
+        noise=data["synthetic_noise"],
+        seed=data["seed"],
+        min_length=data["synthetic_min_length"] or None,
+    )
+
+
 def load_data(data: dict) -> InteractionData:
     if data["kind"] == "synthetic":
-        return lifelong_histories(
-            data["synthetic_users"],
-            data["synthetic_length"],
-            data["synthetic_items"],
-            noise=data["synthetic_noise"],
-            seed=data["seed"],
-        )
-    kwargs = {}
-    if data["kind"] == "table":
-        kwargs = dict(user_col=data["user_col"], item_col=data["item_col"], time_col=data["time_col"], sep=data["sep"])
-    return load_dataset(data["kind"], data["path"], **kwargs)
+        loaded = generate(data)[0]
+    else:
+        kwargs = {}
+        if data["kind"] == "table":
+            kwargs = dict(
+                user_col=data["user_col"], item_col=data["item_col"], time_col=data["time_col"], sep=data["sep"]
+            )
+        loaded = load_dataset(data["kind"], data["path"], **kwargs)
+    return loaded.first_users(data["user_limit"]) if data["user_limit"] else loaded
 
 
 def keep_last(items: torch.Tensor, cu: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,10 +440,46 @@ def train(run: dict, *, resume: bool = True) -> dict:
     return summary
 
 
-def evaluate_checkpoint(
-    path: str | Path, *, data_path: str | None = None, split_name: str = "test", progress: bool = True
-) -> dict:
-    """Metrics of a saved model (``best.pt`` or ``last.pt``) on its run's data split."""
+@dataclass
+class EvaluationSet:
+    """A saved model in eval mode with one split of its run's data, ready for ``target_ranks``:
+    ``items``/``cu_seqlens`` are the histories the model reads (its last ``max_length``
+    events), ``seen``/``seen_cu_seqlens`` the whole histories (excluded from the candidates
+    when ``exclude_history``), and ``times`` the keyword arguments of HSTU's timestamp bias."""
+
+    model: torch.nn.Module
+    run: dict
+    data: InteractionData
+    items: torch.Tensor
+    cu_seqlens: torch.Tensor
+    targets: torch.Tensor
+    seen: torch.Tensor
+    seen_cu_seqlens: torch.Tensor
+    times: dict
+
+    def ranks(self, score_fn=None, *, progress: bool = False, description: str = "test") -> torch.Tensor:
+        """``(U,)`` 1-based ranks of every user's target under ``score_fn`` (default the model's
+        ``score_history``), with the run's exclusion and batch size."""
+        return target_ranks(
+            score_fn or self.model.score_history,
+            self.items,
+            self.cu_seqlens,
+            self.targets,
+            self.data.num_items,
+            batch_size=self.run["train"]["eval_batch_size"],
+            exclude_history=self.run["train"]["exclude_history"],
+            exclude_items=self.seen,
+            exclude_cu_seqlens=self.seen_cu_seqlens,
+            progress=progress,
+            description=description,
+            **self.times,
+        )
+
+
+def load_evaluation(path: str | Path, *, data_path: str | None = None, split_name: str = "test") -> EvaluationSet:
+    """The model saved at ``path`` (``best.pt`` or ``last.pt``) with its run's ``split_name`` split."""
+    if split_name not in ("test", "valid"):
+        raise ValueError(f"split_name must be 'test' or 'valid', got {split_name!r}")
     path = Path(path)
     ckpt = load_checkpoint(path)
     run = checkpoint_run(ckpt)
@@ -452,17 +499,13 @@ def evaluate_checkpoint(
         times = evaluation_times(history, target_times, run["data"]["max_length"], data.source)
     load_weights(model, ckpt["model"], path)
     model.eval()
-    return evaluate(
-        model.score_history,
-        items,
-        cu,
-        targets,
-        data.num_items,
-        batch_size=run["train"]["eval_batch_size"],
-        exclude_history=run["train"]["exclude_history"],
-        exclude_items=history.items,
-        exclude_cu_seqlens=history.cu_seqlens,
-        progress=progress,
-        description=split_name,
-        **times,
-    )
+    return EvaluationSet(model, run, data, items, cu, targets, history.items, history.cu_seqlens, times)
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, data_path: str | None = None, split_name: str = "test", progress: bool = True
+) -> dict:
+    """Metrics of a saved model (``best.pt`` or ``last.pt``) on its run's data split."""
+    evaluation = load_evaluation(path, data_path=data_path, split_name=split_name)
+    ranks = evaluation.ranks(progress=progress, description=split_name)
+    return {**metrics_from_ranks(ranks), "users": ranks.numel()}

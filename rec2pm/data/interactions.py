@@ -90,6 +90,24 @@ class InteractionData:
         u %= n
         return self.items[self.cu_seqlens[u] : self.cu_seqlens[u + 1]]
 
+    def first_users(self, count: int) -> InteractionData:
+        """The first ``count`` users (all of them if there are fewer); the catalogue is kept whole."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        if count >= self.num_users():
+            return self
+        end = int(self.cu_seqlens[count])
+        return InteractionData(
+            items=self.items[:end].clone(),
+            cu_seqlens=self.cu_seqlens[: count + 1].clone(),
+            num_items=self.num_items,
+            item_ids=self.item_ids,
+            user_ids=self.user_ids[:count],
+            skipped={**self.skipped, "users beyond the first": self.num_users() - count},
+            source=f"{self.source} [first {count} users]",
+            timestamps=None if self.timestamps is None else self.timestamps[:end].clone(),
+        )
+
     def summary(self) -> str:
         """One line: users, items, interactions, length min/median/mean/max and skipped counts."""
         lengths = self.lengths().numpy()

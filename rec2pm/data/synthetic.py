@@ -84,8 +84,44 @@ class LifelongPlan:
         rows = self.logits[torch.arange(self.logits.shape[0]), block]
         return torch.softmax(rows.double(), dim=-1)
 
+    def item_probabilities(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``(users, N + 1)`` float64 ``p_t(i)`` of each user's event at ``positions`` (default:
+        the last), column 0 (padding) zero: the distribution the next event is drawn from."""
+        w = self.weights(positions)
+        sizes = (self.bounds[1:] - self.bounds[:-1])[self.interests].double()  # (users, K)
+        probs = torch.full((w.shape[0], self.num_items + 1), self.noise / self.num_items, dtype=torch.float64)
+        probs[:, 0] = 0.0
+        for j in range(w.shape[1]):  # the K interest clusters are distinct, so each adds to its own items
+            start, end = self.bounds[self.interests[:, j]], self.bounds[self.interests[:, j] + 1]
+            ids = torch.arange(self.num_items + 1)
+            inside = (ids >= start[:, None]) & (ids < end[:, None])
+            probs += inside * ((1 - self.noise) * w[:, j] / sizes[:, j])[:, None]
+        return probs
+
+    def expected_metrics(self, ranked: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"HR@k": (users,), "NDCG@k": (users,)}`` float64: the metrics each user's target
+        at ``positions`` earns in expectation over ``p_t`` when a model ranks ``ranked``
+        ``(users, k)`` item ids first (distinct ids, best first).  Free of the noise of one
+        sampled target, so paired comparisons of models need far fewer users; with the
+        oracle's ranking they equal ``best_per_user``."""
+        if ranked.dim() != 2 or ranked.shape[0] != self.lengths.numel():
+            raise ValueError(
+                f"ranked must have shape ({self.lengths.numel()}, k), one row per user, got {tuple(ranked.shape)}"
+            )
+        k = ranked.shape[1]
+        p = self.item_probabilities(positions).gather(1, ranked.long().cpu())
+        discount = 1 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+        return {f"HR@{k}": p.sum(1), f"NDCG@{k}": (p * discount).sum(1)}
+
     def best_metrics(self, k: int, positions: torch.Tensor | None = None) -> dict[str, float]:
         """Best achievable ``{"hr": HR@k, "ndcg": NDCG@k}`` for targets at ``positions`` (default: last events)."""
+        hr, ndcg = self.best_per_user(k, positions)
+        return {"hr": hr.mean().item(), "ndcg": ndcg.mean().item()}
+
+    def best_per_user(self, k: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(users,)`` float64 best achievable HR@k and NDCG@k of each user's target at
+        ``positions`` (default: the last event): the expected metrics of ranking items by
+        their true probability under the planted interests and noise."""
         w = self.weights(positions)
         sizes = (self.bounds[1:] - self.bounds[:-1])[self.interests].double()  # (users, K)
         base = self.noise / self.num_items
@@ -108,7 +144,7 @@ class LifelongPlan:
             used += take
         hr += base * (k - used)  # the remaining ranks: items outside the interests
         ndcg += base * (discount[k] - discount[used.long()])
-        return {"hr": hr.mean().item(), "ndcg": ndcg.mean().item()}
+        return hr, ndcg
 
 
 def item_clusters(num_items: int, num_clusters: int) -> torch.Tensor:

@@ -128,6 +128,28 @@ def test_best_metrics_match_the_oracle_on_sampled_targets():
     assert plan.best_metrics(num_items)["hr"] == pytest.approx(1.0)
 
 
+def test_item_probabilities_and_expected_metrics_agree_with_the_sampled_targets():
+    """``item_probabilities`` is the distribution the last event was drawn from, and the
+    expected metrics of a ranking equal, on average, the metrics of the sampled targets."""
+    data, plan = lifelong_planted(20000, 6, 120, num_clusters=12, num_interests=3, noise=0.3, drift=0.5, seed=6)
+    probs = plan.item_probabilities()
+    assert probs.shape == (20000, 121) and probs[:, 0].eq(0).all()
+    assert torch.allclose(probs.sum(1), torch.ones(20000, dtype=torch.float64))
+    # The oracle's ranking earns the best achievable metrics, user by user.
+    oracle = plan.expected_metrics(probs.topk(10, dim=1).indices)
+    best_hr, best_ndcg = plan.best_per_user(10)
+    assert torch.allclose(oracle["HR@10"], best_hr) and torch.allclose(oracle["NDCG@10"], best_ndcg)
+    # A fixed ranking (items 1..10 for everyone): its expectation matches its sampled hits.
+    ranked = torch.arange(1, 11).expand(20000, 10)
+    expected = plan.expected_metrics(ranked)["HR@10"].mean().item()
+    targets = data.items[data.cu_seqlens[1:] - 1]
+    sampled = (targets <= 10).double().mean().item()
+    assert abs(sampled - expected) < 4 * (expected * (1 - expected) / 20000) ** 0.5
+    assert expected < best_hr.mean().item()
+    with pytest.raises(ValueError, match=r"ranked must have shape \(20000, k\)"):
+        plan.expected_metrics(ranked[:5])
+
+
 def test_works_with_leave_one_out():
     split = leave_one_out(lifelong_histories(10, 50, 100))
     assert split.test_targets.shape == (10,) and split.train.lengths().tolist() == [48] * 10

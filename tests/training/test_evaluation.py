@@ -7,7 +7,15 @@ import types
 import pytest
 import torch
 
-from rec2pm.evaluation import METRICS, evaluate, format_metrics, history_mask, metrics_from_ranks, ranks_from_scores
+from rec2pm.evaluation import (
+    METRICS,
+    evaluate,
+    format_metrics,
+    history_mask,
+    metrics_from_ranks,
+    ranks_from_scores,
+    target_ranks,
+)
 
 
 def packed(histories):
@@ -217,6 +225,9 @@ def test_batch_size_does_not_change_results():
     assert results[0] == results[1] == results[2]
     ranks = ranks_from_scores(hash_scores(items, cu, N), targets, history_mask(items, cu, slice(None), N))
     assert results[0] == {**metrics_from_ranks(ranks), "users": U}
+    # The per-user ranks behind the metrics, for paired comparisons.
+    per_user = target_ranks(lambda i, c: hash_scores(i, c, N), items, cu, targets, N, batch_size=7, progress=False)
+    assert torch.equal(per_user, ranks)
 
 
 def test_cu_batch_is_rebased_and_keeps_dtype():

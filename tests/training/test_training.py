@@ -169,6 +169,8 @@ def test_early_stop_survives_resume_and_no_resume_starts_clean(tmp_path):
         ('train.device="gpu"', "train.device must be one of"),
         ('data.max_length="50"', "data.max_length must be an int"),
         ("data.synthetic_noise=1.5", "data.synthetic_noise must be in [0.0, 1.0]"),
+        ("data.synthetic_min_length=500", "data.synthetic_min_length must be <= data.synthetic_length = 120"),
+        ("data.user_limit=-1", "data.user_limit must be >= 0, got -1"),
         ('model.dropout="0.5"', "model.dropout must be a finite number, got '0.5' (str)"),
         ("model.num_layers=2.0", "model.num_layers must be an int, got 2.0 (float)"),
         ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
@@ -377,3 +379,15 @@ def test_the_timestamp_bias_needs_data_with_times(tmp_path):
     config = run_config(tmp_path / "x", 'model.config="hstu-small"', "model.num_time_buckets=8", 'method.name="full"')
     with pytest.raises(ValueError, match="needs data with integer timestamps"):
         train(config)
+
+
+def test_user_limit_and_min_length_shape_the_data():
+    from rec2pm.training import load_data
+
+    run = build_run_config(None, ["data.synthetic_users=30", "data.synthetic_min_length=40", "data.user_limit=12"])
+    data = load_data(run["data"])
+    lengths = data.lengths()
+    assert data.num_users() == 12 and data.num_items == 1000
+    assert int(lengths.min()) >= 40 and int(lengths.max()) <= 120 and len(set(lengths.tolist())) > 1
+    whole = load_data({**run["data"], "user_limit": 0})
+    assert torch.equal(whole.items[: data.items.numel()], data.items)  # the first 12 users, unchanged
