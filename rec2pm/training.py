@@ -447,7 +447,7 @@ class EvaluationSet:
     events), ``seen``/``seen_cu_seqlens`` the whole histories (excluded from the candidates
     when ``exclude_history``), and ``times`` the keyword arguments of HSTU's timestamp bias."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     run: dict
     data: InteractionData
     items: torch.Tensor
@@ -478,8 +478,6 @@ class EvaluationSet:
 
 def load_evaluation(path: str | Path, *, data_path: str | None = None, split_name: str = "test") -> EvaluationSet:
     """The model saved at ``path`` (``best.pt`` or ``last.pt``) with its run's ``split_name`` split."""
-    if split_name not in ("test", "valid"):
-        raise ValueError(f"split_name must be 'test' or 'valid', got {split_name!r}")
     path = Path(path)
     ckpt = load_checkpoint(path)
     run = checkpoint_run(ckpt)
@@ -488,17 +486,25 @@ def load_evaluation(path: str | Path, *, data_path: str | None = None, split_nam
     data = load_data(run["data"])
     if data.num_items != ckpt["num_items"]:
         raise ValueError(f"--data has {data.num_items} items but the checkpoint was trained on {ckpt['num_items']}")
+    model = build(run, data.num_items)
+    load_weights(model, ckpt["model"], path)
+    model.eval()
+    return evaluation_set(run, data, model, split_name)
+
+
+def evaluation_set(run: dict, data: InteractionData, model: torch.nn.Module | None, split_name: str = "test"):
+    """``EvaluationSet`` of ``model`` (in eval mode; ``None`` for a scorer that is not a
+    model, such as a count baseline) on the ``split_name`` split of ``data``."""
+    if split_name not in ("test", "valid"):
+        raise ValueError(f"split_name must be 'test' or 'valid', got {split_name!r}")
     split = leave_one_out(data)
     history = split.test_history if split_name == "test" else split.valid_history
     targets = split.test_targets if split_name == "test" else split.valid_targets
     items, cu = keep_last(history.items, history.cu_seqlens, run["data"]["max_length"])
-    model = build(run, data.num_items)
     times = {}
-    if model.config.num_time_buckets:
+    if model is not None and model.config.num_time_buckets:
         target_times = split.test_target_times if split_name == "test" else split.valid_target_times
         times = evaluation_times(history, target_times, run["data"]["max_length"], data.source)
-    load_weights(model, ckpt["model"], path)
-    model.eval()
     return EvaluationSet(model, run, data, items, cu, targets, history.items, history.cu_seqlens, times)
 
 

@@ -3,14 +3,17 @@
 Three groups (``docs/results.md`` states why each size is large enough):
 
 * ``real``: MovieLens latest-small and LastFM, S = 50, C = 4; six methods on SASRec,
-  Rec2PM-O and Full on HSTU.
+  Rec2PM-O and Full on HSTU; the popularity count baseline.
 * ``lifelong``: generated lifelong histories at S = 200, C = 4 with noise 0, 0.2 and 0.4;
-  the six methods on SASRec.  The planted signal bounds each user's HR@10.
+  the six methods on SASRec and two count baselines (``rec2pm.study.baselines``).  The
+  planted signal bounds each user's HR@10.
 * ``ablation``: Rec2PM-O at noise 0.2 without ``L_con``, with C in {1, 2, 8, 16}, and over
   the 2 x 2 stop-gradient grid crossed with Stage 1 ``L_AR``.  Overwriting against
   appending and one-shot against iterative memories reuse the ``lifelong`` runs.
 
-Every run has three seeds (initialisation and data order; the data split is fixed).  The
+Every run has three seeds (initialisation and data order; the data split is fixed); the
+count baselines are deterministic and run once.  A count baseline's run config is only
+read for its data and evaluation settings.  The
 ``mini`` scale shrinks every run type to a few dozen users, one epoch and one seed, so CI
 keeps the commands working in about a minute.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..run_config import build_run_config
+from .baselines import COUNT_BASELINES
 
 SEEDS = (0, 1, 2)
 SASREC_METHODS = ("full", "recent", "rec2pm-o", "rec2pm-a", "tok-serial-o", "kv-mask-o")
@@ -177,8 +181,8 @@ def study_runs(scale: str = "full", data_root: str | Path = "../shared/data") ->
     sizes = SCALES[scale]
     runs: list[StudyRun] = []
 
-    def add(group: str, labels: dict, data: dict, model: dict, method: dict) -> None:
-        for seed in sizes.seeds:
+    def add(group: str, labels: dict, data: dict, model: dict, method: dict, seeds=sizes.seeds) -> None:
+        for seed in seeds:
             name = "/".join([group, labels["dataset"], labels["backbone"], labels["variant"], f"seed{seed}"])
             run = _run_config(data, model, method, _train(sizes, seed, real=group == "real"))
             runs.append(StudyRun(name, group, {**labels, "seed": seed}, copy.deepcopy(run)))
@@ -190,6 +194,9 @@ def study_runs(scale: str = "full", data_root: str | Path = "../shared/data") ->
             "max_length": sizes.real_max_length,
             "user_limit": sizes.real_user_limit,
         }
+        labels = {"dataset": dataset, "backbone": "count", "method": "popularity", "variant": "popularity"}
+        model = _model(sizes.real_d_model, "sasrec", sizes.real_segment_len)
+        add("real", labels, data, model, {"name": "full"}, seeds=sizes.seeds[:1])  # deterministic: one seed
         for backbone, methods in (("sasrec", SASREC_METHODS), ("hstu", HSTU_METHODS)):
             for method in methods:
                 labels = {"dataset": dataset, "backbone": backbone, "method": method, "variant": method}
@@ -198,6 +205,10 @@ def study_runs(scale: str = "full", data_root: str | Path = "../shared/data") ->
 
     for noise in NOISES:
         dataset = f"noise{noise:g}"
+        for baseline in COUNT_BASELINES:
+            labels = {"dataset": dataset, "backbone": "count", "method": baseline, "variant": baseline, "noise": noise}
+            model = _model(sizes.lifelong_d_model, "sasrec", sizes.lifelong_segment_len)
+            add("lifelong", labels, lifelong_data(sizes, noise), model, {"name": "full"}, seeds=sizes.seeds[:1])
         for method in SASREC_METHODS:
             labels = {"dataset": dataset, "backbone": "sasrec", "method": method, "variant": method, "noise": noise}
             model = _model(sizes.lifelong_d_model, "sasrec", sizes.lifelong_segment_len)

@@ -18,10 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from . import stats
+from .baselines import COUNT_BASELINES
 from .grid import ABLATION_MEMORY_SIZES, NOISES, SASREC_METHODS, SCALES, study_runs
 from .runner import read_result
 
 METRIC = "HR@10"
+BACKBONES = ("count", "sasrec", "hstu")
+VARIANTS = (*COUNT_BASELINES, *SASREC_METHODS)
 # History-length buckets of the per-length comparison, in segments of S events.
 SEGMENT_BUCKETS = ((0, 1), (1, 4), (4, 10), (10, None))
 FIGURES = ("accuracy_vs_noise.png", "accuracy_vs_memory_size.png", "rec2pm_vs_full_by_length.png")
@@ -61,6 +64,15 @@ class Cell:
     def train_minutes(self) -> float:
         return float(np.mean([r["train"]["wall_s"] for r in self.records])) / 60.0
 
+    def cost_columns(self) -> str:
+        """``state / user | request | train`` cells (dashes for a count baseline)."""
+        if self.records[0]["labels"]["backbone"] == "count":
+            return "– | – | – |"
+        return (
+            f"{_bytes(self.efficiency('state_bytes_per_user'))} | {self.efficiency('request_ms'):.1f} ms | "
+            f"{self.train_minutes():.1f} min |"
+        )
+
 
 def load_cells(results_dir: str | Path) -> dict[tuple[str, str, str, str], Cell]:
     """Result files grouped by ``(group, dataset, backbone, variant)``, seeds in order."""
@@ -84,6 +96,10 @@ def _mean_sd(values: np.ndarray, scale: float = 100.0) -> str:
     if values.size < 2:
         return f"{values.mean() * scale:.2f}"
     return f"{values.mean() * scale:.2f} ± {values.std(ddof=1) * scale:.2f}"
+
+
+def _name(backbone: str, variant: str) -> str:
+    return f"{variant} (count baseline)" if backbone == "count" else variant
 
 
 def _bytes(value: float) -> str:
@@ -120,9 +136,9 @@ class Report:
             "users ≥ 4 segments: HR@10 | Δ vs Full [95% CI] | state / user | request | train |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for backbone in ("sasrec", "hstu"):
+        for backbone in BACKBONES:
             full = self.cell("real", dataset, backbone, "full")
-            for variant in SASREC_METHODS:
+            for variant in VARIANTS:
                 cell = self.cell("real", dataset, backbone, variant)
                 if cell is None:
                     continue
@@ -131,29 +147,28 @@ class Report:
                 ndcg = cell.seed_values("ranks", "NDCG@10")
                 long_hr = cell.per_user("ranks")[long_users].mean()
                 delta = mde = long_delta = "–"
+                full = full or self.cell("real", dataset, "sasrec", "full")  # count baselines: against SASRec's
                 if full is not None and variant != "full":
                     c = self.compare(cell, full, "ranks")
                     delta, mde = _fmt_ci(c), f"{c.min_detectable * 100:.2f}"
                     long_delta = _fmt_ci(self.compare(cell, full, "ranks", users=long_users))
                 rows.append(
                     f"| {backbone} | {variant} | {cell.seeds} | {_mean_sd(hr)} | {_mean_sd(ndcg)} | {delta} | {mde} | "
-                    f"{long_hr * 100:.2f} (n = {int(long_users.sum())}) | {long_delta} | "
-                    f"{_bytes(cell.efficiency('state_bytes_per_user'))} | {cell.efficiency('request_ms'):.1f} ms | "
-                    f"{cell.train_minutes():.1f} min |"
+                    f"{long_hr * 100:.2f} (n = {int(long_users.sum())}) | {long_delta} | {cell.cost_columns()}"
                 )
         return rows
 
     def lifelong_table(self) -> list[str]:
         rows = [
-            "| noise | method | seeds | expected HR@10 / best | HR@10 of the sampled target (%) | "
+            "| noise | method (SASRec) | seeds | expected HR@10 / best | HR@10 of the sampled target (%) | "
             "Δ expected HR@10 vs Full [95% CI] | MDE | state / user | request | train |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for noise in NOISES:
             dataset = f"noise{noise:g}"
             full = self.cell("lifelong", dataset, "sasrec", "full")
-            for variant in SASREC_METHODS:
-                cell = self.cell("lifelong", dataset, "sasrec", variant)
+            for backbone, variant in [(b, v) for b in BACKBONES for v in VARIANTS]:
+                cell = self.cell("lifelong", dataset, backbone, variant)
                 if cell is None:
                     continue
                 fraction = cell.seed_values("expected") / cell.best().mean()
@@ -162,10 +177,8 @@ class Report:
                     c = self.compare(cell, full, "expected")
                     delta, mde = _fmt_ci(c), f"{c.min_detectable * 100:.2f}"
                 rows.append(
-                    f"| {noise:g} | {variant} | {cell.seeds} | {_mean_sd(fraction, 1.0)} | "
-                    f"{_mean_sd(cell.seed_values('ranks'))} | {delta} | {mde} | "
-                    f"{_bytes(cell.efficiency('state_bytes_per_user'))} | {cell.efficiency('request_ms'):.1f} ms | "
-                    f"{cell.train_minutes():.1f} min |"
+                    f"| {noise:g} | {_name(backbone, variant)} | {cell.seeds} | {_mean_sd(fraction, 1.0)} | "
+                    f"{_mean_sd(cell.seed_values('ranks'))} | {delta} | {mde} | {cell.cost_columns()}"
                 )
         return rows
 
@@ -193,7 +206,8 @@ class Report:
 
     # -- claims ----------------------------------------------------------------------------
     def collect_claims(self) -> None:
-        datasets = sorted({(k[0], k[1], k[2]) for k in self.cells if k[0] in ("real", "lifelong")})
+        datasets = sorted({(k[0], k[1], k[2]) for k in self.cells if k[0] in ("real", "lifelong") and k[2] != "count"})
+        datasets.sort(key=lambda k: k[0] != "real")  # real sets first
         for group, dataset, backbone in datasets:
             key = main_key(group)
             where = f"{dataset}, {backbone}"
@@ -238,6 +252,25 @@ class Report:
                 "greater",
             )
 
+    def sanity_table(self) -> list[str]:
+        """Every trained model against the strongest count baseline of its data."""
+        rows = [
+            "| data | model | strongest count baseline | model − baseline (points) [95% CI] | verdict |",
+            "|---|---|---|---:|---|",
+        ]
+        for group, dataset in sorted({(k[0], k[1]) for k in self.cells if k[2] == "count"}):
+            key = main_key(group)
+            baselines = [(v, self.cell(group, dataset, "count", v)) for v in COUNT_BASELINES]
+            baselines = [(v, c) for v, c in baselines if c is not None]
+            name, baseline = max(baselines, key=lambda vc: vc[1].per_user(key).mean())
+            trained = sorted(k for k in self.cells if k[:2] == (group, dataset) and k[2] != "count")
+            for _, _, backbone, variant in trained:
+                c = self.compare(self.cell(group, dataset, backbone, variant), baseline, key)
+                verdict = stats.verdict(c, "greater")
+                flag = {stats.SUPPORTED: "above", stats.REFUTED: "**below**"}.get(verdict, "not resolved")
+                rows.append(f"| {dataset} | {backbone} {variant} | {name} | {_fmt_ci(c)} | {flag} |")
+        return rows
+
     def claims_table(self) -> list[str]:
         rows = [
             "| claim (paper) | where | A − B (points) [95% CI] | MDE | verdict |",
@@ -258,10 +291,10 @@ class Report:
         written = []
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        for variant in SASREC_METHODS:
+        for backbone, variant in [("sasrec", v) for v in SASREC_METHODS] + [("count", "history-count")]:
             xs, ys, errs = [], [], []
             for noise in NOISES:
-                cell = self.cell("lifelong", f"noise{noise:g}", "sasrec", variant)
+                cell = self.cell("lifelong", f"noise{noise:g}", backbone, variant)
                 if cell is not None:
                     values = cell.seed_values("expected") / cell.best().mean()
                     (
@@ -270,7 +303,8 @@ class Report:
                         errs.append(values.std(ddof=1) if values.size > 1 else 0),
                     )
             if xs:
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=variant)
+                style = "--" if backbone == "count" else "-"
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, linestyle=style, label=_name(backbone, variant))
         ax.set(xlabel="noise fraction", ylabel="expected HR@10 / best achievable", title="Lifelong histories, S = 200")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -352,6 +386,9 @@ def write_report(results_dir: str | Path, out: str | Path, *, scale: str = "full
         *progress_lines(cells, scale),
         "## The paper's claims",
         *report.claims_table(),
+        "## Every model against the count baselines",
+        "A model below the strongest count baseline of data with a planted signal has a bug (or too little training).",
+        *report.sanity_table(),
         "## Run 1: long real histories (S = 50, C = 4)",
     ]
     for dataset in sorted({k[1] for k in cells if k[0] == "real"}):

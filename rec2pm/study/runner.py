@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+from ..data import leave_one_out
 from ..evaluation import metrics_from_ranks
 from ..methods import TokenMemoryModel
-from ..training import generate, load_evaluation, train
+from ..training import evaluation_set, generate, load_data, load_evaluation, train
+from .baselines import COUNT_BASELINES, count_scorer
 from .efficiency import request_ms, request_users, state_bytes
 from .grid import StudyRun
 
@@ -66,7 +68,10 @@ def planted(data: dict):
 
 
 def run_one(spec: StudyRun, work_dir: Path, *, threads: int = 0) -> dict:
-    """Train (or resume) ``spec`` in ``work_dir`` and return its result record."""
+    """Train (or resume) ``spec`` in ``work_dir``, or count for a count baseline, and return
+    its result record."""
+    if spec.labels["method"] in COUNT_BASELINES:
+        return _count_baseline(spec)
     run = copy.deepcopy(spec.run)
     run["train"].update(out_dir=str(work_dir), threads=threads, progress=False)
     summary = train(run, resume=True)
@@ -74,24 +79,52 @@ def run_one(spec: StudyRun, work_dir: Path, *, threads: int = 0) -> dict:
         raise RuntimeError(f"{spec.name}: training stopped early (train.stop_after_steps)")
     evaluation = load_evaluation(work_dir / "best.pt")
     model = evaluation.model
-    started = time.perf_counter()
-    users: dict[str, list] = {
-        "history_length": (evaluation.seen_cu_seqlens.diff()).tolist(),
-    }
-    record = {"format": RESULT_FORMAT, "name": spec.name, "group": spec.group, "labels": spec.labels}
-    data = run["data"]
-    plan = planted(data) if data["kind"] == "synthetic" else None
-    if plan is not None and run["train"]["exclude_history"]:
-        raise ValueError(f"{spec.name}: the planted bounds rank every item; set train.exclude_history=false")
-    modes = {"": {}}
+    modes = {"": model.score_history}
     if isinstance(model, TokenMemoryModel):
         # Serving archives segment by segment, so iterative memories are the main result.
-        modes = {"": {"iterative": True}, "_one_shot": {"iterative": False}}
-    for suffix, options in modes.items():
+        modes = {
+            "": lambda items, cu: model.score_history(items, cu, iterative=True),
+            "_one_shot": lambda items, cu: model.score_history(items, cu, iterative=False),
+        }
+    record = _evaluate(spec, evaluation, modes)
+    sample = request_users(evaluation.cu_seqlens.diff())
+    record.update(
+        efficiency={
+            "state_bytes_per_user": float(state_bytes(model, evaluation.items, evaluation.cu_seqlens).double().mean()),
+            "request_ms": round(request_ms(model, evaluation.items, evaluation.cu_seqlens, sample), 3),
+            "request_users": len(sample),
+        },
+        train={k: summary[k] for k in ("best_epoch", "best_valid", "steps", "wall_s")},
+    )
+    return record
+
+
+def _count_baseline(spec: StudyRun) -> dict:
+    data = load_data(spec.run["data"])
+    evaluation = evaluation_set(spec.run, data, None)
+    score = count_scorer(spec.labels["method"], leave_one_out(data).train.items, data.num_items)
+    record = _evaluate(spec, evaluation, {"": score})
+    record.update(
+        efficiency={"state_bytes_per_user": 0.0, "request_ms": 0.0, "request_users": 0},
+        train={"best_epoch": -1, "best_valid": None, "steps": 0, "wall_s": 0.0},
+    )
+    return record
+
+
+def _evaluate(spec: StudyRun, evaluation, modes: dict) -> dict:
+    """Per-user ranks (and expected metrics on generated data) under each scorer of ``modes``."""
+    started = time.perf_counter()
+    run = evaluation.run
+    users: dict[str, list] = {"history_length": evaluation.seen_cu_seqlens.diff().tolist()}
+    record = {"format": RESULT_FORMAT, "name": spec.name, "group": spec.group, "labels": spec.labels}
+    plan = planted(run["data"]) if run["data"]["kind"] == "synthetic" else None
+    if plan is not None and run["train"]["exclude_history"]:
+        raise ValueError(f"{spec.name}: the planted bounds rank every item; set train.exclude_history=false")
+    for suffix, score_fn in modes.items():
         tops: list[torch.Tensor] = []
 
-        def score(items, cu, options=options, tops=tops):
-            scores = model.score_history(items, cu, **options)
+        def score(items, cu, score_fn=score_fn, tops=tops):
+            scores = score_fn(items, cu)
             tops.append(scores.topk(BEST_K, dim=1).indices)
             return scores
 
@@ -102,20 +135,12 @@ def run_one(spec: StudyRun, work_dir: Path, *, threads: int = 0) -> dict:
             # The expected metrics under the planted distribution: no target-sampling noise.
             for metric, values in plan.expected_metrics(torch.cat(tops)).items():
                 users[f"expected_{metric}{suffix}"] = _rounded(values)
-    eval_s = time.perf_counter() - started
     if plan is not None:
         best_hr, best_ndcg = plan.best_per_user(BEST_K)
         users[f"best_HR@{BEST_K}"], users[f"best_NDCG@{BEST_K}"] = _rounded(best_hr), _rounded(best_ndcg)
-    sample = request_users(evaluation.cu_seqlens.diff())
     record.update(
         users=users,
-        efficiency={
-            "state_bytes_per_user": float(state_bytes(model, evaluation.items, evaluation.cu_seqlens).double().mean()),
-            "request_ms": round(request_ms(model, evaluation.items, evaluation.cu_seqlens, sample), 3),
-            "request_users": len(sample),
-        },
-        train={k: summary[k] for k in ("best_epoch", "best_valid", "steps", "wall_s")},
-        eval_s=round(eval_s, 3),
+        eval_s=round(time.perf_counter() - started, 3),
         run=comparable_run(spec.run),
         environment=environment(),
     )
