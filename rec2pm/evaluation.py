@@ -311,6 +311,19 @@ def target_ranks(
     return torch.cat(ranks)
 
 
+def recording_top_items(score_fn: Callable, k: int) -> tuple[Callable, list[torch.Tensor]]:
+    """``score_fn`` wrapped to record each batch's ``(b, k)`` top-scored item ids, and the
+    list they are appended to (in call order: ``torch.cat`` gives one row per user)."""
+    tops: list[torch.Tensor] = []
+
+    def score(*args, **kwargs):
+        scores = score_fn(*args, **kwargs)
+        tops.append(scores.topk(k, dim=1).indices.cpu())
+        return scores
+
+    return score, tops
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     """A two-column table, names left-aligned and values right-aligned (4 decimals; counts as ints)."""
     if not metrics:

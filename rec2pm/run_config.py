@@ -46,6 +46,9 @@ DEFAULTS: dict[str, dict] = {
         "schedule": "constant",  # constant | cosine
         "warmup_steps": 0,
         "patience": 0,  # early stopping on valid NDCG@10; 0 = off
+        # What picks the best epoch: "sampled" = valid NDCG@10 of the held-out items; "expected" =
+        # generated data only: its expectation under the planted distribution (no sampling noise).
+        "selection": "sampled",
         "eval_every": 1,  # epochs between validations
         "eval_batch_size": 256,
         "exclude_history": True,  # remove already-seen items from the candidates (off for data that repeats)
@@ -60,6 +63,7 @@ DEFAULTS: dict[str, dict] = {
 }
 
 SCHEDULES = ("constant", "cosine")
+SELECTIONS = ("sampled", "expected")
 DATA_KINDS = ("movielens", "s3rec", "table", "synthetic")
 
 
@@ -168,6 +172,20 @@ def validate(config: dict) -> None:
         raise ValueError(
             f"data.synthetic_min_length must be <= data.synthetic_length = {data['synthetic_length']}, "
             f"got {data['synthetic_min_length']}"
+        )
+    if train["selection"] not in SELECTIONS:
+        raise ValueError(f"train.selection must be one of {SELECTIONS}, got {train['selection']!r}")
+    if train["selection"] == "expected" and (
+        data["kind"] != "synthetic"
+        or data["user_limit"]
+        or data["max_length"] < data["synthetic_length"]
+        or (data["synthetic_min_length"] or data["synthetic_length"]) < 3
+        or train["exclude_history"]
+    ):
+        raise ValueError(
+            "train.selection='expected' needs whole generated histories of >= 3 events ranked over every "
+            "item (data.kind='synthetic', no data.user_limit, data.max_length >= data.synthetic_length, "
+            "train.exclude_history=false)"
         )
     if data["kind"] != "synthetic" and not data["path"]:
         raise ValueError(f"data.path is required for data.kind={data['kind']!r}")

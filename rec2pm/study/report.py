@@ -98,6 +98,15 @@ def _mean_sd(values: np.ndarray, scale: float = 100.0) -> str:
     return f"{values.mean() * scale:.2f} ± {values.std(ddof=1) * scale:.2f}"
 
 
+def _standing(c: stats.Comparison) -> str:
+    """A variant against the defaults: what would justify changing a default."""
+    if c.low > 0:
+        return "**better** than the defaults"
+    if c.high < 0:
+        return "worse"
+    return "not distinguishable at this size"
+
+
 def _name(backbone: str, variant: str) -> str:
     return f"{variant} (count baseline)" if backbone == "count" else variant
 
@@ -186,21 +195,21 @@ class Report:
         dataset = "noise0.2"
         base = self.cell("lifelong", dataset, "sasrec", "rec2pm-o")
         rows = [
-            "| variant | seeds | expected HR@10 / best | Δ vs Rec2PM-O (defaults) [95% CI] | MDE |",
-            "|---|---:|---:|---:|---:|",
+            "| variant | seeds | expected HR@10 / best | Δ vs Rec2PM-O (defaults) [95% CI] | MDE | the variant is |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         if base is None:
             return rows
         best = base.best().mean()
         fraction = _mean_sd(base.seed_values("expected") / best, 1)
-        rows.append(f"| rec2pm-o (defaults, C = 4) | {base.seeds} | {fraction} | – | – |")
+        rows.append(f"| rec2pm-o (defaults, C = 4) | {base.seeds} | {fraction} | – | – | – |")
         variants = sorted({key[3] for key in self.cells if key[0] == "ablation"})
         for variant in variants:
             cell = self.cell("ablation", dataset, "sasrec", variant)
             c = self.compare(cell, base, "expected")
             rows.append(
                 f"| {variant} | {cell.seeds} | {_mean_sd(cell.seed_values('expected') / best, 1)} | "
-                f"{_fmt_ci(c)} | {c.min_detectable * 100:.2f} |"
+                f"{_fmt_ci(c)} | {c.min_detectable * 100:.2f} | {_standing(c)} |"
             )
         return rows
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from ..data import leave_one_out
-from ..evaluation import metrics_from_ranks
+from ..evaluation import metrics_from_ranks, recording_top_items
 from ..methods import TokenMemoryModel
+from ..run_config import DEFAULTS
 from ..training import evaluation_set, generate, load_data, load_evaluation, train
 from .baselines import COUNT_BASELINES, count_scorer
 from .efficiency import request_ms, request_users, state_bytes
@@ -38,8 +39,12 @@ BEST_K = 10  # the cut-off of the planted signal's best achievable metrics
 
 
 def comparable_run(run: dict) -> dict:
-    """The run config without the settings that do not change the result (where, how loudly)."""
+    """The run config without the settings that do not change the result (where, how loudly),
+    with every data and train key a later version added at its default (a default keeps the
+    earlier behaviour, so results written before the key existed stay valid)."""
     run = copy.deepcopy(run)
+    for table in ("data", "train"):
+        run[table] = {**DEFAULTS[table], **run.get(table, {})}
     for key in ("out_dir", "progress", "threads", "device"):
         run["train"].pop(key, None)
     return run
@@ -121,13 +126,7 @@ def _evaluate(spec: StudyRun, evaluation, modes: dict) -> dict:
     if plan is not None and run["train"]["exclude_history"]:
         raise ValueError(f"{spec.name}: the planted bounds rank every item; set train.exclude_history=false")
     for suffix, score_fn in modes.items():
-        tops: list[torch.Tensor] = []
-
-        def score(items, cu, score_fn=score_fn, tops=tops):
-            scores = score_fn(items, cu)
-            tops.append(scores.topk(BEST_K, dim=1).indices)
-            return scores
-
+        score, tops = recording_top_items(score_fn, BEST_K)
         ranks = evaluation.ranks(score)
         users[f"ranks{suffix}"] = ranks.tolist()
         record[f"metrics{suffix}"] = metrics_from_ranks(ranks)
@@ -215,7 +214,7 @@ def run_study(
         path = results_dir / spec.file_name
         if path.exists():
             stored = read_result(path)
-            if stored["run"] != comparable_run(spec.run):
+            if comparable_run(stored["run"]) != comparable_run(spec.run):
                 raise ValueError(
                     f"{path}: written for another configuration of {spec.name}; delete it to rerun the run"
                 )

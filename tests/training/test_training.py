@@ -171,6 +171,8 @@ def test_early_stop_survives_resume_and_no_resume_starts_clean(tmp_path):
         ("data.synthetic_noise=1.5", "data.synthetic_noise must be in [0.0, 1.0]"),
         ("data.synthetic_min_length=500", "data.synthetic_min_length must be <= data.synthetic_length = 120"),
         ("data.user_limit=-1", "data.user_limit must be >= 0, got -1"),
+        ('train.selection="best"', "train.selection must be one of ('sampled', 'expected')"),
+        ('train.selection="expected"', "train.selection='expected' needs whole generated histories"),
         ('model.dropout="0.5"', "model.dropout must be a finite number, got '0.5' (str)"),
         ("model.num_layers=2.0", "model.num_layers must be an int, got 2.0 (float)"),
         ("model.dropout=1.0", "model: dropout must be in [0, 1)"),
@@ -391,3 +393,13 @@ def test_user_limit_and_min_length_shape_the_data():
     assert int(lengths.min()) >= 40 and int(lengths.max()) <= 120 and len(set(lengths.tolist())) > 1
     whole = load_data({**run["data"], "user_limit": 0})
     assert torch.equal(whole.items[: data.items.numel()], data.items)  # the first 12 users, unchanged
+
+
+def test_expected_selection_picks_the_epoch_of_the_best_planted_expectation(tmp_path):
+    extra = ['train.selection="expected"', "train.exclude_history=false", "train.epochs=3", "data.max_length=22"]
+    summary = train(run_config(tmp_path, *extra))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [r["valid"]["expected_NDCG@10"] for r in records if "valid" in r]
+    assert len(expected) == 3 and all(0.0 < value < 1.0 for value in expected)
+    assert summary["best_valid"] == max(expected) and summary["best_epoch"] == expected.index(max(expected))
+    assert all("expected_HR@10" in r["valid"] for r in records if "valid" in r)
