@@ -154,6 +154,24 @@ def _check_setting(table: str, key: str, value) -> None:
         raise ValueError(f"{table}.{key} must be {bounds}, got {value!r}")
 
 
+def check_planted_comparable(config: dict, what: str) -> None:
+    """``what`` compares a model with the planted signal of generated data, user by user: it
+    needs whole generated histories of >= 3 events, ranked over every item."""
+    data, train = config["data"], config["train"]
+    if (
+        data["kind"] != "synthetic"
+        or data["user_limit"]
+        or data["max_length"] < data["synthetic_length"]
+        or (data["synthetic_min_length"] or data["synthetic_length"]) < 3
+        or train["exclude_history"]
+    ):
+        raise ValueError(
+            f"{what} needs whole generated histories of >= 3 events ranked over every "
+            "item (data.kind='synthetic', no data.user_limit, data.max_length >= data.synthetic_length, "
+            "train.exclude_history=false)"
+        )
+
+
 def validate(config: dict) -> None:
     """Every value has its default's type and lies in its range; names are known; the model
     and method tables build (their errors are prefixed with the table)."""
@@ -175,18 +193,8 @@ def validate(config: dict) -> None:
         )
     if train["selection"] not in SELECTIONS:
         raise ValueError(f"train.selection must be one of {SELECTIONS}, got {train['selection']!r}")
-    if train["selection"] == "expected" and (
-        data["kind"] != "synthetic"
-        or data["user_limit"]
-        or data["max_length"] < data["synthetic_length"]
-        or (data["synthetic_min_length"] or data["synthetic_length"]) < 3
-        or train["exclude_history"]
-    ):
-        raise ValueError(
-            "train.selection='expected' needs whole generated histories of >= 3 events ranked over every "
-            "item (data.kind='synthetic', no data.user_limit, data.max_length >= data.synthetic_length, "
-            "train.exclude_history=false)"
-        )
+    if train["selection"] == "expected":
+        check_planted_comparable(config, "train.selection='expected'")
     if data["kind"] != "synthetic" and not data["path"]:
         raise ValueError(f"data.path is required for data.kind={data['kind']!r}")
     if train["schedule"] not in SCHEDULES:

@@ -258,7 +258,12 @@ def train(run: dict, *, resume: bool = True) -> dict:
     log = MetricsLog(out_dir / "metrics.jsonl", ctx.is_main)
     say = print if ctx.is_main else (lambda *a, **k: None)
 
-    data = load_data(data_cfg)
+    # Selecting on the planted expectation needs the generator's plan: generate once, for both.
+    planted_plan = None
+    if train_cfg["selection"] == "expected":  # validation rules out user_limit here
+        data, planted_plan = generate(data_cfg)
+    else:
+        data = load_data(data_cfg)
     split = leave_one_out(data)
     max_length = data_cfg["max_length"]
     train_items, train_cu = keep_last(split.train.items, split.train.cu_seqlens, max_length)
@@ -331,7 +336,6 @@ def train(run: dict, *, resume: bool = True) -> dict:
 
     # Generated data can select the best epoch on the planted expectation of valid NDCG@10
     # (each user's valid target is their event n - 2): free of the noise of one sampled target.
-    planted_plan = generate(data_cfg)[1] if train_cfg["selection"] == "expected" else None
     selection_metric = EXPECTED_SELECTION_METRIC if planted_plan is not None else SELECTION_METRIC
 
     def validate_model() -> dict:

@@ -84,16 +84,20 @@ class LifelongPlan:
         rows = self.logits[torch.arange(self.logits.shape[0]), block]
         return torch.softmax(rows.double(), dim=-1)
 
+    def _interest_sizes(self) -> torch.Tensor:
+        """``(users, K)`` float64 items in each user's interest clusters."""
+        return (self.bounds[1:] - self.bounds[:-1])[self.interests].double()
+
     def item_probabilities(self, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``(users, N + 1)`` float64 ``p_t(i)`` of each user's event at ``positions`` (default:
         the last), column 0 (padding) zero: the distribution the next event is drawn from."""
         w = self.weights(positions)
-        sizes = (self.bounds[1:] - self.bounds[:-1])[self.interests].double()  # (users, K)
+        sizes = self._interest_sizes()
         probs = torch.full((w.shape[0], self.num_items + 1), self.noise / self.num_items, dtype=torch.float64)
         probs[:, 0] = 0.0
+        ids = torch.arange(self.num_items + 1)
         for j in range(w.shape[1]):  # the K interest clusters are distinct, so each adds to its own items
             start, end = self.bounds[self.interests[:, j]], self.bounds[self.interests[:, j] + 1]
-            ids = torch.arange(self.num_items + 1)
             inside = (ids >= start[:, None]) & (ids < end[:, None])
             probs += inside * ((1 - self.noise) * w[:, j] / sizes[:, j])[:, None]
         return probs
@@ -123,7 +127,7 @@ class LifelongPlan:
         ``positions`` (default: the last event): the expected metrics of ranking items by
         their true probability under the planted interests and noise."""
         w = self.weights(positions)
-        sizes = (self.bounds[1:] - self.bounds[:-1])[self.interests].double()  # (users, K)
+        sizes = self._interest_sizes()
         base = self.noise / self.num_items
         per_item = (1 - self.noise) * w / sizes + base  # p of an item of interest j
         per_item, order = per_item.sort(dim=-1, descending=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from rec2pm_kernels.varlen import expand_lengths
+
 COUNT_BASELINES = ("popularity", "history-count")
 # Popularity only orders what the user's own counts leave tied: below one count.
 TIE_BREAK = 1e-6
@@ -38,7 +40,7 @@ def count_scorer(kind: str, train_items: torch.Tensor, num_items: int):
         users = cu_seqlens.numel() - 1
         if kind == "popularity":
             return prior.expand(users, -1).clone()
-        owner = torch.repeat_interleave(torch.arange(users), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        owner, _ = expand_lengths((cu_seqlens[1:] - cu_seqlens[:-1]).long(), items.numel())
         counts = torch.zeros(users, num_items + 1, dtype=torch.float64)
         counts.index_put_((owner, items.long()), torch.ones(items.numel(), dtype=torch.float64), accumulate=True)
         return counts + prior * scale

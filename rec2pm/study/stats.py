@@ -102,38 +102,6 @@ def paired_comparison(
     )
 
 
-def difference_of_differences(
-    a1: np.ndarray,
-    b1: np.ndarray,
-    a2: np.ndarray,
-    b2: np.ndarray,
-    *,
-    resamples: int = RESAMPLES,
-    confidence: float = CONFIDENCE,
-    seed: int = 0,
-) -> Comparison:
-    """``mean(a2 - b2) - mean(a1 - b1)`` for two independent user sets (A's lead growing from
-    set 1 to set 2); each set is resampled on its own.  ``mean_a``/``mean_b`` are the leads."""
-    d1 = np.asarray(a1, dtype=np.float64) - np.asarray(b1, dtype=np.float64)
-    d2 = np.asarray(a2, dtype=np.float64) - np.asarray(b2, dtype=np.float64)
-    if d1.ndim != 1 or d2.ndim != 1 or d1.size < 2 or d2.size < 2:
-        raise ValueError("each set needs paired 1-D arrays of at least 2 users")
-    rng = np.random.default_rng(seed)
-    boot = d2[rng.integers(0, d2.size, size=(resamples, d2.size))].mean(axis=1)
-    boot -= d1[rng.integers(0, d1.size, size=(resamples, d1.size))].mean(axis=1)
-    low, high = _interval(boot, confidence)
-    spread = math.sqrt(d1.var(ddof=1) / d1.size + d2.var(ddof=1) / d2.size)
-    return Comparison(
-        users=int(d1.size + d2.size),
-        mean_a=float(d2.mean()),
-        mean_b=float(d1.mean()),
-        difference=float(d2.mean() - d1.mean()),
-        low=low,
-        high=high,
-        min_detectable=min_detectable_effect(spread, 1, confidence=confidence),
-    )
-
-
 def min_detectable_effect(sd: float, users: int, *, confidence: float = CONFIDENCE, power: float = POWER) -> float:
     """The smallest true mean difference a two-sided test at ``1 - confidence`` detects with ``power``."""
     z = NormalDist()

@@ -66,7 +66,7 @@ def test_every_run_leaves_a_small_result_with_per_user_values(mini_study):
     evaluation = load_evaluation(root / "work" / lifelong["name"] / "best.pt")
     with torch.no_grad():
         scores = evaluation.model.score_history(evaluation.items, evaluation.cu_seqlens, iterative=True)
-    expected = planted(evaluation.run["data"]).expected_metrics(scores.topk(10, dim=1).indices)["HR@10"]
+    expected = planted(evaluation.run).expected_metrics(scores.topk(10, dim=1).indices)["HR@10"]
     assert torch.allclose(torch.tensor(users["expected_HR@10"], dtype=torch.float64), expected, atol=1e-5)
     full = read_result(root / "results" / "real__movielens__sasrec__full__seed0.json")
     assert "ranks_one_shot" not in full["users"] and full["efficiency"]["request_ms"] > 0
