@@ -127,7 +127,8 @@ class PackedLayout:
     def _kept(self, key, make: Callable[[], object]):
         """``make()``, computed on the first call and kept with the layout."""
         if key not in self._derived:
-            self._derived[key] = make()
+            with torch.inference_mode(False):  # kept for later calls, which may need autograd
+                self._derived[key] = make()
         return self._derived[key]
 
     def _host_rows(self, key, find: Callable[[PackedLayout], torch.Tensor]) -> torch.Tensor:
@@ -562,8 +563,10 @@ class LayoutCache:
             if layout is not None:
                 self._entries.move_to_end(key)
                 return layout
-        # Built outside the lock, so that threads build different layouts side by side.
-        layout = builder(*args, **kwargs)
+        # Built outside the lock, so that threads build different layouts side by side; never as
+        # inference tensors, which a later training call could not save for backward.
+        with torch.inference_mode(False):
+            layout = builder(*args, **kwargs)
         with self._lock:
             self.builds += 1
             if key in self._entries or layout.num_tokens > self.max_tokens:

@@ -7,7 +7,7 @@ error naming it (a typo never silently falls back to a default)::
     [model]   config = "sasrec" (a name of rec2pm.config), and any ModelConfig field;
               [model.kernels] backend, allow_tf32, deterministic (rec2pm.config.KernelOptions)
     [method]  name = "rec2pm-o" (a name of rec2pm.methods), and any TrainingOptions field
-    [train]   epochs, batch_size, lr, weight_decay, schedule, warmup_steps, patience, seed, ...
+    [train]   epochs, batch_size, lr, weight_decay, schedule, warmup_steps, patience, min_epochs, seed, ...
 
 Overrides are ``table.key=value`` with ``value`` read as a TOML value (``train.lr=1e-3``,
 ``method.name="full"``; a bare word that is not TOML is taken as a string).
@@ -46,6 +46,9 @@ DEFAULTS: dict[str, dict] = {
         "schedule": "constant",  # constant | cosine
         "warmup_steps": 0,
         "patience": 0,  # early stopping on valid NDCG@10; 0 = off
+        # Early stopping never ends a run before this many epochs (for models that start slowly:
+        # a lucky score of the untrained model must not stop them before they learn).
+        "min_epochs": 0,
         # What picks the best epoch: "sampled" = valid NDCG@10 of the held-out items; "expected" =
         # generated data only: its expectation under the planted distribution (no sampling noise).
         "selection": "sampled",
@@ -135,6 +138,7 @@ RANGES = {
         "weight_decay": (0.0, None),
         "warmup_steps": (0, None),
         "patience": (0, None),
+        "min_epochs": (0, None),
         "checkpoint_every": (0, None),
         "threads": (0, None),
         "stop_after_steps": (0, None),

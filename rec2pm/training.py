@@ -363,7 +363,15 @@ def train(run: dict, *, resume: bool = True) -> dict:
 
     model.train()
     started = time.perf_counter()
-    stop = bool(train_cfg["patience"]) and state["bad_epochs"] >= train_cfg["patience"]  # stopped before resume
+
+    def early_stop() -> bool:
+        return (
+            bool(train_cfg["patience"])
+            and state["bad_epochs"] >= train_cfg["patience"]
+            and state["epoch"] >= train_cfg["min_epochs"]
+        )
+
+    stop = early_stop()  # stopped before resume
     while state["epoch"] < train_cfg["epochs"] and not stop:
         epoch = state["epoch"]
         order = epoch_order(num_train, train_cfg["seed"], epoch)
@@ -415,7 +423,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
                     )
                 else:
                     state["bad_epochs"] += 1
-            stop = bool(train_cfg["patience"]) and state["bad_epochs"] >= train_cfg["patience"]
+            stop = early_stop()
             if ctx.enabled:  # every rank must agree on stopping
                 flag = torch.tensor([int(stop)], device=device)
                 torch.distributed.broadcast(flag, 0)

@@ -137,6 +137,21 @@ def test_a_training_step_with_the_lengths_of_an_earlier_one_builds_no_layout(mon
     assert cache.builds == 4
 
 
+def test_layouts_first_built_in_inference_mode_still_train(monkeypatch):
+    # Serving (inference mode) and training share the cache; a layout kept from a request must
+    # not hold inference tensors, which autograd cannot save for backward.
+    monkeypatch.setattr(rec2pm.layout, "layout_cache", LayoutCache())
+    torch.manual_seed(0)
+    model = build_model("rec2pm-o", named_config("sasrec-small", num_items=30, segment_len=S, num_memory_tokens=C))
+    items = torch.randint(1, 31, (sum(LENGTHS),))
+    cu = torch.tensor([0, *LENGTHS]).cumsum(0)
+    with torch.inference_mode():
+        model(items, cu)
+        model.score_history(items, cu)
+    model(items, cu).loss.backward()
+    model.score_history(items, cu).sum().backward()
+
+
 def test_a_device_copy_is_made_once_and_remembers_its_host_layout():
     layout = stage2_layout(LENGTHS, S, C)
     assert layout.to("cpu") is layout and layout.host is layout

@@ -9,6 +9,7 @@ from rec2pm.methods import METHODS, Memory, build_model
 
 BACKBONES = ["sasrec-small", "hstu-small"]  # S = 8, C = 2, dropout 0
 S, C = 8, 2
+MEMORY_SIZES = [1, 2, 3]  # the ablation's C = 1, the configs' C = 2, and an odd one
 N_ITEMS = 40
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
@@ -20,9 +21,10 @@ def histories(lengths, seed=0):
     return items, cu
 
 
-def model(method, backbone, seed=0, **options):
+def model(method, backbone, seed=0, memory_tokens=C, **options):
     torch.manual_seed(seed)
-    m = build_model(method, named_config(backbone, num_items=N_ITEMS), **options).double()
+    config = named_config(backbone, num_items=N_ITEMS, num_memory_tokens=memory_tokens)
+    m = build_model(method, config, **options).double()
     with torch.no_grad():  # non-zero biases so that the HSTU bias path is exercised
         for name, p in m.named_parameters():
             if name.endswith("rel_bias"):
@@ -50,10 +52,11 @@ def test_stage1_item_outputs_equal_full_model(backbone):
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("mode", ["overwrite", "append"])
 @pytest.mark.parametrize("memory_norm", ["none", "layernorm"])
-def test_stage2_block_equals_update_and_score(backbone, mode, memory_norm):
+@pytest.mark.parametrize("memory_tokens", MEMORY_SIZES)
+def test_stage2_block_equals_update_and_score(backbone, mode, memory_norm, memory_tokens):
     lengths = [3 * S + 4]
     items, cu = histories(lengths)
-    r = model(f"rec2pm-{mode[0]}", backbone, memory_norm=memory_norm)
+    r = model(f"rec2pm-{mode[0]}", backbone, memory_norm=memory_norm, memory_tokens=memory_tokens)
     _, bank = r.stage1(items, torch.tensor(lengths))
     layout, out2 = r.stage2(items, torch.tensor(lengths), bank)
     for h in (1, 2, 3):
@@ -86,6 +89,7 @@ def test_first_updated_memory_equals_reference(backbone):
 
 def serial_bank(t, items, lengths):
     """The Tok-Serial loop's memories, placed at the Stage 1 rows of the write tokens."""
+    C = t.config.num_memory_tokens
     s1 = stage1_layout(lengths, S, C)
     bank = torch.zeros(s1.num_tokens, t.config.d_model, dtype=torch.float64)
     starts = s1.cu_seqlens[:-1].long()
@@ -101,11 +105,13 @@ def serial_bank(t, items, lengths):
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("mode", ["overwrite", "append"])
-def test_parallel_pass_with_serial_memories_equals_tok_serial(backbone, mode):
+@pytest.mark.parametrize("memory_tokens", MEMORY_SIZES)
+def test_parallel_pass_with_serial_memories_equals_tok_serial(backbone, mode, memory_tokens):
+    C = memory_tokens
     lengths = torch.tensor([3 * S + 2, S + 3, 2 * S, 1])
     items, cu = histories(lengths.tolist())
-    t = model(f"tok-serial-{mode[0]}", backbone)
-    r = same_weights(t, model(f"rec2pm-{mode[0]}", backbone, seed=2))
+    t = model(f"tok-serial-{mode[0]}", backbone, memory_tokens=C)
+    r = same_weights(t, model(f"rec2pm-{mode[0]}", backbone, seed=2, memory_tokens=C))
     bank, steps = serial_bank(t, items, lengths)
     layout2, out2 = r.stage2(items, lengths, bank)
     serial_items = torch.zeros(items.numel(), t.config.d_model, dtype=torch.float64)

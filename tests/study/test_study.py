@@ -35,6 +35,9 @@ def test_the_full_grid_has_every_run_the_study_needs():
     assert sizes == {1, 2, 4, 8, 16}
     no_con = next(r for r in groups["ablation"] if r.labels["variant"] == "no-con")
     assert no_con.run["method"]["con_weight"] == 0.0
+    # Only C = 1 starts slowly enough to need the early-stopping floor.
+    floors = {r.run["model"]["num_memory_tokens"] == 1: r.run["train"]["min_epochs"] for r in runs}
+    assert floors == {True: grid.SLOW_START_MIN_EPOCHS, False: 0}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def test_a_run_claimed_by_a_live_process_is_passed_by_and_a_dead_claim_is_taken_
     assert claim(work) and not (work / "claim").read_text() == ""
 
 
-def fabricated(group, dataset, variant, seed, per_user, best=None, length=1500):
+def fabricated(group, dataset, variant, seed, per_user, best=None, length=1500, epochs=20):
     """A result record with the fields the report reads, per-user values given."""
     users = {"history_length": [length] * len(per_user), "ranks": [1] * len(per_user)}
     if best is not None:
@@ -169,10 +172,21 @@ def fabricated(group, dataset, variant, seed, per_user, best=None, length=1500):
         "labels": labels,
         "metrics": {},
         "users": users,
-        "run": {},
+        "run": {"train": {"batch_size": 2}},
         "efficiency": {"state_bytes_per_user": 1024.0, "request_ms": 1.0},
-        "train": {"wall_s": 60.0},
+        "train": {"wall_s": 60.0, "steps": epochs * -(-len(per_user) // 2)},
     }
+
+
+def test_report_names_runs_that_stopped_before_the_slow_start_floor(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    floor = grid.SLOW_START_MIN_EPOCHS
+    for variant, epochs in (("full", floor), ("rec2pm-o", floor - 1)):
+        record = fabricated("lifelong", "noise0", variant, 0, [0.3] * 9, best=0.5, epochs=epochs)
+        (results / (record["name"].replace("/", "__") + ".json")).write_text(json.dumps(record))
+    text = write_report(results, tmp_path / "results.md", scale="full", figures_dir=tmp_path / "figures").read_text()
+    assert f"ended before {floor} epochs: `lifelong/noise0/sasrec/rec2pm-o/seed0`." in text
 
 
 @pytest.mark.parametrize("lead", [0.05, -0.05])

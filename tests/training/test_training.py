@@ -157,9 +157,18 @@ def test_early_stop_survives_resume_and_no_resume_starts_clean(tmp_path):
     assert len([x for x in log_lines(tmp_path / "es") if "epoch" in x]) == 1
 
 
+def test_min_epochs_holds_early_stopping_back(tmp_path):
+    # The same never-improving run as above: patience 1 alone stops after 2 epochs; the floor
+    # keeps it going to 4, and the stop then holds across a resume.
+    args = ("train.lr=0.0", "train.patience=1", "train.epochs=6", "train.min_epochs=4")
+    assert train(run_config(tmp_path / "floor", *args))["steps"] == 20
+    assert train(run_config(tmp_path / "floor", *args))["steps"] == 20
+
+
 @pytest.mark.parametrize(
     "override, text",
     [
+        ("train.min_epochs=-2", "train.min_epochs must be >= 0, got -2"),
         ("train.batch_size=true", "train.batch_size must be an int, got True (bool)"),
         ("train.patience=-1", "train.patience must be >= 0, got -1"),
         ('train.lr="fast"', "train.lr must be a finite number, got 'fast' (str)"),
