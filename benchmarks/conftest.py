@@ -66,7 +66,8 @@ def bench_mode(request) -> str:
 
 @pytest.fixture
 def measure(benchmark, bench_mode, request):
-    """``measure(fn, group=..., name=..., device=..., baseline=False, flops=None, params=None, rounds=None)``.
+    """``measure(fn, group=..., name=..., device=..., baseline=False, flops=None, params=None, rounds=None,
+    bytes_moved=None)``.
 
     Times ``fn`` (synchronised on CUDA) with pytest-benchmark, then takes its peak memory
     in one more call, and records the result for the ratio tables: the median and the p99
@@ -85,11 +86,14 @@ def measure(benchmark, bench_mode, request):
         flops: float | None = None,
         params: dict | None = None,
         rounds: int | None = None,
+        bytes_moved: float | None = None,
     ):
         call = synchronized(fn, device)
         rounds = rounds or ROUNDS[bench_mode]
         benchmark.group = group
-        benchmark.extra_info.update(case=name, baseline=baseline, flops=flops, **(params or {}))
+        benchmark.extra_info.update(
+            case=name, baseline=baseline, flops=flops, bytes_moved=bytes_moved, **(params or {})
+        )
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
         stats = getattr(benchmark, "stats", None)
         median = None if disabled or stats is None else stats.stats.median
@@ -107,6 +111,7 @@ def measure(benchmark, bench_mode, request):
                 flops=flops,
                 peak_bytes=peak,
                 params=params or {},
+                bytes_moved=bytes_moved,
             )
         )
 

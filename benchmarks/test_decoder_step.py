@@ -5,11 +5,16 @@ One group per (backbone, users): the reference configs (HSTU 16 x 8 and SASRec 4
 d = 64), eval mode, fp32, caches holding a serving block of ``[M ; 200]`` = 204 events per
 user.  Rows: ``block by block`` (the baseline: one ATen call per op, layer by layer),
 ``fused`` (``rec2pm/backbones/fused_step.py``: one C++ call, loops for up to 8 rows and
-ATen matrix products beyond), and ``fp32 matmul`` (a 512 x 512 x 512 product: this machine's
-matmul throughput in the same run, against which the steps' TFLOP/s column reads).  The
-steps' FLOPs count the projections and the attention over the cache, so their TFLOP/s is the
-fraction of the machine they use.  Targets (1 thread): HSTU ≤ 0.5 ms and SASRec ≤ 0.2 ms at
-B = 1; B = 64 at 25% of the matmul throughput or more.
+ATen matrix products beyond), ``fp32 matmul`` (a 512 x 512 x 512 product: this machine's
+matmul throughput in the same run, against which the steps' TFLOP/s column reads) and
+``memory read`` (the sum of 64 MiB of floats: the read bandwidth one thread gets, against
+which the GB/s column reads).  The steps' FLOPs count the projections and the attention over the
+cache, so their TFLOP/s is the fraction of the arithmetic they use; their bytes count the
+K/V caches every layer reads (the step cannot read less), so their GB/s is the fraction of
+the bandwidth.  At B = 64 the caches (16 layers x 64 users x 205 slots x 2 x 64 floats for
+HSTU: 107 MB) are far larger than the CPU's caches, so the step is bound by bandwidth, not
+arithmetic: it does about 1 FLOP per byte read.  Targets (1 thread): HSTU ≤ 0.5 ms and
+SASRec ≤ 0.2 ms at B = 1; B = 64 at 25% of the matmul throughput or more.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from .harness.flops import attention_flops
 SLOTS = 204  # [M ; 200 recent] at C = 4
 USERS = [1, 64]
 BACKBONES = ["hstu", "sasrec"]
-ROWS = ["block by block", "fused", "fp32 matmul"]
+ROWS = ["block by block", "fused", "fp32 matmul", "memory read"]
 MATMUL = 512
+READ_BYTES = 64 << 20
 
 
 def step_flops(config, users: int) -> float:
@@ -73,6 +79,17 @@ def test_decoder_step(measure, backbone, users, row):
                 params=dict(backbone=backbone, users=users),
             )
             return
+        if row == "memory read":
+            floats = torch.randn(READ_BYTES // 4)
+            measure(
+                lambda: floats.sum(),
+                group=group,
+                name=row,
+                device=torch.device("cpu"),
+                bytes_moved=float(READ_BYTES),
+                params=dict(backbone=backbone, users=users),
+            )
+            return
         decoder, caches, seqlens = decoder_and_caches(backbone, users)
         decoder.use_fused_step = row == "fused"
         x = torch.randn(users, decoder.config.d_model)
@@ -92,6 +109,7 @@ def test_decoder_step(measure, backbone, users, row):
             baseline=row == "block by block",
             device=torch.device("cpu"),
             flops=step_flops(decoder.config, users),
+            bytes_moved=sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in caches),
             params=dict(backbone=backbone, users=users, slots=SLOTS),
             rounds=30,
         )

@@ -26,12 +26,21 @@ class Result:
     flops: float | None
     peak_bytes: int | None
     params: dict
+    # Bytes the case must move through memory at least (read + written), for the cases whose
+    # speed is bound by memory bandwidth rather than arithmetic; None where not counted.
+    bytes_moved: float | None = None
 
     @property
     def tflops(self) -> float | None:
         if self.median_s is None or not self.flops:
             return None
         return self.flops / self.median_s / 1e12
+
+    @property
+    def gbps(self) -> float | None:
+        if self.median_s is None or not self.bytes_moved:
+            return None
+        return self.bytes_moved / self.median_s / 1e9
 
 
 def run_metadata() -> dict:
@@ -88,7 +97,7 @@ def nearest_rank(samples, fraction: float) -> float:
 
 def ratio_tables(results: list[Result]) -> str:
     """One table per group: each case's median and p99 time, the median's ratio to the
-    baseline's, the rounds timed, TFLOP/s and peak memory."""
+    baseline's, the rounds timed, TFLOP/s, GB/s of memory traffic (where counted) and peak memory."""
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
@@ -97,16 +106,17 @@ def ratio_tables(results: list[Result]) -> str:
         base = next((r for r in rows if r.baseline), None)
         lines.append(f"\n{group}  (baseline: {base.name if base else 'none'})")
         header = f"  {'case':<34} {'median':>12} {'p99':>12} {'rounds':>6} {'x baseline':>11} "
-        header += f"{'TFLOP/s':>9} {'peak mem':>12}"
+        header += f"{'TFLOP/s':>9} {'GB/s':>7} {'peak mem':>12}"
         lines += [header, "  " + "-" * (len(header) - 2)]
         for r in sorted(rows, key=lambda r: (not r.baseline, r.name)):
             ratio = "n/a"
             if base is not None and base.median_s and r.median_s is not None:
                 ratio = f"{r.median_s / base.median_s:.2f}x"
             tflops = "n/a" if r.tflops is None else f"{r.tflops:.4f}"
+            gbps = "n/a" if r.gbps is None else f"{r.gbps:.1f}"
             lines.append(
                 f"  {r.name:<34} {_fmt_time(r.median_s):>12} {_fmt_time(r.p99_s):>12} {r.rounds:>6} {ratio:>11} "
-                f"{tflops:>9} {_fmt_bytes(r.peak_bytes):>12}"
+                f"{tflops:>9} {gbps:>7} {_fmt_bytes(r.peak_bytes):>12}"
             )
     return "\n".join(lines)
 
@@ -115,6 +125,6 @@ def save_run(results: list[Result], meta: dict, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     stamp = meta["time_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
     path = directory / f"run-{stamp}.json"
-    rows = [dict(asdict(r), tflops=r.tflops) for r in results]
+    rows = [dict(asdict(r), tflops=r.tflops, gbps=r.gbps) for r in results]
     path.write_text(json.dumps({"metadata": meta, "results": rows}, indent=2))
     return path
