@@ -10,7 +10,7 @@ from rec2pm.cli import main
 from rec2pm.study import grid
 from rec2pm.study.report import FIGURES, write_report
 from rec2pm.study.runner import comparable_run, planted, read_result
-from rec2pm.training import load_evaluation
+from rec2pm.training import keep_last, load_evaluation
 from tests.data.files import SHARED_DATA, shared_file
 
 
@@ -73,6 +73,14 @@ def test_every_run_leaves_a_small_result_with_per_user_values(mini_study):
     assert torch.allclose(torch.tensor(users["expected_HR@10"], dtype=torch.float64), expected, atol=1e-5)
     full = read_result(root / "results" / "real__movielens__sasrec__full__seed0.json")
     assert "ranks_one_shot" not in full["users"] and full["efficiency"]["request_ms"] > 0
+    # Full is also scored on its last S events alone: the saved model's own scores of that window.
+    window = full["users"]["ranks_recent_window"]
+    evaluation = load_evaluation(root / "work" / full["name"] / "best.pt")
+    segment_len = evaluation.model.config.segment_len
+    recent = evaluation.ranks(lambda items, cu: evaluation.model.score_history(*keep_last(items, cu, segment_len)))
+    assert window == recent.tolist() and window != full["users"]["ranks"]
+    lifelong_full = read_result(root / "results" / "lifelong__noise0.2__sasrec__full__seed0.json")
+    assert len(lifelong_full["users"]["expected_HR@10_recent_window"]) == count
 
 
 def test_a_second_run_skips_what_is_done_and_a_changed_config_is_an_error(mini_study, capsys):
@@ -176,6 +184,20 @@ def fabricated(group, dataset, variant, seed, per_user, best=None, length=1500, 
         "efficiency": {"state_bytes_per_user": 1024.0, "request_ms": 1.0},
         "train": {"wall_s": 60.0, "steps": epochs * -(-len(per_user) // 2)},
     }
+
+
+def test_report_compares_full_on_its_whole_input_with_its_last_window(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    whole = [0.3, 0.4, 0.35, 0.5] * 10
+    for seed in (0, 1):  # seed 0 predates the window: the table uses seed 1 alone
+        record = fabricated("lifelong", "noise0", "full", seed, whole, best=0.5)
+        if seed:
+            record["users"]["expected_HR@10_recent_window"] = [v - 0.1 for v in whole]
+        (results / (record["name"].replace("/", "__") + ".json")).write_text(json.dumps(record))
+    text = write_report(results, tmp_path / "results.md", scale="full", figures_dir=tmp_path / "figures").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| noise0 | sasrec | 1 |"))
+    assert "0.78 of best | 0.57 of best | +10.00 [+10.00, +10.00]" in row and row.endswith("| supported |")
 
 
 def test_report_names_runs_that_stopped_before_the_slow_start_floor(tmp_path):
