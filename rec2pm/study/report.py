@@ -443,7 +443,8 @@ def write_report(results_dir: str | Path, out: str | Path, *, scale: str = "full
         *report.claims_table(),
         "## Does Full use the events beyond the recent window?",
         "The same trained Full models scored twice: on their whole input, and on only their last S events "
-        "(the window the memory methods read beside their memory); seeds 1 and 2 store both.  Where the "
+        "(the window the memory methods read beside their memory); the seeds column counts the runs that "
+        "stored both.  Where the "
         "whole input scores no higher, Full does not profit from the older events, and a memory method's "
         "lead over Full is no evidence that its memory does.",
         *report.full_context_table(),

@@ -35,8 +35,8 @@ from .efficiency import request_ms, request_users, state_bytes
 from .grid import StudyRun
 
 RESULT_FORMAT = 1
-# Suffix of the per-user results of Full scored on only its last S events (format 1 gains it
-# from seed 1 on; the report uses the runs that have it).
+# Suffix of the per-user results of Full scored on only its last S events (format 1 gained it
+# during the study; the report uses the runs that have it).
 RECENT_WINDOW = "_recent_window"
 BEST_K = 10  # the cut-off of the planted signal's best achievable metrics
 
