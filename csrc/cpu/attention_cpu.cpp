@@ -320,6 +320,28 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
 // results do not depend on the thread count.
 constexpr int64_t kCacheChunk = 4096;
 
+// The scores of slots [first, first + n) of one head: dots * scale + the head's bias.  One
+// function for the per-head and the all-heads passes, so both round the same way (a
+// multiply and an add the compiler may fuse in one and not in the other would not).
+template <typename T>
+__attribute__((always_inline)) inline void scale_and_bias(T* scores, int64_t n, T scale, const T* bias_row,
+                                                          int64_t position, int64_t first, int64_t buckets) {
+  if (bias_row == nullptr) {
+    for (int64_t j = 0; j < n; ++j) scores[j] *= scale;
+    return;
+  }
+  // Slot first + j is position - first - j events back: the slots up to `far` share the
+  // last bucket, the next ones up to `behind` read the table backwards, and any after the
+  // row itself take bucket 0 (bias_bucket's clamps, as loops that vectorise).
+  const int64_t behind = std::clamp<int64_t>(position - first + 1, 0, n);
+  const int64_t far = std::clamp<int64_t>(position - first - buckets + 2, 0, behind);
+  const T far_bias = bias_row[buckets - 1];
+  for (int64_t j = 0; j < far; ++j) scores[j] = scores[j] * scale + far_bias;
+  const T* near = bias_row + (position - first - far);  // the bucket of slot first + far
+  for (int64_t i = 0; i < behind - far; ++i) scores[far + i] = scores[far + i] * scale + near[-i];
+  for (int64_t j = behind; j < n; ++j) scores[j] = scores[j] * scale + bias_row[0];
+}
+
 // A chunk's partial result: dim_v weighted values, then the largest score and the weight sum.
 template <typename T>
 struct PartialRows {
@@ -338,14 +360,8 @@ __attribute__((always_inline)) inline void attend_cached_chunk(const T* query, c
                                                                int64_t buckets, T silu_norm, T* scores, T* acc,
                                                                T* max, T* sum) {
   const int64_t n = last - first;
-  for (int64_t j = 0; j < n; ++j) {
-    const T* key = keys + (first + j) * ks.slot;
-    T z = 0;
-    for (int64_t d = 0; d < dim; ++d) z += query[d] * key[d * ks.dim];
-    z *= scale;
-    if (bias_row != nullptr) z += bias_row[bias_bucket(position, first + j, buckets)];
-    scores[j] = z;
-  }
+  for (int64_t j = 0; j < n; ++j) scores[j] = head_dot(query, keys + (first + j) * ks.slot, ks.dim, dim);
+  scale_and_bias(scores, n, scale, bias_row, position, first, buckets);
   chunk_weights(scores, n, score, silu_norm, max, sum);
   std::fill(acc, acc + dim_v, T(0));
   const T* chunk_values = values + first * vs.slot;
@@ -404,14 +420,17 @@ __attribute__((always_inline)) inline void attend_cached_chunk_all_heads(
     int64_t dim_v, int64_t position, int64_t first, int64_t last, Score score, T scale, const T* bias,
     int64_t buckets, T silu_norm, T* scores, T* acc, T* max, T* sum) {
   const int64_t n = last - first;
+  constexpr int64_t kLineFloats = 64 / sizeof(T);
   for (int64_t j = 0; j < n; ++j) {
-    const T* key = keys + (first + j) * key_slot;
-    const int64_t bucket = bias_bucket(position, first + j, buckets);
-    for (int64_t h = 0; h < heads; ++h) {
-      T z = 0;
-      for (int64_t d = 0; d < dim; ++d) z += query[h * dim + d] * key[h * dim + d];
-      scores[h * n + j] = z * scale + (bias != nullptr ? bias[h * buckets + bucket] : T(0));
-    }
+    head_dots(query, keys + (first + j) * key_slot, heads, dim, scores + j, n);
+    // The values' passes below walk the slots once per head, a stride the hardware
+    // prefetchers follow poorly from memory; fetching each slot's values beside its keys
+    // streams both at once and leaves the values in cache for those passes.
+    const T* value_row = values + (first + j) * value_slot;
+    for (int64_t e = 0; e < heads * dim_v; e += kLineFloats) __builtin_prefetch(value_row + e);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    scale_and_bias(scores + h * n, n, scale, bias != nullptr ? bias + h * buckets : nullptr, position, first, buckets);
   }
   for (int64_t h = 0; h < heads; ++h) {
     if (score == Score::kSilu) {

@@ -88,4 +88,70 @@ __attribute__((always_inline)) inline T lane_dot(const T* a, const T* b, int64_t
   return total;
 }
 
+// The score of one head, sum_d q[d] * k[d * k_stride], in one fixed order whether it is
+// computed head by head or for several heads at once (head_dots), so that the cached
+// step's two passes give the same bits.  A head dim that is a multiple of kDotLanes sums in
+// that many lanes (lane l adds q[8c + l] * k[8c + l] over the chunks c in order), and the
+// lanes then add as the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)); other dims
+// keep one running sum.
+constexpr int64_t kDotLanes = 8;
+
+template <typename T>
+__attribute__((always_inline)) inline T head_dot(const T* q, const T* k, int64_t k_stride, int64_t dim) {
+  if (dim % kDotLanes != 0) {
+    T z = 0;
+    for (int64_t d = 0; d < dim; ++d) z += q[d] * k[d * k_stride];
+    return z;
+  }
+  T l[kDotLanes] = {};
+  for (int64_t c = 0; c < dim; c += kDotLanes) {
+    for (int64_t i = 0; i < kDotLanes; ++i) l[i] += q[c + i] * k[(c + i) * k_stride];
+  }
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+// head_dot for every head of one query row against one key slot, both (heads, dim) and
+// contiguous, written to out[h * out_stride].  Four heads at a time, when dim is a multiple
+// of kDotLanes, go through two rounds of pairwise lane sums across heads (the shuffles of
+// a horizontal add), which compute head_dot's tree exactly: a head's lanes added one by one
+// were a chain of dependent scalar adds that took most of a serving step's attention time.
+template <typename T>
+__attribute__((always_inline)) inline void head_dots(const T* q, const T* k, int64_t heads, int64_t dim, T* out,
+                                                     int64_t out_stride) {
+  int64_t h = 0;
+  if (dim % kDotLanes == 0) {
+    // Vectors pass by reference: returned by value, their ABI would change with the
+    // instruction set of each clone (-Wpsabi).
+    typedef T Lanes __attribute__((vector_size(kDotLanes * sizeof(T))));
+    const auto lanes_of = [&](int64_t head, Lanes& sum) {
+      sum = Lanes{};
+      for (int64_t c = 0; c < dim; c += kDotLanes) {
+        Lanes a, b;
+        std::memcpy(&a, q + head * dim + c, sizeof(Lanes));
+        std::memcpy(&b, k + head * dim + c, sizeof(Lanes));
+        sum += a * b;
+      }
+    };
+    // out = [a0 + a1, a2 + a3, b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7]
+    const auto pair_sums = [](const Lanes& a, const Lanes& b, Lanes& out) {
+      out = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+            __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    };
+    Lanes l0, l1, l2, l3, low, high, halves;
+    for (; h + 4 <= heads; h += 4) {
+      lanes_of(h, l0);
+      lanes_of(h + 1, l1);
+      lanes_of(h + 2, l2);
+      lanes_of(h + 3, l3);
+      pair_sums(l0, l1, low);
+      pair_sums(l2, l3, high);
+      // Lane i < 4: head h + i's (l0 + l1) + (l2 + l3); lane i + 4: its (l4 + l5) + (l6 + l7).
+      pair_sums(low, high, halves);
+      const Lanes sums = halves + __builtin_shufflevector(halves, halves, 4, 5, 6, 7, 0, 1, 2, 3);
+      for (int64_t i = 0; i < 4; ++i) out[(h + i) * out_stride] = sums[i];
+    }
+  }
+  for (; h < heads; ++h) out[h * out_stride] = head_dot(q + h * dim, k + h * dim, 1, dim);
+}
+
 }  // namespace rec2pm

@@ -171,21 +171,33 @@ def test_custom_ops_pass_opcheck():
 LONG_FILLED, LONG_NEW, LONG_CAPACITY = [4095, 4092, 9000, 5], [1, 6, 3, 2], 9100
 
 
-def test_long_caches_are_bit_identical_across_thread_counts():
+# (heads, dim): SASRec's and HSTU's heads (scores of four heads at a time), a head left
+# over after the groups of four, and a dim that is not a multiple of the 8 score lanes.
+HEAD_SHAPES = [(4, 16), (8, 8), (5, 8), (2, 12)]
+
+
+@pytest.mark.parametrize("score", ["softmax", "silu"])
+@pytest.mark.parametrize("heads,dim", HEAD_SHAPES)
+def test_long_caches_are_bit_identical_across_thread_counts(heads, dim, score):
     """The chunks have a fixed length, so the split does not depend on the thread count
-    (nor does the choice between the all-heads and per-head passes)."""
-    heads, dim = 4, 16
+    (nor does the choice between the all-heads and per-head passes: 1-3 threads take the
+    first for these 4 users, 8 threads the second)."""
     cu = cu_seqlens_of(LONG_NEW)
     q, k, v = random_qkv(sum(LONG_NEW), heads, dim, dim)
     k_cache, v_cache = make_cache(len(LONG_NEW), LONG_CAPACITY, heads, dim, dim, LONG_FILLED)
     seqlens = torch.tensor(LONG_FILLED, dtype=torch.int32)
+    bias = random_bias(heads, num_buckets=40) if score == "silu" else None
     threads = torch.get_num_threads()
     outs = []
     try:
         for count in (1, 2, 3, 8):
             torch.set_num_threads(count)
             caches = (k_cache.clone(), v_cache.clone())
-            outs.append(cached_step_attention(q, k, v, cu, 6, *caches, seqlens, backend="cpp"))
+            outs.append(
+                cached_step_attention(
+                    q, k, v, cu, 6, *caches, seqlens, rel_bias=bias, backend="cpp", **score_kwargs(score)
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
