@@ -319,6 +319,9 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
 // the chunk partials then merge in order.  The chunks depend only on the row's length, so
 // results do not depend on the thread count.
 constexpr int64_t kCacheChunk = 4096;
+// How far ahead of the slot it scores the all-heads pass requests keys from memory: at
+// about 60 ns a slot (HSTU, 64 users) this covers a memory latency or two.
+constexpr int64_t kKeyPrefetchSlots = 8;
 
 // The scores of slots [first, first + n) of one head: dots * scale + the head's bias.  One
 // function for the per-head and the all-heads passes, so both round the same way (a
@@ -422,12 +425,17 @@ __attribute__((always_inline)) inline void attend_cached_chunk_all_heads(
   const int64_t n = last - first;
   constexpr int64_t kLineFloats = 64 / sizeof(T);
   for (int64_t j = 0; j < n; ++j) {
-    head_dots(query, keys + (first + j) * key_slot, heads, dim, scores + j, n);
-    // The values' passes below walk the slots once per head, a stride the hardware
-    // prefetchers follow poorly from memory; fetching each slot's values beside its keys
-    // streams both at once and leaves the values in cache for those passes.
+    // At a batch of users the caches come from memory, and the loads of the keys stalled
+    // on every line: the keys kKeyPrefetchSlots ahead are requested now.  The values'
+    // passes below walk the slots once per head, a stride the hardware prefetchers follow
+    // poorly; fetching each slot's values beside its keys leaves them in cache for those.
+    if (j + kKeyPrefetchSlots < n) {
+      const T* ahead = keys + (first + j + kKeyPrefetchSlots) * key_slot;
+      for (int64_t e = 0; e < heads * dim; e += kLineFloats) __builtin_prefetch(ahead + e);
+    }
     const T* value_row = values + (first + j) * value_slot;
     for (int64_t e = 0; e < heads * dim_v; e += kLineFloats) __builtin_prefetch(value_row + e);
+    head_dots(query, keys + (first + j) * key_slot, heads, dim, scores + j, n);
   }
   for (int64_t h = 0; h < heads; ++h) {
     scale_and_bias(scores + h * n, n, scale, bias != nullptr ? bias + h * buckets : nullptr, position, first, buckets);
