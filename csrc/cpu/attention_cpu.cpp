@@ -323,26 +323,14 @@ constexpr int64_t kCacheChunk = 4096;
 // about 60 ns a slot (HSTU, 64 users) this covers a memory latency or two.
 constexpr int64_t kKeyPrefetchSlots = 8;
 
-// The scores of slots [first, first + n) of one head: dots * scale + the head's bias.  One
-// function for the per-head and the all-heads passes, so both round the same way (a
-// multiply and an add the compiler may fuse in one and not in the other would not).
+// The scores of slots [first, first + n) of one head: dots * scale, plus the head's bias
+// (slot first + j is position - first - j events back), in that order for the per-head and
+// the all-heads passes alike, and as the segment kernel adds it.
 template <typename T>
 __attribute__((always_inline)) inline void scale_and_bias(T* scores, int64_t n, T scale, const T* bias_row,
                                                           int64_t position, int64_t first, int64_t buckets) {
-  if (bias_row == nullptr) {
-    for (int64_t j = 0; j < n; ++j) scores[j] *= scale;
-    return;
-  }
-  // Slot first + j is position - first - j events back: the slots up to `far` share the
-  // last bucket, the next ones up to `behind` read the table backwards, and any after the
-  // row itself take bucket 0 (bias_bucket's clamps, as loops that vectorise).
-  const int64_t behind = std::clamp<int64_t>(position - first + 1, 0, n);
-  const int64_t far = std::clamp<int64_t>(position - first - buckets + 2, 0, behind);
-  const T far_bias = bias_row[buckets - 1];
-  for (int64_t j = 0; j < far; ++j) scores[j] = scores[j] * scale + far_bias;
-  const T* near = bias_row + (position - first - far);  // the bucket of slot first + far
-  for (int64_t i = 0; i < behind - far; ++i) scores[far + i] = scores[far + i] * scale + near[-i];
-  for (int64_t j = behind; j < n; ++j) scores[j] = scores[j] * scale + bias_row[0];
+  for (int64_t j = 0; j < n; ++j) scores[j] *= scale;
+  if (bias_row != nullptr) add_relative_bias(bias_row, buckets, position - first, n, scores);
 }
 
 // A chunk's partial result: dim_v weighted values, then the largest score and the weight sum.
