@@ -411,7 +411,7 @@ __attribute__((always_inline)) inline void attend_cached_chunk_all_heads(
     int64_t dim_v, int64_t position, int64_t first, int64_t last, Score score, T scale, const T* bias,
     int64_t buckets, T silu_norm, T* scores, T* acc, T* max, T* sum) {
   const int64_t n = last - first;
-  constexpr int64_t kLineFloats = 64 / sizeof(T);
+  constexpr int64_t kLineElements = 64 / sizeof(T);
   for (int64_t j = 0; j < n; ++j) {
     // At a batch of users the caches come from memory, and the loads of the keys stalled
     // on every line: the keys kKeyPrefetchSlots ahead are requested now.  The values'
@@ -419,10 +419,10 @@ __attribute__((always_inline)) inline void attend_cached_chunk_all_heads(
     // poorly; fetching each slot's values beside its keys leaves them in cache for those.
     if (j + kKeyPrefetchSlots < n) {
       const T* ahead = keys + (first + j + kKeyPrefetchSlots) * key_slot;
-      for (int64_t e = 0; e < heads * dim; e += kLineFloats) __builtin_prefetch(ahead + e);
+      for (int64_t e = 0; e < heads * dim; e += kLineElements) __builtin_prefetch(ahead + e);
     }
     const T* value_row = values + (first + j) * value_slot;
-    for (int64_t e = 0; e < heads * dim_v; e += kLineFloats) __builtin_prefetch(value_row + e);
+    for (int64_t e = 0; e < heads * dim_v; e += kLineElements) __builtin_prefetch(value_row + e);
     head_dots(query, keys + (first + j) * key_slot, heads, dim, scores + j, n);
   }
   for (int64_t h = 0; h < heads; ++h) {

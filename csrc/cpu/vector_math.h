@@ -91,9 +91,11 @@ __attribute__((always_inline)) inline T lane_dot(const T* a, const T* b, int64_t
 // The score of one head, sum_d q[d] * k[d * k_stride], in one fixed order whether it is
 // computed head by head or for several heads at once (head_dots), so that the cached
 // step's two passes give the same bits.  A head dim that is a multiple of kDotLanes sums in
-// that many lanes (lane l adds q[8c + l] * k[8c + l] over the chunks c in order), and the
-// lanes then add as the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)); other dims
-// keep one running sum.
+// a vector of that many lanes (lane l adds q[8c + l] * k[8c + l] over the chunks c in
+// order), whose lanes then add as the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7));
+// other dims keep one running sum.  Both functions multiply and add the same vector type in
+// the same expression, so the compiler fuses the two into one rounding (or not) alike: a
+// scalar loop against a vector one could differ in that, and so in the last bit.
 constexpr int64_t kDotLanes = 8;
 
 template <typename T>
@@ -103,17 +105,25 @@ __attribute__((always_inline)) inline T head_dot(const T* q, const T* k, int64_t
     for (int64_t d = 0; d < dim; ++d) z += q[d] * k[d * k_stride];
     return z;
   }
-  T l[kDotLanes] = {};
+  typedef T Lanes __attribute__((vector_size(kDotLanes * sizeof(T))));
+  Lanes sum = {};
   for (int64_t c = 0; c < dim; c += kDotLanes) {
-    for (int64_t i = 0; i < kDotLanes; ++i) l[i] += q[c + i] * k[(c + i) * k_stride];
+    Lanes a, b;
+    std::memcpy(&a, q + c, sizeof(Lanes));
+    if (k_stride == 1) {
+      std::memcpy(&b, k + c, sizeof(Lanes));
+    } else {
+      for (int64_t i = 0; i < kDotLanes; ++i) b[i] = k[(c + i) * k_stride];
+    }
+    sum += a * b;
   }
-  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
 }
 
 // head_dot for every head of one query row against one key slot, both (heads, dim) and
 // contiguous, written to out[h * out_stride].  Four heads at a time, when dim is a multiple
 // of kDotLanes, go through two rounds of pairwise lane sums across heads (the shuffles of
-// a horizontal add), which compute head_dot's tree exactly: a head's lanes added one by one
+// a horizontal add), which add head_dot's tree exactly: a head's lanes added one by one
 // were a chain of dependent scalar adds that took most of a serving step's attention time.
 template <typename T>
 __attribute__((always_inline)) inline void head_dots(const T* q, const T* k, int64_t heads, int64_t dim, T* out,
@@ -123,7 +133,7 @@ __attribute__((always_inline)) inline void head_dots(const T* q, const T* k, int
     // Vectors pass by reference: returned by value, their ABI would change with the
     // instruction set of each clone (-Wpsabi).
     typedef T Lanes __attribute__((vector_size(kDotLanes * sizeof(T))));
-    const auto lanes_of = [&](int64_t head, Lanes& sum) {
+    const auto lanes_of = [&](int64_t head, Lanes& sum) {  // head_dot's lane sums
       sum = Lanes{};
       for (int64_t c = 0; c < dim; c += kDotLanes) {
         Lanes a, b;
@@ -137,15 +147,15 @@ __attribute__((always_inline)) inline void head_dots(const T* q, const T* k, int
       out = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
             __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
     };
-    Lanes l0, l1, l2, l3, low, high, halves;
+    Lanes head0, head1, head2, head3, low, high, halves;
     for (; h + 4 <= heads; h += 4) {
-      lanes_of(h, l0);
-      lanes_of(h + 1, l1);
-      lanes_of(h + 2, l2);
-      lanes_of(h + 3, l3);
-      pair_sums(l0, l1, low);
-      pair_sums(l2, l3, high);
-      // Lane i < 4: head h + i's (l0 + l1) + (l2 + l3); lane i + 4: its (l4 + l5) + (l6 + l7).
+      lanes_of(h, head0);
+      lanes_of(h + 1, head1);
+      lanes_of(h + 2, head2);
+      lanes_of(h + 3, head3);
+      pair_sums(head0, head1, low);
+      pair_sums(head2, head3, high);
+      // Element i < 4: head h + i's (l0 + l1) + (l2 + l3); element i + 4: its (l4 + l5) + (l6 + l7).
       pair_sums(low, high, halves);
       const Lanes sums = halves + __builtin_shufflevector(halves, halves, 4, 5, 6, 7, 0, 1, 2, 3);
       for (int64_t i = 0; i < 4; ++i) out[(h + i) * out_stride] = sums[i];

@@ -171,22 +171,24 @@ def test_custom_ops_pass_opcheck():
 LONG_FILLED, LONG_NEW, LONG_CAPACITY = [4095, 4092, 9000, 5], [1, 6, 3, 2], 9100
 
 
-# (heads, dim): SASRec's and HSTU's heads (scores of four heads at a time), a head left
-# over after the groups of four, and a dim that is not a multiple of the 8 score lanes.
-HEAD_SHAPES = [(4, 16), (8, 8), (5, 8), (2, 12)]
+# (heads, dim): SASRec's and HSTU's heads (scores of four heads at a time), four lane
+# chunks per head, a head left over after the groups of four, and a dim that is not a
+# multiple of the 8 score lanes.
+HEAD_SHAPES = [(4, 16), (8, 8), (4, 32), (5, 8), (2, 12)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("score", ["softmax", "silu"])
 @pytest.mark.parametrize("heads,dim", HEAD_SHAPES)
-def test_long_caches_are_bit_identical_across_thread_counts(heads, dim, score):
+def test_long_caches_are_bit_identical_across_thread_counts(heads, dim, score, dtype):
     """The chunks have a fixed length, so the split does not depend on the thread count
     (nor does the choice between the all-heads and per-head passes: 1-3 threads take the
     first for these 4 users, 8 threads the second)."""
     cu = cu_seqlens_of(LONG_NEW)
-    q, k, v = random_qkv(sum(LONG_NEW), heads, dim, dim)
-    k_cache, v_cache = make_cache(len(LONG_NEW), LONG_CAPACITY, heads, dim, dim, LONG_FILLED)
+    q, k, v = random_qkv(sum(LONG_NEW), heads, dim, dim, dtype=dtype)
+    k_cache, v_cache = make_cache(len(LONG_NEW), LONG_CAPACITY, heads, dim, dim, LONG_FILLED, dtype)
     seqlens = torch.tensor(LONG_FILLED, dtype=torch.int32)
-    bias = random_bias(heads, num_buckets=40) if score == "silu" else None
+    bias = random_bias(heads, num_buckets=40, dtype=dtype) if score == "silu" else None
     threads = torch.get_num_threads()
     outs = []
     try:
