@@ -26,10 +26,11 @@ class TrainingOptions:
     """Options of the training step.
 
     How the defaults were settled: the accuracy study's ablations (``docs/results.md``, run 3:
-    Rec2PM-O on 128 generated users with 1k-2k events, noise 0.2, S = 200, two seeds)
+    Rec2PM-O on 128 generated users with 1k-2k events, noise 0.2, S = 200, three seeds)
     measured no L_con, C = 1, 2, 8 and 16, and every cell of the stop-gradient x Stage 1
     ``L_AR`` grid against these defaults.  None moved expected HR@10 by more than its minimum
-    detectable effect (0.4-0.7 points, about 2% of the best achievable), and Recent-only
+    detectable effect (0.4-0.5 points, about 2% of the best achievable) except C = 2, one of
+    whose seeds never started learning (a reason to keep C = 4), and Recent-only
     recovered as much of the best there as the memories did, so those data cannot rank memory
     designs.  With no evidence for a change, each default stays the paper's choice or the
     reason given below; overwriting stays the mode because appending was never ahead (level
