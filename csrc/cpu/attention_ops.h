@@ -43,6 +43,24 @@ void cached_step_rows(const double* q, const double* k_new, const double* v_new,
                       CacheLayout ks, double* v_cache, CacheLayout vs, Score score, double scale, const double* bias,
                       int64_t buckets, double silu_norm, double* out);
 
+// The cached step's appends alone: each user's new rows into cache slots cached[b], ... .
+void append_cache_rows(const float* k_new, const float* v_new, const int64_t* cu, const int64_t* cached,
+                       int64_t batch, int64_t heads, int64_t dim, int64_t dim_v, float* k_cache, CacheLayout ks,
+                       float* v_cache, CacheLayout vs);
+void append_cache_rows(const double* k_new, const double* v_new, const int64_t* cu, const int64_t* cached,
+                       int64_t batch, int64_t heads, int64_t dim, int64_t dim_v, double* k_cache, CacheLayout ks,
+                       double* v_cache, CacheLayout vs);
+
+// segment_attention's causal pattern (plain causal attention within each sequence) on raw
+// contiguous (tokens, heads, dim) pointers, for a caller that has checked them (the fused
+// decoder step's prefill); bias is a (heads, buckets) relative-bias table or null.
+void causal_attention_rows(const float* q, const float* k, const float* v, const int64_t* cu, int64_t batch,
+                           int64_t tokens, int64_t heads, int64_t dim, int64_t dim_v, Score score, float scale,
+                           const float* bias, int64_t buckets, float silu_norm, float* out);
+void causal_attention_rows(const double* q, const double* k, const double* v, const int64_t* cu, int64_t batch,
+                           int64_t tokens, int64_t heads, int64_t dim, int64_t dim_v, Score score, double scale,
+                           const double* bias, int64_t buckets, double silu_norm, double* out);
+
 // cached_step_attention on the CPU: appends k_new / v_new into the caches in place (unless
 // `append` is false: the caller appended already), then returns (total_new, H, Dv).
 // Caches (B, capacity, H, D) of q_new's dtype, with any non-overlapping strides.

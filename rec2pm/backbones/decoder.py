@@ -161,16 +161,20 @@ class Decoder(nn.Module):
         Where the fused step applies, this is one ``step`` of every block's rows over empty
         caches: the cached step attends causally over the rows it appends, so it is the same
         numbers (``tests/model/test_fused_step.py``), in one C++ call instead of a Python
-        pass per layer and a scatter of every layer's K/V into the caches.
+        pass per layer and a scatter of every layer's K/V into the caches.  The caches are
+        allocated uninitialised: a step over empty caches writes each user's rows and zeroes
+        the slots after them.
         """
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         if lengths.numel() and int(lengths.max()) > capacity:
             raise ValueError(f"capacity {capacity} is smaller than the longest sequence ({int(lengths.max())})")
         if fused_step.applies(self, x, []):
+            self._refuse_time_bias()
+            self._check_positions(positions, max_position)
             shape = (lengths.numel(), capacity, self.config.num_heads, self.config.head_dim)
-            caches = [LayerCache(x.new_zeros(shape), x.new_zeros(shape)) for _ in self.blocks]
+            caches = [LayerCache(x.new_empty(shape), x.new_empty(shape)) for _ in self.blocks]
             seqlens = torch.zeros(lengths.numel(), dtype=torch.int32, device=x.device)
-            out = self.step(x, positions, cu_seqlens, max_seqlen, caches, seqlens, max_position)
+            out = fused_step.fused_step(self, x, positions, cu_seqlens, caches, seqlens, fresh_caches=True)
             return out, caches, seqlens.add_(lengths.to(seqlens.device, torch.int32))
         out, kv = self(x, positions, cu_seqlens, max_seqlen, collect_kv=True, max_position=max_position)
         caches, seqlens = caches_from_kv(kv, cu_seqlens, capacity)
@@ -187,6 +191,13 @@ class Decoder(nn.Module):
         key_times, query_times = times
         return {"timestamps": key_times.to(device), "query_timestamps": query_times.to(device)}
 
+    def _refuse_time_bias(self) -> None:
+        if self.config.num_time_buckets:
+            raise ValueError(
+                "the cached serving step has no timestamp bias yet: a model with num_time_buckets > 0 "
+                "scores with full passes (score_history), not prefill/step"
+            )
+
     def step(
         self,
         x_new: torch.Tensor,
@@ -202,11 +213,7 @@ class Decoder(nn.Module):
         ``max_position``: the largest of ``positions_new`` when the caller has it on the host."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
-        if self.config.num_time_buckets:
-            raise ValueError(
-                "the cached serving step has no timestamp bias yet: a model with num_time_buckets > 0 "
-                "scores with full passes (score_history), not prefill/step"
-            )
+        self._refuse_time_bias()
         if fused_step.applies(self, x_new, caches):
             self._check_positions(positions_new, max_position)
             return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)

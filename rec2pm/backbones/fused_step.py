@@ -86,21 +86,26 @@ def layer_weights(block, backbone: str) -> list[torch.Tensor]:
     return weights
 
 
-def fused_step(decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens) -> torch.Tensor:
+def fused_step(
+    decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens, *, fresh_caches: bool = False
+) -> torch.Tensor:
     """``Decoder.step`` in one call (positions already checked by the caller).
 
     The index checks that each layer's ``cached_step_attention`` would make run once here:
     the C++ step writes the caches in place and must never write past their capacity.
+    ``fresh_caches``: the caller has just allocated the caches for these rows
+    (``Decoder.prefill``), so only ``cu_seqlens_new`` is checked.
     """
     check.check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], x_new.device)
     counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], "x_new")
-    # The shapes and layouts every layer's cached_step_attention would check, for the rows
-    # (tokens, heads, head_dim) each layer appends.
-    config = decoder.config
-    rows = x_new.new_empty((x_new.shape[0], config.num_heads, config.head_dim))
-    check.check_layer_caches(rows, rows, counts.numel(), [(cache.k, cache.v) for cache in caches], cache_seqlens)
-    if caches:  # the filled lengths are the same for every layer: checked once, against the smallest cache
-        check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
+    if not fresh_caches:
+        # The shapes and layouts every layer's cached_step_attention would check, for the
+        # rows (tokens, heads, head_dim) each layer appends.
+        config = decoder.config
+        rows = x_new.new_empty((x_new.shape[0], config.num_heads, config.head_dim))
+        check.check_layer_caches(rows, rows, counts.numel(), [(cache.k, cache.v) for cache in caches], cache_seqlens)
+        if caches:  # the filled lengths are the same for every layer: checked once, against the smallest cache
+            check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
     backbone = decoder.config.backbone
     position_rows = decoder.position(positions_new) if decoder.position is not None else None
     input_norm = decoder.input_norm  # the C++ step applies every norm with final_norm's eps (all torch's default)

@@ -104,6 +104,50 @@ def test_prefill_through_the_fused_step_equals_a_causal_pass(backbone, dtype, pa
         torch.testing.assert_close(a.v, b.v, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("path", list(PREFILL_BLOCKS))
+def test_a_step_over_empty_caches_ignores_what_they_held(backbone, path):
+    """Decoder.prefill hands the C++ step uninitialised caches: whatever they hold (NaN here),
+    the step writes each user's rows, zeroes the slots after them and reads nothing else."""
+    decoder = randomised_decoder(backbone, torch.float32)
+    lengths = PREFILL_BLOCKS[path]
+    cu = cu_seqlens_of(lengths)
+    x = torch.randn(sum(lengths), decoder.config.d_model)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    capacity = max(lengths) + 3
+    with torch.no_grad():
+        expected, expected_caches, _ = decoder.prefill(x, positions, cu, max(lengths), capacity)
+        nan = float("nan")
+        stale = [type(c)(torch.full_like(c.k, nan), torch.full_like(c.v, nan)) for c in expected_caches]
+        seqlens = torch.zeros(len(lengths), dtype=torch.int32)
+        out = decoder.step(x, positions, cu, max(lengths), stale, seqlens)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for a, b in zip(stale, expected_caches, strict=True):
+        torch.testing.assert_close(a.k, b.k, rtol=0, atol=0)
+        torch.testing.assert_close(a.v, b.v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+def test_the_matrix_path_reads_weights_of_any_layout(backbone):
+    """Past 8 rows the step reads norms and biases through raw pointers: a weight stored
+    transposed (a non-contiguous view) is copied for the call, never misread."""
+    decoder = randomised_decoder(backbone, torch.float32)
+    first = decoder.blocks[0]
+    linear = first.f1 if backbone == "hstu" else first.query
+    with torch.no_grad():
+        linear.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous().t())
+        first._modules[next(iter(first._modules))].bias = torch.nn.Parameter(
+            torch.randn(2 * decoder.config.d_model)[::2]  # the first LayerNorm's bias, strided
+        )
+    assert not linear.weight.is_contiguous()
+    (fused, fused_caches), (plain, plain_caches) = step_both_ways(
+        decoder, torch.float32, prefix=[5, 1, 9, 3], new=NEW_ROWS["gemm"]
+    )
+    torch.testing.assert_close(fused, plain, rtol=2e-5, atol=2e-5)
+    for a, b in zip(fused_caches, plain_caches, strict=True):
+        torch.testing.assert_close(a.k, b.k, rtol=2e-5, atol=2e-5)
+
+
 def test_prefill_refuses_a_capacity_below_the_longest_block():
     decoder = randomised_decoder("hstu", torch.float64)
     x = torch.randn(6, decoder.config.d_model, dtype=torch.float64)
