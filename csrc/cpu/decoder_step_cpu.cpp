@@ -35,29 +35,34 @@ void zero_unused_slots(const torch::Tensor& cache, const int64_t* cu, int64_t ba
   }
 }
 
-}  // namespace
-
-torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
-                               const std::optional<torch::Tensor>& input_norm_weight,
-                               const std::optional<torch::Tensor>& input_norm_bias,
-                               const torch::Tensor& cu_seqlens_new, const std::vector<torch::Tensor>& k_caches,
-                               const std::vector<torch::Tensor>& v_caches, const torch::Tensor& cache_seqlens,
-                               const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
-                               int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
-                               const torch::Tensor& final_norm_bias, double eps) {
+// The decoder over `x`'s rows (cu: each user's rows) after filled[b] rows in user b's
+// caches; without caches (k_caches empty: a forward pass) every user starts empty.
+torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                          const std::optional<torch::Tensor>& input_norm_weight,
+                          const std::optional<torch::Tensor>& input_norm_bias, const torch::Tensor& cu_seqlens,
+                          const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                          const torch::Tensor& filled_rows, const std::vector<std::vector<torch::Tensor>>& layers,
+                          int64_t backbone, int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
+                          const torch::Tensor& final_norm_bias, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a (tokens, d_model) CPU tensor");
-  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(),
-              "one K and one V cache per layer are required");
   TORCH_CHECK(backbone == static_cast<int64_t>(Backbone::kSasrec) || backbone == static_cast<int64_t>(Backbone::kHstu),
               "backbone must be 0 (SASRec) or 1 (HSTU), got ", backbone);
-  c10::InferenceMode guard;
-  const int64_t tokens = x.size(0), d = x.size(1), head_dim = d / num_heads;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
-  const auto kind = static_cast<Backbone>(backbone);
-  const auto cu = cu_seqlens_new.to(torch::kLong).contiguous();
-  const auto filled = cache_seqlens.to(torch::kLong).contiguous();
   TORCH_CHECK(input_norm_weight.has_value() == input_norm_bias.has_value(),
               "input_norm_weight and input_norm_bias go together");
+  c10::InferenceMode guard;
+  const int64_t tokens = x.size(0), d = x.size(1), head_dim = d / num_heads;
+  const auto kind = static_cast<Backbone>(backbone);
+  const int64_t expected_weights =
+      kind == Backbone::kSasrec ? static_cast<int64_t>(kSasrecWeights) : static_cast<int64_t>(kHstuWeights);
+  for (const auto& w : layers) {
+    TORCH_CHECK(static_cast<int64_t>(w.size()) == expected_weights, "a ",
+                kind == Backbone::kSasrec ? "SASRec" : "HSTU", " layer needs ", expected_weights, " weights, got ",
+                w.size());
+  }
+  const auto cu = cu_seqlens.to(torch::kLong).contiguous();
+  const auto filled = filled_rows.to(torch::kLong).contiguous();
+  TORCH_CHECK(cu.dim() == 1 && filled.dim() == 1 && cu.numel() == filled.numel() + 1,
+              "cu_seqlens must have one more entry than there are users");
   if (position_rows) x = x + *position_rows;
   if (input_norm_weight) x = at::layer_norm(x, {d}, *input_norm_weight, *input_norm_bias, eps);
   x = x.contiguous().clone();  // the residual stream, updated in place
@@ -72,7 +77,7 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
                          cu.data_ptr<int64_t>(),
                          filled_counts,
                          std::all_of(filled_counts, filled_counts + filled.numel(), [](int64_t n) { return n == 0; }),
-                         scale,
+                         1.0 / std::sqrt(static_cast<double>(head_dim)),
                          silu_norm,
                          eps,
                          &k_caches,
@@ -80,15 +85,8 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
                          &layers,
                          &final_norm_weight,
                          &final_norm_bias};
-  const int64_t expected_weights =
-      kind == Backbone::kSasrec ? static_cast<int64_t>(kSasrecWeights) : static_cast<int64_t>(kHstuWeights);
-  for (const auto& w : layers) {
-    TORCH_CHECK(static_cast<int64_t>(w.size()) == expected_weights, "a ",
-                kind == Backbone::kSasrec ? "SASRec" : "HSTU", " layer needs ", expected_weights, " weights, got ",
-                w.size());
-  }
   if (step.prefill) {
-    for (size_t l = 0; l < layers.size(); ++l) {
+    for (size_t l = 0; l < k_caches.size(); ++l) {
       zero_unused_slots(k_caches[l], step.cu, step.batch);
       zero_unused_slots(v_caches[l], step.cu, step.batch);
     }
@@ -99,6 +97,35 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
     decoder_step_matrices(step, x, out);
   }
   return out;
+}
+
+}  // namespace
+
+torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                               const std::optional<torch::Tensor>& input_norm_weight,
+                               const std::optional<torch::Tensor>& input_norm_bias,
+                               const torch::Tensor& cu_seqlens_new, const std::vector<torch::Tensor>& k_caches,
+                               const std::vector<torch::Tensor>& v_caches, const torch::Tensor& cache_seqlens,
+                               const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
+                               int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
+                               const torch::Tensor& final_norm_bias, double eps) {
+  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(),
+              "one K and one V cache per layer are required");
+  return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu_seqlens_new, k_caches, v_caches,
+                     cache_seqlens, layers, backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps);
+}
+
+torch::Tensor decoder_forward_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                                  const std::optional<torch::Tensor>& input_norm_weight,
+                                  const std::optional<torch::Tensor>& input_norm_bias,
+                                  const torch::Tensor& cu_seqlens,
+                                  const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
+                                  int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
+                                  const torch::Tensor& final_norm_bias, double eps) {
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "cu_seqlens must be a (batch + 1,) tensor");
+  const auto no_rows_before = torch::zeros({cu_seqlens.numel() - 1}, cu_seqlens.options().dtype(torch::kLong));
+  return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu_seqlens, {}, {}, no_rows_before, layers,
+                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps);
 }
 
 }  // namespace rec2pm

@@ -28,7 +28,8 @@ enum HstuWeight { kInputNormW, kInputNormB, kF1W, kF1B, kRelBias, kOutputNormW, 
 
 // One call of the step: `rows` new rows of width d (cu: each user's rows, batch + 1
 // offsets) after `filled[b]` rows already in user b's caches.  A prefill (every cache
-// empty) attends causally over the new rows with the segment kernel.
+// empty) attends causally over the new rows with the segment kernel; a forward pass is a
+// prefill without caches (k_caches and v_caches empty).
 struct DecoderStep {
   Backbone backbone;
   int64_t rows, d, heads, head_dim, batch;

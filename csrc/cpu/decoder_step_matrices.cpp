@@ -25,21 +25,26 @@ __attribute__((always_inline)) inline void add_bias_rows(T* x, int64_t rows, int
 }
 
 // Layer `layer`'s attention of b.q over b.k / b.v into b.a: a prefill writes the rows into
-// the empty caches and attends over the rows themselves (the segment kernel, tiled over
-// rows and keys: the cached step would rescan each row's prefix on its own, 2x the time on
-// a 200-row block); a step attends over each user's cache, appending first.
+// the empty caches (a forward pass has none) and attends over the rows themselves (the
+// segment kernel, tiled over rows and keys: the cached step would rescan each row's prefix
+// on its own, 2x the time on a 200-row block); a step attends over each user's cache,
+// appending first.
 template <typename T>
 __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t layer, Buffers& b, Score score,
                                                   const T* bias, int64_t buckets, T silu_norm) {
-  const auto& kc = (*s.k_caches)[layer];
-  const auto& vc = (*s.v_caches)[layer];
   const T *q = ptr<T>(b.q), *k = ptr<T>(b.k), *v = ptr<T>(b.v);
   if (s.prefill) {
-    append_cache_rows(k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data_ptr<T>(),
-                      layout_of(kc), vc.data_ptr<T>(), layout_of(vc));
+    if (!s.k_caches->empty()) {  // a forward pass has none
+      const auto& kc = (*s.k_caches)[layer];
+      const auto& vc = (*s.v_caches)[layer];
+      append_cache_rows(k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data_ptr<T>(),
+                        layout_of(kc), vc.data_ptr<T>(), layout_of(vc));
+    }
     causal_attention_rows(q, k, v, s.cu, s.batch, s.rows, s.heads, s.head_dim, s.head_dim, score, T(s.scale), bias,
                           buckets, silu_norm, b.a.data_ptr<T>());
   } else {
+    const auto& kc = (*s.k_caches)[layer];
+    const auto& vc = (*s.v_caches)[layer];
     cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data_ptr<T>(),
                      layout_of(kc), vc.data_ptr<T>(), layout_of(vc), score, T(s.scale), bias, buckets, silu_norm,
                      b.a.data_ptr<T>());

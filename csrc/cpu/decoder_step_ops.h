@@ -21,4 +21,14 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
                                int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
                                const torch::Tensor& final_norm_bias, double eps);
 
+// The same decoder as a causal forward pass over packed sequences (cu_seqlens), with no
+// caches: what Decoder.forward computes with the causal pattern in inference.
+torch::Tensor decoder_forward_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                                  const std::optional<torch::Tensor>& input_norm_weight,
+                                  const std::optional<torch::Tensor>& input_norm_bias,
+                                  const torch::Tensor& cu_seqlens,
+                                  const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
+                                  int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
+                                  const torch::Tensor& final_norm_bias, double eps);
+
 }  // namespace rec2pm

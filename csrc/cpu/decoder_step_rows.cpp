@@ -92,12 +92,13 @@ REC2PM_VECTOR_CLONES void decoder_rows_f64(const DecoderStep& s, double* x, doub
 
 }  // namespace
 
-// Few rows, every weight a contiguous tensor of x's dtype (read through raw pointers),
-// caches of x's dtype (read through their strides).
+// Few rows over caches, every weight a contiguous tensor of x's dtype (read through raw
+// pointers), caches of x's dtype (read through their strides).
 bool rows_path_applies(const DecoderStep& s, const torch::Tensor& x) {
   if (s.rows > kMaxLoopRows || (x.scalar_type() != torch::kFloat && x.scalar_type() != torch::kDouble)) {
     return false;
   }
+  if (s.k_caches->size() != s.layers->size()) return false;  // a forward pass: the loops attend over caches
   const auto fits = [&](const torch::Tensor& t) { return t.scalar_type() == x.scalar_type() && t.is_contiguous(); };
   for (const auto& layer : *s.layers) {
     for (const auto& w : layer) {

@@ -3,7 +3,8 @@
 The same decoder predicts items and writes memory (``docs/method.md``); what changes between uses
 is only the stream it runs on and the attention pattern.  ``forward`` runs a whole packed
 stream through ``segment_attention``; ``step`` runs new rows against per-layer K/V caches
-through ``cached_step_attention`` (serving).
+through ``cached_step_attention`` (serving).  In inference on the CPU, ``step``, ``prefill``
+and a causal ``forward`` run the whole stack in one C++ call (``fused_step.py``).
 
 Both call the kernels with ``validate=False``: the methods check their inputs (item ids,
 offsets, memories) where they enter the model, and a NaN scan of every layer's
@@ -115,6 +116,10 @@ class Decoder(nn.Module):
         ``max_position``: the largest of ``positions`` when the caller has it on the host
         (``PackedLayout.max_position``), so that checking them reads nothing back from the device.
         """
+        fused = pattern == "causal" and not collect_kv and not self.config.num_time_buckets
+        if fused and fused_step.applies(self, x, []):  # inference on the CPU: one C++ call
+            self._check_positions(positions, max_position)
+            return fused_step.fused_forward(self, x, positions, cu_seqlens)
         time_options = self._time_options(times, x.device)
         h = self.input_dropout(self._stream_input(x, positions, max_position))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []

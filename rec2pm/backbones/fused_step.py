@@ -1,10 +1,12 @@
-"""The decoder's serving step in one C++ call (``rec2pm_kernels._C.decoder_step``).
+"""The decoder's serving step in one C++ call (``rec2pm_kernels._C.decoder_step``), and its
+causal forward pass in inference (``decoder_forward``: the same code over no caches).
 
 On the CPU a step of a few new events through 16 small layers costs mostly the overhead
 of the Python and dispatcher calls per op (about 60 of them per layer); the fused step runs
 every layer's norms, projections, gating, residuals and cached-step attention in one call.
-``Decoder.step`` takes it when it applies (see ``applies``) and otherwise runs block by
-block; ``tests/model/test_fused_step.py`` checks that both give the same outputs and caches.
+``Decoder.step``, ``Decoder.prefill`` and ``Decoder.forward`` (causal pattern) take it when
+it applies (see ``applies``) and otherwise run block by block;
+``tests/model/test_fused_step.py`` checks that both give the same outputs and caches.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ BACKBONE_CODES = {"sasrec": 0, "hstu": 1}
 
 
 def available() -> bool:
-    return _extension.C is not None and hasattr(_extension.C, "decoder_step")
+    C = _extension.C
+    return C is not None and hasattr(C, "decoder_step") and hasattr(C, "decoder_forward")
 
 
 def applies(decoder, x_new: torch.Tensor, caches) -> bool:
@@ -106,23 +109,37 @@ def fused_step(
         check.check_layer_caches(rows, rows, counts.numel(), [(cache.k, cache.v) for cache in caches], cache_seqlens)
         if caches:  # the filled lengths are the same for every layer: checked once, against the smallest cache
             check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
-    backbone = decoder.config.backbone
-    position_rows = decoder.position(positions_new) if decoder.position is not None else None
-    input_norm = decoder.input_norm  # the C++ step applies every norm with final_norm's eps (all torch's default)
     return _extension.C.decoder_step(
-        x=x_new,
-        position_rows=position_rows,
-        input_norm_weight=None if input_norm is None else input_norm.weight,
-        input_norm_bias=None if input_norm is None else input_norm.bias,
+        **_decoder_arguments(decoder, x_new, positions_new),
         cu_seqlens_new=cu_seqlens_new,
         k_caches=[cache.k for cache in caches],
         v_caches=[cache.v for cache in caches],
         cache_seqlens=cache_seqlens,
-        layers=[layer_weights(block, backbone) for block in decoder.blocks],
-        backbone=BACKBONE_CODES[backbone],
-        num_heads=decoder.config.num_heads,
-        silu_norm=decoder.config.attention_norm,
-        final_norm_weight=decoder.final_norm.weight,
-        final_norm_bias=decoder.final_norm.bias,
-        eps=decoder.final_norm.eps,
     )
+
+
+def fused_forward(decoder, x, positions, cu_seqlens) -> torch.Tensor:
+    """``Decoder.forward`` with the causal pattern in one call, without caches (positions
+    already checked by the caller): the serving step's code over empty caches."""
+    check.check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device)
+    check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, x.shape[0], "x")
+    return _extension.C.decoder_forward(**_decoder_arguments(decoder, x, positions), cu_seqlens=cu_seqlens)
+
+
+def _decoder_arguments(decoder, x, positions) -> dict:
+    """The rows, their SASRec positions and the decoder's weights, as both C++ calls take them."""
+    backbone = decoder.config.backbone
+    input_norm = decoder.input_norm  # the C++ step applies every norm with final_norm's eps (all torch's default)
+    return {
+        "x": x,
+        "position_rows": decoder.position(positions) if decoder.position is not None else None,
+        "input_norm_weight": None if input_norm is None else input_norm.weight,
+        "input_norm_bias": None if input_norm is None else input_norm.bias,
+        "layers": [layer_weights(block, backbone) for block in decoder.blocks],
+        "backbone": BACKBONE_CODES[backbone],
+        "num_heads": decoder.config.num_heads,
+        "silu_norm": decoder.config.attention_norm,
+        "final_norm_weight": decoder.final_norm.weight,
+        "final_norm_bias": decoder.final_norm.bias,
+        "eps": decoder.final_norm.eps,
+    }

@@ -148,6 +148,41 @@ def test_the_matrix_path_reads_weights_of_any_layout(backbone):
         torch.testing.assert_close(a.k, b.k, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("lengths", [[13, 1, 0, 21], [3, 0, 1, 2], [1], [0, 0]], ids=str)
+def test_the_fused_causal_forward_equals_the_block_by_block_pass(backbone, dtype, lengths):
+    """Decoder.forward with the causal pattern in inference runs in one C++ call (no caches)."""
+    decoder = randomised_decoder(backbone, dtype)
+    cu = cu_seqlens_of(lengths)
+    x = torch.randn(sum(lengths), decoder.config.d_model, dtype=dtype)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    outputs = []
+    for fused in (True, False):
+        decoder.use_fused_step = fused
+        try:
+            with torch.no_grad():
+                outputs.append(decoder(x, positions, cu, max(lengths)))
+        finally:
+            decoder.use_fused_step = True
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance)
+
+
+def test_only_the_causal_pattern_in_inference_takes_the_fused_forward(monkeypatch):
+    decoder = randomised_decoder("hstu", torch.float32)
+    calls = []
+    monkeypatch.setattr(fused_step, "fused_forward", lambda *args: calls.append(args) or args[1])
+    x, positions, cu = torch.randn(4, decoder.config.d_model), torch.arange(4), cu_seqlens_of([4])
+    with torch.no_grad():
+        decoder(x, positions, cu, 4)
+        assert len(calls) == 1
+        decoder(x, positions, cu, 4, collect_kv=True)  # the caller wants every layer's K/V
+        decoder(x, positions, cu, 4, pattern="global", segment_len=2, num_memory_tokens=1)
+    decoder(x, positions, cu, 4)  # gradients are recorded
+    assert len(calls) == 1
+
+
 def test_prefill_refuses_a_capacity_below_the_longest_block():
     decoder = randomised_decoder("hstu", torch.float64)
     x = torch.randn(6, decoder.config.d_model, dtype=torch.float64)
