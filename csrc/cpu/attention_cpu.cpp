@@ -80,20 +80,26 @@ __attribute__((always_inline)) inline void add_weighted_values_fixed(const T* w,
                                                                      int64_t count, T* acc) {
   if constexpr (kWidth * sizeof(T) <= 64) {
     typedef T Vector __attribute__((vector_size(kWidth * sizeof(T))));
-    const auto load = [](const T* from) {
-      Vector v;
-      std::memcpy(&v, from, sizeof(Vector));
-      return v;
-    };
-    Vector a0 = load(acc), a1 = {}, a2 = {}, a3 = {};
+    // Loads into a reference: a vector returned by value changes its ABI with the
+    // instruction set of each clone (-Wpsabi).
+    const auto load = [](const T* from, Vector& v) { std::memcpy(&v, from, sizeof(Vector)); };
+    Vector a0, a1 = {}, a2 = {}, a3 = {}, v0, v1, v2, v3;
+    load(acc, a0);
     int64_t j = 0;
     for (; j + 4 <= count; j += 4, value += 4 * stride) {
-      a0 += w[j] * load(value);
-      a1 += w[j + 1] * load(value + stride);
-      a2 += w[j + 2] * load(value + 2 * stride);
-      a3 += w[j + 3] * load(value + 3 * stride);
+      load(value, v0);
+      load(value + stride, v1);
+      load(value + 2 * stride, v2);
+      load(value + 3 * stride, v3);
+      a0 += w[j] * v0;
+      a1 += w[j + 1] * v1;
+      a2 += w[j + 2] * v2;
+      a3 += w[j + 3] * v3;
     }
-    for (; j < count; ++j, value += stride) a0 += w[j] * load(value);
+    for (; j < count; ++j, value += stride) {
+      load(value, v0);
+      a0 += w[j] * v0;
+    }
     a0 = (a0 + a1) + (a2 + a3);
     std::memcpy(acc, &a0, sizeof(Vector));
   } else {

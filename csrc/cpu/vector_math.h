@@ -93,20 +93,19 @@ __attribute__((always_inline)) inline T lane_dot(const T* a, const T* b, int64_t
 // step's two passes give the same bits.  A head dim that is a multiple of kDotLanes sums in
 // a vector of that many lanes (lane l adds q[8c + l] * k[8c + l] over the chunks c in
 // order), whose lanes then add as the tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7));
-// other dims keep one running sum.  Both functions multiply and add the same vector type in
-// the same expression, so the compiler fuses the two into one rounding (or not) alike: a
-// scalar loop against a vector one could differ in that, and so in the last bit.
+// other dims keep one running sum.  Both functions take their lane sums from one function
+// (lane_products), so the compiler fuses each multiply and add into one rounding (or not)
+// alike: a scalar loop against a vector one could differ in that, and so in the last bit.
 constexpr int64_t kDotLanes = 8;
 
-template <typename T>
-__attribute__((always_inline)) inline T head_dot(const T* q, const T* k, int64_t k_stride, int64_t dim) {
-  if (dim % kDotLanes != 0) {
-    T z = 0;
-    for (int64_t d = 0; d < dim; ++d) z += q[d] * k[d * k_stride];
-    return z;
-  }
-  typedef T Lanes __attribute__((vector_size(kDotLanes * sizeof(T))));
-  Lanes sum = {};
+// sum = the lane products of one head: lane l adds q[8c + l] * k[(8c + l) * k_stride] over
+// the chunks c in order.  head_dot and head_dots both reduce these, so their bits match by
+// construction.  The vector is passed by reference: returned by value, its ABI would change
+// with the instruction set of each clone (-Wpsabi).
+template <typename T, typename Lanes>
+__attribute__((always_inline)) inline void lane_products(const T* q, const T* k, int64_t k_stride, int64_t dim,
+                                                         Lanes& sum) {
+  sum = Lanes{};
   for (int64_t c = 0; c < dim; c += kDotLanes) {
     Lanes a, b;
     std::memcpy(&a, q + c, sizeof(Lanes));
@@ -117,6 +116,18 @@ __attribute__((always_inline)) inline T head_dot(const T* q, const T* k, int64_t
     }
     sum += a * b;
   }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline T head_dot(const T* q, const T* k, int64_t k_stride, int64_t dim) {
+  if (dim % kDotLanes != 0) {
+    T z = 0;
+    for (int64_t d = 0; d < dim; ++d) z += q[d] * k[d * k_stride];
+    return z;
+  }
+  typedef T Lanes __attribute__((vector_size(kDotLanes * sizeof(T))));
+  Lanes sum;
+  lane_products(q, k, k_stride, dim, sum);
   return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
 }
 
@@ -130,18 +141,7 @@ __attribute__((always_inline)) inline void head_dots(const T* q, const T* k, int
                                                      int64_t out_stride) {
   int64_t h = 0;
   if (dim % kDotLanes == 0) {
-    // Vectors pass by reference: returned by value, their ABI would change with the
-    // instruction set of each clone (-Wpsabi).
     typedef T Lanes __attribute__((vector_size(kDotLanes * sizeof(T))));
-    const auto lanes_of = [&](int64_t head, Lanes& sum) {  // head_dot's lane sums
-      sum = Lanes{};
-      for (int64_t c = 0; c < dim; c += kDotLanes) {
-        Lanes a, b;
-        std::memcpy(&a, q + head * dim + c, sizeof(Lanes));
-        std::memcpy(&b, k + head * dim + c, sizeof(Lanes));
-        sum += a * b;
-      }
-    };
     // out = [a0 + a1, a2 + a3, b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7]
     const auto pair_sums = [](const Lanes& a, const Lanes& b, Lanes& out) {
       out = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
@@ -149,10 +149,10 @@ __attribute__((always_inline)) inline void head_dots(const T* q, const T* k, int
     };
     Lanes head0, head1, head2, head3, low, high, halves;
     for (; h + 4 <= heads; h += 4) {
-      lanes_of(h, head0);
-      lanes_of(h + 1, head1);
-      lanes_of(h + 2, head2);
-      lanes_of(h + 3, head3);
+      lane_products(q + h * dim, k + h * dim, 1, dim, head0);
+      lane_products(q + (h + 1) * dim, k + (h + 1) * dim, 1, dim, head1);
+      lane_products(q + (h + 2) * dim, k + (h + 2) * dim, 1, dim, head2);
+      lane_products(q + (h + 3) * dim, k + (h + 3) * dim, 1, dim, head3);
       pair_sums(head0, head1, low);
       pair_sums(head2, head3, high);
       // Element i < 4: head h + i's (l0 + l1) + (l2 + l3); element i + 4: its (l4 + l5) + (l6 + l7).

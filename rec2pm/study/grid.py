@@ -44,7 +44,6 @@ DEFAULT_STOP_GRADIENT = (True, False, False)
 # other run of the study ran at least 8 epochs, so this floor would not have changed any of
 # them (the report checks it for every stored run).
 SLOW_START_MIN_EPOCHS = 8
-SLOW_START_MEMORY_SIZES = ABLATION_MEMORY_SIZES
 
 
 @dataclass(frozen=True)
@@ -235,8 +234,7 @@ def study_runs(scale: str = "full", data_root: str | Path = "../shared/data") ->
     for memory_tokens in ABLATION_MEMORY_SIZES:
         labels = {**base, "variant": f"C{memory_tokens}", "memory_tokens": memory_tokens}
         model_c = _model(sizes.lifelong_d_model, "sasrec", sizes.lifelong_segment_len, memory_tokens)
-        slow_start = {"min_epochs": SLOW_START_MIN_EPOCHS} if memory_tokens in SLOW_START_MEMORY_SIZES else {}
-        add("ablation", labels, data, model_c, {"name": "rec2pm-o"}, **slow_start)
+        add("ablation", labels, data, model_c, {"name": "rec2pm-o"}, min_epochs=SLOW_START_MIN_EPOCHS)
     for detach_target, detach_prefix, stage1_ar in STOP_GRADIENT_GRID:
         if (detach_target, detach_prefix, stage1_ar) == DEFAULT_STOP_GRADIENT:
             continue  # the lifelong Rec2PM-O run is this cell
