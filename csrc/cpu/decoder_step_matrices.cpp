@@ -3,8 +3,14 @@
 // loops for everything else (norms, activations, gating, residuals, cache writes).  With
 // one ATen call per norm, split, copy and add, a 200-row HSTU layer made some twenty calls
 // of several microseconds each: about half of a cold request's time outside attention.
+// The loops split over threads by rows once a call has enough of them.
 //
 // The math is Decoder.step's exactly (rec2pm/backbones/{sasrec,hstu}.py); tests compare the two.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
 #include "decoder_step_math.h"
 
 namespace rec2pm {
@@ -22,6 +28,85 @@ __attribute__((always_inline)) inline void add_bias_rows(T* x, int64_t rows, int
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < d; ++i) x[r * d + i] += bias[i];
   }
+}
+
+// The row-wise ops between the matrix products.  Each row is computed alone, so they split
+// over threads by rows with the same bits for any thread count: a forward pass over a batch
+// of users has tens of thousands of rows, which ATen's ops would have spread over the cores.
+enum class RowOp { kLayerNorm, kSplitSilu, kGate, kAddBias };
+
+// Operands of one op, (rows, d) each unless said: kLayerNorm out = LN(in); kSplitSilu
+// silu in place over uvqk (rows, 4d), V, Q, K copied out to v, q, k; kGate out = LN(in) * U
+// (U the first d of each uvqk row); kAddBias out += bias.
+struct RowArgs {
+  int64_t d;
+  const void* in;
+  void* out;
+  const void* weight;
+  const void* bias;
+  double eps;
+  void* uvqk;
+  void* v;
+  void* q;
+  void* k;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void row_op(RowOp op, const RowArgs& a, int64_t first, int64_t last) {
+  const int64_t d = a.d, n = last - first;
+  const auto rows_of = [&](const void* base, int64_t width) { return static_cast<const T*>(base) + first * width; };
+  const auto mutable_rows_of = [&](void* base, int64_t width) { return static_cast<T*>(base) + first * width; };
+  const T *weight = static_cast<const T*>(a.weight), *bias = static_cast<const T*>(a.bias);
+  switch (op) {
+    case RowOp::kLayerNorm:
+      layer_norm_rows(rows_of(a.in, d), n, d, weight, bias, a.eps, mutable_rows_of(a.out, d));
+      return;
+    case RowOp::kSplitSilu:
+      split_silu_rows(mutable_rows_of(a.uvqk, 4 * d), n, d, mutable_rows_of(a.v, d), mutable_rows_of(a.q, d),
+                      mutable_rows_of(a.k, d));
+      return;
+    case RowOp::kGate:
+      gate_rows(rows_of(a.in, d), rows_of(a.uvqk, 4 * d), n, d, weight, bias, a.eps, mutable_rows_of(a.out, d));
+      return;
+    case RowOp::kAddBias:
+      add_bias_rows(mutable_rows_of(a.out, d), n, d, bias);
+      return;
+  }
+}
+
+// Compiled per instruction set (templates cannot be cloned): the loops vectorise with the
+// widest vectors the machine has.
+REC2PM_VECTOR_CLONES void row_op_f32(RowOp op, const RowArgs& a, int64_t first, int64_t last) {
+  row_op<float>(op, a, first, last);
+}
+REC2PM_VECTOR_CLONES void row_op_f64(RowOp op, const RowArgs& a, int64_t first, int64_t last) {
+  row_op<double>(op, a, first, last);
+}
+
+// Values a thread should get before the rows are split: a serving prefill of 200 rows
+// stays on the calling thread, as the attention kernels' small problems do.
+constexpr int64_t kMinValuesPerThread = 1 << 16;
+
+template <typename T>
+void for_rows(RowOp op, const RowArgs& a, int64_t rows) {
+  const int64_t grain = std::max<int64_t>(1, kMinValuesPerThread / (4 * std::max<int64_t>(a.d, 1)));
+  at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+    if constexpr (std::is_same_v<T, float>) {
+      row_op_f32(op, a, first, last);
+    } else {
+      row_op_f64(op, a, first, last);
+    }
+  });
+}
+
+template <typename T>
+void layer_norm(const DecoderStep& s, const T* in, const torch::Tensor& weight, const torch::Tensor& bias, T* out) {
+  for_rows<T>(RowOp::kLayerNorm, {s.d, in, out, ptr<T>(weight), ptr<T>(bias), s.eps}, s.rows);
+}
+
+template <typename T>
+void add_bias(const DecoderStep& s, const torch::Tensor& bias, T* x) {
+  for_rows<T>(RowOp::kAddBias, {s.d, nullptr, x, nullptr, ptr<T>(bias)}, s.rows);
 }
 
 // Layer `layer`'s attention of b.q over b.k / b.v into b.a: a prefill writes the rows into
@@ -53,47 +138,47 @@ __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t l
 
 // One HSTU layer: x += f2(LN(A V) * U) with U, V, Q, K = split(silu(f1(LN(x)))).
 template <typename T>
-__attribute__((always_inline)) inline void hstu_layer(const DecoderStep& s, size_t layer,
-                                                      const std::vector<torch::Tensor>& w, Buffers& b,
-                                                      torch::Tensor& x) {
-  const int64_t rows = s.rows, d = s.d;
+void hstu_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Tensor>& w, Buffers& b,
+                torch::Tensor& x) {
   T* residual = x.data_ptr<T>();
-  T* uvqk = b.wide.data_ptr<T>();
-  layer_norm_rows(residual, rows, d, ptr<T>(w[kInputNormW]), ptr<T>(w[kInputNormB]), s.eps, b.h.data_ptr<T>());
+  layer_norm<T>(s, residual, w[kInputNormW], w[kInputNormB], b.h.data_ptr<T>());
   at::addmm_out(b.wide, w[kF1B], b.h, w[kF1W].t());
-  split_silu_rows(uvqk, rows, d, b.v.data_ptr<T>(), b.q.data_ptr<T>(), b.k.data_ptr<T>());
+  RowArgs split{s.d};
+  split.uvqk = b.wide.data_ptr<T>();
+  split.v = b.v.data_ptr<T>();
+  split.q = b.q.data_ptr<T>();
+  split.k = b.k.data_ptr<T>();
+  for_rows<T>(RowOp::kSplitSilu, split, s.rows);
   const auto& rel = w[kRelBias];
   attend<T>(s, layer, b, Score::kSilu, ptr<T>(rel), rel.size(1), T(s.silu_norm));
-  gate_rows(ptr<T>(b.a), uvqk, rows, d, ptr<T>(w[kOutputNormW]), ptr<T>(w[kOutputNormB]), s.eps,
-            b.h.data_ptr<T>());
-  add_bias_rows(residual, rows, d, ptr<T>(w[kF2B]));
+  RowArgs gate{s.d, ptr<T>(b.a), b.h.data_ptr<T>(), ptr<T>(w[kOutputNormW]), ptr<T>(w[kOutputNormB]), s.eps};
+  gate.uvqk = split.uvqk;
+  for_rows<T>(RowOp::kGate, gate, s.rows);
+  add_bias<T>(s, w[kF2B], residual);
   x.addmm_(b.h, w[kF2W].t());
 }
 
 // One SASRec layer: x += out(attention(LN(x))); x += ffn(LN(x)) with a GELU (erf) between.
 template <typename T>
-__attribute__((always_inline)) inline void sasrec_layer(const DecoderStep& s, size_t layer,
-                                                        const std::vector<torch::Tensor>& w, Buffers& b,
-                                                        torch::Tensor& x) {
-  const int64_t rows = s.rows, d = s.d;
+void sasrec_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Tensor>& w, Buffers& b,
+                  torch::Tensor& x) {
   T* residual = x.data_ptr<T>();
-  layer_norm_rows(residual, rows, d, ptr<T>(w[kAttnNormW]), ptr<T>(w[kAttnNormB]), s.eps, b.h.data_ptr<T>());
+  layer_norm<T>(s, residual, w[kAttnNormW], w[kAttnNormB], b.h.data_ptr<T>());
   at::addmm_out(b.q, w[kQueryB], b.h, w[kQueryW].t());
   at::mm_out(b.k, b.h, w[kKeyW].t());
   at::addmm_out(b.v, w[kValueB], b.h, w[kValueW].t());
   attend<T>(s, layer, b, Score::kSoftmax, static_cast<const T*>(nullptr), 1, T(1));
-  add_bias_rows(residual, rows, d, ptr<T>(w[kAttnOutB]));
+  add_bias<T>(s, w[kAttnOutB], residual);
   x.addmm_(b.a, w[kAttnOutW].t());
-  layer_norm_rows(residual, rows, d, ptr<T>(w[kFfnNormW]), ptr<T>(w[kFfnNormB]), s.eps, b.h.data_ptr<T>());
+  layer_norm<T>(s, residual, w[kFfnNormW], w[kFfnNormB], b.h.data_ptr<T>());
   at::addmm_out(b.wide, w[kFfnInB], b.h, w[kFfnInW].t());
   at::gelu_(b.wide);  // ATen's erf vectorises; std::erf per value does not
-  add_bias_rows(residual, rows, d, ptr<T>(w[kFfnOutB]));
+  add_bias<T>(s, w[kFfnOutB], residual);
   x.addmm_(b.wide, w[kFfnOutW].t());
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void decoder_matrices(const DecoderStep& s, torch::Tensor& x,
-                                                            torch::Tensor& out) {
+void decoder_matrices(const DecoderStep& s, torch::Tensor& x, torch::Tensor& out) {
   const auto empty = [&](int64_t width) { return at::empty({s.rows, width}, x.options()); };
   Buffers b{empty(s.d), empty(s.backbone == Backbone::kHstu ? 4 * s.d : s.d), empty(s.d), empty(s.d), empty(s.d),
             empty(s.d)};
@@ -105,17 +190,7 @@ __attribute__((always_inline)) inline void decoder_matrices(const DecoderStep& s
       hstu_layer<T>(s, l, layers[l], b, x);
     }
   }
-  layer_norm_rows(ptr<T>(x), s.rows, s.d, ptr<T>(*s.final_weight), ptr<T>(*s.final_bias), s.eps,
-                  out.data_ptr<T>());
-}
-
-// Compiled per instruction set (templates cannot be cloned): the loops between the
-// matrix products vectorise with the widest vectors the machine has.
-REC2PM_VECTOR_CLONES void decoder_matrices_f32(const DecoderStep& s, torch::Tensor& x, torch::Tensor& out) {
-  decoder_matrices<float>(s, x, out);
-}
-REC2PM_VECTOR_CLONES void decoder_matrices_f64(const DecoderStep& s, torch::Tensor& x, torch::Tensor& out) {
-  decoder_matrices<double>(s, x, out);
+  layer_norm<T>(s, ptr<T>(x), *s.final_weight, *s.final_bias, out.data_ptr<T>());
 }
 
 }  // namespace
@@ -153,9 +228,9 @@ void decoder_step_matrices(const DecoderStep& step, torch::Tensor& x, torch::Ten
     s.final_bias = &final_bias;
   }
   if (x.scalar_type() == torch::kFloat) {
-    decoder_matrices_f32(s, x, out);
+    decoder_matrices<float>(s, x, out);
   } else {
-    decoder_matrices_f64(s, x, out);
+    decoder_matrices<double>(s, x, out);
   }
 }
 

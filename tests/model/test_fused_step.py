@@ -169,6 +169,24 @@ def test_the_fused_causal_forward_equals_the_block_by_block_pass(backbone, dtype
     torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance)
 
 
+def test_the_fused_forward_gives_the_same_bits_for_any_thread_count():
+    """Past some thousand rows the row-wise loops split over threads; each row is computed alone."""
+    decoder = randomised_decoder("hstu", torch.float32)
+    lengths = [500, 500, 300, 5, 0]  # 1,305 rows of width 16: more than one thread's share
+    x = torch.randn(sum(lengths), decoder.config.d_model)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append(decoder(x, positions, cu_seqlens_of(lengths), max(lengths)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_only_the_causal_pattern_in_inference_takes_the_fused_forward(monkeypatch):
     decoder = randomised_decoder("hstu", torch.float32)
     calls = []
