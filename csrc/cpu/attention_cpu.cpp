@@ -804,8 +804,7 @@ torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::T
                 "user ", b, ": cache_seqlens plus new rows must fit the cache capacity ", k_cache.size(1));
   }
   auto out = torch::empty({q_new.size(0), q_new.size(1), v_new.size(2)}, q_new.options());
-  const CacheLayout ks{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)};
-  const CacheLayout vs{v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)};
+  const CacheLayout ks = layout_of(k_cache), vs = layout_of(v_cache);
   AT_DISPATCH_FLOATING_TYPES(q_new.scalar_type(), "cached_step_forward_cpu", [&] {
     const scalar_t* bias = nullptr;
     torch::Tensor bias_table;

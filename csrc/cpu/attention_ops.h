@@ -31,6 +31,11 @@ struct CacheLayout {
   int64_t batch, slot, head, dim;
 };
 
+// A (batch, slot, head, dim) cache tensor's strides.
+inline CacheLayout layout_of(const torch::Tensor& cache) {
+  return {cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3)};
+}
+
 // The cached step on raw pointers, for a caller that has checked shapes, dtypes and that
 // every user's new rows fit its cache (the fused decoder step): appends the new rows
 // (tokens, heads, dim) contiguous, then writes out (tokens, heads, dim_v).

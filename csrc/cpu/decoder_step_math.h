@@ -44,10 +44,6 @@ struct DecoderStep {
   const torch::Tensor* final_bias;
 };
 
-inline CacheLayout layout_of(const torch::Tensor& cache) {
-  return {cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3)};
-}
-
 template <typename T>
 const T* ptr(const torch::Tensor& t) {
   return t.data_ptr<T>();
