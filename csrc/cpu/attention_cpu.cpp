@@ -8,6 +8,9 @@
 // which every key is visible (attention_math.h), so masked keys are never computed: causal
 // and global rows cost about their visible keys, kv_memory_overwrite rows at most two units.
 //
+// Plain causal SiLU in fp32 at head dims 8 and 16 (HSTU's forward and serving prefill) runs
+// 16 rows per vector instead (causal_silu_block.h).
+//
 // Work is split over (sequence, head, block of rows) with at::parallel_for.  Each output
 // row is computed by one thread in a fixed order, so results are bit-identical from run to
 // run and for any number of threads.
@@ -17,9 +20,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_ops.h"
+#include "causal_silu_block.h"
 #include "rec2pm/attention_math.h"
 #include "vector_math.h"
 #include "rec2pm/hstu_masks.h"
@@ -301,36 +306,102 @@ inline void attend_row_any(const SegmentProblem& p, const double* q, const doubl
   attend_row_f64(p, q, k, v, b, scale, norm, t0, r, h, spans, s, acc, o);
 }
 
+// Tasks (sequence, head, block of kRowBlock rows), numbered sequence after sequence.
+struct RowBlockTasks {
+  struct Task {
+    int64_t sequence, head, block;
+  };
+  std::vector<int64_t> first_task;
+  int64_t heads, longest = 0;
+
+  RowBlockTasks(const int64_t* cu, int64_t batch, int64_t num_heads) : first_task(batch + 1, 0), heads(num_heads) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t length = cu[b + 1] - cu[b];
+      longest = std::max(longest, length);
+      first_task[b + 1] = first_task[b] + (length + kRowBlock - 1) / kRowBlock * heads;
+    }
+  }
+  int64_t count() const { return first_task.back(); }
+  Task operator[](int64_t task) const {
+    const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+    const int64_t local = task - first_task[b];
+    return {b, local % heads, local / heads};
+  }
+};
+
+// Plain causal SiLU attention in fp32 (an HSTU decoder's forward and prefill) runs 16 rows
+// at a time with the rows in vector lanes (causal_silu_block.h).
+static_assert(kRowBlock == kRowLanes, "a task's block of rows is one block of the lane kernel");
+
+template <typename T>
+bool takes_row_lanes(const SegmentProblem& p) {
+  return std::is_same_v<T, float> && p.pattern == Pattern::kCausal && !p.uses_hstu && p.time_table == nullptr &&
+         p.score == Score::kSilu && causal_silu_block_supports(p.dim, p.dim_v);
+}
+
+void causal_silu_forward(const SegmentProblem& p, const float* q, const float* k, const float* v, const int64_t* cu,
+                         int64_t batch, const float* bias, float scale, float silu_norm, const float* silu_norms,
+                         float* out) {
+  std::vector<float> keys_by_head(p.tokens * p.heads * p.dim), values_by_head(p.tokens * p.heads * p.dim_v);
+  group_by_head(k, p.tokens, p.heads, p.dim, keys_by_head.data());
+  group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
+  const RowBlockTasks tasks(cu, batch, p.heads);
+  // Each head's bias as a run that a block reads with one load per key (causal_silu_block.h).
+  const int64_t run = tasks.longest + 2 * kRowLanes;
+  std::vector<float> bias_runs(bias != nullptr ? p.heads * run : 0);
+  for (int64_t h = 0; h < static_cast<int64_t>(bias_runs.size()) / run; ++h) {
+    for (int64_t t = 0; t < run; ++t) {
+      bias_runs[h * run + t] = bias[h * p.buckets + std::clamp<int64_t>(t - kRowLanes, 0, p.buckets - 1)];
+    }
+  }
+  const int64_t work_per_task = kRowBlock * (tasks.longest / 2 + 1) * (p.dim + p.dim_v);
+  at::parallel_for(0, tasks.count(), grain_size(work_per_task), [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const auto [b, h, block] = tasks[task];
+      const int64_t token0 = cu[b];
+      const CausalSiluHead head{q + (token0 * p.heads + h) * p.dim,
+                                p.heads * p.dim,
+                                keys_by_head.data() + (h * p.tokens + token0) * p.dim,
+                                values_by_head.data() + (h * p.tokens + token0) * p.dim_v,
+                                bias != nullptr ? bias_runs.data() + h * run : nullptr,
+                                out + (token0 * p.heads + h) * p.dim_v,
+                                p.heads * p.dim_v,
+                                cu[b + 1] - token0,
+                                p.dim,
+                                p.dim_v,
+                                scale,
+                                1.0f / (silu_norms != nullptr ? silu_norms[b] : silu_norm)};
+      causal_silu_block_f32(head, block * kRowBlock);
+    }
+  });
+}
+
 template <typename T>
 void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch,
                      const T* bias, T scale, T silu_norm, const int64_t* num_targets, const T* silu_norms, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (takes_row_lanes<T>(p)) {
+      return causal_silu_forward(p, q, k, v, cu, batch, bias, scale, silu_norm, silu_norms, out);
+    }
+  }
   std::vector<T> keys_t(p.tokens * p.heads * p.dim + kKeyTile);  // a tile of room: see attend_row
   transpose_heads(k, p.tokens, p.heads, p.dim, keys_t.data());
   std::vector<T> values_by_head(p.tokens * p.heads * p.dim_v);
   group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
-  // Tasks are (sequence, head, row block), numbered sequence after sequence.
-  std::vector<int64_t> first_task(batch + 1, 0);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t length = cu[b + 1] - cu[b];
-    longest = std::max(longest, length);
-    first_task[b + 1] = first_task[b] + (length + kRowBlock - 1) / kRowBlock * p.heads;
-  }
-  const int64_t work_per_task = kRowBlock * (longest / 2 + 1) * (p.dim + p.dim_v);
-  at::parallel_for(0, first_task[batch], grain_size(work_per_task), [&](int64_t first, int64_t last) {
-    std::vector<T> scores(longest + kKeyTile), acc(p.dim_v);  // a tile of room: see attend_row
+  const RowBlockTasks tasks(cu, batch, p.heads);
+  const int64_t work_per_task = kRowBlock * (tasks.longest / 2 + 1) * (p.dim + p.dim_v);
+  at::parallel_for(0, tasks.count(), grain_size(work_per_task), [&](int64_t first, int64_t last) {
+    std::vector<T> scores(tasks.longest + kKeyTile), acc(p.dim_v);  // a tile of room: see attend_row
     for (int64_t task = first; task < last; ++task) {
-      const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-      const int64_t local = task - first_task[b];
-      const int64_t h = local % p.heads, block = local / p.heads;
+      const auto [b, h, block] = tasks[task];
       const int64_t token0 = cu[b], length = cu[b + 1] - cu[b];
       const int64_t r_end = std::min(length, (block + 1) * kRowBlock);
       const int64_t targets = num_targets != nullptr ? num_targets[b] : 0;
       const T norm = silu_norms != nullptr ? silu_norms[b] : silu_norm;
       for (int64_t r = block * kRowBlock; r < r_end; ++r) {
         const RowSpans spans(p, r, length, targets);
-        attend_row_any(p, q, keys_t.data(), values_by_head.data(), bias, scale, norm, token0, r, h, spans, scores.data(), acc.data(),
-                       out);
+        attend_row_any(p, q, keys_t.data(), values_by_head.data(), bias, scale, norm, token0, r, h, spans,
+                       scores.data(), acc.data(), out);
       }
     }
   });

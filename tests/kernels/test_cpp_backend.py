@@ -57,6 +57,63 @@ def test_long_sequences_with_many_spans():
         TARGET.check(lengths, pattern, "softmax", with_bias=True, dim=16)
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def causal_silu_build(request):
+    """Causal SiLU attention in fp32 at head dims 8 and 16 runs 16 rows per vector
+    (csrc/cpu/causal_silu_block.cpp) in one of two builds: AVX-512 where the CPU has it, and
+    a portable one; each test runs with each build this machine can take."""
+    ext = require_extension()
+    previous = ext.force_portable_causal_silu(request.param == "portable")
+    try:
+        if request.param == "avx512" and not ext.causal_silu_uses_avx512():
+            pytest.skip("this CPU has no AVX-512")
+        yield request.param
+    finally:
+        ext.force_portable_causal_silu(previous)
+
+
+@pytest.mark.parametrize("heads,dim", [(2, 8), (3, 16)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_causal_silu_row_lanes_match_the_oracle(causal_silu_build, heads, dim, with_bias):
+    """Blocks of 16 rows: sequences that end inside a block, on its edge and one row past it
+    (lanes past the end compute and must not be written), rows far past the bias table's
+    last bucket, and per-sequence SiLU norms (HSTU's)."""
+    lengths = [0, 1, 15, 16, 17, 40, 300]
+    for num_buckets in (13, 400):  # the table ends before / after the longest distance
+        TARGET.check(lengths, "causal", "silu", with_bias=with_bias, heads=heads, dim=dim, num_buckets=num_buckets)
+    q, k, v, cu, bias = random_inputs(lengths, heads, dim, dim, torch.float32, "cpu", with_bias, 13)
+    q, k, v = (t.detach() for t in (q, k, v))
+    kw = dict(rel_bias=None if bias is None else bias.detach(), backend="cpp", **pattern_kwargs("causal"))
+    norms = torch.tensor([1.0, 2.0, 15.0, 16.0, 17.0, 40.0, 300.0])
+    silu = score_kwargs("silu")
+    out = segment_attention(q, k, v, cu, max(lengths), **kw, **silu | {"silu_norm": norms})
+    for b, norm in enumerate(norms.tolist()):
+        rows = slice(cu[b], cu[b + 1])
+        one = cu_seqlens_of([lengths[b]])
+        alone = segment_attention(q[rows], k[rows], v[rows], one, lengths[b], **kw, **silu | {"silu_norm": norm})
+        torch.testing.assert_close(out[rows], alone, rtol=0, atol=0)
+
+
+def test_causal_silu_builds_agree():
+    """The AVX-512 and portable builds compute the same math in the same order; only the
+    exp's last steps differ (vscalefps against integer exponent bits), so they agree to a
+    few ulp, and both match the float64 oracle within the budget (above)."""
+    ext = require_extension()
+    if not ext.causal_silu_uses_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    q, k, v = random_qkv(500, heads=8, dim=8)
+    bias = random_bias(8, num_buckets=128)
+    kw = dict(rel_bias=bias, backend="cpp", **pattern_kwargs("causal"), **score_kwargs("silu"))
+    cu = cu_seqlens_of([500])
+    fast = segment_attention(q, k, v, cu, 500, **kw)
+    previous = ext.force_portable_causal_silu(True)
+    try:
+        portable = segment_attention(q, k, v, cu, 500, **kw)
+    finally:
+        ext.force_portable_causal_silu(previous)
+    torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
+
+
 def test_bit_identical_across_runs_and_thread_counts():
     lengths = [200, 3, 57, 0, 90]
     q, k, v = random_qkv(sum(lengths), heads=4, dim=16)
