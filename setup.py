@@ -57,7 +57,9 @@ def _extension_modules():
     include = [str(CSRC / "include"), str(CSRC)]
     sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
     sources.append("csrc/bindings.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fno-wrapv undoes the -fwrapv in Python's default compile flags: with signed overflow
+    # defined, GCC keeps the causal lane kernel's index arithmetic in a form that cost it 18%.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-wrapv"]
     cuda_switch = _switch("REC2PM_BUILD_CUDA")
     has_nvcc = cpp_extension.CUDA_HOME is not None and shutil.which(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")

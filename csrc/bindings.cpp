@@ -3,7 +3,7 @@
 #include <vector>
 
 #include "cpu/attention_ops.h"
-#include "cpu/causal_silu_block.h"
+#include "cpu/causal_lanes.h"
 #include "cpu/decoder_step_ops.h"
 #include "cpu/patterns_ops.h"
 #ifdef REC2PM_WITH_CUDA
@@ -60,12 +60,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("min_full_attn_seq_len") = 0, pybind11::arg("causal") = true,
         pybind11::arg("ts_bias") = std::nullopt,
         pybind11::arg("timestamps") = std::nullopt, pybind11::arg("query_timestamps") = std::nullopt);
-  m.def("force_portable_causal_silu", &rec2pm::force_portable_causal_silu,
-        "Run causal SiLU attention with the portable build even where AVX-512 is there (for tests); "
+  m.def("force_portable_causal_lanes", &rec2pm::force_portable_causal_lanes,
+        "Run causal attention's lane kernel with the portable build even where AVX-512 is there (for tests); "
         "returns the previous setting",
         pybind11::arg("portable"));
-  m.def("causal_silu_uses_avx512", &rec2pm::causal_silu_block_uses_avx512,
-        "Whether causal SiLU attention in fp32 takes its AVX-512 build now");
+  m.def("causal_lanes_use_avx512", &rec2pm::causal_lanes_use_avx512,
+        "Whether causal attention's lane kernel (fp32) takes its AVX-512 build now");
   m.def("hstu_key_spans", &hstu_spans, "Visible keys of one row under HSTU's masks as [begin, end) spans",
         pybind11::arg("row"), pybind11::arg("length"), pybind11::arg("num_targets"),
         pybind11::arg("contextual_seq_len"), pybind11::arg("max_attn_len"), pybind11::arg("min_full_attn_seq_len"),

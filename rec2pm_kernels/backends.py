@@ -135,9 +135,10 @@ def backends() -> dict[str, BackendStatus]:
 
 
 # Softmax over long causal-like sequences (causal, global) is faster through SDPA's fused
-# kernel (the torch backend) than through the C++ one, and the sooner the wider the heads;
-# everything else without gradients is faster in C++.  Measured side by side on 2 CPU cores
-# (fp32, 2 sequences x 4 heads, forward only), cpp's speed-up over torch for causal softmax:
+# kernel (the torch backend) than through the C++ row kernel, and the sooner the wider the
+# heads; everything else without gradients is faster in C++.  Measured side by side on 2
+# CPU cores (fp32, 2 sequences x 4 heads, forward only), the row kernel's speed-up over torch
+# for causal softmax:
 #   head dim 8:   2.9x at 204 tokens, 2.1x at 512, 1.8x at 1k;
 #   head dim 16:  2.2x at 204, 1.2x at 512, 0.96-1.2x at 1k, 0.95x at 2k, 0.65-0.77x at 4k;
 #   head dim 32:  1.4x at 256-384, 0.87x at 512, 0.58x at 1k;
@@ -145,15 +146,34 @@ def backends() -> dict[str, BackendStatus]:
 #   head dim 128: 1.1x at 256, 1.0x at 384.
 # kv_memory_* at head dim 64: 1.9x at 1k, 2.9x at 4k; SiLU: 2.5x at head dim 16, 1.0x at 64
 # (1k tokens).  The [M ; 200] serving blocks (HSTU 8 x 8, SASRec 4 x 16) are well inside.
+# Plain causal attention computed in fp32 at head dims 8 and 16 takes the lane kernel
+# (csrc/cpu/causal_lanes.cpp) instead, faster than torch at every length measured (same
+# setup, causal softmax): head dim 8 3.0x at 204 tokens, 2.7x at 1k, 2.6x at 4k; head dim 16
+# 2.7x at 204, 1.6x at 1k, 1.5x at 2k and 4k.
 CPP_SOFTMAX_MAX_LEN = 512  # head dims up to CPP_NARROW_HEAD_DIM
 CPP_NARROW_HEAD_DIM = 16
 CPP_SOFTMAX_MAX_LEN_WIDE = 384  # wider heads
+CPP_LANE_HEAD_DIMS = (8, 16)  # causal_lanes_support in csrc/cpu/causal_lanes.cpp
 
 
-def cpp_preferred(score: str, pattern: str, max_seqlen: int, head_dim: int) -> bool:
+def cpp_row_lanes(pattern: str, head_dim: int, value_dim: int, dtype: torch.dtype, plain: bool = True) -> bool:
+    """Whether a C++ ``segment_attention`` call runs the lane kernel: the causal pattern
+    without HSTU's masks or timestamp bias (``plain``), computed in fp32 (fp32, fp16 and
+    bf16 inputs), equal query and value head dims of 8 or 16."""
+    return (
+        plain
+        and pattern == "causal"
+        and dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and head_dim == value_dim
+        and head_dim in CPP_LANE_HEAD_DIMS
+    )
+
+
+def cpp_preferred(score: str, pattern: str, max_seqlen: int, head_dim: int, *, row_lanes: bool = False) -> bool:
     """Whether ``auto`` runs a forward-only CPU ``segment_attention`` call in C++.
-    ``head_dim``: the wider of the query/key and value head dims."""
-    if score == "silu" or pattern.startswith("kv_memory"):
+    ``head_dim``: the wider of the query/key and value head dims; ``row_lanes``: the call
+    takes the lane kernel (``cpp_row_lanes``)."""
+    if score == "silu" or pattern.startswith("kv_memory") or row_lanes:
         return True
     limit = CPP_SOFTMAX_MAX_LEN if head_dim <= CPP_NARROW_HEAD_DIM else CPP_SOFTMAX_MAX_LEN_WIDE
     return max_seqlen <= limit

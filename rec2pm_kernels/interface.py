@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as check
-from .backends import cpp_preferred, resolve_backend
+from .backends import cpp_preferred, cpp_row_lanes, resolve_backend
 from .hstu_masks import HSTUMask
 from .ops.cached_step.cpp_backend import cached_step_cpp
 from .ops.cached_step.cuda_backend import cached_step_cuda
@@ -234,13 +234,16 @@ def segment_attention(
     longest = int(lengths.max()) if lengths is not None and lengths.numel() else max_seqlen
     if dropout_p > 0 and backend in ("cpp", "cuda"):
         raise ValueError(f"backend={backend!r} is forward only and has no dropout_p; use backend='torch' or 'triton'")
+    plain = not hstu_mask.active and num_targets is None and ts_bias is None
+    row_lanes = cpp_row_lanes(spec.name, q.shape[2], v.shape[2], q.dtype, plain)
     chosen = resolve_backend(
         backend,
         "segment_attention",
         q.device,
         needs_grad,
         q.dtype,
-        prefer_cpp=cpp_preferred(score, spec.name, longest, max(q.shape[2], v.shape[2])) and dropout_p == 0,
+        prefer_cpp=cpp_preferred(score, spec.name, longest, max(q.shape[2], v.shape[2]), row_lanes=row_lanes)
+        and dropout_p == 0,
     )
     extras = dict(hstu_mask=hstu_mask, num_targets=num_targets)
     if dropout_p > 0:  # torch and triton draw the same weights for one seed

@@ -8,8 +8,8 @@
 // which every key is visible (attention_math.h), so masked keys are never computed: causal
 // and global rows cost about their visible keys, kv_memory_overwrite rows at most two units.
 //
-// Plain causal SiLU in fp32 at head dims 8 and 16 (HSTU's forward and serving prefill) runs
-// 16 rows per vector instead (causal_silu_block.h).
+// Plain causal attention in fp32 at head dims 8 and 16 (the decoders' forward and serving
+// prefill) runs 16 rows per vector instead (causal_lanes.h).
 //
 // Work is split over (sequence, head, block of rows) with at::parallel_for.  Each output
 // row is computed by one thread in a fixed order, so results are bit-identical from run to
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "attention_ops.h"
-#include "causal_silu_block.h"
+#include "causal_lanes.h"
 #include "rec2pm/attention_math.h"
 #include "vector_math.h"
 #include "rec2pm/hstu_masks.h"
@@ -306,7 +306,10 @@ inline void attend_row_any(const SegmentProblem& p, const double* q, const doubl
   attend_row_f64(p, q, k, v, b, scale, norm, t0, r, h, spans, s, acc, o);
 }
 
-// Tasks (sequence, head, block of kRowBlock rows), numbered sequence after sequence.
+// Tasks (sequence, head, block of kRowBlock rows), numbered sequence after sequence and,
+// in a sequence, head after head: a thread's run of tasks then reads one head's keys and
+// values block after block (with the heads interleaved, a 4,000-row SASRec sequence's
+// four heads outgrew the L2 cache and the lane kernel took 25% longer).
 struct RowBlockTasks {
   struct Task {
     int64_t sequence, head, block;
@@ -324,29 +327,29 @@ struct RowBlockTasks {
   int64_t count() const { return first_task.back(); }
   Task operator[](int64_t task) const {
     const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-    const int64_t local = task - first_task[b];
-    return {b, local % heads, local / heads};
+    const int64_t local = task - first_task[b], blocks = (first_task[b + 1] - first_task[b]) / heads;
+    return {b, local / blocks, local % blocks};
   }
 };
 
-// Plain causal SiLU attention in fp32 (an HSTU decoder's forward and prefill) runs 16 rows
-// at a time with the rows in vector lanes (causal_silu_block.h).
+// Plain causal attention in fp32 (the decoders' forward and serving prefill) runs 16 rows
+// at a time with the rows in vector lanes (causal_lanes.h).
 static_assert(kRowBlock == kRowLanes, "a task's block of rows is one block of the lane kernel");
 
 template <typename T>
 bool takes_row_lanes(const SegmentProblem& p) {
   return std::is_same_v<T, float> && p.pattern == Pattern::kCausal && !p.uses_hstu && p.time_table == nullptr &&
-         p.score == Score::kSilu && causal_silu_block_supports(p.dim, p.dim_v);
+         causal_lanes_support(p.dim, p.dim_v);
 }
 
-void causal_silu_forward(const SegmentProblem& p, const float* q, const float* k, const float* v, const int64_t* cu,
-                         int64_t batch, const float* bias, float scale, float silu_norm, const float* silu_norms,
-                         float* out) {
+void causal_lanes_forward(const SegmentProblem& p, const float* q, const float* k, const float* v, const int64_t* cu,
+                          int64_t batch, const float* bias, float scale, float silu_norm, const float* silu_norms,
+                          float* out) {
   std::vector<float> keys_by_head(p.tokens * p.heads * p.dim), values_by_head(p.tokens * p.heads * p.dim_v);
   group_by_head(k, p.tokens, p.heads, p.dim, keys_by_head.data());
   group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
   const RowBlockTasks tasks(cu, batch, p.heads);
-  // Each head's bias as a run that a block reads with one load per key (causal_silu_block.h).
+  // Each head's bias as a run that a block reads with one load per key (causal_lanes.h).
   const int64_t run = tasks.longest + 2 * kRowLanes;
   std::vector<float> bias_runs(bias != nullptr ? p.heads * run : 0);
   for (int64_t h = 0; h < static_cast<int64_t>(bias_runs.size()) / run; ++h) {
@@ -359,19 +362,19 @@ void causal_silu_forward(const SegmentProblem& p, const float* q, const float* k
     for (int64_t task = first; task < last; ++task) {
       const auto [b, h, block] = tasks[task];
       const int64_t token0 = cu[b];
-      const CausalSiluHead head{q + (token0 * p.heads + h) * p.dim,
-                                p.heads * p.dim,
-                                keys_by_head.data() + (h * p.tokens + token0) * p.dim,
-                                values_by_head.data() + (h * p.tokens + token0) * p.dim_v,
-                                bias != nullptr ? bias_runs.data() + h * run : nullptr,
-                                out + (token0 * p.heads + h) * p.dim_v,
-                                p.heads * p.dim_v,
-                                cu[b + 1] - token0,
-                                p.dim,
-                                p.dim_v,
-                                scale,
-                                1.0f / (silu_norms != nullptr ? silu_norms[b] : silu_norm)};
-      causal_silu_block_f32(head, block * kRowBlock);
+      const CausalLanesHead head{q + (token0 * p.heads + h) * p.dim,
+                                 p.heads * p.dim,
+                                 keys_by_head.data() + (h * p.tokens + token0) * p.dim,
+                                 values_by_head.data() + (h * p.tokens + token0) * p.dim_v,
+                                 bias != nullptr ? bias_runs.data() + h * run : nullptr,
+                                 out + (token0 * p.heads + h) * p.dim_v,
+                                 p.heads * p.dim_v,
+                                 cu[b + 1] - token0,
+                                 p.dim,
+                                 p.score,
+                                 scale,
+                                 1.0f / (silu_norms != nullptr ? silu_norms[b] : silu_norm)};
+      causal_lanes_block_f32(head, block * kRowBlock);
     }
   });
 }
@@ -381,7 +384,7 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
                      const T* bias, T scale, T silu_norm, const int64_t* num_targets, const T* silu_norms, T* out) {
   if constexpr (std::is_same_v<T, float>) {
     if (takes_row_lanes<T>(p)) {
-      return causal_silu_forward(p, q, k, v, cu, batch, bias, scale, silu_norm, silu_norms, out);
+      return causal_lanes_forward(p, q, k, v, cu, batch, bias, scale, silu_norm, silu_norms, out);
     }
   }
   std::vector<T> keys_t(p.tokens * p.heads * p.dim + kKeyTile);  // a tile of room: see attend_row

@@ -58,29 +58,32 @@ def test_long_sequences_with_many_spans():
 
 
 @pytest.fixture(params=["avx512", "portable"])
-def causal_silu_build(request):
-    """Causal SiLU attention in fp32 at head dims 8 and 16 runs 16 rows per vector
-    (csrc/cpu/causal_silu_block.cpp) in one of two builds: AVX-512 where the CPU has it, and
-    a portable one; each test runs with each build this machine can take."""
+def lanes_build(request):
+    """Causal attention in fp32 at head dims 8 and 16 runs 16 rows per vector
+    (csrc/cpu/causal_lanes.cpp) in one of two builds: AVX-512 where the CPU has it, and a
+    portable one; each test runs with each build this machine can take."""
     ext = require_extension()
-    previous = ext.force_portable_causal_silu(request.param == "portable")
+    previous = ext.force_portable_causal_lanes(request.param == "portable")
     try:
-        if request.param == "avx512" and not ext.causal_silu_uses_avx512():
+        if request.param == "avx512" and not ext.causal_lanes_use_avx512():
             pytest.skip("this CPU has no AVX-512")
         yield request.param
     finally:
-        ext.force_portable_causal_silu(previous)
+        ext.force_portable_causal_lanes(previous)
 
 
+@pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("heads,dim", [(2, 8), (3, 16)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_causal_silu_row_lanes_match_the_oracle(causal_silu_build, heads, dim, with_bias):
+def test_causal_row_lanes_match_the_oracle(lanes_build, score, heads, dim, with_bias):
     """Blocks of 16 rows: sequences that end inside a block, on its edge and one row past it
     (lanes past the end compute and must not be written), rows far past the bias table's
-    last bucket, and per-sequence SiLU norms (HSTU's)."""
+    last bucket, softmax chunks of keys that end mid-block, and per-sequence SiLU norms."""
     lengths = [0, 1, 15, 16, 17, 40, 300]
     for num_buckets in (13, 400):  # the table ends before / after the longest distance
-        TARGET.check(lengths, "causal", "silu", with_bias=with_bias, heads=heads, dim=dim, num_buckets=num_buckets)
+        TARGET.check(lengths, "causal", score, with_bias=with_bias, heads=heads, dim=dim, num_buckets=num_buckets)
+    if score == "softmax":
+        return
     q, k, v, cu, bias = random_inputs(lengths, heads, dim, dim, torch.float32, "cpu", with_bias, 13)
     q, k, v = (t.detach() for t in (q, k, v))
     kw = dict(rel_bias=None if bias is None else bias.detach(), backend="cpp", **pattern_kwargs("causal"))
@@ -94,23 +97,37 @@ def test_causal_silu_row_lanes_match_the_oracle(causal_silu_build, heads, dim, w
         torch.testing.assert_close(out[rows], alone, rtol=0, atol=0)
 
 
-def test_causal_silu_builds_agree():
+def test_softmax_row_lanes_keep_large_scores(lanes_build):
+    """Softmax's running maximum: scores of a few hundred (exp would overflow without the
+    shift) and a later key far above the earlier ones (the sums rescale to almost nothing)."""
+    q, k, v = random_qkv(40, heads=2, dim=8)
+    q, k = q * 30, k * 30
+    k[33] *= 5
+    cu = cu_seqlens_of([40])
+    kw = dict(backend="cpp", **pattern_kwargs("causal"), **score_kwargs("softmax"))
+    out = segment_attention(q, k, v, cu, 40, **kw)
+    reference = segment_attention_oracle(q.double(), k.double(), v.double(), cu, **pattern_kwargs("causal"))
+    torch.testing.assert_close(out, reference.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_row_lanes_builds_agree(score):
     """The AVX-512 and portable builds compute the same math in the same order; only the
     exp's last steps differ (vscalefps against integer exponent bits), so they agree to a
     few ulp, and both match the float64 oracle within the budget (above)."""
     ext = require_extension()
-    if not ext.causal_silu_uses_avx512():
+    if not ext.causal_lanes_use_avx512():
         pytest.skip("this CPU has no AVX-512")
     q, k, v = random_qkv(500, heads=8, dim=8)
     bias = random_bias(8, num_buckets=128)
-    kw = dict(rel_bias=bias, backend="cpp", **pattern_kwargs("causal"), **score_kwargs("silu"))
+    kw = dict(rel_bias=bias, backend="cpp", **pattern_kwargs("causal"), **score_kwargs(score))
     cu = cu_seqlens_of([500])
     fast = segment_attention(q, k, v, cu, 500, **kw)
-    previous = ext.force_portable_causal_silu(True)
+    previous = ext.force_portable_causal_lanes(True)
     try:
         portable = segment_attention(q, k, v, cu, 500, **kw)
     finally:
-        ext.force_portable_causal_silu(previous)
+        ext.force_portable_causal_lanes(previous)
     torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
 
 
@@ -165,21 +182,32 @@ def test_cpp_is_forward_only_and_auto_picks_it_without_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "dim, length, expected",
-    [(16, 512, "cpp"), (16, 513, "torch"), (64, 384, "cpp"), (64, 385, "torch"), (8, 2000, "torch")],
+    "pattern, dim, dtype, length, expected",
+    [
+        ("global", 16, torch.float32, 512, "cpp"),
+        ("global", 16, torch.float32, 513, "torch"),
+        ("global", 64, torch.float32, 384, "cpp"),
+        ("global", 64, torch.float32, 385, "torch"),
+        ("global", 8, torch.float32, 2000, "torch"),
+        ("causal", 64, torch.float32, 385, "torch"),
+        ("causal", 16, torch.float64, 513, "torch"),
+        ("causal", 8, torch.float32, 4000, "cpp"),  # the lane kernel
+        ("causal", 16, torch.bfloat16, 4000, "cpp"),
+    ],
 )
-def test_auto_picks_cpp_for_softmax_up_to_the_measured_length(monkeypatch, dim, length, expected):
-    """``auto`` without gradients: C++ for causal softmax up to 512 tokens at head dims up to 16,
-    384 at wider ones (``backends.cpp_preferred``); SiLU at any length."""
+def test_auto_picks_cpp_for_softmax_up_to_the_measured_length(monkeypatch, pattern, dim, dtype, length, expected):
+    """``auto`` without gradients: C++ for softmax up to 512 tokens at head dims up to 16, 384
+    at wider ones, and at any length where plain causal attention takes the lane kernel (fp32
+    math at head dims 8 and 16) (``backends.cpp_preferred``); SiLU at any length."""
     from rec2pm_kernels import interface
 
     chosen = []
     for name in ("cpp", "torch"):
         monkeypatch.setitem(interface.SEGMENT_ATTENTION_IMPLS, name, lambda *a, _name=name, **kw: chosen.append(_name))
-    q, k, v = random_qkv(length, heads=1, dim=dim)
+    q, k, v = random_qkv(length, heads=1, dim=dim, dtype=dtype)
     cu = cu_seqlens_of([length])
     with torch.no_grad():
-        segment_attention(q, k, v, cu, length)
+        segment_attention(q, k, v, cu, length, **pattern_kwargs(pattern, 20, 4))
         segment_attention(q, k, v, cu, length, score="silu", silu_norm=float(length))
     assert chosen == [expected, "cpp"]
 

@@ -2,7 +2,7 @@
 and HSTU's masks (candidates, prefix, window, bidirectional), timestamp bias and per-sequence SiLU divisors.
 
 The kernel is ``csrc/cpu/attention_cpu.cpp`` (``rec2pm_kernels._C.segment_attention_forward``;
-plain causal SiLU in fp32 at head dims 8 and 16 runs ``csrc/cpu/causal_silu_block.cpp``):
+plain causal attention in fp32 at head dims 8 and 16 runs ``csrc/cpu/causal_lanes.cpp``):
 fp32 and fp64 math; fp16 and bf16 inputs are computed in fp32 and the output cast back.
 Registered as the custom op ``rec2pm::cpp_segment_attention`` with a fake implementation, so
 ``torch.compile`` traces through it.
