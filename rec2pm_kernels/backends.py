@@ -147,9 +147,10 @@ def backends() -> dict[str, BackendStatus]:
 # kv_memory_* at head dim 64: 1.9x at 1k, 2.9x at 4k; SiLU: 2.5x at head dim 16, 1.0x at 64
 # (1k tokens).  The [M ; 200] serving blocks (HSTU 8 x 8, SASRec 4 x 16) are well inside.
 # Plain causal attention computed in fp32 at head dims 8 and 16 takes the lane kernel
-# (csrc/cpu/causal_lanes.cpp) instead, faster than torch at every length measured (same
-# setup, causal softmax): head dim 8 3.0x at 204 tokens, 2.7x at 1k, 2.6x at 4k; head dim 16
-# 2.7x at 204, 1.6x at 1k, 1.5x at 2k and 4k.
+# (csrc/cpu/causal_lanes.cpp) instead.  Its AVX-512 build is faster than torch at every
+# length measured (same setup, causal softmax): head dim 8 4.3x at 204 tokens, 3.0x at 1k,
+# 2.9x at 4k; head dim 16 3.5x at 204, 1.7x at 1k, 1.5x at 2k and 4k.  Its portable build
+# (CPUs without AVX-512) is about half as fast, so there the row kernel's limits stand.
 CPP_SOFTMAX_MAX_LEN = 512  # head dims up to CPP_NARROW_HEAD_DIM
 CPP_NARROW_HEAD_DIM = 16
 CPP_SOFTMAX_MAX_LEN_WIDE = 384  # wider heads
@@ -169,11 +170,18 @@ def cpp_row_lanes(pattern: str, head_dim: int, value_dim: int, dtype: torch.dtyp
     )
 
 
+def cpp_lanes_use_avx512() -> bool:
+    """Whether the lane kernel runs its AVX-512 build here (asked on every call: tests can
+    force the portable one)."""
+    C = _extension.C
+    return C is not None and hasattr(C, "causal_lanes_use_avx512") and C.causal_lanes_use_avx512()
+
+
 def cpp_preferred(score: str, pattern: str, max_seqlen: int, head_dim: int, *, row_lanes: bool = False) -> bool:
     """Whether ``auto`` runs a forward-only CPU ``segment_attention`` call in C++.
     ``head_dim``: the wider of the query/key and value head dims; ``row_lanes``: the call
     takes the lane kernel (``cpp_row_lanes``)."""
-    if score == "silu" or pattern.startswith("kv_memory") or row_lanes:
+    if score == "silu" or pattern.startswith("kv_memory") or (row_lanes and cpp_lanes_use_avx512()):
         return True
     limit = CPP_SOFTMAX_MAX_LEN if head_dim <= CPP_NARROW_HEAD_DIM else CPP_SOFTMAX_MAX_LEN_WIDE
     return max_seqlen <= limit

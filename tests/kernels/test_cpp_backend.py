@@ -191,24 +191,36 @@ def test_cpp_is_forward_only_and_auto_picks_it_without_gradients(monkeypatch):
         ("global", 8, torch.float32, 2000, "torch"),
         ("causal", 64, torch.float32, 385, "torch"),
         ("causal", 16, torch.float64, 513, "torch"),
-        ("causal", 8, torch.float32, 4000, "cpp"),  # the lane kernel
+        ("causal", 8, torch.float32, 4000, "cpp"),  # the lane kernel's AVX-512 build
         ("causal", 16, torch.bfloat16, 4000, "cpp"),
+        ("causal", 8, "portable", 513, "torch"),  # its portable build: the row kernel's limit
+        ("causal", 8, "portable", 512, "cpp"),
     ],
 )
 def test_auto_picks_cpp_for_softmax_up_to_the_measured_length(monkeypatch, pattern, dim, dtype, length, expected):
     """``auto`` without gradients: C++ for softmax up to 512 tokens at head dims up to 16, 384
-    at wider ones, and at any length where plain causal attention takes the lane kernel (fp32
-    math at head dims 8 and 16) (``backends.cpp_preferred``); SiLU at any length."""
+    at wider ones, and at any length where plain causal attention takes the lane kernel's
+    AVX-512 build (fp32 math at head dims 8 and 16) (``backends.cpp_preferred``); SiLU at any
+    length."""
     from rec2pm_kernels import interface
 
+    ext = require_extension()
+    portable = dtype == "portable"
+    dtype = torch.float32 if portable else dtype
+    if expected == "cpp" and length > 512 and not portable and not ext.causal_lanes_use_avx512():
+        pytest.skip("this CPU has no AVX-512")
     chosen = []
     for name in ("cpp", "torch"):
         monkeypatch.setitem(interface.SEGMENT_ATTENTION_IMPLS, name, lambda *a, _name=name, **kw: chosen.append(_name))
     q, k, v = random_qkv(length, heads=1, dim=dim, dtype=dtype)
     cu = cu_seqlens_of([length])
-    with torch.no_grad():
-        segment_attention(q, k, v, cu, length, **pattern_kwargs(pattern, 20, 4))
-        segment_attention(q, k, v, cu, length, score="silu", silu_norm=float(length))
+    previous = ext.force_portable_causal_lanes(portable)
+    try:
+        with torch.no_grad():
+            segment_attention(q, k, v, cu, length, **pattern_kwargs(pattern, 20, 4))
+            segment_attention(q, k, v, cu, length, score="silu", silu_norm=float(length))
+    finally:
+        ext.force_portable_causal_lanes(previous)
     assert chosen == [expected, "cpp"]
 
 
