@@ -408,8 +408,8 @@ class Recommender:
         )
         entries = [e for _, e in group]
         layers = range(len(entries[0].layers))
-        if len(group) == 1:  # a view: the step appends into the entry itself
-            caches = [LayerCache(entries[0].layers[i][0][None], entries[0].layers[i][1][None]) for i in layers]
+        if len(group) == 1:  # views: the step appends into the entry itself
+            caches = entries[0].step_caches
         else:
             caches = [
                 LayerCache(
@@ -427,7 +427,7 @@ class Recommender:
                     entry.layers[i][0][first:end] = caches[i].k[b, first:end]
                     entry.layers[i][1][first:end] = caches[i].v[b, first:end]
             entry.cached_items = tuple(record.recent)
-            self.cache.put(record.user, entry)  # its size is unchanged; this marks it recently used
+            self.cache.touch(record.user)
         return logits
 
     def _prefill(self, records: list[UserRecord]) -> torch.Tensor:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from ..backbones.decoder import LayerCache
 
 
 @dataclass
@@ -25,14 +27,21 @@ class SessionEntry:
     memory_rows: int
     cached_items: tuple[int, ...]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    # Computed once: the sizes never change, and a hot request made 32 views per step.
+    nbytes: int = field(init=False)
+    capacity: int = field(init=False)
+    _step_caches: list[LayerCache] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.nbytes = sum(k.nbytes + v.nbytes for k, v in self.layers)
+        self.capacity = self.layers[0][0].shape[0] if self.layers else 0
 
     @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
-
-    @property
-    def capacity(self) -> int:
-        return self.layers[0][0].shape[0] if self.layers else 0
+    def step_caches(self) -> list[LayerCache]:
+        """The layers as a batch of one user's caches (views: a step appends into the entry)."""
+        if self._step_caches is None:
+            self._step_caches = [LayerCache(k[None], v[None]) for k, v in self.layers]
+        return self._step_caches
 
 
 class SessionCache:
@@ -66,6 +75,12 @@ class SessionCache:
                 oldest = next(iter(self._entries))
                 self._drop(oldest)
                 self.evictions += 1
+
+    def touch(self, user: str) -> None:
+        """Mark ``user``'s entry most recently used (its size is unchanged)."""
+        with self._lock:
+            if user in self._entries:
+                self._entries.move_to_end(user)
 
     def invalidate(self, user: str) -> None:
         with self._lock:

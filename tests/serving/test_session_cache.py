@@ -44,6 +44,23 @@ def test_a_request_after_one_new_event_steps_only_that_event(method):
     assert calls["step"][-1] == 1 and calls["prefill"] == [2]
 
 
+def test_hits_alone_and_in_a_batch_share_one_entry():
+    """A user's hit alone steps over views of its entry and in a batch over a stacked copy
+    that is written back: each must leave the entry holding every stepped event, so that
+    alternating the two keeps the scores of an uncached recommender."""
+    torch.set_num_threads(1)
+    model = small_model("rec2pm-o", "hstu-small")
+    cached = Recommender(model, "memory://", device="cpu")
+    uncached = Recommender(model, cached.store, session_cache_bytes=0, device="cpu")
+    streams = [history(S + 12, seed=i).tolist() for i in range(2)]
+    cached.observe(["a", "b"], [s[: S + 2] for s in streams])
+    for t in range(S + 2, S + 12):
+        cached.observe(["a", "b"], [[s[t]] for s in streams])
+        users = ["a", "b"] if t % 2 else ["a"]
+        torch.testing.assert_close(cached.scores(users), uncached.scores(users), rtol=0, atol=1e-5)
+    assert cached.cache.hits >= 7  # archives every S events rebuild the entries
+
+
 @pytest.mark.parametrize("method", ["rec2pm-a", "kv-mask-o"])
 def test_batched_hits_equal_uncached_scores(method):
     torch.set_num_threads(1)
