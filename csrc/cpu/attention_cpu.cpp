@@ -325,6 +325,8 @@ struct RowBlockTasks {
     }
   }
   int64_t count() const { return first_task.back(); }
+  // at::parallel_for's grain: a task's multiply-adds, at about half the longest sequence's keys.
+  int64_t grain(int64_t dim, int64_t dim_v) const { return grain_size(kRowBlock * (longest / 2 + 1) * (dim + dim_v)); }
   Task operator[](int64_t task) const {
     const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
     const int64_t local = task - first_task[b], blocks = (first_task[b + 1] - first_task[b]) / heads;
@@ -336,9 +338,9 @@ struct RowBlockTasks {
 // at a time with the rows in vector lanes (causal_lanes.h).
 static_assert(kRowBlock == kRowLanes, "a task's block of rows is one block of the lane kernel");
 
-template <typename T>
+// Whether an fp32 problem takes it: plain causal, without HSTU's masks or timestamp bias.
 bool takes_row_lanes(const SegmentProblem& p) {
-  return std::is_same_v<T, float> && p.pattern == Pattern::kCausal && !p.uses_hstu && p.time_table == nullptr &&
+  return p.pattern == Pattern::kCausal && !p.uses_hstu && p.time_table == nullptr &&
          causal_lanes_support(p.dim, p.dim_v);
 }
 
@@ -351,14 +353,16 @@ void causal_lanes_forward(const SegmentProblem& p, const float* q, const float* 
   const RowBlockTasks tasks(cu, batch, p.heads);
   // Each head's bias as a run that a block reads with one load per key (causal_lanes.h).
   const int64_t run = tasks.longest + 2 * kRowLanes;
-  std::vector<float> bias_runs(bias != nullptr ? p.heads * run : 0);
-  for (int64_t h = 0; h < static_cast<int64_t>(bias_runs.size()) / run; ++h) {
-    for (int64_t t = 0; t < run; ++t) {
-      bias_runs[h * run + t] = bias[h * p.buckets + std::clamp<int64_t>(t - kRowLanes, 0, p.buckets - 1)];
+  std::vector<float> bias_runs;
+  if (bias != nullptr) {
+    bias_runs.resize(p.heads * run);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t t = 0; t < run; ++t) {
+        bias_runs[h * run + t] = bias[h * p.buckets + std::clamp<int64_t>(t - kRowLanes, 0, p.buckets - 1)];
+      }
     }
   }
-  const int64_t work_per_task = kRowBlock * (tasks.longest / 2 + 1) * (p.dim + p.dim_v);
-  at::parallel_for(0, tasks.count(), grain_size(work_per_task), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, tasks.count(), tasks.grain(p.dim, p.dim_v), [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const auto [b, h, block] = tasks[task];
       const int64_t token0 = cu[b];
@@ -383,7 +387,7 @@ template <typename T>
 void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch,
                      const T* bias, T scale, T silu_norm, const int64_t* num_targets, const T* silu_norms, T* out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (takes_row_lanes<T>(p)) {
+    if (takes_row_lanes(p)) {
       return causal_lanes_forward(p, q, k, v, cu, batch, bias, scale, silu_norm, silu_norms, out);
     }
   }
@@ -392,8 +396,7 @@ void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v
   std::vector<T> values_by_head(p.tokens * p.heads * p.dim_v);
   group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
   const RowBlockTasks tasks(cu, batch, p.heads);
-  const int64_t work_per_task = kRowBlock * (tasks.longest / 2 + 1) * (p.dim + p.dim_v);
-  at::parallel_for(0, tasks.count(), grain_size(work_per_task), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, tasks.count(), tasks.grain(p.dim, p.dim_v), [&](int64_t first, int64_t last) {
     std::vector<T> scores(tasks.longest + kKeyTile), acc(p.dim_v);  // a tile of room: see attend_row
     for (int64_t task = first; task < last; ++task) {
       const auto [b, h, block] = tasks[task];

@@ -25,10 +25,6 @@
 namespace rec2pm {
 namespace {
 
-// The constants of vector_exp: ln 2 in two parts, and its polynomial from the highest term.
-constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
-constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
 // Softmax keys per rescale of the running sums: the chunk's scores stay in registers.
 constexpr int64_t kKeyChunk = 8;
@@ -59,22 +55,8 @@ constexpr int64_t kPortableLanes = 8;
 typedef float Lanes __attribute__((vector_size(kPortableLanes * sizeof(float))));
 typedef int32_t IntLanes __attribute__((vector_size(kPortableLanes * sizeof(int32_t))));
 
-// vector_exp lane by lane: the same clamps (-inf gives 0), steps and constants.
-__attribute__((always_inline)) inline void exp_lanes(const Lanes& in, Lanes& out) {
-  const Lanes low = Lanes{} - 87.0f, high = Lanes{} + 88.0f;
-  Lanes x = in < low ? low : in;
-  x = x > high ? high : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const Lanes k = (x * kLog2e + shifter) - shifter;
-  const Lanes r = (x - k * kLn2High) - k * kLn2Low;
-  Lanes p = Lanes{} + kExpPoly[0];
-  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
-  p = p * r * r + r + 1.0f;
-  const IntLanes bits = (__builtin_convertvector(k, IntLanes) + 127) << 23;
-  Lanes scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  out = x <= low ? Lanes{} : p * scale;
-}
+// vector_exp lane by lane (-inf gives 0).
+__attribute__((always_inline)) inline void exp_lanes(const Lanes& in, Lanes& out) { exp_of<Lanes, IntLanes>(in, out); }
 
 // Scores of key j for rows r0 + lane: bias, then the dot in order of the dims.
 template <int64_t kDim>
@@ -184,7 +166,7 @@ REC2PM_VECTOR_CLONES void attend_block_portable_f32(const CausalLanesHead& head,
 // 2^k p(r) for r = x - k ln 2 (ln 2 in two parts, the first subtracted by the caller), in
 // the lanes of `keep` (0 in the others).
 __attribute__((always_inline)) inline __m512 exp_from_512(__m512 k, __m512 r, __mmask16 keep = 0xFFFF) {
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Low), r);
+  r = _mm512_fmadd_ps(k, _mm512_set1_ps(kExpLn2Low), r);
   __m512 poly = _mm512_set1_ps(kExpPoly[0]);
   for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kExpPoly[i]));
   poly = _mm512_fmadd_ps(_mm512_mul_ps(poly, r), r, r);
@@ -200,16 +182,16 @@ __attribute__((always_inline)) inline __m512 round_512(__m512 x) {
 // weighted sums multiply subnormals and a 1,000-row head 17% slower).  The comparison is
 // unordered-true, so a NaN stays NaN.
 __attribute__((always_inline)) inline __m512 exp_512(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-  const __m512 k = round_512(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)));
-  return exp_from_512(k, _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2High), x), keep);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLowest), _CMP_NLT_UQ);
+  const __m512 k = round_512(_mm512_mul_ps(x, _mm512_set1_ps(kExpLog2e)));
+  return exp_from_512(k, _mm512_fnmadd_ps(k, _mm512_set1_ps(kExpLn2High), x), keep);
 }
 
 // exp(-s) for SiLU, the negation folded into the first steps (s is finite: a score of finite
 // inputs; vscalefps takes a huge k to 0 or infinity, and s / (1 + e) to s or -0).
 __attribute__((always_inline)) inline __m512 exp_negated_512(__m512 s) {
-  const __m512 k = round_512(_mm512_mul_ps(s, _mm512_set1_ps(-kLog2e)));
-  return exp_from_512(k, _mm512_fnmsub_ps(k, _mm512_set1_ps(kLn2High), s));  // -s - k ln2_high
+  const __m512 k = round_512(_mm512_mul_ps(s, _mm512_set1_ps(-kExpLog2e)));
+  return exp_from_512(k, _mm512_fnmsub_ps(k, _mm512_set1_ps(kExpLn2High), s));  // -s - k ln2_high
 }
 
 template <int64_t kDim>

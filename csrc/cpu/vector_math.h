@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace rec2pm {
 
@@ -20,25 +21,44 @@ namespace rec2pm {
 #define REC2PM_VECTOR_CLONES
 #endif
 
+// vector_exp's constants: ln 2 in two parts (r = x - k ln2_high + k ln2_low), the Cephes
+// polynomial from its highest term, and the range outside which arguments are clamped.
+// causal_lanes.cpp's AVX-512 build uses them too.
+constexpr float kExpLog2e = 1.44269504088896341f, kExpLn2High = 0.693359375f, kExpLn2Low = 2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kExpLowest = -87.0f, kExpHighest = 88.0f;
+
 // exp for fp32 without a library call, so that loops over keys vectorise (a call to expf
 // per score cost more than the dot products): x = k ln 2 + r with |r| <= ln 2 / 2, then
-// 2^k * p(r) with the Cephes polynomial, about 1 ulp.  Arguments below -87 give 0.
-__attribute__((always_inline)) inline float vector_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+// 2^k * p(r) with the Cephes polynomial, about 1 ulp.  Arguments below -87 give 0.  V is
+// float or a GCC vector of floats (IntV: float's or the vector's int32 counterpart); the
+// result goes to `out`, as a vector returned by value would change its ABI with each clone.
+template <typename V, typename IntV>
+__attribute__((always_inline)) inline void exp_of(const V& in, V& out) {
+  const V low = V{} + kExpLowest, high = V{} + kExpHighest;
+  const V x = in < low ? low : (in > high ? high : in);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float k = (x * 1.44269504088896341f + shifter) - shifter;
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const V k = (x * kExpLog2e + shifter) - shifter;
+  const V r = (x - k * kExpLn2High) + k * kExpLn2Low;
+  V p = V{} + kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
+  IntV bits;
+  if constexpr (std::is_same_v<V, float>) {
+    bits = (static_cast<int32_t>(k) + 127) << 23;
+  } else {
+    bits = (__builtin_convertvector(k, IntV) + 127) << 23;
+  }
+  V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x <= -87.0f ? 0.0f : p * scale;
+  out = x <= low ? V{} : p * scale;
+}
+
+__attribute__((always_inline)) inline float vector_exp(float x) {
+  float out;
+  exp_of<float, int32_t>(x, out);
+  return out;
 }
 inline double vector_exp(double x) { return std::exp(x); }
 
