@@ -66,6 +66,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("portable"));
   m.def("causal_lanes_use_avx512", &rec2pm::causal_lanes_use_avx512,
         "Whether causal attention's lane kernel (fp32) takes its AVX-512 build now");
+  m.def("causal_lanes_support", &rec2pm::causal_lanes_support,
+        "Whether causal attention's lane kernel is compiled for these query/key and value head dims "
+        "(rec2pm_kernels.backends.cpp_row_lanes states the same rule)",
+        pybind11::arg("dim"), pybind11::arg("dim_v"));
   m.def("hstu_key_spans", &hstu_spans, "Visible keys of one row under HSTU's masks as [begin, end) spans",
         pybind11::arg("row"), pybind11::arg("length"), pybind11::arg("num_targets"),
         pybind11::arg("contextual_seq_len"), pybind11::arg("max_attn_len"), pybind11::arg("min_full_attn_seq_len"),

@@ -154,7 +154,7 @@ def backends() -> dict[str, BackendStatus]:
 CPP_SOFTMAX_MAX_LEN = 512  # head dims up to CPP_NARROW_HEAD_DIM
 CPP_NARROW_HEAD_DIM = 16
 CPP_SOFTMAX_MAX_LEN_WIDE = 384  # wider heads
-CPP_LANE_HEAD_DIMS = (8, 16)  # causal_lanes_support in csrc/cpu/causal_lanes.cpp
+CPP_LANE_HEAD_DIMS = (8, 16)  # causal_lanes_support in csrc/cpu/causal_lanes.cpp (a test ties the two)
 
 
 def cpp_row_lanes(pattern: str, head_dim: int, value_dim: int, dtype: torch.dtype, plain: bool = True) -> bool:

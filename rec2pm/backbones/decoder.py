@@ -212,16 +212,23 @@ class Decoder(nn.Module):
         caches: list[LayerCache],
         cache_seqlens: torch.Tensor,
         max_position: int | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``.
 
-        ``max_position``: the largest of ``positions_new`` when the caller has it on the host."""
+        ``max_position``: the largest of ``positions_new`` when the caller has it on the host.
+        ``validate=False`` skips the checks of ``cu_seqlens_new`` and of every layer's caches
+        (layouts, filled lengths, room for the new rows): for a caller that built the caches
+        and offsets itself and checked the room (the serving engine, through
+        ``TokenMemoryModel._step_checked``)."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
         self._refuse_time_bias()
         if fused_step.applies(self, x_new, caches):
             self._check_positions(positions_new, max_position)
-            return fused_step.fused_step(self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens)
+            return fused_step.fused_step(
+                self, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens, validate=validate
+            )
         h = self._stream_input(x_new, positions_new, max_position)
         kernels = self.config.kernels
         for block, cache in zip(self.blocks, caches, strict=True):

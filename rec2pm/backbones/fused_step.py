@@ -90,15 +90,36 @@ def layer_weights(block, backbone: str) -> list[torch.Tensor]:
 
 
 def fused_step(
-    decoder, x_new, positions_new, cu_seqlens_new, caches, cache_seqlens, *, fresh_caches: bool = False
+    decoder,
+    x_new,
+    positions_new,
+    cu_seqlens_new,
+    caches,
+    cache_seqlens,
+    *,
+    fresh_caches: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """``Decoder.step`` in one call (positions already checked by the caller).
 
     The index checks that each layer's ``cached_step_attention`` would make run once here:
     the C++ step writes the caches in place and must never write past their capacity.
     ``fresh_caches``: the caller has just allocated the caches for these rows
-    (``Decoder.prefill``), so only ``cu_seqlens_new`` is checked.
+    (``Decoder.prefill``), so only ``cu_seqlens_new`` is checked.  ``validate=False``: the
+    caller has made these checks itself (``Decoder.step``).
     """
+    if validate:
+        _check_step(decoder, x_new, cu_seqlens_new, caches, cache_seqlens, fresh_caches)
+    return _extension.C.decoder_step(
+        **_decoder_arguments(decoder, x_new, positions_new),
+        cu_seqlens_new=cu_seqlens_new,
+        k_caches=[cache.k for cache in caches],
+        v_caches=[cache.v for cache in caches],
+        cache_seqlens=cache_seqlens,
+    )
+
+
+def _check_step(decoder, x_new, cu_seqlens_new, caches, cache_seqlens, fresh_caches: bool) -> None:
     check.check_cu_seqlens("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], x_new.device)
     counts = check.check_cu_seqlens_values("cu_seqlens_new", cu_seqlens_new, x_new.shape[0], "x_new")
     if not fresh_caches:
@@ -109,13 +130,6 @@ def fused_step(
         check.check_layer_caches(rows, rows, counts.numel(), [(cache.k, cache.v) for cache in caches], cache_seqlens)
         if caches:  # the filled lengths are the same for every layer: checked once, against the smallest cache
             check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
-    return _extension.C.decoder_step(
-        **_decoder_arguments(decoder, x_new, positions_new),
-        cu_seqlens_new=cu_seqlens_new,
-        k_caches=[cache.k for cache in caches],
-        v_caches=[cache.v for cache in caches],
-        cache_seqlens=cache_seqlens,
-    )
 
 
 def fused_forward(decoder, x, positions, cu_seqlens) -> torch.Tensor:

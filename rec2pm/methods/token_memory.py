@@ -18,11 +18,10 @@ model for now (``docs/timestamps.md``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
-
-from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
 
 from ..backbones.decoder import LayerCache
 from ..layout import WRITE, cached_layout, packed_rows, serving_layout, split_history, stage1_layout, update_layout
@@ -204,31 +203,49 @@ class TokenMemoryModel(RecModel):
                 f"new_items and new_cu must be on the serving state's device {state.seqlens.device}, "
                 f"got {new_items.device} and {new_cu.device}"
             )
+        return self._step_checked(state, new_items, new_cu, counts.tolist(), state.seqlens.tolist(), validate=True)
+
+    @torch.no_grad()
+    def _step_checked(
+        self,
+        state: ServingState,
+        new_items: torch.Tensor,
+        new_cu: torch.Tensor,
+        counts: list[int],
+        held: list[int],
+        *,
+        validate: bool,
+    ) -> torch.Tensor:
+        """``step`` once the new events are known to be well formed: ``counts`` (new events)
+        and ``held`` (filled slots) per user, on the host.  The serving engine builds its
+        inputs and caches itself and comes here directly with ``validate=False``, which skips
+        the decoder's per-layer cache checks (``Decoder.step``); the capacity check stays, as
+        the C++ step writes the caches through raw pointers."""
         capacity = state.caches[0].k.shape[1] if state.caches else 0
-        held = state.seqlens.long().cpu()
-        ends = held + counts
-        if ends.numel() and int(ends.max()) > capacity:
-            user = int(ends.argmax())
-            raise ValueError(
-                f"the serving state is full: user {user} holds {int(held[user])} of "
-                f"{capacity} cache slots and got {int(counts[user])} new events; prefill with a "
-                "larger capacity"
-            )
-        user, t = prepare_sequence_and_position_ids(new_cu, new_items.numel())
-        positions = state.seqlens.long()[user] + t
+        for user, (filled, n) in enumerate(zip(held, counts, strict=True)):
+            if filled + n > capacity:
+                raise ValueError(
+                    f"the serving state is full: user {user} holds {filled} of {capacity} cache slots and "
+                    f"got {n} new events; prefill with a larger capacity"
+                )
+        device = state.seqlens.device
+        # A user's new rows take the stream positions after its filled slots.
+        positions = [filled + t for filled, n in zip(held, counts, strict=True) for t in range(n)]
         h = self.decoder.step(
             self.item_embedding(new_items),
-            positions,
+            torch.tensor(positions, dtype=torch.long, device=device),
             new_cu,
-            int(counts.max()) if counts.numel() else 0,
+            max(counts, default=0),
             state.caches,
             state.seqlens,
-            # The last new position of a user with new events is ends - 1.
-            max_position=max((e - 1 for e, n in zip(ends.tolist(), counts.tolist(), strict=True) if n), default=None),
+            max_position=max(positions, default=None),
+            validate=validate,
         )
-        state.seqlens += counts.to(state.seqlens.device, torch.int32)
-        last = (new_cu[1:] - 1).clamp(min=0)
-        return self.logits(h[last]) if new_items.numel() else h.new_zeros((counts.numel(), self.config.num_items + 1))
+        state.seqlens += torch.tensor(counts, dtype=torch.int32, device=device)
+        if not positions:
+            return h.new_zeros((len(counts), self.config.num_items + 1))
+        last = list(itertools.accumulate(counts, initial=-1))[1:]  # each user's last new row
+        return self.logits(h[torch.tensor([max(row, 0) for row in last], dtype=torch.long, device=device)])
 
     def score_history(
         self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None, request_times=None, *, iterative=False

@@ -8,6 +8,8 @@ return lists of them, one per user, and batch the work over the users.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..backbones.decoder import LayerCache, caches_from_kv
@@ -22,9 +24,9 @@ def _packed(memories: list[torch.Tensor], width: int, like: torch.Tensor):
 
 
 def _packed_items(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(x) for x in lists], dtype=torch.long)
     items = torch.tensor([i for x in lists for i in x], dtype=torch.long, device=device)
-    return items, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device)
+    offsets = itertools.accumulate((len(x) for x in lists), initial=0)
+    return items, torch.tensor(list(offsets), dtype=torch.long, device=device)
 
 
 class TokenMemoryEngine:
@@ -66,8 +68,14 @@ class TokenMemoryEngine:
         recent_starts: list[int],
         archived_segments: list[int],
     ) -> torch.Tensor:
+        # The caches are the engine's own (a prefill's, or views of one), the room for the new
+        # events was checked when the entry was chosen, and the offsets are built here: the
+        # model's checks of a caller's state are skipped, and every count stays on the host.
         items, cu = _packed_items(new_items, seqlens.device)
-        return self.model.step(ServingState(caches, seqlens), items, cu)
+        counts = [len(x) for x in new_items]
+        return self.model._step_checked(
+            ServingState(caches, seqlens), items, cu, counts, seqlens.tolist(), validate=False
+        )
 
 
 class KVMaskEngine:

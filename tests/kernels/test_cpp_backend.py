@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rec2pm_kernels import PATTERNS, backends, cached_step_attention, segment_attention
+from rec2pm_kernels.backends import cpp_row_lanes
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.patterns import PATTERN_CODES, visible
 from rec2pm_kernels.testing import cu_seqlens_of, make_cache, random_bias, random_inputs, random_qkv
@@ -222,6 +223,18 @@ def test_auto_picks_cpp_for_softmax_up_to_the_measured_length(monkeypatch, patte
     finally:
         ext.force_portable_causal_lanes(previous)
     assert chosen == [expected, "cpp"]
+
+
+def test_python_lane_rule_states_the_compiled_one():
+    """``backends.cpp_row_lanes`` (which ``auto`` reads) and ``causal_lanes_support`` (which the
+    C++ kernel reads) must name the same head dims: a dim compiled in but not listed would be
+    sent to torch by ``auto`` past 512 tokens, one listed but not compiled would be timed as
+    the lane kernel while the row kernel runs."""
+    ext = require_extension()
+    for dim in range(1, 257):
+        for dim_v in (dim, dim * 2, max(dim // 2, 1)):
+            python = cpp_row_lanes("causal", dim, dim_v, torch.float32)
+            assert python == ext.causal_lanes_support(dim, dim_v), (dim, dim_v)
 
 
 def test_bad_input_reaches_the_shared_validation():

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from rec2pm.backbones.decoder import LayerCache
 from rec2pm.config import ModelConfig, named_config
-from rec2pm.methods import Memory, build_model
+from rec2pm.methods import Memory, ServingState, build_model
 from rec2pm_kernels import SegmentAttention, segment_attention
 
 CFG = named_config("sasrec-small", num_items=30, max_positions=64)
@@ -108,6 +109,30 @@ def test_step_rejects_events_that_do_not_match_the_state(served, new_items, new_
         model.step(state, new_items, new_cu)
     assert text in str(info.value)
     assert torch.equal(state.seqlens, before)  # a refused step leaves the state as it was
+
+
+def test_unvalidated_step_still_refuses_a_step_past_capacity(served):
+    """The serving engine's route skips the per-layer cache checks, not the room check: the
+    C++ step would otherwise write past the caches."""
+    model, state = served
+    before = [cache.k.clone() for cache in state.caches], state.seqlens.clone()
+    with pytest.raises(ValueError, match="the serving state is full: user 0 holds"):
+        model._step_checked(
+            state, torch.arange(1, 21), torch.tensor([0, 12, 20]), [12, 8], state.seqlens.tolist(), validate=False
+        )
+    assert all(torch.equal(cache.k, k) for cache, k in zip(state.caches, before[0], strict=True))
+    assert torch.equal(state.seqlens, before[1])
+
+
+def test_unvalidated_step_equals_the_public_step(served):
+    model, state = served
+    twin = ServingState([LayerCache(c.k.clone(), c.v.clone()) for c in state.caches], state.seqlens.clone())
+    items, cu = torch.tensor([5, 6, 7]), torch.tensor([0, 1, 3])
+    public = model.step(state, items, cu)
+    engine = model._step_checked(twin, items, cu, [1, 2], twin.seqlens.tolist(), validate=False)
+    assert torch.equal(public, engine)
+    assert torch.equal(state.seqlens, twin.seqlens)
+    assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(state.caches, twin.caches, strict=True))
 
 
 @pytest.mark.parametrize("capacity", [8.0, "64", True, 0])
