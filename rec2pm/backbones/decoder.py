@@ -253,6 +253,17 @@ class Decoder(nn.Module):
         return self.final_norm(h)
 
 
+def check_cache_room(held: list[int], counts: list[int], capacity: int) -> None:
+    """Each user's ``counts[b]`` new rows fit after its ``held[b]`` filled slots (host ints):
+    the check a caller of ``Decoder.step(validate=False)`` makes itself."""
+    for user, (filled, n) in enumerate(zip(held, counts, strict=True)):
+        if filled + n > capacity:
+            raise ValueError(
+                f"the serving state is full: user {user} holds {filled} of {capacity} cache slots and "
+                f"got {n} new events; prefill with a larger capacity"
+            )
+
+
 def caches_from_kv(
     kv: list[tuple[torch.Tensor, torch.Tensor]], cu_seqlens: torch.Tensor, capacity: int
 ) -> tuple[list[LayerCache], torch.Tensor]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.decoder import LayerCache
+from ..backbones.decoder import LayerCache, check_cache_room
 from ..layout import WRITE, cached_layout, packed_rows, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
 
@@ -221,13 +221,7 @@ class TokenMemoryModel(RecModel):
         inputs and caches itself and comes here directly with ``validate=False``, which skips
         the decoder's per-layer cache checks (``Decoder.step``); the capacity check stays, as
         the C++ step writes the caches through raw pointers."""
-        capacity = state.caches[0].k.shape[1] if state.caches else 0
-        for user, (filled, n) in enumerate(zip(held, counts, strict=True)):
-            if filled + n > capacity:
-                raise ValueError(
-                    f"the serving state is full: user {user} holds {filled} of {capacity} cache slots and "
-                    f"got {n} new events; prefill with a larger capacity"
-                )
+        check_cache_room(held, counts, state.caches[0].k.shape[1] if state.caches else 0)
         device = state.seqlens.device
         # A user's new rows take the stream positions after its filled slots.
         positions = [filled + t for filled, n in zip(held, counts, strict=True) for t in range(n)]

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from ..backbones.decoder import LayerCache, caches_from_kv
+from ..backbones.decoder import LayerCache, caches_from_kv, check_cache_room
 from ..layout import history_shape
 from ..methods import KVMask, Memory, ServingState, TokenMemoryModel
 
@@ -99,10 +99,12 @@ class KVMaskEngine:
         caches, seqlens = caches_from_kv(self._layers(vectors), memory_cu, capacity)
         return caches, seqlens, counts
 
-    def _run(self, x, positions, lengths: torch.Tensor, caches, seqlens):
-        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(x.device)
-        h = self.model.decoder.step(x, positions, cu, int(lengths.max()), caches, seqlens)
-        seqlens += lengths.to(seqlens.device, torch.int32)
+    def _run(self, x, positions, lengths: list[int], caches, seqlens):
+        # The engine's own caches and offsets, as in TokenMemoryEngine.step: only the room is checked.
+        check_cache_room(seqlens.tolist(), lengths, caches[0].k.shape[1])
+        cu = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.long, device=x.device)
+        h = self.model.decoder.step(x, positions, cu, max(lengths, default=0), caches, seqlens, validate=False)
+        seqlens += torch.tensor(lengths, dtype=torch.int32, device=seqlens.device)
         return h, cu
 
     def encode(self, items: torch.Tensor, cu: torch.Tensor, iterative: bool):
@@ -127,7 +129,7 @@ class KVMaskEngine:
         )
         units = torch.tensor(archived_segments, dtype=torch.long, device=device)
         positions = (units[:, None] * (S + C) + torch.arange(S + C, device=device)).flatten()
-        self._run(x, positions, torch.full((batch,), S + C, dtype=torch.long), caches, seqlens)
+        self._run(x, positions, [S + C] * batch, caches, seqlens)
         out = []
         for b in range(batch):
             first = int(counts[b]) + S  # the write tokens' slots, after the memory and the segment
@@ -163,7 +165,7 @@ class KVMaskEngine:
         device = seqlens.device
         items, _ = _packed_items(new_items, device)
         positions = self._tail_positions(new_items, recent_starts, archived_segments, device)
-        lengths = torch.tensor([len(x) for x in new_items], dtype=torch.long)
+        lengths = [len(x) for x in new_items]
         h, cu = self._run(self.model.item_embedding(items), positions, lengths, caches, seqlens)
         return self.model.logits(h[(cu[1:] - 1).clamp(min=0)])
 
