@@ -338,6 +338,21 @@ struct RowBlockTasks {
 // at a time with the rows in vector lanes (causal_lanes.h).
 static_assert(kRowBlock == kRowLanes, "a task's block of rows is one block of the lane kernel");
 
+// Each head's bias (heads, buckets) as a run of `run` values that a block reads with one
+// load per key (causal_lanes.h); empty without a bias.
+int64_t bias_run_length(int64_t longest) { return longest + 2 * kRowLanes; }
+std::vector<float> lane_bias_runs(const float* bias, int64_t heads, int64_t buckets, int64_t run) {
+  std::vector<float> runs;
+  if (bias == nullptr) return runs;
+  runs.resize(heads * run);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t t = 0; t < run; ++t) {
+      runs[h * run + t] = bias[h * buckets + std::clamp<int64_t>(t - kRowLanes, 0, buckets - 1)];
+    }
+  }
+  return runs;
+}
+
 // Whether an fp32 problem takes it: plain causal, without HSTU's masks or timestamp bias.
 bool takes_row_lanes(const SegmentProblem& p) {
   return p.pattern == Pattern::kCausal && !p.uses_hstu && p.time_table == nullptr &&
@@ -351,17 +366,8 @@ void causal_lanes_forward(const SegmentProblem& p, const float* q, const float* 
   group_by_head(k, p.tokens, p.heads, p.dim, keys_by_head.data());
   group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
   const RowBlockTasks tasks(cu, batch, p.heads);
-  // Each head's bias as a run that a block reads with one load per key (causal_lanes.h).
-  const int64_t run = tasks.longest + 2 * kRowLanes;
-  std::vector<float> bias_runs;
-  if (bias != nullptr) {
-    bias_runs.resize(p.heads * run);
-    for (int64_t h = 0; h < p.heads; ++h) {
-      for (int64_t t = 0; t < run; ++t) {
-        bias_runs[h * run + t] = bias[h * p.buckets + std::clamp<int64_t>(t - kRowLanes, 0, p.buckets - 1)];
-      }
-    }
-  }
+  const int64_t run = bias_run_length(tasks.longest);
+  const std::vector<float> bias_runs = lane_bias_runs(bias, p.heads, p.buckets, run);
   at::parallel_for(0, tasks.count(), tasks.grain(p.dim, p.dim_v), [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const auto [b, h, block] = tasks[task];
@@ -622,12 +628,87 @@ void append_rows(const T* k_new, const T* v_new, const int64_t* cu, const int64_
   }
 }
 
+// A cached step of many new rows per user (KV-Mask's serving prefill and archive over its
+// memory's K/V, a user's run of events) in fp32: user b's new rows are rows [cached[b],
+// cached[b] + n_b) of the causal pass over its slots, so once appended they run as blocks of
+// the lane kernel over those slots, gathered head by head.  The row-at-a-time step below
+// rescans each row's prefix at about half the lane kernel's speed; with few rows per user
+// (a serving step of one event) a block's lanes would mostly idle and the gather cost more.
+constexpr int64_t kMinCachedLaneRows = kRowLanes / 2;  // new rows per user with any, on average
+
+bool takes_cached_lanes(const int64_t* cu, int64_t batch, int64_t dim, int64_t dim_v) {
+  if (!causal_lanes_support(dim, dim_v)) return false;
+  int64_t users = 0;
+  for (int64_t b = 0; b < batch; ++b) users += cu[b + 1] > cu[b];
+  return users > 0 && cu[batch] - cu[0] >= kMinCachedLaneRows * users;
+}
+
+void cached_lanes_step(const float* q, const int64_t* cu, const int64_t* cached, int64_t batch, int64_t heads,
+                       int64_t dim, const float* k_cache, CacheLayout ks, const float* v_cache, CacheLayout vs,
+                       Score score, float scale, const float* bias, int64_t buckets, float silu_norm, float* out) {
+  // Sequence b is its slots [0, cached[b] + n_b), stored head after head from slot first_slot[b] * heads.
+  std::vector<int64_t> first_slot(batch + 1, 0);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = cached[b] + cu[b + 1] - cu[b];
+    first_slot[b + 1] = first_slot[b] + length;
+    longest = std::max(longest, length);
+  }
+  const auto length_of = [&](int64_t b) { return first_slot[b + 1] - first_slot[b]; };
+  std::vector<float> keys(first_slot[batch] * heads * dim), values(first_slot[batch] * heads * dim);
+  at::parallel_for(0, batch * heads, grain_size(longest * 2 * dim), [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / heads, h = task % heads, length = length_of(b);
+      float* key_rows = keys.data() + (first_slot[b] * heads + h * length) * dim;
+      float* value_rows = values.data() + (first_slot[b] * heads + h * length) * dim;
+      for (int64_t slot = 0; slot < length; ++slot) {
+        const float* key = k_cache + b * ks.batch + slot * ks.slot + h * ks.head;
+        const float* value = v_cache + b * vs.batch + slot * vs.slot + h * vs.head;
+        for (int64_t d = 0; d < dim; ++d) {
+          key_rows[slot * dim + d] = key[d * ks.dim];
+          value_rows[slot * dim + d] = value[d * vs.dim];
+        }
+      }
+    }
+  });
+  const int64_t run = bias_run_length(longest);
+  const std::vector<float> bias_runs = lane_bias_runs(bias, heads, buckets, run);
+  const RowBlockTasks tasks(cu, batch, heads);  // blocks of each user's new rows
+  const int64_t grain = grain_size(kRowBlock * (longest / 2 + 1) * 2 * dim);  // a block's keys: about half its slots
+  at::parallel_for(0, tasks.count(), grain, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const auto [b, h, block] = tasks[task];
+      const int64_t length = length_of(b);
+      CausalLanesHead head{q + (cu[b] * heads + h) * dim,
+                           heads * dim,
+                           keys.data() + (first_slot[b] * heads + h * length) * dim,
+                           values.data() + (first_slot[b] * heads + h * length) * dim,
+                           bias != nullptr ? bias_runs.data() + h * run : nullptr,
+                           out + (cu[b] * heads + h) * dim,
+                           heads * dim,
+                           length,
+                           dim,
+                           score,
+                           scale,
+                           1.0f / silu_norm};
+      head.first_query_row = cached[b];  // q and out hold the new rows only
+      causal_lanes_block_f32(head, cached[b] + block * kRowBlock);
+    }
+  });
+}
+
 template <typename T>
 void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, const int64_t* cached, int64_t batch,
                  int64_t heads, int64_t dim, int64_t dim_v, T* k_cache, CacheLayout ks, T* v_cache, CacheLayout vs,
                  bool append, Score score, T scale, const T* bias, int64_t buckets, T silu_norm, T* out) {
   if (append) {  // first: a new row sees the new rows before it
     append_rows(k_new, v_new, cu, cached, batch, heads, dim, dim_v, k_cache, ks, v_cache, vs);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (takes_cached_lanes(cu, batch, dim, dim_v)) {
+      return cached_lanes_step(q, cu, cached, batch, heads, dim, k_cache, ks, v_cache, vs, score, scale, bias, buckets,
+                               silu_norm, out);
+    }
   }
   // Tasks are (user, chunk) with every head, or (user, head, chunk); a user's chunks cover
   // its last new row's slots.  Without a split (the usual serving step) task b is user b.

@@ -36,7 +36,7 @@ __attribute__((always_inline)) inline void load_query_tile(const CausalLanesHead
                                                            float (&tile)[kDim][kRowLanes]) {
   for (int64_t d = 0; d < kDim; ++d) std::fill(tile[d], tile[d] + kRowLanes, 0.0f);
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t d = 0; d < kDim; ++d) tile[d][i] = p.q[(r0 + i) * p.q_stride + d] * p.scale;
+    for (int64_t d = 0; d < kDim; ++d) tile[d][i] = p.q[(r0 + i - p.first_query_row) * p.q_stride + d] * p.scale;
   }
 }
 
@@ -44,7 +44,7 @@ template <int64_t kDim>
 __attribute__((always_inline)) inline void store_rows(const CausalLanesHead& p, int64_t r0, int64_t rows,
                                                       const float (&tile)[kDim][kRowLanes]) {
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t d = 0; d < kDim; ++d) p.out[(r0 + i) * p.out_stride + d] = tile[d][i];
+    for (int64_t d = 0; d < kDim; ++d) p.out[(r0 + i - p.first_query_row) * p.out_stride + d] = tile[d][i];
   }
 }
 

@@ -16,9 +16,10 @@ namespace rec2pm {
 // Query rows per block: one AVX-512 vector of fp32.
 constexpr int64_t kRowLanes = 16;
 
-// One head of one sequence.  Row r's query is q + r * q_stride (dim values, already in the
-// sequence); keys (length, dim) and values (length, dim) of this head, contiguous; row r's
-// output goes to out + r * out_stride.  bias_run, when not null, is the head's relative bias
+// One head of one sequence.  Row r's query is q + (r - first_query_row) * q_stride (dim
+// values; first_query_row is 0 when q holds every row, and a cached step's filled slots when
+// it holds only the new rows); keys (length, dim) and values (length, dim) of this head,
+// contiguous; row r's output goes to out + (r - first_query_row) * out_stride.  bias_run, when not null, is the head's relative bias
 // laid out so that key j of row r reads bias_run[r - j + kRowLanes]: entry x + kRowLanes
 // holds table[clamp(x, 0, buckets - 1)] for x in [-kRowLanes, length + kRowLanes).
 struct CausalLanesHead {
@@ -33,6 +34,7 @@ struct CausalLanesHead {
   Score score;
   float scale;
   float inv_norm;  // SiLU's 1 / silu_norm
+  int64_t first_query_row = 0;
 };
 
 // The head dims the kernel is compiled for (dim == dim_v); others take the row kernel.

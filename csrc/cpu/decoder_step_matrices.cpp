@@ -111,9 +111,9 @@ void add_bias(const DecoderStep& s, const torch::Tensor& bias, T* x) {
 
 // Layer `layer`'s attention of b.q over b.k / b.v into b.a: a prefill writes the rows into
 // the empty caches (a forward pass has none) and attends over the rows themselves (the
-// segment kernel, tiled over rows and keys: the cached step would rescan each row's prefix
-// on its own, 2x the time on a 200-row block); a step attends over each user's cache,
-// appending first.
+// segment kernel reads them where they are; the cached step would gather them back from the
+// caches); a step attends over each user's cache, appending first (with many rows per user,
+// through the same lane kernel: cached_step in attention_cpu.cpp).
 template <typename T>
 __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t layer, Buffers& b, Score score,
                                                   const T* bias, int64_t buckets, T silu_norm) {

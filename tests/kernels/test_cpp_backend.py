@@ -8,7 +8,16 @@ from rec2pm_kernels import PATTERNS, backends, cached_step_attention, segment_at
 from rec2pm_kernels.backends import cpp_row_lanes
 from rec2pm_kernels.ops.segment_attention.oracle import segment_attention_oracle
 from rec2pm_kernels.patterns import PATTERN_CODES, visible
-from rec2pm_kernels.testing import cu_seqlens_of, make_cache, random_bias, random_inputs, random_qkv
+from rec2pm_kernels.testing import (
+    assert_within_budget,
+    cached_step_case,
+    cached_step_reference,
+    cu_seqlens_of,
+    make_cache,
+    random_bias,
+    random_inputs,
+    random_qkv,
+)
 
 from ..conftest import require_extension
 from .targets import BY_ID
@@ -130,6 +139,47 @@ def test_row_lanes_builds_agree(score):
     finally:
         ext.force_portable_causal_lanes(previous)
     torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
+
+
+# Users whose new rows start on and off the 16-row grid (0, 4, 37 filled slots), end inside
+# and on a block, a user without new rows and one with a single row: 70 rows over 4 users
+# with rows, so the step takes the lane kernel over the caches.
+MANY_ROWS_FILLED, MANY_ROWS_NEW = (0, 4, 37, 16, 9), (20, 16, 33, 0, 1)
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("dim", [8, 16])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("layout", ["slot-major", "head-major"])
+def test_cached_step_of_many_rows_matches_the_oracle(lanes_build, score, dim, with_bias, layout):
+    """A cached step with 8 or more new rows per user runs the lane kernel over the caches
+    (``takes_cached_lanes`` in csrc/cpu/attention_cpu.cpp): KV-Mask's serving prefill and archive."""
+    q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(
+        MANY_ROWS_FILLED, MANY_ROWS_NEW, heads=3, dim=dim, dim_v=dim, with_bias=with_bias
+    )
+    if layout == "head-major":
+        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
+    kw = score_kwargs(score)
+    ref, base = cached_step_reference(q, k, v, cu, k_cache, v_cache, seqlens, bias, **kw)
+    with torch.no_grad():
+        out = cached_step_attention(
+            q, k, v, cu, max(MANY_ROWS_NEW), k_cache, v_cache, seqlens, rel_bias=bias, backend="cpp", **kw
+        )
+    assert_within_budget("out", out, ref, base, torch.float32)
+    for b, (c, n) in enumerate(zip(MANY_ROWS_FILLED, MANY_ROWS_NEW, strict=True)):
+        start = int(cu[b])
+        assert torch.equal(k_cache[b, c : c + n], k[start : start + n])
+        assert torch.equal(v_cache[b, c : c + n], v[start : start + n])
+    threads = torch.get_num_threads()
+    try:  # each block's sums run in one order: the same bits for any thread count
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            again = cached_step_attention(
+                q, k, v, cu, max(MANY_ROWS_NEW), k_cache, v_cache, seqlens, rel_bias=bias, backend="cpp", **kw
+            )
+            assert torch.equal(again, out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bit_identical_across_runs_and_thread_counts():
