@@ -662,6 +662,7 @@ void cached_lanes_step(const float* q, const int64_t* cu, const int64_t* cached,
   at::parallel_for(0, batch * heads, grain_size(longest * 2 * dim), [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / heads, h = task % heads, length = length_of(b);
+      if (cu[b + 1] == cu[b]) continue;  // no rows of this user read its slots
       float* key_rows = keys.data() + (first_slot[b] * heads + h * length) * dim;
       float* value_rows = values.data() + (first_slot[b] * heads + h * length) * dim;
       for (int64_t slot = 0; slot < length; ++slot) {
