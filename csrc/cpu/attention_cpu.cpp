@@ -614,13 +614,13 @@ void append_rows(const T* k_new, const T* v_new, const int64_t* cu, const int64_
     for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
       const int64_t slot = cached[b] + t - cu[b];
       if (ks.dim == 1 && ks.head == dim && vs.dim == 1 && vs.head == dim_v) {  // a slot's heads lie contiguous
-        std::memcpy(k_cache + b * ks.batch + slot * ks.slot, k_new + t * heads * dim, heads * dim * sizeof(T));
-        std::memcpy(v_cache + b * vs.batch + slot * vs.slot, v_new + t * heads * dim_v, heads * dim_v * sizeof(T));
+        std::memcpy(user_cache(k_cache, ks, b) + slot * ks.slot, k_new + t * heads * dim, heads * dim * sizeof(T));
+        std::memcpy(user_cache(v_cache, vs, b) + slot * vs.slot, v_new + t * heads * dim_v, heads * dim_v * sizeof(T));
         continue;
       }
       for (int64_t h = 0; h < heads; ++h) {
-        T* key = k_cache + b * ks.batch + slot * ks.slot + h * ks.head;
-        T* value = v_cache + b * vs.batch + slot * vs.slot + h * vs.head;
+        T* key = user_cache(k_cache, ks, b) + slot * ks.slot + h * ks.head;
+        T* value = user_cache(v_cache, vs, b) + slot * vs.slot + h * vs.head;
         for (int64_t d = 0; d < dim; ++d) key[d * ks.dim] = k_new[(t * heads + h) * dim + d];
         for (int64_t e = 0; e < dim_v; ++e) value[e * vs.dim] = v_new[(t * heads + h) * dim_v + e];
       }
@@ -666,8 +666,8 @@ void cached_lanes_step(const float* q, const int64_t* cu, const int64_t* cached,
       float* key_rows = keys.data() + (first_slot[b] * heads + h * length) * dim;
       float* value_rows = values.data() + (first_slot[b] * heads + h * length) * dim;
       for (int64_t slot = 0; slot < length; ++slot) {
-        const float* key = k_cache + b * ks.batch + slot * ks.slot + h * ks.head;
-        const float* value = v_cache + b * vs.batch + slot * vs.slot + h * vs.head;
+        const float* key = user_cache(k_cache, ks, b) + slot * ks.slot + h * ks.head;
+        const float* value = user_cache(v_cache, vs, b) + slot * vs.slot + h * vs.head;
         for (int64_t d = 0; d < dim; ++d) {
           key_rows[slot * dim + d] = key[d * ks.dim];
           value_rows[slot * dim + d] = value[d * vs.dim];
@@ -757,8 +757,8 @@ void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, 
           if (begin >= end) continue;
           // An unsplit row accumulates in its output, then is normalised there.
           T* row_acc = split(position) ? acc.data() : out + t * heads * dim_v;
-          attend_cached_chunk_all_heads_any(q + t * heads * dim, k_cache + b * ks.batch, ks.slot,
-                                            v_cache + b * vs.batch, vs.slot, heads, dim, dim_v, position, begin, end,
+          attend_cached_chunk_all_heads_any(q + t * heads * dim, user_cache(k_cache, ks, b), ks.slot,
+                                            user_cache(v_cache, vs, b), vs.slot, heads, dim, dim_v, position, begin, end,
                                             score, scale, bias, buckets, silu_norm, scores.data(), row_acc,
                                             max.data(), sum.data());
           for (int64_t h = 0; h < heads; ++h) {
@@ -782,8 +782,8 @@ void cached_step(const T* q, const T* k_new, const T* v_new, const int64_t* cu, 
         // Heads outermost: the threads' contiguous ranges then hold whole heads, each with
         // all of its chunks, rather than every head's first chunk on one thread.
         const int64_t h = task / chunk_tasks, b = user_of(task % chunk_tasks), c = chunk_of(task % chunk_tasks, b);
-        const T* keys = k_cache + b * ks.batch + h * ks.head;
-        const T* values = v_cache + b * vs.batch + h * vs.head;
+        const T* keys = user_cache(k_cache, ks, b) + h * ks.head;
+        const T* values = user_cache(v_cache, vs, b) + h * vs.head;
         const T* bias_row = bias != nullptr ? bias + h * buckets : nullptr;
         for (int64_t t = cu[b]; t < cu[b + 1]; ++t) {
           const int64_t position = cached[b] + t - cu[b];  // λ of the new row; it sees slots 0..position

@@ -26,10 +26,19 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
                                             const std::optional<torch::Tensor>& timestamps,
                                             const std::optional<torch::Tensor>& query_timestamps);
 
-// Cache strides, in elements: (batch, slot, head, dim).
+// Cache strides, in elements: (batch, slot, head, dim).  Caches held per user (a serving
+// session's entries, stepped without stacking them into one batch) list each user's own
+// (slot, head, dim) tensor in `users` instead, and `batch` is unused.
 struct CacheLayout {
   int64_t batch, slot, head, dim;
+  void* const* users = nullptr;
 };
+
+// User b's cache: row b of the batch, or the user's own tensor.
+template <typename T>
+inline T* user_cache(T* cache, const CacheLayout& layout, int64_t b) {
+  return layout.users != nullptr ? static_cast<T*>(layout.users[b]) : cache + b * layout.batch;
+}
 
 // A (batch, slot, head, dim) cache tensor's strides.
 inline CacheLayout layout_of(const torch::Tensor& cache) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #include "decoder_step_math.h"
 #include "decoder_step_ops.h"
@@ -43,7 +44,9 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
                           const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
                           const torch::Tensor& filled_rows, const std::vector<std::vector<torch::Tensor>>& layers,
                           int64_t backbone, int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
-                          const torch::Tensor& final_norm_bias, double eps) {
+                          const torch::Tensor& final_norm_bias, double eps,
+                          const std::vector<std::vector<void*>>* k_users = nullptr,
+                          const std::vector<std::vector<void*>>* v_users = nullptr) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a (tokens, d_model) CPU tensor");
   TORCH_CHECK(backbone == static_cast<int64_t>(Backbone::kSasrec) || backbone == static_cast<int64_t>(Backbone::kHstu),
               "backbone must be 0 (SASRec) or 1 (HSTU), got ", backbone);
@@ -84,8 +87,10 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
                          &v_caches,
                          &layers,
                          &final_norm_weight,
-                         &final_norm_bias};
-  if (step.prefill) {
+                         &final_norm_bias,
+                         k_users,
+                         v_users};
+  if (step.prefill && k_users == nullptr) {  // caches held per user are zeroed by their caller
     for (size_t l = 0; l < k_caches.size(); ++l) {
       zero_unused_slots(k_caches[l], step.cu, step.batch);
       zero_unused_slots(v_caches[l], step.cu, step.batch);
@@ -113,6 +118,74 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
               "one K and one V cache per layer are required");
   return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu_seqlens_new, k_caches, v_caches,
                      cache_seqlens, layers, backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps);
+}
+
+torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
+                                     const std::optional<torch::Tensor>& input_norm_weight,
+                                     const std::optional<torch::Tensor>& input_norm_bias,
+                                     const torch::Tensor& cu_seqlens_new,
+                                     const std::vector<std::vector<torch::Tensor>>& user_k_caches,
+                                     const std::vector<std::vector<torch::Tensor>>& user_v_caches,
+                                     const torch::Tensor& cache_seqlens,
+                                     const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
+                                     int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
+                                     const torch::Tensor& final_norm_bias, double eps) {
+  const int64_t batch = cache_seqlens.numel();
+  const size_t num_layers = layers.size();
+  TORCH_CHECK(batch >= 1 && static_cast<int64_t>(user_k_caches.size()) == batch &&
+                  static_cast<int64_t>(user_v_caches.size()) == batch,
+              "one list of K caches and one of V caches per user (cache_seqlens has ", batch, ") are required");
+  TORCH_CHECK(x.dim() == 2 && num_heads >= 1 && x.size(1) % num_heads == 0, "x must be (tokens, d_model)");
+  const int64_t head_dim = x.size(1) / num_heads;
+  const auto cu = cu_seqlens_new.to(torch::kLong).contiguous();
+  const auto filled = cache_seqlens.to(torch::kLong).contiguous();
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() == batch + 1, "cu_seqlens_new must have one more entry than there are users");
+  const int64_t *cu_ptr = cu.data_ptr<int64_t>(), *filled_ptr = filled.data_ptr<int64_t>();
+  // The caches are written through raw pointers: every one is checked here.
+  std::vector<std::vector<void*>> k_users(num_layers, std::vector<void*>(batch)),
+      v_users(num_layers, std::vector<void*>(batch));
+  bool all_empty = true;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(user_k_caches[b].size() == num_layers && user_v_caches[b].size() == num_layers, "user ", b,
+                " needs one K and one V cache per layer (", num_layers, ")");
+    const int64_t rows = cu_ptr[b + 1] - cu_ptr[b];
+    all_empty &= filled_ptr[b] == 0;
+    for (size_t l = 0; l < num_layers; ++l) {
+      const auto &k = user_k_caches[b][l], &v = user_v_caches[b][l];
+      const auto &k0 = user_k_caches[0][l], &v0 = user_v_caches[0][l];
+      for (const auto& [cache, first, name] : {std::tuple{&k, &k0, "K"}, std::tuple{&v, &v0, "V"}}) {
+        TORCH_CHECK(cache->device().is_cpu() && cache->dim() == 3 && cache->scalar_type() == x.scalar_type() &&
+                        cache->size(1) == num_heads && cache->size(2) == head_dim &&
+                        cache->strides() == first->strides(),
+                    "user ", b, ", layer ", l, ": the ", name, " cache must be a (capacity, ", num_heads, ", ",
+                    head_dim, ") CPU tensor of x's dtype with the strides of user 0's");
+      }
+      TORCH_CHECK(k.size(0) == v.size(0) && k.data_ptr() != v.data_ptr(), "user ", b, ", layer ", l,
+                  ": the K and V caches must be two tensors of one capacity");
+      TORCH_CHECK(cu_ptr[b + 1] >= cu_ptr[b] && filled_ptr[b] >= 0 && filled_ptr[b] + rows <= k.size(0), "user ", b,
+                  ": its ", filled_ptr[b], " filled slots and ", rows, " new rows must fit its caches (capacity ",
+                  k.size(0), ")");
+      k_users[l][b] = k.data_ptr();
+      v_users[l][b] = v.data_ptr();
+    }
+  }
+  if (all_empty) {  // as a prefill of a batch leaves them: the slots after each user's rows are zeros
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t rows = cu_ptr[b + 1] - cu_ptr[b];
+      for (size_t l = 0; l < num_layers; ++l) {
+        for (const auto* cache : {&user_k_caches[b][l], &user_v_caches[b][l]}) {
+          if (cache->size(0) > rows) cache->narrow(0, rows, cache->size(0) - rows).zero_();
+        }
+      }
+    }
+  }
+  std::vector<torch::Tensor> k_first(num_layers), v_first(num_layers);
+  for (size_t l = 0; l < num_layers; ++l) {
+    k_first[l] = user_k_caches[0][l];
+    v_first[l] = user_v_caches[0][l];
+  }
+  return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu, k_first, v_first, filled, layers,
+                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps, &k_users, &v_users);
 }
 
 torch::Tensor decoder_forward_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,

@@ -42,7 +42,26 @@ struct DecoderStep {
   const std::vector<std::vector<torch::Tensor>>* layers;
   const torch::Tensor* final_weight;
   const torch::Tensor* final_bias;
+  // Caches held per user: k_users[l][b] is user b's layer-l K cache (v_users the V), each
+  // (capacity_b, heads, head_dim) with the strides of k_caches[l] / v_caches[l], which are
+  // user 0's.  Null for a batch of caches.
+  const std::vector<std::vector<void*>>* k_users = nullptr;
+  const std::vector<std::vector<void*>>* v_users = nullptr;
 };
+
+// Layer `layer`'s K or V caches as the attention loops take them: a pointer and strides.
+template <typename T>
+struct CacheArg {
+  T* data;
+  CacheLayout layout;
+};
+template <typename T>
+CacheArg<T> cache_arg(const std::vector<torch::Tensor>& caches, const std::vector<std::vector<void*>>* users,
+                      size_t layer) {
+  const torch::Tensor& cache = caches[layer];
+  if (users == nullptr) return {cache.data_ptr<T>(), layout_of(cache)};
+  return {nullptr, {0, cache.stride(0), cache.stride(1), cache.stride(2), (*users)[layer].data()}};
+}
 
 template <typename T>
 const T* ptr(const torch::Tensor& t) {

@@ -120,19 +120,18 @@ __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t l
   const T *q = ptr<T>(b.q), *k = ptr<T>(b.k), *v = ptr<T>(b.v);
   if (s.prefill) {
     if (!s.k_caches->empty()) {  // a forward pass has none
-      const auto& kc = (*s.k_caches)[layer];
-      const auto& vc = (*s.v_caches)[layer];
-      append_cache_rows(k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data_ptr<T>(),
-                        layout_of(kc), vc.data_ptr<T>(), layout_of(vc));
+      const auto kc = cache_arg<T>(*s.k_caches, s.k_users, layer);
+      const auto vc = cache_arg<T>(*s.v_caches, s.v_users, layer);
+      append_cache_rows(k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data, kc.layout, vc.data,
+                        vc.layout);
     }
     causal_attention_rows(q, k, v, s.cu, s.batch, s.rows, s.heads, s.head_dim, s.head_dim, score, T(s.scale), bias,
                           buckets, silu_norm, b.a.data_ptr<T>());
   } else {
-    const auto& kc = (*s.k_caches)[layer];
-    const auto& vc = (*s.v_caches)[layer];
-    cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data_ptr<T>(),
-                     layout_of(kc), vc.data_ptr<T>(), layout_of(vc), score, T(s.scale), bias, buckets, silu_norm,
-                     b.a.data_ptr<T>());
+    const auto kc = cache_arg<T>(*s.k_caches, s.k_users, layer);
+    const auto vc = cache_arg<T>(*s.v_caches, s.v_users, layer);
+    cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, kc.data, kc.layout, vc.data,
+                     vc.layout, score, T(s.scale), bias, buckets, silu_norm, b.a.data_ptr<T>());
   }
 }
 

@@ -23,7 +23,7 @@ __attribute__((always_inline)) inline void linear_rows(const T* x, int64_t rows,
 // One HSTU layer: x += f2(LN(A V) * U) with U, V, Q, K = split(silu(f1(LN(x)))).
 template <typename T>
 __attribute__((always_inline)) inline void hstu_layer(const DecoderStep& s, const std::vector<torch::Tensor>& w,
-                                                      const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                                      const CacheArg<T>& k_cache, const CacheArg<T>& v_cache,
                                                       T* x, T* work) {
   const int64_t rows = s.rows, d = s.d;
   T *h = work, *uvqk = h + rows * d, *q = uvqk + rows * 4 * d, *k = q + rows * d, *v = k + rows * d,
@@ -32,8 +32,8 @@ __attribute__((always_inline)) inline void hstu_layer(const DecoderStep& s, cons
   linear_rows(h, rows, d, ptr<T>(w[kF1W]), ptr<T>(w[kF1B]), 4 * d, uvqk);
   split_silu_rows(uvqk, rows, d, v, q, k);
   const auto& rel = w[kRelBias];
-  cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, k_cache.data_ptr<T>(),
-                   layout_of(k_cache), v_cache.data_ptr<T>(), layout_of(v_cache), Score::kSilu, T(s.scale),
+  cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, k_cache.data, k_cache.layout,
+                   v_cache.data, v_cache.layout, Score::kSilu, T(s.scale),
                    ptr<T>(rel), rel.size(1), T(s.silu_norm), a);
   gate_rows(a, uvqk, rows, d, ptr<T>(w[kOutputNormW]), ptr<T>(w[kOutputNormB]), s.eps, h);
   linear_rows(h, rows, d, ptr<T>(w[kF2W]), ptr<T>(w[kF2B]), d, a);
@@ -43,7 +43,7 @@ __attribute__((always_inline)) inline void hstu_layer(const DecoderStep& s, cons
 // One SASRec layer: x += out(attention(LN(x))); x += ffn(LN(x)) with a GELU (erf) between.
 template <typename T>
 __attribute__((always_inline)) inline void sasrec_layer(const DecoderStep& s, const std::vector<torch::Tensor>& w,
-                                                        const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                                        const CacheArg<T>& k_cache, const CacheArg<T>& v_cache,
                                                         T* x, T* work) {
   const int64_t rows = s.rows, d = s.d;
   T *h = work, *q = h + rows * d, *k = q + rows * d, *v = k + rows * d, *a = v + rows * d, *f = a + rows * d;
@@ -51,8 +51,8 @@ __attribute__((always_inline)) inline void sasrec_layer(const DecoderStep& s, co
   linear_rows(h, rows, d, ptr<T>(w[kQueryW]), ptr<T>(w[kQueryB]), d, q);
   linear_rows(h, rows, d, ptr<T>(w[kKeyW]), static_cast<const T*>(nullptr), d, k);
   linear_rows(h, rows, d, ptr<T>(w[kValueW]), ptr<T>(w[kValueB]), d, v);
-  cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, k_cache.data_ptr<T>(),
-                   layout_of(k_cache), v_cache.data_ptr<T>(), layout_of(v_cache), Score::kSoftmax, T(s.scale),
+  cached_step_rows(q, k, v, s.cu, s.filled, s.batch, s.heads, s.head_dim, s.head_dim, k_cache.data, k_cache.layout,
+                   v_cache.data, v_cache.layout, Score::kSoftmax, T(s.scale),
                    static_cast<const T*>(nullptr), 1, T(1), a);
   linear_rows(a, rows, d, ptr<T>(w[kAttnOutW]), ptr<T>(w[kAttnOutB]), d, f);
   for (int64_t i = 0; i < rows * d; ++i) x[i] += f[i];
@@ -71,8 +71,8 @@ void decoder_rows(const DecoderStep& s, T* x, T* out) {
   std::vector<T> work(kWorkPerRowAndWidth * s.rows * s.d);
   const auto& layers = *s.layers;
   for (size_t l = 0; l < layers.size(); ++l) {
-    const auto& kc = (*s.k_caches)[l];
-    const auto& vc = (*s.v_caches)[l];
+    const auto kc = cache_arg<T>(*s.k_caches, s.k_users, l);
+    const auto vc = cache_arg<T>(*s.v_caches, s.v_users, l);
     if (s.backbone == Backbone::kSasrec) {
       sasrec_layer<T>(s, layers[l], kc, vc, x, work.data());
     } else {

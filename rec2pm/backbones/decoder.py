@@ -36,6 +36,18 @@ class LayerCache:
     v: torch.Tensor
 
 
+@dataclass
+class UserCaches:
+    """Caches held per user: ``layers[b][l] = (k, v)``, user ``b``'s layer-``l`` keys and
+    values, each ``(capacity_b, heads, head_dim)`` (a serving session's entries).
+    ``Decoder.step`` appends into them in place, without stacking them into one batch."""
+
+    layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
+
+    def capacities(self) -> list[int]:
+        return [user[0][0].shape[0] if user else 0 for user in self.layers]
+
+
 class Decoder(nn.Module):
     # Serving steps go through the one-call C++ step where it applies (rec2pm/backbones/fused_step.py).
     use_fused_step = True
@@ -209,18 +221,22 @@ class Decoder(nn.Module):
         positions_new: torch.Tensor,
         cu_seqlens_new: torch.Tensor,
         max_new: int,
-        caches: list[LayerCache],
+        caches: list[LayerCache] | UserCaches,
         cache_seqlens: torch.Tensor,
         max_position: int | None = None,
         validate: bool = True,
     ) -> torch.Tensor:
         """New rows over per-layer caches (appended in place); call under ``torch.no_grad()``.
+        ``caches``: one ``LayerCache`` per layer, or ``UserCaches`` (each user's own, appended
+        in place as they are; the C++ step checks every one).
 
         ``max_position``: the largest of ``positions_new`` when the caller has it on the host.
         ``validate=False`` skips the checks of ``cu_seqlens_new`` and of every layer's caches
         (layouts, filled lengths, room for the new rows): for a caller that built the caches
         and offsets itself and checked the room (the serving engine, through
         ``TokenMemoryModel._step_checked``)."""
+        if isinstance(caches, UserCaches):
+            return self._step_users(x_new, positions_new, cu_seqlens_new, max_new, caches, cache_seqlens, max_position)
         if len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one LayerCache per layer ({len(self.blocks)}), got {len(caches)}")
         self._refuse_time_bias()
@@ -252,11 +268,53 @@ class Decoder(nn.Module):
             h = block(h, attend)
         return self.final_norm(h)
 
+    def _step_users(
+        self, x_new, positions_new, cu_seqlens_new, max_new, caches: UserCaches, cache_seqlens, max_position
+    ):
+        if len(caches.layers) != cache_seqlens.numel() or any(len(user) != len(self.blocks) for user in caches.layers):
+            raise ValueError(
+                f"caches must hold one list of (k, v) per layer ({len(self.blocks)}) for each of the "
+                f"{cache_seqlens.numel()} users"
+            )
+        self._refuse_time_bias()
+        if caches.layers and fused_step.applies_to_users(self, x_new, caches.layers):
+            self._check_positions(positions_new, max_position)
+            return fused_step.fused_step_users(self, x_new, positions_new, cu_seqlens_new, caches.layers, cache_seqlens)
+        return _step_users_stacked(
+            self, x_new, positions_new, cu_seqlens_new, max_new, caches, cache_seqlens, max_position
+        )
 
-def check_cache_room(held: list[int], counts: list[int], capacity: int) -> None:
-    """Each user's ``counts[b]`` new rows fit after its ``held[b]`` filled slots (host ints):
-    the check a caller of ``Decoder.step(validate=False)`` makes itself."""
-    for user, (filled, n) in enumerate(zip(held, counts, strict=True)):
+
+def _step_users_stacked(decoder, x_new, positions_new, cu_seqlens_new, max_new, caches, cache_seqlens, max_position):
+    """``Decoder.step`` over ``UserCaches`` where the fused step does not apply: the users'
+    caches stacked into one batch (equal capacities), stepped, and the new slots copied back."""
+    stacked = [
+        LayerCache(*(torch.stack([user[layer][i] for user in caches.layers]) for i in (0, 1)))
+        for layer in range(len(decoder.blocks))
+    ]
+    h = decoder.step(x_new, positions_new, cu_seqlens_new, max_new, stacked, cache_seqlens, max_position)
+    held, counts = cache_seqlens.tolist(), cu_seqlens_new.diff().tolist()
+    for b, user in enumerate(caches.layers):
+        first, end = held[b], held[b] + counts[b]
+        for (k, v), cache in zip(user, stacked, strict=True):
+            k[first:end] = cache.k[b, first:end]
+            v[first:end] = cache.v[b, first:end]
+    return h
+
+
+def cache_capacity(caches: list[LayerCache] | UserCaches) -> int | list[int]:
+    """Slots per user: one number for a batch of caches, one per user for ``UserCaches``."""
+    if isinstance(caches, UserCaches):
+        return caches.capacities()
+    return caches[0].k.shape[1] if caches else 0
+
+
+def check_cache_room(held: list[int], counts: list[int], capacity: int | list[int]) -> None:
+    """Each user's ``counts[b]`` new rows fit after its ``held[b]`` filled slots (host ints)
+    in its ``capacity`` slots (one for all, or one per user): the check a caller of
+    ``Decoder.step(validate=False)`` makes itself."""
+    capacities = capacity if isinstance(capacity, list) else [capacity] * len(held)
+    for user, (filled, n, capacity) in enumerate(zip(held, counts, capacities, strict=True)):
         if filled + n > capacity:
             raise ValueError(
                 f"the serving state is full: user {user} holds {filled} of {capacity} cache slots and "

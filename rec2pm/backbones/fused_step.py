@@ -132,6 +132,28 @@ def _check_step(decoder, x_new, cu_seqlens_new, caches, cache_seqlens, fresh_cac
             check.check_cache_seqlens_values(cache_seqlens, counts, min(cache.k.shape[1] for cache in caches))
 
 
+def applies_to_users(decoder, x_new: torch.Tensor, user_layers) -> bool:
+    """``applies`` for caches held per user, judged by the first user's first layer: the C++
+    call checks every cache (and refuses mixed dtypes or devices) before it writes."""
+    k, v = user_layers[0][0]
+    if not (hasattr(_extension.C, "decoder_step_users") and applies(decoder, x_new, [])):
+        return False
+    return k.dtype == x_new.dtype and v.dtype == x_new.dtype and k.device.type == "cpu"
+
+
+def fused_step_users(decoder, x_new, positions_new, cu_seqlens_new, user_layers, cache_seqlens) -> torch.Tensor:
+    """``fused_step`` over caches held per user (``user_layers[b][l] = (k, v)``, each
+    ``(capacity_b, heads, head_dim)``), appended in place: a batch of session entries is
+    stepped without stacking their caches into one (and copying the new slots back)."""
+    return _extension.C.decoder_step_users(
+        **_decoder_arguments(decoder, x_new, positions_new),
+        cu_seqlens_new=cu_seqlens_new,
+        user_k_caches=[[k for k, _ in layers] for layers in user_layers],
+        user_v_caches=[[v for _, v in layers] for layers in user_layers],
+        cache_seqlens=cache_seqlens,
+    )
+
+
 def fused_forward(decoder, x, positions, cu_seqlens) -> torch.Tensor:
     """``Decoder.forward`` with the causal pattern in one call, without caches (positions
     already checked by the caller): the serving step's code over empty caches."""

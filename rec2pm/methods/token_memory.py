@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbones.decoder import LayerCache, check_cache_room
+from ..backbones.decoder import LayerCache, UserCaches, cache_capacity, check_cache_room
 from ..layout import WRITE, cached_layout, packed_rows, serving_layout, split_history, stage1_layout, update_layout
 from .base import RecModel
 
@@ -40,9 +40,10 @@ class Memory:
 
 @dataclass
 class ServingState:
-    """Per-layer K/V caches of ``[M ; recent]`` for the cached step; ``seqlens`` (B,) int32."""
+    """Per-layer K/V caches of ``[M ; recent]`` for the cached step (or ``UserCaches``: each
+    user's own, as the serving session keeps them); ``seqlens`` (B,) int32."""
 
-    caches: list[LayerCache]
+    caches: list[LayerCache] | UserCaches
     seqlens: torch.Tensor
 
 
@@ -221,7 +222,7 @@ class TokenMemoryModel(RecModel):
         inputs and caches itself and comes here directly with ``validate=False``, which skips
         the decoder's per-layer cache checks (``Decoder.step``); the capacity check stays, as
         the C++ step writes the caches through raw pointers."""
-        check_cache_room(held, counts, state.caches[0].k.shape[1] if state.caches else 0)
+        check_cache_room(held, counts, cache_capacity(state.caches))
         device = state.seqlens.device
         # A user's new rows take the stream positions after its filled slots.
         positions = [filled + t for filled, n in zip(held, counts, strict=True) for t in range(n)]

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from ..backbones.decoder import LayerCache, caches_from_kv, check_cache_room
+from ..backbones.decoder import LayerCache, cache_capacity, caches_from_kv, check_cache_room
 from ..layout import history_shape
 from ..methods import KVMask, Memory, ServingState, TokenMemoryModel
 
@@ -101,7 +101,7 @@ class KVMaskEngine:
 
     def _run(self, x, positions, lengths: list[int], caches, seqlens):
         # The engine's own caches and offsets, as in TokenMemoryEngine.step: only the room is checked.
-        check_cache_room(seqlens.tolist(), lengths, caches[0].k.shape[1])
+        check_cache_room(seqlens.tolist(), lengths, cache_capacity(caches))
         cu = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.long, device=x.device)
         h = self.model.decoder.step(x, positions, cu, max(lengths, default=0), caches, seqlens, validate=False)
         seqlens += torch.tensor(lengths, dtype=torch.int32, device=seqlens.device)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones.decoder import LayerCache
+from ..backbones.decoder import UserCaches
 from .engines import engine_for
 from .errors import FingerprintMismatch, VersionConflict
 from .fingerprint import model_fingerprint
@@ -378,7 +378,7 @@ class Recommender:
                 misses.append(b)
         self.cache.hits += len(hits)
         self.cache.misses += len(misses)
-        by_capacity: dict[int, list] = {}
+        by_capacity: dict[int, list] = {}  # a step of several entries stacks them where the C++ step is not there
         for b, entry in hits:
             by_capacity.setdefault(entry.capacity, []).append((b, entry))
         for group in by_capacity.values():
@@ -407,25 +407,13 @@ class Recommender:
             [e.memory_rows + s for (_, e), s in zip(group, starts, strict=True)], dtype=torch.int32, device=self.device
         )
         entries = [e for _, e in group]
-        layers = range(len(entries[0].layers))
-        if len(group) == 1:  # views: the step appends into the entry itself
-            caches = entries[0].step_caches
-        else:
-            caches = [
-                LayerCache(
-                    torch.stack([e.layers[i][0] for e in entries]), torch.stack([e.layers[i][1] for e in entries])
-                )
-                for i in layers
-            ]
+        # The step appends into the entries themselves: one user's as a batch of one (views),
+        # several as caches held per user (not stacked into one batch and copied back).
+        caches = entries[0].step_caches if len(group) == 1 else UserCaches([e.layers for e in entries])
         logits = self.engine.step(
             caches, seqlens, new_items, starts, [r.archived_events // self.segment_len for r, _ in group]
         )
-        for b, ((record, entry), start) in enumerate(zip(group, starts, strict=True)):
-            if len(group) > 1:
-                first, end = entry.memory_rows + start, entry.memory_rows + len(record.recent)
-                for i in layers:
-                    entry.layers[i][0][first:end] = caches[i].k[b, first:end]
-                    entry.layers[i][1][first:end] = caches[i].v[b, first:end]
+        for record, entry in group:
             entry.cached_items = tuple(record.recent)
             self.cache.touch(record.user)
         return logits

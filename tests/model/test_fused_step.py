@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rec2pm.backbones import fused_step
-from rec2pm.backbones.decoder import caches_from_kv
+from rec2pm.backbones.decoder import UserCaches, caches_from_kv
 from rec2pm.config import named_config
 from rec2pm.methods import build_model
 from rec2pm_kernels.testing import cu_seqlens_of
@@ -276,3 +276,103 @@ def test_the_fused_step_checks_the_cache_shapes_like_every_cached_step():
         ext.cached_step_forward(
             q, q, q, torch.tensor([0, 1, 2]), caches[0].k, caches[0].v, torch.tensor([3, 3]), True, 0, 1.0, None, 1.0
         )
+
+
+def _user_caches(caches, filled, capacities):
+    """Each user's own copy of its ``filled[b]`` rows of a batch of caches, in ``capacities[b]``
+    slots (NaN after them: a step must never read them)."""
+    users = []
+    for b, (rows, capacity) in enumerate(zip(filled, capacities, strict=True)):
+        layers = []
+        for cache in caches:
+            own = []
+            for batch in (cache.k, cache.v):
+                t = torch.full((capacity, *batch.shape[2:]), float("nan"), dtype=batch.dtype)
+                t[:rows] = batch[b, :rows]
+                own.append(t)
+            layers.append(tuple(own))
+        users.append(layers)
+    return UserCaches(users)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("path", list(NEW_ROWS))
+def test_a_step_over_caches_held_per_user_equals_the_batched_step(backbone, dtype, path):
+    """UserCaches (a session's entries) take the C++ step in place with each user's own
+    caches, of any capacities: the same bits as the step over one batch of them."""
+    decoder = randomised_decoder(backbone, dtype)
+    prefix, new = [5, 1, 9, 3], NEW_ROWS[path]
+    cu = cu_seqlens_of(prefix)
+    x = torch.randn(sum(prefix), decoder.config.d_model, dtype=dtype)
+    with torch.no_grad():
+        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
+    batch, seqlens = caches_from_kv(kv, cu, capacity=max(prefix) + max(new) + 2)
+    users = _user_caches(batch, prefix, [p + n + extra for p, n, extra in zip(prefix, new, [0, 3, 1, 7], strict=True)])
+    x_new = torch.randn(sum(new), decoder.config.d_model, dtype=dtype)
+    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
+    with torch.no_grad():
+        expected = decoder.step(x_new, positions_new, cu_seqlens_of(new), max(new), batch, seqlens)
+        out = decoder.step(x_new, positions_new, cu_seqlens_of(new), max(new), users, seqlens)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for b, (p, n) in enumerate(zip(prefix, new, strict=True)):
+        for (k, v), cache in zip(users.layers[b], batch, strict=True):
+            torch.testing.assert_close(k[: p + n], cache.k[b, : p + n], rtol=0, atol=0)
+            torch.testing.assert_close(v[: p + n], cache.v[b, : p + n], rtol=0, atol=0)
+            assert k[p + n :].isnan().all() and v[p + n :].isnan().all()  # nothing written past the new rows
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+def test_caches_held_per_user_without_the_fused_step_are_stacked_and_written_back(backbone):
+    decoder = randomised_decoder(backbone, torch.float32)
+    prefix, new = [4, 2, 6], [1, 3, 0]
+    cu = cu_seqlens_of(prefix)
+    x = torch.randn(sum(prefix), decoder.config.d_model)
+    with torch.no_grad():
+        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
+    batch, seqlens = caches_from_kv(kv, cu, capacity=10)
+    users = _user_caches(batch, prefix, [10, 10, 10])
+    x_new = torch.randn(sum(new), decoder.config.d_model)
+    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
+    with torch.no_grad():
+        expected = decoder.step(x_new, positions_new, cu_seqlens_of(new), 3, batch, seqlens)
+        decoder.use_fused_step = False
+        try:
+            out = decoder.step(x_new, positions_new, cu_seqlens_of(new), 3, users, seqlens)
+        finally:
+            decoder.use_fused_step = True
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    for b, (p, n) in enumerate(zip(prefix, new, strict=True)):
+        for (k, _), cache in zip(users.layers[b], batch, strict=True):
+            torch.testing.assert_close(k[: p + n], cache.k[b, : p + n], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "break_caches, text",
+    [
+        (lambda users: users[1].__setitem__(0, (users[1][0][0][:3], users[1][0][1][:3])), "must fit its caches"),
+        (lambda users: users[2].__setitem__(1, (users[2][1][0].double(), users[2][1][1])), "of x's dtype"),
+        (
+            lambda users: users[1].__setitem__(0, (users[1][0][0].transpose(1, 2), users[1][0][1])),
+            "the K cache must be",
+        ),
+        (lambda users: users[0].__setitem__(0, (users[0][0][0], users[0][0][0])), "two tensors of one capacity"),
+        (lambda users: users[2].pop(), "for each of the 3 users"),
+    ],
+    ids=["too-small", "dtype", "strides", "k-is-v", "missing-layer"],
+)
+def test_the_step_over_caches_held_per_user_checks_every_cache(break_caches, text):
+    """The C++ call writes each user's caches through raw pointers: every one is checked first."""
+    decoder = randomised_decoder("hstu", torch.float32)
+    prefix, new = [3, 2, 4], [2, 2, 1]
+    cu = cu_seqlens_of(prefix)
+    x = torch.randn(sum(prefix), decoder.config.d_model)
+    with torch.no_grad():
+        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
+    batch, seqlens = caches_from_kv(kv, cu, capacity=8)
+    users = _user_caches(batch, prefix, [8, 8, 8])
+    break_caches(users.layers)
+    x_new = torch.randn(sum(new), decoder.config.d_model)
+    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match=text):
+        decoder.step(x_new, positions_new, cu_seqlens_of(new), 2, users, seqlens)
