@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <utility>
 
 #include "decoder_step_math.h"
 #include "decoder_step_ops.h"
@@ -141,6 +142,8 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
   const auto filled = cache_seqlens.to(torch::kLong).contiguous();
   TORCH_CHECK(cu.dim() == 1 && cu.numel() == batch + 1, "cu_seqlens_new must have one more entry than there are users");
   const int64_t *cu_ptr = cu.data_ptr<int64_t>(), *filled_ptr = filled.data_ptr<int64_t>();
+  TORCH_CHECK(cu_ptr[0] == 0 && cu_ptr[batch] == x.size(0), "cu_seqlens_new must start at 0 and end at the ",
+              x.size(0), " new rows");
   // The caches are written through raw pointers: every one is checked here.
   std::vector<std::vector<void*>> k_users(num_layers, std::vector<void*>(batch)),
       v_users(num_layers, std::vector<void*>(batch));
@@ -160,13 +163,29 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
                     "user ", b, ", layer ", l, ": the ", name, " cache must be a (capacity, ", num_heads, ", ",
                     head_dim, ") CPU tensor of x's dtype with the strides of user 0's");
       }
-      TORCH_CHECK(k.size(0) == v.size(0) && k.data_ptr() != v.data_ptr(), "user ", b, ", layer ", l,
-                  ": the K and V caches must be two tensors of one capacity");
+      TORCH_CHECK(k.size(0) == v.size(0), "user ", b, ", layer ", l, ": the K and V caches must have one capacity");
       TORCH_CHECK(cu_ptr[b + 1] >= cu_ptr[b] && filled_ptr[b] >= 0 && filled_ptr[b] + rows <= k.size(0), "user ", b,
                   ": its ", filled_ptr[b], " filled slots and ", rows, " new rows must fit its caches (capacity ",
                   k.size(0), ")");
       k_users[l][b] = k.data_ptr();
       v_users[l][b] = v.data_ptr();
+    }
+  }
+  // No two caches of a layer may share memory: the step writes each user's slots in place.
+  for (size_t l = 0; l < num_layers; ++l) {
+    std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // [first byte, past the last byte) of each cache
+    for (int64_t b = 0; b < batch; ++b) {
+      for (const auto* cache : {&user_k_caches[b][l], &user_v_caches[b][l]}) {
+        int64_t last = 0;  // the element farthest from the first, in elements
+        for (int64_t i = 0; i < cache->dim(); ++i) last += (cache->size(i) - 1) * cache->stride(i);
+        const auto first = reinterpret_cast<uintptr_t>(cache->data_ptr());
+        if (cache->numel() > 0) spans.emplace_back(first, first + (last + 1) * cache->element_size());
+      }
+    }
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i) {
+      TORCH_CHECK(spans[i].first >= spans[i - 1].second, "layer ", l,
+                  ": two of the users' K and V caches share memory; each needs its own");
     }
   }
   if (all_empty) {  // as a prefill of a batch leaves them: the slots after each user's rows are zeros

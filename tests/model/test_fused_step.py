@@ -356,10 +356,15 @@ def test_caches_held_per_user_without_the_fused_step_are_stacked_and_written_bac
             lambda users: users[1].__setitem__(0, (users[1][0][0].transpose(1, 2), users[1][0][1])),
             "the K cache must be",
         ),
-        (lambda users: users[0].__setitem__(0, (users[0][0][0], users[0][0][0])), "two tensors of one capacity"),
+        (lambda users: users[0].__setitem__(0, (users[0][0][0], users[0][0][0])), "share memory"),
+        (lambda users: users[2].__setitem__(1, users[0][1]), "share memory"),
+        (
+            lambda users: users[1].__setitem__(1, (users[1][1][0], users[1][1][1][:6])),
+            "K and V caches must have one capacity",
+        ),
         (lambda users: users[2].pop(), "for each of the 3 users"),
     ],
-    ids=["too-small", "dtype", "strides", "k-is-v", "missing-layer"],
+    ids=["too-small", "dtype", "strides", "k-is-v", "two-users-one-cache", "k-v-capacities", "missing-layer"],
 )
 def test_the_step_over_caches_held_per_user_checks_every_cache(break_caches, text):
     """The C++ call writes each user's caches through raw pointers: every one is checked first."""
@@ -376,3 +381,13 @@ def test_the_step_over_caches_held_per_user_checks_every_cache(break_caches, tex
     positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
     with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match=text):
         decoder.step(x_new, positions_new, cu_seqlens_of(new), 2, users, seqlens)
+
+
+def test_the_step_over_caches_held_per_user_checks_the_offsets():
+    decoder = randomised_decoder("sasrec", torch.float32)
+    layers = [[(torch.zeros(6, 2, 8), torch.zeros(6, 2, 8)) for _ in decoder.blocks] for _ in range(2)]
+    x_new = torch.randn(3, decoder.config.d_model)
+    seqlens = torch.tensor([1, 2], dtype=torch.int32)
+    for cu in ([0, 1, 4], [1, 2, 3]):  # past the rows; not from 0
+        with torch.no_grad(), pytest.raises(RuntimeError, match="cu_seqlens_new must start at 0 and end at the 3"):
+            decoder.step(x_new, torch.tensor([1, 2, 3]), torch.tensor(cu), 2, UserCaches(layers), seqlens)
