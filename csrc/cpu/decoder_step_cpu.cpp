@@ -152,6 +152,8 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
     TORCH_CHECK(user_k_caches[b].size() == num_layers && user_v_caches[b].size() == num_layers, "user ", b,
                 " needs one K and one V cache per layer (", num_layers, ")");
     const int64_t rows = cu_ptr[b + 1] - cu_ptr[b];
+    TORCH_CHECK(rows >= 0 && filled_ptr[b] >= 0, "user ", b, ": cu_seqlens_new must not decrease and cache_seqlens ",
+                "must be >= 0, got ", rows, " new rows after ", filled_ptr[b], " filled slots");
     all_empty &= filled_ptr[b] == 0;
     for (size_t l = 0; l < num_layers; ++l) {
       const auto &k = user_k_caches[b][l], &v = user_v_caches[b][l];
@@ -164,9 +166,8 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
                     head_dim, ") CPU tensor of x's dtype with the strides of user 0's");
       }
       TORCH_CHECK(k.size(0) == v.size(0), "user ", b, ", layer ", l, ": the K and V caches must have one capacity");
-      TORCH_CHECK(cu_ptr[b + 1] >= cu_ptr[b] && filled_ptr[b] >= 0 && filled_ptr[b] + rows <= k.size(0), "user ", b,
-                  ": its ", filled_ptr[b], " filled slots and ", rows, " new rows must fit its caches (capacity ",
-                  k.size(0), ")");
+      TORCH_CHECK(filled_ptr[b] + rows <= k.size(0), "user ", b, ", layer ", l, ": its ", filled_ptr[b],
+                  " filled slots and ", rows, " new rows must fit its caches (capacity ", k.size(0), ")");
       k_users[l][b] = k.data_ptr();
       v_users[l][b] = v.data_ptr();
     }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from rec2pm_kernels import cached_step_attention, segment_attention
 from rec2pm_kernels.varlen import prepare_sequence_and_position_ids
@@ -287,13 +288,15 @@ class Decoder(nn.Module):
 
 def _step_users_stacked(decoder, x_new, positions_new, cu_seqlens_new, max_new, caches, cache_seqlens, max_position):
     """``Decoder.step`` over ``UserCaches`` where the fused step does not apply: the users'
-    caches stacked into one batch (equal capacities), stepped, and the new slots copied back."""
+    caches stacked into one batch (padded to the largest capacity, so each user's own room is
+    checked first), stepped, and the new slots copied back."""
+    held, counts = cache_seqlens.tolist(), cu_seqlens_new.diff().tolist()
+    check_cache_room(held, counts, caches.capacities())
     stacked = [
-        LayerCache(*(torch.stack([user[layer][i] for user in caches.layers]) for i in (0, 1)))
+        LayerCache(*(pad_sequence([user[layer][i] for user in caches.layers], batch_first=True) for i in (0, 1)))
         for layer in range(len(decoder.blocks))
     ]
     h = decoder.step(x_new, positions_new, cu_seqlens_new, max_new, stacked, cache_seqlens, max_position)
-    held, counts = cache_seqlens.tolist(), cu_seqlens_new.diff().tolist()
     for b, user in enumerate(caches.layers):
         first, end = held[b], held[b] + counts[b]
         for (k, v), cache in zip(user, stacked, strict=True):

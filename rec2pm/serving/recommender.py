@@ -378,11 +378,8 @@ class Recommender:
                 misses.append(b)
         self.cache.hits += len(hits)
         self.cache.misses += len(misses)
-        by_capacity: dict[int, list] = {}  # a step of several entries stacks them where the C++ step is not there
-        for b, entry in hits:
-            by_capacity.setdefault(entry.capacity, []).append((b, entry))
-        for group in by_capacity.values():
-            for (b, _), row in zip(group, self._step_hits([(records[b], e) for b, e in group]), strict=True):
+        if hits:
+            for (b, _), row in zip(hits, self._step_hits([(records[b], e) for b, e in hits]), strict=True):
                 out[b] = row
         if misses:
             for b, row in zip(misses, self._prefill([records[b] for b in misses]), strict=True):

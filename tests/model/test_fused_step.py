@@ -29,17 +29,23 @@ def randomised_decoder(backbone: str, dtype):
     return model.decoder
 
 
-def step_both_ways(decoder, dtype, prefix, new):
-    """Prefill [prefix] per user, then one step of `new` rows per user, fused and block by block."""
+def prefix_and_new_rows(decoder, dtype, prefix, new):
+    """Every layer's K/V of `prefix[b]` random rows per user (and their offsets), and `new[b]`
+    random rows per user to step at the stream positions after them."""
     d = decoder.config.d_model
     cu = cu_seqlens_of(prefix)
     x = torch.randn(sum(prefix), d, dtype=dtype)
-    positions = torch.cat([torch.arange(n) for n in prefix])
     with torch.no_grad():
-        _, kv = decoder(x, positions, cu, max(prefix), collect_kv=True)
-    results = []
+        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
     x_new = torch.randn(sum(new), d, dtype=dtype)
     positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
+    return kv, cu, x_new, positions_new
+
+
+def step_both_ways(decoder, dtype, prefix, new):
+    """Prefill [prefix] per user, then one step of `new` rows per user, fused and block by block."""
+    kv, cu, x_new, positions_new = prefix_and_new_rows(decoder, dtype, prefix, new)
+    results = []
     for fused in (True, False):
         caches, seqlens = caches_from_kv(kv, cu, capacity=max(prefix) + max(new) + 2)
         decoder.use_fused_step = fused
@@ -303,14 +309,9 @@ def test_a_step_over_caches_held_per_user_equals_the_batched_step(backbone, dtyp
     caches, of any capacities: the same bits as the step over one batch of them."""
     decoder = randomised_decoder(backbone, dtype)
     prefix, new = [5, 1, 9, 3], NEW_ROWS[path]
-    cu = cu_seqlens_of(prefix)
-    x = torch.randn(sum(prefix), decoder.config.d_model, dtype=dtype)
-    with torch.no_grad():
-        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
+    kv, cu, x_new, positions_new = prefix_and_new_rows(decoder, dtype, prefix, new)
     batch, seqlens = caches_from_kv(kv, cu, capacity=max(prefix) + max(new) + 2)
     users = _user_caches(batch, prefix, [p + n + extra for p, n, extra in zip(prefix, new, [0, 3, 1, 7], strict=True)])
-    x_new = torch.randn(sum(new), decoder.config.d_model, dtype=dtype)
-    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
     with torch.no_grad():
         expected = decoder.step(x_new, positions_new, cu_seqlens_of(new), max(new), batch, seqlens)
         out = decoder.step(x_new, positions_new, cu_seqlens_of(new), max(new), users, seqlens)
@@ -323,17 +324,14 @@ def test_a_step_over_caches_held_per_user_equals_the_batched_step(backbone, dtyp
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
-def test_caches_held_per_user_without_the_fused_step_are_stacked_and_written_back(backbone):
+@pytest.mark.parametrize("capacities", [[10, 10, 10], [10, 5, 7]], ids=["equal", "unequal"])
+def test_caches_held_per_user_without_the_fused_step_are_stacked_and_written_back(backbone, capacities):
+    """Padded to the largest capacity, so users of any capacities step together on every path."""
     decoder = randomised_decoder(backbone, torch.float32)
     prefix, new = [4, 2, 6], [1, 3, 0]
-    cu = cu_seqlens_of(prefix)
-    x = torch.randn(sum(prefix), decoder.config.d_model)
-    with torch.no_grad():
-        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
+    kv, cu, x_new, positions_new = prefix_and_new_rows(decoder, torch.float32, prefix, new)
     batch, seqlens = caches_from_kv(kv, cu, capacity=10)
-    users = _user_caches(batch, prefix, [10, 10, 10])
-    x_new = torch.randn(sum(new), decoder.config.d_model)
-    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
+    users = _user_caches(batch, prefix, capacities)
     with torch.no_grad():
         expected = decoder.step(x_new, positions_new, cu_seqlens_of(new), 3, batch, seqlens)
         decoder.use_fused_step = False
@@ -345,6 +343,21 @@ def test_caches_held_per_user_without_the_fused_step_are_stacked_and_written_bac
     for b, (p, n) in enumerate(zip(prefix, new, strict=True)):
         for (k, _), cache in zip(users.layers[b], batch, strict=True):
             torch.testing.assert_close(k[: p + n], cache.k[b, : p + n], rtol=2e-5, atol=2e-5)
+
+
+def test_stacked_caches_held_per_user_refuse_a_step_past_a_users_own_capacity():
+    """The padded batch has the largest capacity; each user's own is checked before the step."""
+    decoder = randomised_decoder("hstu", torch.float32)
+    prefix, new = [4, 2, 6], [1, 3, 0]
+    kv, cu, x_new, positions_new = prefix_and_new_rows(decoder, torch.float32, prefix, new)
+    batch, seqlens = caches_from_kv(kv, cu, capacity=10)
+    users = _user_caches(batch, prefix, [10, 4, 7])
+    decoder.use_fused_step = False
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="user 1 holds 2 of 4 cache slots and got 3 new events"):
+            decoder.step(x_new, positions_new, cu_seqlens_of(new), 3, users, seqlens)
+    finally:
+        decoder.use_fused_step = True
 
 
 @pytest.mark.parametrize(
@@ -370,15 +383,10 @@ def test_the_step_over_caches_held_per_user_checks_every_cache(break_caches, tex
     """The C++ call writes each user's caches through raw pointers: every one is checked first."""
     decoder = randomised_decoder("hstu", torch.float32)
     prefix, new = [3, 2, 4], [2, 2, 1]
-    cu = cu_seqlens_of(prefix)
-    x = torch.randn(sum(prefix), decoder.config.d_model)
-    with torch.no_grad():
-        _, kv = decoder(x, torch.cat([torch.arange(n) for n in prefix]), cu, max(prefix), collect_kv=True)
+    kv, cu, x_new, positions_new = prefix_and_new_rows(decoder, torch.float32, prefix, new)
     batch, seqlens = caches_from_kv(kv, cu, capacity=8)
     users = _user_caches(batch, prefix, [8, 8, 8])
     break_caches(users.layers)
-    x_new = torch.randn(sum(new), decoder.config.d_model)
-    positions_new = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix, new, strict=True)])
     with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match=text):
         decoder.step(x_new, positions_new, cu_seqlens_of(new), 2, users, seqlens)
 
@@ -391,3 +399,5 @@ def test_the_step_over_caches_held_per_user_checks_the_offsets():
     for cu in ([0, 1, 4], [1, 2, 3]):  # past the rows; not from 0
         with torch.no_grad(), pytest.raises(RuntimeError, match="cu_seqlens_new must start at 0 and end at the 3"):
             decoder.step(x_new, torch.tensor([1, 2, 3]), torch.tensor(cu), 2, UserCaches(layers), seqlens)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="user 1: cu_seqlens_new must not decrease"):
+        decoder.step(x_new, torch.tensor([1, 2, 3]), torch.tensor([0, 4, 3]), 4, UserCaches(layers), seqlens)
