@@ -1,6 +1,8 @@
 """Serving: per-request latency of Rec2PM-O against Full recomputation, Recent-only and
-KV-Mask-O (the same weights), cold (read from a SQLite store, prefill) and hot (session
-cache: the cached step over the last event, what a request after one new event costs);
+KV-Mask-O (the same weights), cold (read from a SQLite store, no session cache: one
+forward pass), miss (session cache on, the user not in it: store read and a prefill that
+keeps the K/V) and hot (session cache: the cached step over the last event, what a request
+after one new event costs);
 the archive cost of one segment (divide by S for the cost per event); and the store's
 get_many / put_many.
 
@@ -25,7 +27,7 @@ import torch
 from rec2pm.config import named_config
 from rec2pm.methods import build_model
 from rec2pm.serving import Recommender, Write, open_store
-from rec2pm.serving.record import UserRecord
+from rec2pm.serving.record import UserRecord, user_key
 from rec2pm.toy_data import toy_histories
 
 from .harness.kernel_options import kernel_options
@@ -90,14 +92,14 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("serving_case", cases(mode), ids=[f"{b}-L{L}-r{r}-B{n}" for b, L, r, n in cases(mode)])
 
 
-REQUESTS = ["full", "recent", "rec2pm-o cold", "rec2pm-o hot", "kv-mask-o cold", "kv-mask-o hot"]
+REQUESTS = ["full", "recent", "rec2pm-o cold", "rec2pm-o miss", "rec2pm-o hot", "kv-mask-o cold", "kv-mask-o hot"]
 
 
 @pytest.mark.parametrize("request_kind", REQUESTS)
 def test_request(measure, bench_mode, serving_case, request_kind):
     torch.set_num_threads(1)
     backbone, length, recent, users = serving_case
-    group = f"serving request {backbone} L={length} recent={recent} B={users} (cold: store + prefill)"
+    group = f"serving request {backbone} L={length} recent={recent} B={users} (cold: store + forward)"
     params = {"backbone": backbone, "length": length, "recent": recent, "users": users, "kind": request_kind}
     if request_kind in ("full", "recent"):
         model = model_of(request_kind, backbone)
@@ -108,11 +110,14 @@ def test_request(measure, bench_mode, serving_case, request_kind):
                 return model.score_history(items, cu)
     else:
         method, temperature = request_kind.split()
-        rec = served(method, backbone, length, recent, users, temperature == "hot")
+        rec = served(method, backbone, length, recent, users, temperature != "cold")
         ids = list(range(users))
         rec.scores(ids)  # a hot user's K/V is in the session cache before timing starts
 
         def call():
+            if temperature == "miss":  # dropped from the session cache: the request prefills it again
+                for user in ids:
+                    rec.cache.invalidate(user_key(user))
             return rec.scores(ids)
 
     measure(

@@ -26,6 +26,8 @@ register-pressure spill and fails.
 Usage::
 
     python -m rec2pm_kernels.aot [--subset] [--arch 80 90] [--jobs N] [--json FILE] [--strict-spills]
+                                 [--shard I/N]
+    python -m rec2pm_kernels.aot --merge FILE [FILE ...]
 
 ``--subset`` compiles a covering subset (every pattern, score, relative and timestamp bias
 on/off, dropout on/off, precision, split count, dtype, head dim and config at least once
@@ -34,6 +36,12 @@ specialisations run in a process pool (``--jobs``, default: the CPU count).  Unl
 specialisation compiles into a scratch cache deleted right after: every specialisation is
 really compiled, and neither the user's cache nor the disk fills with thousands of
 kernels (about 0.6 MB each) this machine never runs.
+
+The full product takes hours on a small machine.  ``--shard I/N`` compiles every N-th
+specialisation from the I-th on (shards of one product are disjoint and together are all
+of it), so that N machines or N runs share it; ``--merge`` reads their ``--json`` reports,
+checks that they are the N shards of one product, each once, and prints the summary of
+the whole.
 
 The arguments mirror the launchers (``ops/*/triton_backend.py``), packed into the kernels'
 tuple parameters as ``ops/triton_args.py`` packs them: an absent pointer is a constexpr
@@ -574,6 +582,68 @@ def print_summary(summary: dict, failed: list[str]) -> None:
         print("\n".join(failed))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``1 <= I <= N``."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"--shard must be I/N with 1 <= I <= N (e.g. 2/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_of(specs: list[Specialisation], shard: tuple[int, int]) -> list[Specialisation]:
+    """The specialisations of shard ``(I, N)``: every N-th from the I-th (the product's order
+    interleaves kernels and configs, so each shard gets a share of the slow compiles)."""
+    index, count = shard
+    return specs[index - 1 :: count]
+
+
+def merge_reports(paths: list[str]) -> tuple[dict, list[str]]:
+    """The ``--json`` reports of the N shards of one product -> (summary, failure lines).
+
+    Raises ``ValueError`` naming the file when a report is unreadable, comes from another
+    product (architectures, subset) or shard count, repeats a shard, or when shards are
+    missing or do not hold the specialisations their shard should."""
+    reports = []
+    for path in paths:
+        try:
+            with open(path) as handle:
+                report = json.load(handle)
+            run = report["run"]
+            key = (tuple(run["archs"]), bool(run["subset"]), tuple(run["shard"]))
+            rows = report["results"]
+            wall = float(report["summary"]["wall_seconds"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a report of `python -m rec2pm_kernels.aot --json` ({error})") from error
+        reports.append((path, key, rows, wall))
+    (first, (archs, subset, (_, count)), _, _) = reports[0]
+    seen: dict[int, str] = {}
+    for path, (other_archs, other_subset, (index, other_count)), _, _ in reports:
+        if (other_archs, other_subset, other_count) != (archs, subset, count):
+            raise ValueError(
+                f"{path} is a shard of another run than {first}: archs {list(other_archs)}, subset "
+                f"{other_subset}, {other_count} shards (against {list(archs)}, {subset}, {count})"
+            )
+        if index in seen:
+            raise ValueError(f"{path} and {seen[index]} are both shard {index}/{count}")
+        seen[index] = path
+    missing = sorted(set(range(1, count + 1)) - set(seen))
+    if missing:
+        raise ValueError(f"shards {', '.join(f'{i}/{count}' for i in missing)} are missing")
+    product = all_specialisations(archs)
+    if subset:
+        product = covering_subset(product)
+    fields = [f.name for f in dataclasses.fields(Specialisation)]
+    results = []
+    for path, (_, _, shard), rows, _ in reports:
+        expected = shard_of(product, shard)
+        if [Specialisation(**{name: row[name] for name in fields}) for row in rows] != expected:
+            raise ValueError(f"{path}: its results are not the specialisations of shard {shard[0]}/{shard[1]}")
+        results += rows
+    summary = summarise(results, sum(wall for *_, wall in reports))  # the shards' wall times, added
+    failed = [format_result(Specialisation(**{n: r[n] for n in fields}), r) for r in results if r["failures"]]
+    return summary, failed
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rec2pm_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", action="store_true", help="a covering subset instead of the full product")
@@ -592,6 +662,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="fail on occupancy spills too (a few bytes ptxas spills to fit one more block per SM)",
     )
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(1, 1), metavar="I/N", help="compile only shard I of N (default: 1/1)"
+    )
+    parser.add_argument(
+        "--merge", nargs="+", metavar="FILE", help="summarise the --json reports of a run's N shards; compile nothing"
+    )
     return parser.parse_args(argv)
 
 
@@ -605,12 +681,21 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.merge:
+        try:
+            summary, failed = merge_reports(args.merge)
+        except ValueError as error:
+            print(f"rec2pm_kernels.aot --merge: {error}", file=sys.stderr)
+            return 2
+        print_summary(summary, failed)
+        return 1 if failed else 0
     specs = all_specialisations(tuple(args.arch))
     if args.subset:
         specs = covering_subset(specs)
+    specs = shard_of(specs, args.shard)
     print(
-        f"compiling {len(specs)} specialisations for {', '.join(f'sm_{a}' for a in args.arch)} "
-        f"with {args.jobs} processes",
+        f"compiling {len(specs)} specialisations (shard {args.shard[0]}/{args.shard[1]}) for "
+        f"{', '.join(f'sm_{a}' for a in args.arch)} with {args.jobs} processes",
         flush=True,
     )
     started = time.perf_counter()
@@ -622,7 +707,8 @@ def main(argv=None) -> int:
     print_summary(summary, failed)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(dict(summary=summary, results=results), handle, indent=1)
+            run = dict(archs=list(args.arch), subset=args.subset, shard=list(args.shard))
+            json.dump(dict(run=run, summary=summary, results=results), handle, indent=1)
     return 1 if failed else 0
 
 

@@ -23,10 +23,13 @@ def _packed(memories: list[torch.Tensor], width: int, like: torch.Tensor):
     return vectors, counts
 
 
+def _flat_items(lists: list[list[int]], device) -> torch.Tensor:
+    return torch.tensor([i for x in lists for i in x], dtype=torch.long, device=device)
+
+
 def _packed_items(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    items = torch.tensor([i for x in lists for i in x], dtype=torch.long, device=device)
     offsets = itertools.accumulate((len(x) for x in lists), initial=0)
-    return items, torch.tensor(list(offsets), dtype=torch.long, device=device)
+    return _flat_items(lists, device), torch.tensor(list(offsets), dtype=torch.long, device=device)
 
 
 class TokenMemoryEngine:
@@ -52,6 +55,14 @@ class TokenMemoryEngine:
         items, cu = _packed_items(segments, weight.device)
         new = self.model.update(Memory(vectors, counts), items, cu)
         return list(new.vectors.split(new.counts.tolist()))
+
+    def score(self, memories, recents: list[list[int]], archived_segments: list[int]) -> torch.Tensor:
+        """``prefill``'s logits without caches (a request whose K/V will not be kept): one
+        forward pass, with no cache slots to allocate, fill and zero."""
+        weight = self.model.item_embedding.weight
+        vectors, counts = _packed(memories, self.width, weight)
+        items, cu = _packed_items(recents, weight.device)
+        return self.model.score(Memory(vectors, counts), items, cu)
 
     def prefill(self, memories, recents: list[list[int]], archived_segments: list[int], capacity: int):
         weight = self.model.item_embedding.weight
@@ -152,7 +163,15 @@ class KVMaskEngine:
             device=device,
         )
 
+    def score(self, memories, recents, archived_segments) -> torch.Tensor:
+        """``prefill``'s logits, over caches with no room past each user's rows (not kept)."""
+        rows = max(m.shape[0] + len(r) for m, r in zip(memories, recents, strict=True))
+        return self._prefill(memories, recents, archived_segments, rows)[0]
+
     def prefill(self, memories, recents, archived_segments, capacity):
+        return self._prefill(memories, recents, archived_segments, capacity)
+
+    def _prefill(self, memories, recents, archived_segments, capacity):
         caches, seqlens, _ = self._caches(memories, capacity)
         logits = self._serve(caches, seqlens, recents, [0] * len(recents), archived_segments)
         return logits, caches, seqlens
@@ -163,7 +182,7 @@ class KVMaskEngine:
     def _serve(self, caches, seqlens, new_items, recent_starts, archived_segments):
         """Recent events ``recent_starts[b]...`` of each user over its cache; the last one's logits."""
         device = seqlens.device
-        items, _ = _packed_items(new_items, device)
+        items = _flat_items(new_items, device)
         positions = self._tail_positions(new_items, recent_starts, archived_segments, device)
         lengths = [len(x) for x in new_items]
         h, cu = self._run(self.model.item_embedding(items), positions, lengths, caches, seqlens)

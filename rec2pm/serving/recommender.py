@@ -382,7 +382,10 @@ class Recommender:
             for (b, _), row in zip(hits, self._step_hits([(records[b], e) for b, e in hits]), strict=True):
                 out[b] = row
         if misses:
-            for b, row in zip(misses, self._prefill([records[b] for b in misses]), strict=True):
+            missed = [records[b] for b in misses]
+            # Without a session cache nothing keeps the K/V: a forward pass, not a prefill.
+            rows = self._prefill(missed) if self.cache.max_bytes else self._score_cold(missed)
+            for b, row in zip(misses, rows, strict=True):
                 out[b] = row
         return torch.stack(out)
 
@@ -414,6 +417,13 @@ class Recommender:
             entry.cached_items = tuple(record.recent)
             self.cache.touch(record.user)
         return logits
+
+    def _score_cold(self, records: list[UserRecord]) -> torch.Tensor:
+        return self.engine.score(
+            [self._memory_tensor(r) for r in records],
+            [list(r.recent) for r in records],
+            [r.archived_events // self.segment_len for r in records],
+        )
 
     def _prefill(self, records: list[UserRecord]) -> torch.Tensor:
         memories = [self._memory_tensor(r) for r in records]

@@ -5,6 +5,8 @@ flag at import, so a process that imported the kernels for the interpreter canno
 them.
 """
 
+import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -109,6 +111,64 @@ def test_refuses_to_run_under_the_interpreter():
     )
     assert result.returncode == 2
     assert "TRITON_INTERPRET" in result.stderr
+
+
+@pytest.mark.parametrize("count", [1, 3, 7])
+def test_shards_split_the_product_into_disjoint_parts(count):
+    full = aot.all_specialisations()
+    shards = [aot.shard_of(full, (index, count)) for index in range(1, count + 1)]
+    assert sorted(map(repr, itertools.chain(*shards))) == sorted(map(repr, full))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", ""])
+def test_a_shard_is_i_of_n(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="--shard must be I/N"):
+        aot.parse_shard(text)
+
+
+def _fake_report(path, specs, shard, failing=()):
+    """A --json report of ``specs`` as a compile would write it, without compiling."""
+    rows = [
+        dict(vars(spec), config=spec.config, shared=1024, registers=64, stack=0, local=0, spill=None, seconds=0.5)
+        | dict(failures=["shared memory 1 B > limit"] if i in failing else [])
+        for i, spec in enumerate(specs)
+    ]
+    run = dict(archs=[90], subset=True, shard=list(shard))
+    path.write_text(json.dumps(dict(run=run, summary=dict(wall_seconds=2.0), results=rows)))
+    return str(path)
+
+
+def test_merge_summarises_the_shards_of_one_run(tmp_path, capsys):
+    subset = aot.covering_subset(aot.all_specialisations((90,)))
+    one = _fake_report(tmp_path / "1.json", aot.shard_of(subset, (1, 2)), (1, 2))
+    two = _fake_report(tmp_path / "2.json", aot.shard_of(subset, (2, 2)), (2, 2), failing={3})
+    summary, failed = aot.merge_reports([two, one])
+    assert summary["specialisations"] == len(subset) and summary["wall_seconds"] == 4.0
+    assert summary["archs"][90]["failures"] == 1 and len(failed) == 1 and "shared memory" in failed[0]
+    assert aot.main(["--merge", one, two]) == 1
+    assert "=== 1 failures ===" in capsys.readouterr().out
+
+
+def test_merge_refuses_what_is_not_one_whole_run(tmp_path, capsys):
+    subset = aot.covering_subset(aot.all_specialisations((90,)))
+    one = _fake_report(tmp_path / "1.json", aot.shard_of(subset, (1, 2)), (1, 2))
+    two = _fake_report(tmp_path / "2.json", aot.shard_of(subset, (2, 2)), (2, 2))
+    wrong = _fake_report(tmp_path / "w.json", aot.shard_of(subset, (1, 2)), (2, 2))
+    of_three = _fake_report(tmp_path / "3.json", aot.shard_of(subset, (3, 3)), (3, 3))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for paths, message in [
+        ([one], "shards 2/2 are missing"),
+        ([one, one, two], "are both shard 1/2"),
+        ([one, wrong], "w.json: its results are not the specialisations of shard 2/2"),
+        ([one, of_three], "3.json is a shard of another run"),
+        ([str(broken), one], "broken.json: not a report"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            aot.merge_reports(paths)
+    assert aot.main(["--merge", one]) == 2
+    assert "shards 2/2 are missing" in capsys.readouterr().err
 
 
 @pytest.mark.aot

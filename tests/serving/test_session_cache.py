@@ -12,8 +12,8 @@ from .models import S, history, reference_scores, small_model
 
 def counting(rec):
     """Count the events each engine call runs."""
-    calls = {"step": [], "prefill": []}
-    step, prefill = rec.engine.step, rec.engine.prefill
+    calls = {"step": [], "prefill": [], "score": []}
+    step, prefill, score = rec.engine.step, rec.engine.prefill, rec.engine.score
 
     def counted_step(caches, seqlens, new_items, *args):
         calls["step"].append(sum(len(x) for x in new_items))
@@ -23,7 +23,11 @@ def counting(rec):
         calls["prefill"].append(sum(len(x) for x in recents))
         return prefill(memories, recents, *args)
 
-    rec.engine.step, rec.engine.prefill = counted_step, counted_prefill
+    def counted_score(memories, recents, *args):
+        calls["score"].append(sum(len(x) for x in recents))
+        return score(memories, recents, *args)
+
+    rec.engine.step, rec.engine.prefill, rec.engine.score = counted_step, counted_prefill, counted_score
     return calls
 
 
@@ -35,13 +39,30 @@ def test_a_request_after_one_new_event_steps_only_that_event(method):
     rec.observe(["u"], [events[: S + 2]])
     calls = counting(rec)
     rec.scores(["u"])  # a miss: one prefill over the recent events
-    assert calls == {"step": [], "prefill": [2]}
+    assert calls == {"step": [], "prefill": [2], "score": []}
     for item in events[S + 2 :]:
         rec.observe(["u"], [[item]])
         rec.scores(["u"])
-    assert calls == {"step": [1, 1], "prefill": [2]}
+    assert calls == {"step": [1, 1], "prefill": [2], "score": []}
     rec.scores(["u"])  # nothing new: the last event is stepped again over the cache
     assert calls["step"][-1] == 1 and calls["prefill"] == [2]
+
+
+@pytest.mark.parametrize("method", ["rec2pm-o", "rec2pm-a", "kv-mask-o"])
+def test_without_a_session_cache_a_request_keeps_no_caches(method):
+    """With the cache off nothing would keep a prefill's K/V: each request is one pass
+    without cache slots, and scores as a cached recommender's miss (a prefill) does."""
+    torch.set_num_threads(1)
+    model = small_model(method, "hstu-small")
+    cached = Recommender(model, "memory://", device="cpu")
+    uncached = Recommender(model, cached.store, session_cache_bytes=0, device="cpu")
+    users = ["a", "b", "c"]
+    cached.observe(users, [history(n, seed=i).tolist() for i, n in enumerate([2 * S + 3, S + 1, 4 * S])])
+    calls = counting(uncached)
+    for _ in range(2):
+        torch.testing.assert_close(uncached.scores(users), cached.scores(users), rtol=0, atol=1e-5)
+    assert calls == {"step": [], "prefill": [], "score": [3 + 1 + S] * 2}
+    assert len(uncached.cache) == 0 and cached.cache.misses == 3
 
 
 def test_hits_alone_and_in_a_batch_share_one_entry():
