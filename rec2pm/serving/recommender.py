@@ -371,8 +371,8 @@ class Recommender:
         out: list[torch.Tensor | None] = [None] * len(records)
         hits, misses = [], []
         for b, record in enumerate(records):
-            entry = self.cache.get(record.user) if self.cache.max_bytes else None
-            if entry is not None and self._entry_serves(entry, record):
+            entry = self._entry_for(record) if self.cache.max_bytes else None
+            if entry is not None:
                 hits.append((b, entry))
             else:
                 misses.append(b)
@@ -389,15 +389,31 @@ class Recommender:
                 out[b] = row
         return torch.stack(out)
 
-    def _entry_serves(self, entry: SessionEntry, record: UserRecord) -> bool:
+    def _entry_for(self, record: UserRecord) -> SessionEntry | None:
+        """The user's session entry if it holds this record's memory and a prefix of its recent
+        events, grown first when the new events would not fit; ``None`` for a miss."""
+        entry = self.cache.get(record.user)
+        if entry is None:
+            return None
         cached = entry.cached_items
-        return (
+        if not (
             entry.archived_events == record.archived_events
             and len(cached) <= len(record.recent)
             and tuple(record.recent[: len(cached)]) == cached
             and entry.memory_digest == _digest(record.memory)
-            and entry.memory_rows + len(record.recent) <= entry.capacity
-        )
+        ):
+            return None
+        if entry.memory_rows + len(record.recent) > entry.capacity:
+            entry = entry.grown(entry.memory_rows + self._recent_slots(len(record.recent)))
+            self.cache.put(record.user, entry)  # served even if it no longer fits the cache
+        return entry
+
+    def _recent_slots(self, recent: int) -> int:
+        """Cache slots an entry holds for ``recent`` events and the ones to come: the next power
+        of two above ``recent`` (at least 16), at most S (an archive after S events replaces
+        the entry).  An entry sized for S from the start held three times the slots a user with
+        the average S/2 recent events fills; this one doubles, copying its slots, when full."""
+        return min(self.segment_len, max(16, 1 << recent.bit_length()))
 
     def _step_hits(self, group: list[tuple[UserRecord, SessionEntry]]) -> torch.Tensor:
         """Step each user's events after its cached ones (at least the last, whose output is the answer)."""
@@ -427,7 +443,8 @@ class Recommender:
 
     def _prefill(self, records: list[UserRecord]) -> torch.Tensor:
         memories = [self._memory_tensor(r) for r in records]
-        capacity = max(m.shape[0] for m in memories) + self.segment_len
+        ends = [m.shape[0] + self._recent_slots(len(r.recent)) for m, r in zip(memories, records, strict=True)]
+        capacity = max(ends)
         logits, caches, _ = self.engine.prefill(
             memories,
             [list(r.recent) for r in records],
@@ -435,8 +452,7 @@ class Recommender:
             capacity,
         )
         if self.cache.max_bytes:
-            for b, (record, memory) in enumerate(zip(records, memories, strict=True)):
-                end = memory.shape[0] + self.segment_len
+            for b, (record, memory, end) in enumerate(zip(records, memories, ends, strict=True)):
                 if len(records) == 1 and capacity == end:  # the caches hold this user's slots alone: kept as they are
                     layers = [(c.k[0], c.v[0]) for c in caches]
                 else:  # a copy, so that an entry holds no other user's slots (a copy of 52 KB per layer

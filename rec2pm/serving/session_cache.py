@@ -37,6 +37,22 @@ class SessionEntry:
         self.capacity = self.layers[0][0].shape[0] if self.layers else 0
 
     @property
+    def filled_rows(self) -> int:
+        return self.memory_rows + len(self.cached_items)
+
+    def grown(self, capacity: int) -> SessionEntry:
+        """The entry with ``capacity`` slots per layer: its filled slots copied, the rest zero."""
+        if capacity < self.capacity:
+            raise ValueError(f"an entry grows: capacity {capacity} is below its {self.capacity} slots")
+        filled = self.filled_rows
+        layers = []
+        for k, v in self.layers:
+            grown_k, grown_v = k.new_zeros((capacity, *k.shape[1:])), v.new_zeros((capacity, *v.shape[1:]))
+            grown_k[:filled], grown_v[:filled] = k[:filled], v[:filled]
+            layers.append((grown_k, grown_v))
+        return SessionEntry(self.memory_digest, self.archived_events, self.memory_rows, self.cached_items, layers)
+
+    @property
     def step_caches(self) -> list[LayerCache]:
         """The layers as a batch of one user's caches (views: a step appends into the entry)."""
         if self._step_caches is None:

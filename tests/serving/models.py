@@ -14,9 +14,11 @@ S, C = 5, 2
 SERVED = ["rec2pm-o", "rec2pm-a", "tok-serial-o", "kv-mask-o"]
 
 
-def small_model(method: str, backbone: str = "sasrec-small", seed: int = 0):
+def small_model(method: str, backbone: str = "sasrec-small", seed: int = 0, segment_len: int = S):
     torch.manual_seed(seed)
-    config = named_config(backbone, num_items=N_ITEMS, segment_len=S, num_memory_tokens=C, dropout=0.0, init_std=0.2)
+    config = named_config(
+        backbone, num_items=N_ITEMS, segment_len=segment_len, num_memory_tokens=C, dropout=0.0, init_std=0.2
+    )
     model = build_model(method, config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -65,6 +65,33 @@ def test_without_a_session_cache_a_request_keeps_no_caches(method):
     assert len(uncached.cache) == 0 and cached.cache.misses == 3
 
 
+@pytest.mark.parametrize("method", ["rec2pm-o", "kv-mask-o"])
+def test_an_entry_holds_room_for_the_next_events_and_grows_when_full(method):
+    """A miss keeps slots for the next power of two of recent events (at least 16, at most
+    S), not S: a hit that would not fit copies the entry into twice the slots instead of
+    prefilling again, and scores as before."""
+    torch.set_num_threads(1)
+    segment_len = 40
+    model = small_model(method, "hstu-small", segment_len=segment_len)
+    cached = Recommender(model, "memory://", device="cpu")
+    uncached = Recommender(model, cached.store, session_cache_bytes=0, device="cpu")
+    streams = {"a": history(2 * segment_len, seed=1).tolist(), "b": history(2 * segment_len, seed=2).tolist()}
+    fed = {"a": segment_len + 3, "b": segment_len + 20}  # one archive each; 3 and 20 recent
+    cached.observe(["a", "b"], [streams[u][: fed[u]] for u in ("a", "b")])
+    calls = counting(cached)
+    torch.testing.assert_close(cached.scores(["a", "b"]), uncached.scores(["a", "b"]), rtol=0, atol=1e-5)
+    recent_slots = {u: [cached.cache.get(u).capacity - cached.cache.get(u).memory_rows] for u in ("a", "b")}
+    while fed["b"] < 2 * segment_len:  # b reaches S recent events, a 23
+        cached.observe(["a", "b"], [[streams[u][fed[u]]] for u in ("a", "b")])
+        fed = {u: n + 1 for u, n in fed.items()}
+        torch.testing.assert_close(cached.scores(["a", "b"]), uncached.scores(["a", "b"]), rtol=0, atol=1e-5)
+        for u in ("a", "b"):
+            if cached.cache.get(u).capacity - cached.cache.get(u).memory_rows != recent_slots[u][-1]:
+                recent_slots[u].append(cached.cache.get(u).capacity - cached.cache.get(u).memory_rows)
+    assert recent_slots == {"a": [16, 32], "b": [32, segment_len]}
+    assert calls["prefill"] == [3 + 20] and len(calls["step"]) == segment_len - 20
+
+
 def test_hits_alone_and_in_a_batch_share_one_entry():
     """A user's hit alone steps over views of its entry and in a batch over a stacked copy
     that is written back: each must leave the entry holding every stepped event, so that
