@@ -1,8 +1,9 @@
 """Serving: per-request latency of Rec2PM-O against Full recomputation, Recent-only and
 KV-Mask-O (the same weights), cold (read from a SQLite store, no session cache: one
 forward pass), miss (session cache on, the user not in it: store read and a prefill that
-keeps the K/V) and hot (session cache: the cached step over the last event, what a request
-after one new event costs);
+keeps the K/V), hot (session cache: the cached step over the last event, what a request
+after one new event costs) and repeat (session cache, no new event: the entry's last
+answer);
 the archive cost of one segment (divide by S for the cost per event); and the store's
 get_many / put_many.
 
@@ -92,7 +93,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("serving_case", cases(mode), ids=[f"{b}-L{L}-r{r}-B{n}" for b, L, r, n in cases(mode)])
 
 
-REQUESTS = ["full", "recent", "rec2pm-o cold", "rec2pm-o miss", "rec2pm-o hot", "kv-mask-o cold", "kv-mask-o hot"]
+REQUESTS = [
+    "full",
+    "recent",
+    "rec2pm-o cold",
+    "rec2pm-o miss",
+    "rec2pm-o hot",
+    "rec2pm-o repeat",
+    "kv-mask-o cold",
+    "kv-mask-o hot",
+]
 
 
 @pytest.mark.parametrize("request_kind", REQUESTS)
@@ -115,9 +125,12 @@ def test_request(measure, bench_mode, serving_case, request_kind):
         rec.scores(ids)  # a hot user's K/V is in the session cache before timing starts
 
         def call():
-            if temperature == "miss":  # dropped from the session cache: the request prefills it again
-                for user in ids:
+            for user in ids:
+                if temperature == "miss":  # dropped from the session cache: the request prefills it again
                     rec.cache.invalidate(user_key(user))
+                elif temperature == "hot":  # the entry forgets its last event: one event is stepped
+                    entry = rec.cache.get(user_key(user))
+                    entry.cached_items = entry.cached_items[:-1]
             return rec.scores(ids)
 
     measure(

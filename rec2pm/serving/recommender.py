@@ -378,8 +378,15 @@ class Recommender:
                 misses.append(b)
         self.cache.hits += len(hits)
         self.cache.misses += len(misses)
-        if hits:
-            for (b, _), row in zip(hits, self._step_hits([(records[b], e) for b, e in hits]), strict=True):
+        stepped = []
+        for b, entry in hits:
+            if len(entry.cached_items) == len(records[b].recent):  # nothing new since the entry's last answer
+                out[b] = entry.last_logits
+                self.cache.touch(records[b].user)
+            else:
+                stepped.append((b, entry))
+        if stepped:
+            for (b, _), row in zip(stepped, self._step_hits([(records[b], e) for b, e in stepped]), strict=True):
                 out[b] = row
         if misses:
             missed = [records[b] for b in misses]
@@ -416,8 +423,8 @@ class Recommender:
         return min(self.segment_len, max(16, 1 << recent.bit_length()))
 
     def _step_hits(self, group: list[tuple[UserRecord, SessionEntry]]) -> torch.Tensor:
-        """Step each user's events after its cached ones (at least the last, whose output is the answer)."""
-        starts = [min(len(e.cached_items), len(r.recent) - 1) for r, e in group]
+        """Step each user's events after its cached ones (one or more per user)."""
+        starts = [len(e.cached_items) for _, e in group]
         new_items = [list(r.recent[s:]) for (r, _), s in zip(group, starts, strict=True)]
         seqlens = torch.tensor(
             [e.memory_rows + s for (_, e), s in zip(group, starts, strict=True)], dtype=torch.int32, device=self.device
@@ -429,8 +436,9 @@ class Recommender:
         logits = self.engine.step(
             caches, seqlens, new_items, starts, [r.archived_events // self.segment_len for r, _ in group]
         )
-        for record, entry in group:
+        for (record, entry), row in zip(group, logits, strict=True):
             entry.cached_items = tuple(record.recent)
+            entry.last_logits = row.clone()  # not a view that keeps the batch's rows alive
             self.cache.touch(record.user)
         return logits
 
@@ -461,7 +469,12 @@ class Recommender:
                 self.cache.put(
                     record.user,
                     SessionEntry(
-                        _digest(record.memory), record.archived_events, memory.shape[0], tuple(record.recent), layers
+                        _digest(record.memory),
+                        record.archived_events,
+                        memory.shape[0],
+                        tuple(record.recent),
+                        layers,
+                        logits[b].clone(),
                     ),
                 )
         return logits

@@ -20,20 +20,23 @@ from ..backbones.decoder import LayerCache
 @dataclass
 class SessionEntry:
     """Per layer ``(k, v)``, each ``(capacity, heads, head_dim)``; slots ``[0, memory_rows)``
-    hold the memory, the next ``len(cached_items)`` the recent events ``cached_items``."""
+    hold the memory, the next ``len(cached_items)`` the recent events ``cached_items``.
+    ``last_logits``: the scores ``(N + 1,)`` after the last of them, the answer to a request
+    with no new events (kept with the slots, and counted in ``nbytes``)."""
 
     memory_digest: bytes
     archived_events: int
     memory_rows: int
     cached_items: tuple[int, ...]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    last_logits: torch.Tensor
     # Computed once: the sizes never change, and a hot request made 32 views per step.
     nbytes: int = field(init=False)
     capacity: int = field(init=False)
     _step_caches: list[LayerCache] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        self.nbytes = sum(k.nbytes + v.nbytes for k, v in self.layers)
+        self.nbytes = sum(k.nbytes + v.nbytes for k, v in self.layers) + self.last_logits.nbytes
         self.capacity = self.layers[0][0].shape[0] if self.layers else 0
 
     @property
@@ -50,7 +53,9 @@ class SessionEntry:
             grown_k, grown_v = k.new_zeros((capacity, *k.shape[1:])), v.new_zeros((capacity, *v.shape[1:]))
             grown_k[:filled], grown_v[:filled] = k[:filled], v[:filled]
             layers.append((grown_k, grown_v))
-        return SessionEntry(self.memory_digest, self.archived_events, self.memory_rows, self.cached_items, layers)
+        return SessionEntry(
+            self.memory_digest, self.archived_events, self.memory_rows, self.cached_items, layers, self.last_logits
+        )
 
     @property
     def step_caches(self) -> list[LayerCache]:
