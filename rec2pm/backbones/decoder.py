@@ -169,12 +169,14 @@ class Decoder(nn.Module):
         positions: torch.Tensor,
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
-        capacity: int,
+        capacity: int | list[int],
         max_position: int | None = None,
-    ) -> tuple[torch.Tensor, list[LayerCache], torch.Tensor]:
+    ) -> tuple[torch.Tensor, list[LayerCache] | UserCaches, torch.Tensor]:
         """A ``causal`` ``forward`` over whole blocks that also returns per-layer caches of
         ``capacity`` slots holding each block's K/V, and their ``cache_seqlens`` (int32).
         ``positions`` are each block's offsets ``0..n-1``, as the cached step gives its slots.
+        A list of capacities (one per block) returns ``UserCaches``: each user's own tensors,
+        zero past its rows (a session entry keeps them without a copy out of a batch).
 
         Where the fused step applies, this is one ``step`` of every block's rows over empty
         caches: the cached step attends causally over the rows it appends, so it is the same
@@ -184,6 +186,8 @@ class Decoder(nn.Module):
         the slots after them.
         """
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        if isinstance(capacity, list):
+            return self._prefill_users(x, positions, cu_seqlens, max_seqlen, lengths, capacity, max_position)
         if lengths.numel() and int(lengths.max()) > capacity:
             raise ValueError(f"capacity {capacity} is smaller than the longest sequence ({int(lengths.max())})")
         if fused_step.applies(self, x, []):
@@ -197,6 +201,24 @@ class Decoder(nn.Module):
         out, kv = self(x, positions, cu_seqlens, max_seqlen, collect_kv=True, max_position=max_position)
         caches, seqlens = caches_from_kv(kv, cu_seqlens, capacity)
         return out, caches, seqlens
+
+    def _prefill_users(self, x, positions, cu_seqlens, max_seqlen, lengths, capacities: list[int], max_position):
+        """``prefill`` into caches held per user: one step of every block's rows over each
+        user's own empty caches (zeroed here: the C++ step leaves caches held per user to their
+        caller), so the same numbers as a prefill into one batch of caches."""
+        held = lengths.tolist()
+        if len(capacities) != len(held):
+            raise ValueError(f"capacity must hold one int per sequence ({len(held)}), got {len(capacities)}")
+        for user, (n, slots) in enumerate(zip(held, capacities, strict=True)):
+            if isinstance(slots, bool) or not isinstance(slots, int) or slots < n:
+                raise ValueError(f"capacity {slots!r} of sequence {user} is smaller than its length ({n})")
+        shape = (self.config.num_heads, self.config.head_dim)
+        caches = UserCaches(
+            [[(x.new_zeros(slots, *shape), x.new_zeros(slots, *shape)) for _ in self.blocks] for slots in capacities]
+        )
+        seqlens = torch.zeros(len(held), dtype=torch.int32, device=x.device)
+        out = self.step(x, positions, cu_seqlens, max_seqlen, caches, seqlens, max_position=max_position)
+        return out, caches, seqlens.add_(lengths.to(seqlens.device, torch.int32))
 
     def _time_options(self, times, device) -> dict:
         if not self.config.num_time_buckets:

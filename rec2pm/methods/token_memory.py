@@ -173,16 +173,20 @@ class TokenMemoryModel(RecModel):
 
     @torch.no_grad()
     def prefill(
-        self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, capacity: int
+        self, memory: Memory, recent_items: torch.Tensor, recent_cu: torch.Tensor, capacity: int | list[int]
     ) -> tuple[torch.Tensor, ServingState]:
         """``score`` that also keeps every layer's K/V of ``[M ; recent]`` for ``step``.
 
         ``capacity``: cache slots per user, at least the longest ``[M ; recent]`` block plus
-        the events ``step`` will add.
+        the events ``step`` will add; or one int per user, for caches held per user
+        (``UserCaches``: each user's own tensors).
         """
         self.require_no_time_bias("prefill (the cached serving step)")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise TypeError(f"capacity must be an int >= 1 (cache slots per user), got {capacity!r}")
+        capacities = capacity if isinstance(capacity, list) else [capacity]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in capacities):
+            raise TypeError(
+                f"capacity must be an int >= 1 (cache slots per user) or a list of them, one per user, got {capacity!r}"
+            )
         layout, x, _ = self._serving_inputs(memory, recent_items, recent_cu)
         h, caches, seqlens = self.decoder.prefill(
             x, layout.position, layout.cu_seqlens, layout.max_seqlen, capacity, max_position=layout.max_position

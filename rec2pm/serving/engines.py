@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from ..backbones.decoder import LayerCache, cache_capacity, caches_from_kv, check_cache_room
+from ..backbones.decoder import LayerCache, UserCaches, cache_capacity, caches_from_kv, check_cache_room
 from ..layout import history_shape
 from ..methods import KVMask, Memory, ServingState, TokenMemoryModel
 
@@ -64,11 +64,12 @@ class TokenMemoryEngine:
         items, cu = _packed_items(recents, weight.device)
         return self.model.score(Memory(vectors, counts), items, cu)
 
-    def prefill(self, memories, recents: list[list[int]], archived_segments: list[int], capacity: int):
+    def prefill(self, memories, recents: list[list[int]], archived_segments: list[int], capacities: list[int]):
+        """Logits, and each user's own caches (``UserCaches``) of ``capacities[b]`` slots."""
         weight = self.model.item_embedding.weight
         vectors, counts = _packed(memories, self.width, weight)
         items, cu = _packed_items(recents, weight.device)
-        logits, state = self.model.prefill(Memory(vectors, counts), items, cu, capacity)
+        logits, state = self.model.prefill(Memory(vectors, counts), items, cu, capacities)
         return logits, state.caches, state.seqlens
 
     def step(
@@ -168,8 +169,23 @@ class KVMaskEngine:
         rows = max(m.shape[0] + len(r) for m, r in zip(memories, recents, strict=True))
         return self._prefill(memories, recents, archived_segments, rows)[0]
 
-    def prefill(self, memories, recents, archived_segments, capacity):
-        return self._prefill(memories, recents, archived_segments, capacity)
+    def prefill(self, memories, recents, archived_segments, capacities: list[int]):
+        """Logits, and each user's own caches (``UserCaches``): its memory's K/V, then its
+        recent events' slots, in ``capacities[b]`` slots."""
+        shape = (self.heads, self.head_dim)
+        users = []
+        for memory, slots in zip(memories, capacities, strict=True):
+            layers = []
+            for k_rows, v_rows in self._layers(memory):
+                k, v = k_rows.new_zeros((slots, *shape)), v_rows.new_zeros((slots, *shape))
+                k[: k_rows.shape[0]], v[: v_rows.shape[0]] = k_rows, v_rows
+                layers.append((k, v))
+            users.append(layers)
+        caches = UserCaches(users)
+        device = self.model.item_embedding.weight.device
+        seqlens = torch.tensor([m.shape[0] for m in memories], dtype=torch.int32, device=device)
+        logits = self._serve(caches, seqlens, recents, [0] * len(recents), archived_segments)
+        return logits, caches, seqlens
 
     def _prefill(self, memories, recents, archived_segments, capacity):
         caches, seqlens, _ = self._caches(memories, capacity)

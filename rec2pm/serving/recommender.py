@@ -451,32 +451,23 @@ class Recommender:
 
     def _prefill(self, records: list[UserRecord]) -> torch.Tensor:
         memories = [self._memory_tensor(r) for r in records]
-        ends = [m.shape[0] + self._recent_slots(len(r.recent)) for m, r in zip(memories, records, strict=True)]
-        capacity = max(ends)
+        # Each user's caches are its own tensors (UserCaches), kept as its entry without a copy.
         logits, caches, _ = self.engine.prefill(
             memories,
             [list(r.recent) for r in records],
             [r.archived_events // self.segment_len for r in records],
-            capacity,
+            [m.shape[0] + self._recent_slots(len(r.recent)) for m, r in zip(memories, records, strict=True)],
         )
-        if self.cache.max_bytes:
-            for b, (record, memory, end) in enumerate(zip(records, memories, ends, strict=True)):
-                if len(records) == 1 and capacity == end:  # the caches hold this user's slots alone: kept as they are
-                    layers = [(c.k[0], c.v[0]) for c in caches]
-                else:  # a copy, so that an entry holds no other user's slots (a copy of 52 KB per layer
-                    # cost a B = 1 miss 0.8 ms of its 7.4 ms: it is made only where it is needed)
-                    layers = [(c.k[b, :end].clone(), c.v[b, :end].clone()) for c in caches]
-                self.cache.put(
-                    record.user,
-                    SessionEntry(
-                        _digest(record.memory),
-                        record.archived_events,
-                        memory.shape[0],
-                        tuple(record.recent),
-                        layers,
-                        logits[b].clone(),
-                    ),
-                )
+        for b, (record, memory, layers) in enumerate(zip(records, memories, caches.layers, strict=True)):
+            entry = SessionEntry(
+                _digest(record.memory),
+                record.archived_events,
+                memory.shape[0],
+                tuple(record.recent),
+                layers,
+                logits[b].clone(),  # not a view that keeps the batch's rows alive
+            )
+            self.cache.put(record.user, entry)
         return logits
 
     def close(self) -> None:

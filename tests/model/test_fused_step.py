@@ -110,6 +110,48 @@ def test_prefill_through_the_fused_step_equals_a_causal_pass(backbone, dtype, pa
         torch.testing.assert_close(a.v, b.v, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "stacked"])
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("path", list(PREFILL_BLOCKS))
+def test_a_prefill_into_caches_held_per_user_equals_the_batched_prefill(backbone, path, fused):
+    """Capacities per user give each user its own caches (an exact fit, or room to spare),
+    holding the batched prefill's slots and zeros after them: bit for bit through the C++
+    step; without it the batched prefill is a causal pass and this a cached step over empty
+    caches, two kernels that round apart."""
+    decoder = randomised_decoder(backbone, torch.float32)
+    lengths = PREFILL_BLOCKS[path]
+    cu = cu_seqlens_of(lengths)
+    x = torch.randn(sum(lengths), decoder.config.d_model)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    capacities = [n + (b % 2) * 5 + (n == 0) for b, n in enumerate(lengths)]
+    decoder.use_fused_step = fused
+    try:
+        with torch.no_grad():
+            expected, batched, _ = decoder.prefill(x, positions, cu, max(lengths), max(capacities))
+            out, users, seqlens = decoder.prefill(x, positions, cu, max(lengths), capacities)
+    finally:
+        decoder.use_fused_step = True
+    tolerance = 0 if fused else 2e-6
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    assert isinstance(users, UserCaches) and users.capacities() == capacities and seqlens.tolist() == lengths
+    for b, (n, user) in enumerate(zip(lengths, users.layers, strict=True)):
+        for (k, v), cache in zip(user, batched, strict=True):
+            torch.testing.assert_close(k[:n], cache.k[b, :n], rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(v[:n], cache.v[b, :n], rtol=tolerance, atol=tolerance)
+            assert not k[n:].any() and not v[n:].any()
+
+
+def test_a_prefill_into_caches_held_per_user_checks_the_capacities():
+    decoder = randomised_decoder("hstu", torch.float32)
+    x = torch.randn(6, decoder.config.d_model)
+    args = (x, torch.tensor([0, 1, 0, 1, 2, 3]), cu_seqlens_of([2, 4]), 4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="capacity 3 of sequence 1 is smaller than its length \\(4\\)"):
+            decoder.prefill(*args, capacity=[2, 3])
+        with pytest.raises(ValueError, match="one int per sequence \\(2\\), got 1"):
+            decoder.prefill(*args, capacity=[8])
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
 @pytest.mark.parametrize("path", list(PREFILL_BLOCKS))
 def test_a_step_over_empty_caches_ignores_what_they_held(backbone, path):
