@@ -135,11 +135,17 @@ def test_unvalidated_step_equals_the_public_step(served):
     assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(state.caches, twin.caches, strict=True))
 
 
-@pytest.mark.parametrize("capacity", [8.0, "64", True, 0])
+@pytest.mark.parametrize("capacity", [8.0, "64", True, 0, [8.0], [0]])
 def test_prefill_capacity_must_be_a_positive_int(rec2pm_o, capacity):
     memory = Memory(torch.zeros(0, CFG.d_model), torch.zeros(1, dtype=torch.long))
     with pytest.raises(TypeError, match="capacity must be an int >= 1"):
         rec2pm_o.prefill(memory, torch.tensor([1, 2]), torch.tensor([0, 2]), capacity=capacity)
+
+
+def test_prefill_capacities_per_user_match_the_users(rec2pm_o):
+    memory = Memory(torch.zeros(0, CFG.d_model), torch.zeros(1, dtype=torch.long))
+    with torch.no_grad(), pytest.raises(ValueError, match="one int per sequence \\(1\\), got 2"):
+        rec2pm_o.prefill(memory, torch.tensor([1, 2]), torch.tensor([0, 2]), capacity=[8, 8])
 
 
 def test_segment_attention_module_matches_function():
