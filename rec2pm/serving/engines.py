@@ -167,7 +167,8 @@ class KVMaskEngine:
     def score(self, memories, recents, archived_segments) -> torch.Tensor:
         """``prefill``'s logits, over caches with no room past each user's rows (not kept)."""
         rows = max(m.shape[0] + len(r) for m, r in zip(memories, recents, strict=True))
-        return self._prefill(memories, recents, archived_segments, rows)[0]
+        caches, seqlens, _ = self._caches(memories, rows)
+        return self._serve(caches, seqlens, recents, [0] * len(recents), archived_segments)
 
     def prefill(self, memories, recents, archived_segments, capacities: list[int]):
         """Logits, and each user's own caches (``UserCaches``): its memory's K/V, then its
@@ -184,11 +185,6 @@ class KVMaskEngine:
         caches = UserCaches(users)
         device = self.model.item_embedding.weight.device
         seqlens = torch.tensor([m.shape[0] for m in memories], dtype=torch.int32, device=device)
-        logits = self._serve(caches, seqlens, recents, [0] * len(recents), archived_segments)
-        return logits, caches, seqlens
-
-    def _prefill(self, memories, recents, archived_segments, capacity):
-        caches, seqlens, _ = self._caches(memories, capacity)
         logits = self._serve(caches, seqlens, recents, [0] * len(recents), archived_segments)
         return logits, caches, seqlens
 
