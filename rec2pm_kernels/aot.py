@@ -26,7 +26,7 @@ register-pressure spill and fails.
 Usage::
 
     python -m rec2pm_kernels.aot [--subset] [--arch 80 90] [--jobs N] [--json FILE] [--strict-spills]
-                                 [--shard I/N]
+                                 [--shard I/N] [--order-from FILE [FILE ...]]
     python -m rec2pm_kernels.aot --merge FILE [FILE ...]
 
 ``--subset`` compiles a covering subset (every pattern, score, relative and timestamp bias
@@ -41,7 +41,10 @@ The full product takes hours on a small machine.  ``--shard I/N`` compiles every
 specialisation from the I-th on (shards of one product are disjoint and together are all
 of it), so that N machines or N runs share it; ``--merge`` reads their ``--json`` reports,
 checks that they are the N shards of one product, each once, and prints the summary of
-the whole.
+the whole.  The pool starts the slowest compiles first, so that its last minutes are not
+one long compile after another on one process: by a tile-size heuristic, or, with
+``--order-from``, by the seconds earlier reports measured for each kernel, target,
+dtype, head dim and config (a later shard learns from an earlier one).
 
 The arguments mirror the launchers (``ops/*/triton_backend.py``), packed into the kernels'
 tuple parameters as ``ops/triton_args.py`` packs them: an absent pointer is a constexpr
@@ -62,9 +65,11 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -513,11 +518,46 @@ def _expected_cost(spec: Specialisation) -> float:
     return tile * (4 if spec.dtype == "fp32" and spec.precision == "ieee" else 1)
 
 
+def _compile_class(spec: Specialisation) -> tuple:
+    """What a compile's time depends on (the switches move it little; the kernel and tile a lot:
+    ``segment_bwd_bias`` at M16_N16 with 8 warps takes 3-14 s, most others about 1 s)."""
+    return (spec.kernel, spec.arch, spec.dtype, spec.head_dim, spec.config)
+
+
+def measured_costs(paths: list[str]) -> dict[tuple, float]:
+    """Median compile seconds per compile class in earlier ``--json`` reports (any shard,
+    any product). Raises ``ValueError`` naming a file that is not such a report."""
+    seconds: dict[tuple, list[float]] = defaultdict(list)
+    for path in paths:
+        try:
+            with open(path) as handle:
+                rows = json.load(handle)["results"]
+            for row in rows:
+                seconds[_compile_class(_spec_of(row))].append(float(row["seconds"]))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a report of `python -m rec2pm_kernels.aot --json` ({error})") from error
+    # The median: a compile that ran while the machine was busy or paused reads far too long.
+    return {key: statistics.median(values) for key, values in seconds.items()}
+
+
+def compile_order(specs: list[Specialisation], costs: dict[tuple, float] | None = None) -> list[Specialisation]:
+    """The slowest compiles first, so that the pool's last minutes are not one long compile
+    after another. With ``costs`` (``measured_costs``), by the measured seconds of each
+    compile class, classes never measured first of all; without, by ``_expected_cost``."""
+    if not costs:
+        return sorted(specs, key=_expected_cost, reverse=True)
+    return sorted(specs, key=lambda spec: costs.get(_compile_class(spec), math.inf), reverse=True)
+
+
 def run_all(
-    specs: list[Specialisation], jobs: int, scratch_cache: bool = False, strict_spills: bool = False
+    specs: list[Specialisation],
+    jobs: int,
+    scratch_cache: bool = False,
+    strict_spills: bool = False,
+    costs: dict[tuple, float] | None = None,
 ) -> list[dict]:
     """Compile ``specs`` in a pool of ``jobs`` processes, printing each line as it finishes."""
-    ordered = sorted(specs, key=_expected_cost, reverse=True)
+    ordered = compile_order(specs, costs)
     results: dict[Specialisation, dict] = {}
     context = multiprocessing.get_context("spawn")  # fresh workers: no forked torch/triton state
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -558,9 +598,13 @@ def summarise(results: list[dict], wall_seconds: float) -> dict:
     )
 
 
+def _spec_of(result: dict) -> Specialisation:
+    """The specialisation a row of a ``--json`` report (or of ``run_all``) measured."""
+    return Specialisation(**{field.name: result[field.name] for field in dataclasses.fields(Specialisation)})
+
+
 def _label(result: dict) -> str:
-    fields = {name: result[name] for name in (f.name for f in dataclasses.fields(Specialisation))}
-    return Specialisation(**fields).describe()
+    return _spec_of(result).describe()
 
 
 def print_summary(summary: dict, failed: list[str]) -> None:
@@ -632,15 +676,14 @@ def merge_reports(paths: list[str]) -> tuple[dict, list[str]]:
     product = all_specialisations(archs)
     if subset:
         product = covering_subset(product)
-    fields = [f.name for f in dataclasses.fields(Specialisation)]
     results = []
     for path, (_, _, shard), rows, _ in reports:
         expected = shard_of(product, shard)
-        if [Specialisation(**{name: row[name] for name in fields}) for row in rows] != expected:
+        if [_spec_of(row) for row in rows] != expected:
             raise ValueError(f"{path}: its results are not the specialisations of shard {shard[0]}/{shard[1]}")
         results += rows
     summary = summarise(results, sum(wall for *_, wall in reports))  # the shards' wall times, added
-    failed = [format_result(Specialisation(**{n: r[n] for n in fields}), r) for r in results if r["failures"]]
+    failed = [format_result(_spec_of(row), row) for row in results if row["failures"]]
     return summary, failed
 
 
@@ -666,6 +709,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--shard", type=parse_shard, default=(1, 1), metavar="I/N", help="compile only shard I of N (default: 1/1)"
     )
     parser.add_argument(
+        "--order-from",
+        nargs="+",
+        metavar="FILE",
+        help="order the compiles by the seconds measured in earlier --json reports (e.g. another shard's)",
+    )
+    parser.add_argument(
         "--merge", nargs="+", metavar="FILE", help="summarise the --json reports of a run's N shards; compile nothing"
     )
     return parser.parse_args(argv)
@@ -689,6 +738,11 @@ def main(argv=None) -> int:
             return 2
         print_summary(summary, failed)
         return 1 if failed else 0
+    try:
+        costs = measured_costs(args.order_from) if args.order_from else None
+    except ValueError as error:
+        print(f"rec2pm_kernels.aot --order-from: {error}", file=sys.stderr)
+        return 2
     specs = all_specialisations(tuple(args.arch))
     if args.subset:
         specs = covering_subset(specs)
@@ -700,7 +754,11 @@ def main(argv=None) -> int:
     )
     started = time.perf_counter()
     results = run_all(
-        specs, max(1, args.jobs), scratch_cache=not os.environ.get("TRITON_CACHE_DIR"), strict_spills=args.strict_spills
+        specs,
+        max(1, args.jobs),
+        scratch_cache=not os.environ.get("TRITON_CACHE_DIR"),
+        strict_spills=args.strict_spills,
+        costs=costs,
     )
     summary = summarise(results, time.perf_counter() - started)
     failed = [format_result(spec, result) for spec, result in zip(specs, results, strict=True) if result["failures"]]

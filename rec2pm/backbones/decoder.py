@@ -45,6 +45,17 @@ class UserCaches:
 
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
 
+    @classmethod
+    def zeros(cls, capacities: list[int], num_layers: int, shape: tuple[int, int], like: torch.Tensor) -> UserCaches:
+        """Empty caches: user ``b``'s K and V of every layer, ``(capacities[b], *shape)``, zero
+        (a step appends after the filled slots and attends to nothing past them)."""
+        return cls(
+            [
+                [(like.new_zeros(slots, *shape), like.new_zeros(slots, *shape)) for _ in range(num_layers)]
+                for slots in capacities
+            ]
+        )
+
     def capacities(self) -> list[int]:
         return [user[0][0].shape[0] if user else 0 for user in self.layers]
 
@@ -212,10 +223,7 @@ class Decoder(nn.Module):
         for user, (n, slots) in enumerate(zip(held, capacities, strict=True)):
             if isinstance(slots, bool) or not isinstance(slots, int) or slots < n:
                 raise ValueError(f"capacity {slots!r} of sequence {user} is smaller than its length ({n})")
-        shape = (self.config.num_heads, self.config.head_dim)
-        caches = UserCaches(
-            [[(x.new_zeros(slots, *shape), x.new_zeros(slots, *shape)) for _ in self.blocks] for slots in capacities]
-        )
+        caches = UserCaches.zeros(capacities, len(self.blocks), (self.config.num_heads, self.config.head_dim), like=x)
         seqlens = torch.zeros(len(held), dtype=torch.int32, device=x.device)
         out = self.step(x, positions, cu_seqlens, max_seqlen, caches, seqlens, max_position=max_position)
         return out, caches, seqlens.add_(lengths.to(seqlens.device, torch.int32))

@@ -173,18 +173,12 @@ class KVMaskEngine:
     def prefill(self, memories, recents, archived_segments, capacities: list[int]):
         """Logits, and each user's own caches (``UserCaches``): its memory's K/V, then its
         recent events' slots, in ``capacities[b]`` slots."""
-        shape = (self.heads, self.head_dim)
-        users = []
-        for memory, slots in zip(memories, capacities, strict=True):
-            layers = []
-            for k_rows, v_rows in self._layers(memory):
-                k, v = k_rows.new_zeros((slots, *shape)), v_rows.new_zeros((slots, *shape))
+        like = self.model.item_embedding.weight
+        caches = UserCaches.zeros(capacities, self.layers, (self.heads, self.head_dim), like=like)
+        for user_layers, memory in zip(caches.layers, memories, strict=True):
+            for (k, v), (k_rows, v_rows) in zip(user_layers, self._layers(memory), strict=True):
                 k[: k_rows.shape[0]], v[: v_rows.shape[0]] = k_rows, v_rows
-                layers.append((k, v))
-            users.append(layers)
-        caches = UserCaches(users)
-        device = self.model.item_embedding.weight.device
-        seqlens = torch.tensor([m.shape[0] for m in memories], dtype=torch.int32, device=device)
+        seqlens = torch.tensor([m.shape[0] for m in memories], dtype=torch.int32, device=like.device)
         logits = self._serve(caches, seqlens, recents, [0] * len(recents), archived_segments)
         return logits, caches, seqlens
 

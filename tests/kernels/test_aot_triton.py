@@ -171,6 +171,34 @@ def test_merge_refuses_what_is_not_one_whole_run(tmp_path, capsys):
     assert "shards 2/2 are missing" in capsys.readouterr().err
 
 
+def test_compiles_are_ordered_by_the_seconds_an_earlier_report_measured(tmp_path, capsys):
+    subset = aot.covering_subset(aot.all_specialisations((90,)))
+    earlier = _fake_report(tmp_path / "1.json", aot.shard_of(subset, (1, 2)), (1, 2))
+    report = json.loads(open(earlier).read())
+    # Measured the slowest: the class the heuristic ranks last of those the earlier shard holds
+    # (as segment_bwd_bias at M16_N16 with 8 warps was: 3-14 s against about 1 s).
+    later = aot.shard_of(subset, (2, 2))
+    earlier_classes = {aot._compile_class(aot._spec_of(row)) for row in report["results"]}
+    slow = [spec for spec in aot.compile_order(later) if aot._compile_class(spec) in earlier_classes][-1]
+    for row in [r for r in report["results"] if aot._compile_class(aot._spec_of(r)) == aot._compile_class(slow)]:
+        row["seconds"] = 9.0
+    open(earlier, "w").write(json.dumps(report))
+    costs = aot.measured_costs([earlier])
+    ordered = aot.compile_order(later, costs)
+    assert sorted(map(repr, ordered)) == sorted(map(repr, later))
+    measured = [costs.get(aot._compile_class(spec)) for spec in ordered]
+    unmeasured = measured.count(None)
+    assert None not in measured[unmeasured:], "classes never measured come first"
+    assert measured[unmeasured:] == sorted(measured[unmeasured:], reverse=True)
+    assert aot._compile_class(ordered[unmeasured]) == aot._compile_class(slow)
+    broken = tmp_path / "broken.json"
+    broken.write_text("[]")
+    with pytest.raises(ValueError, match="broken.json: not a report"):
+        aot.measured_costs([str(broken)])
+    assert aot.main(["--order-from", str(broken)]) == 2
+    assert "broken.json" in capsys.readouterr().err
+
+
 @pytest.mark.aot
 def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
     """Every pattern, score, bias, dtype, head dim and config compiles for sm_80 and sm_90,
