@@ -136,9 +136,14 @@ def applies_to_users(decoder, x_new: torch.Tensor, user_layers) -> bool:
     """``applies`` for caches held per user, judged by the first user's first layer: the C++
     call checks every cache (and refuses mixed dtypes or devices) before it writes."""
     k, v = user_layers[0][0]
-    if not (hasattr(_extension.C, "decoder_step_users") and applies(decoder, x_new, [])):
+    if not applies_to_new_users(decoder, x_new):
         return False
     return k.dtype == x_new.dtype and v.dtype == x_new.dtype and k.device.type == "cpu"
+
+
+def applies_to_new_users(decoder, x_new: torch.Tensor) -> bool:
+    """``applies_to_users`` for caches yet to be allocated in ``x_new``'s dtype and device."""
+    return hasattr(_extension.C, "decoder_step_users") and applies(decoder, x_new, [])
 
 
 def fused_step_users(decoder, x_new, positions_new, cu_seqlens_new, user_layers, cache_seqlens) -> torch.Tensor:

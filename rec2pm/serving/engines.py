@@ -174,7 +174,7 @@ class KVMaskEngine:
         """Logits, and each user's own caches (``UserCaches``): its memory's K/V, then its
         recent events' slots, in ``capacities[b]`` slots."""
         like = self.model.item_embedding.weight
-        caches = UserCaches.zeros(capacities, self.layers, (self.heads, self.head_dim), like=like)
+        caches = UserCaches.allocate(capacities, self.layers, (self.heads, self.head_dim), like=like)
         for user_layers, memory in zip(caches.layers, memories, strict=True):
             for (k, v), (k_rows, v_rows) in zip(user_layers, self._layers(memory), strict=True):
                 k[: k_rows.shape[0]], v[: v_rows.shape[0]] = k_rows, v_rows

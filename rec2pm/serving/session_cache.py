@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbones.decoder import LayerCache
+from ..backbones.decoder import LayerCache, UserCaches
 
 
 @dataclass
@@ -48,11 +48,10 @@ class SessionEntry:
         if capacity < self.capacity:
             raise ValueError(f"an entry grows: capacity {capacity} is below its {self.capacity} slots")
         filled = self.filled_rows
-        layers = []
-        for k, v in self.layers:
-            grown_k, grown_v = k.new_zeros((capacity, *k.shape[1:])), v.new_zeros((capacity, *v.shape[1:]))
+        k0 = self.layers[0][0]
+        (layers,) = UserCaches.allocate([capacity], len(self.layers), tuple(k0.shape[1:]), like=k0).layers
+        for (k, v), (grown_k, grown_v) in zip(self.layers, layers, strict=True):
             grown_k[:filled], grown_v[:filled] = k[:filled], v[:filled]
-            layers.append((grown_k, grown_v))
         return SessionEntry(
             self.memory_digest, self.archived_events, self.memory_rows, self.cached_items, layers, self.last_logits
         )
