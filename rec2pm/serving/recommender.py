@@ -442,22 +442,22 @@ class Recommender:
             self.cache.touch(record.user)
         return logits
 
-    def _score_cold(self, records: list[UserRecord]) -> torch.Tensor:
-        return self.engine.score(
+    def _engine_inputs(self, records: list[UserRecord]) -> tuple[list[torch.Tensor], list[list[int]], list[int]]:
+        """Each user's memory rows, recent events and archived segments, as the engine takes them."""
+        return (
             [self._memory_tensor(r) for r in records],
             [list(r.recent) for r in records],
             [r.archived_events // self.segment_len for r in records],
         )
 
+    def _score_cold(self, records: list[UserRecord]) -> torch.Tensor:
+        return self.engine.score(*self._engine_inputs(records))
+
     def _prefill(self, records: list[UserRecord]) -> torch.Tensor:
-        memories = [self._memory_tensor(r) for r in records]
+        memories, recents, archived_segments = self._engine_inputs(records)
         # Each user's caches are its own tensors (UserCaches), kept as its entry without a copy.
-        logits, caches, _ = self.engine.prefill(
-            memories,
-            [list(r.recent) for r in records],
-            [r.archived_events // self.segment_len for r in records],
-            [m.shape[0] + self._recent_slots(len(r.recent)) for m, r in zip(memories, records, strict=True)],
-        )
+        capacities = [m.shape[0] + self._recent_slots(len(r)) for m, r in zip(memories, recents, strict=True)]
+        logits, caches, _ = self.engine.prefill(memories, recents, archived_segments, capacities)
         for b, (record, memory, layers) in enumerate(zip(records, memories, caches.layers, strict=True)):
             entry = SessionEntry(
                 _digest(record.memory),
