@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed at start)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--session-cache-mb", type=int, default=256, help="session K/V cache bound; 0 turns it off")
+    serve.add_argument(
+        "--memory-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="how archives store new memories"
+    )
+    serve.add_argument(
+        "--seen-limit", type=int, default=1024, help="archived item ids kept per user (as encode's, to keep them)"
+    )
     study = sub.add_parser("study", help="the accuracy study: run its grid, redraw docs/results.md, list its runs")
     study.add_argument("action", choices=("run", "report", "list"))
     study.add_argument("--scale", choices=("full", "mini"), default="full", help="mini: a few dozen users, for CI")

@@ -34,10 +34,16 @@ class RequestTooLarge(ValueError):
 
 
 def _check_bounds(users, items=None) -> None:
-    if isinstance(users, list) and len(users) > MAX_USERS_PER_REQUEST:
+    # Lists only: the Recommender takes any iterable, and an object of 100k keys would
+    # otherwise pass the bound by not being counted.
+    if not isinstance(users, list):
+        raise TypeError(f"users must be a JSON array of user ids, got {type(users).__name__}")
+    if items is not None and not (isinstance(items, list) and all(isinstance(row, list) for row in items)):
+        raise TypeError("items must be a JSON array with one array of item ids per user")
+    if len(users) > MAX_USERS_PER_REQUEST:
         raise RequestTooLarge(f"a request may name at most {MAX_USERS_PER_REQUEST} users, got {len(users)}; split it")
-    if isinstance(items, list):
-        events = sum(len(row) if isinstance(row, list) else 1 for row in items)
+    if items is not None:
+        events = sum(map(len, items))
         if events > MAX_EVENTS_PER_REQUEST:
             raise RequestTooLarge(
                 f"a request may carry at most {MAX_EVENTS_PER_REQUEST} events, got {events}; split it"
@@ -66,6 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        self._drain()  # a GET with a body
         if self.path != "/health":
             return self._reply(404, {"error": f"no such path {self.path!r}; expected GET /health"})
         rec = self.recommender
@@ -110,8 +117,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     def _drain(self):
+        """Read a body this server will not use; when it cannot be read whole (chunked, too
+        large, malformed length), close the connection after the reply: its bytes must not
+        be parsed as the next request."""
         length = self.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) <= MAX_BODY_BYTES:
+        if self.headers.get("Transfer-Encoding") or not (
+            length is None or (length.isdigit() and int(length) <= MAX_BODY_BYTES)
+        ):
+            self.close_connection = True
+        elif length:
             self.rfile.read(int(length))
 
     @staticmethod
@@ -161,7 +175,12 @@ def main_serve(args, parser) -> int:
 
     try:
         recommender = Recommender(
-            args.checkpoint, args.store, device=args.device, session_cache_bytes=args.session_cache_mb << 20
+            args.checkpoint,
+            args.store,
+            device=args.device,
+            session_cache_bytes=args.session_cache_mb << 20,
+            memory_dtype=args.memory_dtype,
+            seen_limit=args.seen_limit,
         )
         server = make_server(recommender, args.host, args.port)
     except (ValueError, TypeError, OSError, StoreError) as exc:

@@ -25,7 +25,7 @@ import torch
 
 from ..backbones.decoder import UserCaches
 from .engines import engine_for
-from .errors import FingerprintMismatch, VersionConflict
+from .errors import FingerprintMismatch, StoreError, VersionConflict
 from .fingerprint import model_fingerprint
 from .record import UserRecord, user_key
 from .session_cache import SessionCache, SessionEntry
@@ -52,6 +52,9 @@ class _UserState:
     seen: list[int]
     seen_truncated: bool
     segments: int = 0
+    # The stored memory's bytes and dtype while no segment was archived: an append rewrites
+    # them as they are, not rounded to this Recommender's memory_dtype.
+    stored_memory: tuple[bytes, str] | None = None
 
 
 @dataclass
@@ -93,7 +96,8 @@ class Recommender:
         store: a ``MemoryStore`` or its URL (``open_store``).
         device: ``"auto"`` (CUDA when available), or a torch device.
         session_cache_bytes: bound of the session K/V cache; 0 turns it off.
-        memory_dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"``: how new memories are stored.
+        memory_dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"``: how new memories are stored (a
+            memory an archive computes; an append keeps the stored memory's bytes and dtype).
         seen_limit: archived item ids kept per user for ``exclude_seen`` (most recent
             first; older ones are dropped and the record says so); 0 keeps none.
         max_retries: compare-and-swap attempts of one ``observe`` before the conflict is raised.
@@ -114,15 +118,15 @@ class Recommender:
             raise ValueError(f"memory_dtype must be one of {tuple(TORCH_DTYPES)}, got {memory_dtype!r}")
         if isinstance(seen_limit, bool) or not isinstance(seen_limit, int) or not 0 <= seen_limit <= 1 << 20:
             raise ValueError(f"seen_limit must be an int in 0..{1 << 20}, got {seen_limit!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 1:
+            raise ValueError(f"max_retries must be an int >= 1 (compare-and-swap attempts), got {max_retries!r}")
+        self.cache = SessionCache(session_cache_bytes)
         model = load_model(checkpoint_or_model)
         self.engine = engine_for(model)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.model = model.to(self.device).eval()
         self.fingerprint = model_fingerprint(self.model)
-        self.store = open_store(store)
-        self.cache = SessionCache(session_cache_bytes)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 1:
-            raise ValueError(f"max_retries must be an int >= 1 (compare-and-swap attempts), got {max_retries!r}")
+        self.store = open_store(store)  # last: nothing after it can fail and leave it open
         self.memory_dtype, self.seen_limit, self.max_retries = memory_dtype, seen_limit, max_retries
         config = self.model.config
         self.num_items, self.segment_len = config.num_items, config.segment_len
@@ -206,7 +210,7 @@ class Recommender:
                 self._archive(states)
                 writes = [Write(self._record(k, s), s.version) for k, s in states.items()]
                 try:
-                    self.store.put_many(writes)
+                    self._put(writes)
                     break
                 except VersionConflict as conflict:
                     if attempt == self.max_retries - 1:
@@ -223,6 +227,23 @@ class Recommender:
                     self.cache.invalidate(k)
         return ObserveResult(keys, [len(r) for r in runs], [segments.get(k, 0) for k in keys])
 
+    def _put(self, writes: list[Write]) -> None:
+        """``put_many``; when it fails without saying whether the batch landed (a reply lost
+        to a timeout or a dropped connection), a read of its users decides: a batch any of
+        whose records is stored (the same random ``write_id``) landed whole, and resending
+        it or re-applying its events would store them twice.  Otherwise the error stands."""
+        try:
+            self.store.put_many(writes)
+        except VersionConflict:
+            raise
+        except StoreError:
+            try:
+                stored = self.store.get_many([w.record.user for w in writes])
+            except StoreError:
+                stored = {}
+            if not any(w.record.user in stored and stored[w.record.user].write_id == w.record.write_id for w in writes):
+                raise
+
     def _state(self, record: UserRecord | None, run: list[int]) -> _UserState:
         if record is None:
             return _UserState(
@@ -235,6 +256,7 @@ class Recommender:
             self._memory_tensor(record),
             list(record.seen),
             record.seen_truncated,
+            stored_memory=(record.memory, record.memory_dtype),
         )
 
     def _archive(self, states: dict[str, _UserState]) -> None:
@@ -252,26 +274,30 @@ class Recommender:
                 s.memory, s.recent = self._stored(memory), s.recent[S:]
                 s.archived_events += S
                 s.segments += 1
+                s.stored_memory = None
 
     def _remember_seen(self, state: _UserState, segment: list[int]) -> None:
-        if not self.seen_limit:
-            state.seen_truncated = state.seen_truncated or bool(segment)
+        if not self.seen_limit:  # none kept: ids stored by a writer that kept some go too
+            state.seen_truncated = state.seen_truncated or bool(segment) or bool(state.seen)
+            state.seen = []
             return
         newest = list(dict.fromkeys(reversed(segment)))
-        merged = newest + [i for i in state.seen if i not in set(newest)]
+        known = set(newest)
+        merged = newest + [i for i in state.seen if i not in known]
         state.seen_truncated = state.seen_truncated or len(merged) > self.seen_limit
         state.seen = merged[: self.seen_limit]
 
     def _record(self, key: str, s: _UserState) -> UserRecord:
+        memory, memory_dtype = s.stored_memory or (self._memory_bytes(s.memory), self.memory_dtype)
         return UserRecord(
             user=key,
             version=s.version + 1,
             archived_events=s.archived_events,
             recent=tuple(s.recent),
-            memory=self._memory_bytes(s.memory),
+            memory=memory,
             memory_rows=s.memory.shape[0],
             memory_width=self.engine.width,
-            memory_dtype=self.memory_dtype,
+            memory_dtype=memory_dtype,
             fingerprint=self.fingerprint,
             seen=tuple(s.seen),
             seen_truncated=s.seen_truncated,
@@ -323,11 +349,13 @@ class Recommender:
                     state = dataclasses.replace(state, version=versions.get(key, 0))
                     writes.append(Write(self._record(key, state), state.version))
                 try:
-                    self.store.put_many(writes)
+                    self._put(writes)
                     break
-                except VersionConflict:
+                except VersionConflict as conflict:
                     if attempt == self.max_retries - 1:
-                        raise
+                        raise VersionConflict(
+                            conflict.users, f"still conflicting after {self.max_retries} attempts (raise max_retries)"
+                        ) from None
             for key in batch.keys:
                 self.cache.invalidate(key)
         return ObserveResult(batch.keys, batch.events, batch.archived)

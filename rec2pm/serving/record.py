@@ -152,10 +152,15 @@ def decode_record(user: str, blob: bytes, expected_fingerprint: str | None = Non
     (magic, fmt, dtype_code, flags, _, version, archived, rows, width, n_recent, n_seen, fingerprint, write_id) = (
         HEADER.unpack_from(blob)
     )
-    if magic != MAGIC or fmt != FORMAT_VERSION or dtype_code not in DTYPE_BY_CODE:
+    if magic != MAGIC or fmt != FORMAT_VERSION:
         raise CorruptRecord(
-            f"the stored record of user {user!r} has format {fmt} (magic {magic!r}, dtype code "
-            f"{dtype_code}); this version reads format {FORMAT_VERSION}"
+            f"the stored record of user {user!r} has format {fmt} (magic {magic!r}); this version reads "
+            f"format {FORMAT_VERSION} (magic {MAGIC!r})"
+        )
+    if dtype_code not in DTYPE_BY_CODE:
+        raise CorruptRecord(
+            f"the stored record of user {user!r} has memory dtype code {dtype_code}; known codes: "
+            + ", ".join(f"{code} ({name})" for code, name in sorted(DTYPE_BY_CODE.items()))
         )
     dtype = DTYPE_BY_CODE[dtype_code]
     memory_end = HEADER.size + rows * width * MEMORY_DTYPES[dtype][1]

@@ -17,30 +17,40 @@ from .store import MemoryStore, PutResult
 
 PREFIX = "rec2pm:user:"
 
-# ARGV per key: expected version, new version, new blob.  Returns {0, unchanged indices...}
-# or {1, conflicting index, stored version}.
+# ARGV per key: expected version, new version, new blob.  Returns {0, n, the n unchanged
+# indices, then the superseded ones} or {1, conflicting index, stored version}: the rules of
+# store.plan_writes (a batch holding a replay landed whole; its users stored at a later
+# version were written over since).
 CAS_SCRIPT = """
-local unchanged = {}
+local unchanged, later, stored_versions = {}, {}, {}
 for i = 1, #KEYS do
   local stored = redis.call('HMGET', KEYS[i], 'version', 'blob')
   local version = stored[1] and tonumber(stored[1]) or 0
+  stored_versions[i] = version
   if version ~= tonumber(ARGV[3 * i - 2]) then
     if stored[2] == ARGV[3 * i] then
       unchanged[#unchanged + 1] = i
+    elseif version >= tonumber(ARGV[3 * i - 1]) then
+      later[#later + 1] = i
     else
       return {1, i, version}
     end
   end
 end
+if #later > 0 and #unchanged == 0 then
+  return {1, later[1], stored_versions[later[1]]}
+end
 local skip = {}
 for _, i in ipairs(unchanged) do skip[i] = true end
+for _, i in ipairs(later) do skip[i] = true end
 for i = 1, #KEYS do
   if not skip[i] then
     redis.call('HSET', KEYS[i], 'version', ARGV[3 * i - 1], 'blob', ARGV[3 * i])
   end
 end
-local out = {0}
+local out = {0, #unchanged}
 for _, i in ipairs(unchanged) do out[#out + 1] = i end
+for _, i in ipairs(later) do out[#out + 1] = i end
 return out
 """
 
@@ -100,10 +110,14 @@ class RedisStore(MemoryStore):
             user = writes[int(reply[1]) - 1].record.user
             expected = writes[int(reply[1]) - 1].expected_version
             raise VersionConflict([user], f"user {user!r} expected version {expected}, stored {int(reply[2])}")
-        unchanged = {int(i) - 1 for i in reply[1:]}
+        count = int(reply[1])
+        unchanged = [int(i) - 1 for i in reply[2 : 2 + count]]
+        superseded = [int(i) - 1 for i in reply[2 + count :]]
+        skipped = set(unchanged) | set(superseded)
         return PutResult(
-            written=[w.record.user for i, w in enumerate(writes) if i not in unchanged],
+            written=[w.record.user for i, w in enumerate(writes) if i not in skipped],
             unchanged=[writes[i].record.user for i in sorted(unchanged)],
+            superseded=[writes[i].record.user for i in sorted(superseded)],
         )
 
     def users(self):

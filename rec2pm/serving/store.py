@@ -15,6 +15,8 @@ whose record is byte-for-byte the one already stored (the same random ``write_id
 no-op, so resending a batch whose outcome was unknown (a lost reply, a crash before the
 acknowledgement) never archives a segment twice; two independent writers' records always
 differ in their ``write_id``, so one of them gets the conflict and re-applies its events.
+A resent batch some of whose users were written over since it landed is still a replay
+(``plan_writes``): those users are ``superseded``, not conflicts.
 """
 
 from __future__ import annotations
@@ -54,19 +56,28 @@ class Write:
 
 @dataclass
 class PutResult:
-    """Users whose record was written, and users whose identical record was already stored."""
+    """Users whose record was written; users whose identical record was already stored; and,
+    in a replay of a batch that landed, users written over since (by a later version)."""
 
     written: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
 
 
 def plan_writes(writes: Sequence[Write], current: dict[str, bytes]) -> tuple[list[tuple[str, int, bytes]], PutResult]:
     """The CAS decision for a batch, given the stored blobs of its users.
 
+    A write lands when its user's stored version is the expected one; one whose record is
+    stored byte for byte is a replay (unchanged).  A batch that holds a replay landed
+    before, whole (batches are atomic), so its users stored at a later version than the
+    write's were written over since: superseded, not a conflict (re-applying their events
+    would store them twice).  Anything else is a conflict.
+
     Returns ``(user, version, blob)`` to write and the result; raises ``VersionConflict``
     (before anything is written) when a stored version is not the expected one.
     """
-    to_write, result, conflicts, detail = [], PutResult(), [], ""
+    to_write, result, later = [], PutResult(), []
+    conflicts, detail = [], ""
     for write in writes:
         user, blob = write.record.user, write.record.encode()
         stored = current.get(user)
@@ -76,11 +87,18 @@ def plan_writes(writes: Sequence[Write], current: dict[str, bytes]) -> tuple[lis
             result.written.append(user)
         elif stored == blob:
             result.unchanged.append(user)
+        elif stored_version >= write.record.version:
+            later.append((user, write.expected_version, stored_version))
         else:
             conflicts.append(user)
             detail = detail or f"user {user!r} expected version {write.expected_version}, stored {stored_version}"
+    if later and not result.unchanged:  # no proof that the batch landed: written over before it could
+        conflicts = [user for user, _, _ in later] + conflicts
+        user, expected, stored_version = later[0]
+        detail = detail or f"user {user!r} expected version {expected}, stored {stored_version}"
     if conflicts:
         raise VersionConflict(conflicts, detail)
+    result.superseded = [user for user, _, _ in later]
     return to_write, result
 
 

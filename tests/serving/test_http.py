@@ -72,6 +72,8 @@ def test_health_observe_recommend(server):
         ("GET", "/metrics", None, 404, "no such path '/metrics'"),
         ("POST", "/recommend", {"users": ["a"] * 1025, "k": 3}, 413, "at most 1024 users, got 1025"),
         ("POST", "/observe", {"users": ["a"] * 2, "items": [[1] * 40_000] * 2}, 413, "at most 65536 events, got 80000"),
+        ("POST", "/recommend", {"users": {f"u{i}": 0 for i in range(2000)}, "k": 3}, 400, "users must be a JSON array"),
+        ("POST", "/observe", {"users": ["a"], "items": [5]}, 400, "one array of item ids per user"),
     ],
 )
 def test_errors_name_what_was_wrong(server, method, path, body, status, message):
@@ -153,6 +155,23 @@ def test_chunked_bodies_are_refused_and_the_connection_closed(server):
     response = conn.getresponse()
     assert response.status == 411 and b"Content-Length" in response.read()
     assert response.getheader("Connection", "").lower() == "close" or response.will_close
+
+
+def test_a_body_the_server_does_not_read_never_becomes_the_next_request(server):
+    # A chunked body to an unknown path: not read, so the connection closes after the reply.
+    smuggled = b'POST /observe HTTP/1.1\r\nContent-Length: 40\r\n\r\n{"users": ["x"], "items": [[1, 2, 3]]}'
+    with socket.create_connection(server.server_address[:2], timeout=30) as raw:
+        chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+        raw.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
+        replies = b""
+        while data := raw.recv(65536):
+            replies += data
+    assert replies.count(b"HTTP/1.1 ") == 1 and b" 404 " in replies and b"Connection: close" in replies
+    assert call(connect(server), "POST", "/recommend", {"users": ["x"], "k": 3})[0] == 404  # x never observed
+    # A GET with a body: the body is read, and the connection serves the next request.
+    conn = connect(server)
+    assert call(conn, "GET", "/health", b'{"users": ["y"]}')[0] == 200
+    assert call(conn, "GET", "/health")[0] == 200
 
 
 def test_an_unexpected_failure_is_a_500_reply_not_a_dropped_connection(server, monkeypatch):

@@ -82,3 +82,29 @@ def test_exclude_seen_drops_recent_and_bounded_archived_ids(rec):
 def test_max_retries_must_be_a_positive_int(retries):
     with pytest.raises(ValueError, match="max_retries must be an int >= 1"):
         Recommender(small_model("rec2pm-o"), "memory://", device="cpu", max_retries=retries)
+
+
+def test_an_append_keeps_the_stored_memory_as_it_is_and_an_archive_writes_its_own_dtype():
+    torch.set_num_threads(1)
+    model = small_model("rec2pm-o")
+    half = Recommender(model, "memory://", device="cpu", memory_dtype="fp16")
+    half.observe(["u"], [history(S + 1).tolist()])
+    stored = half.store.get("u")
+    assert stored.memory_dtype == "fp16" and stored.archived_events == S
+    full = Recommender(model, half.store, device="cpu", memory_dtype="fp32")
+    full.observe(["u"], [[3]])  # no archive: the memory is not rewritten in fp32
+    appended = full.store.get("u")
+    assert (appended.memory_dtype, appended.memory) == (stored.memory_dtype, stored.memory)
+    assert appended.recent == (*stored.recent, 3)
+    full.observe(["u"], [[4] * S])  # an archive: the new memory in this Recommender's dtype
+    assert full.store.get("u").memory_dtype == "fp32" and full.store.get("u").archived_events == 2 * S
+
+
+def test_seen_limit_zero_drops_the_ids_another_writer_kept_at_the_next_archive(rec):
+    rec.observe(["u"], [history(S + 1).tolist()])
+    assert len(rec.store.get("u").seen) == 3
+    none_kept = Recommender(rec.model, rec.store, device="cpu", seen_limit=0)
+    none_kept.observe(["u"], [[5]])  # an append leaves the record's ids as they are
+    assert len(none_kept.store.get("u").seen) == 3
+    none_kept.observe(["u"], [[5] * S])
+    assert none_kept.store.get("u").seen == () and none_kept.store.get("u").seen_truncated

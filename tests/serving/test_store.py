@@ -9,7 +9,7 @@ import pytest
 
 import rec2pm.serving
 from rec2pm.serving.errors import CorruptRecord, FingerprintMismatch, StoreError, VersionConflict
-from rec2pm.serving.record import HEADER, decode_record
+from rec2pm.serving.record import CHECKSUM_BYTES, HEADER, _checksum, decode_record
 from rec2pm.serving.store import Write, open_store
 
 from .records import FINGERPRINT, OTHER_FINGERPRINT, make_record
@@ -80,6 +80,27 @@ def test_replaying_a_committed_batch_is_a_no_op(store_url):
         assert store.get("a").archived_events == 200 and store.get("a").version == 2
 
 
+def test_a_replayed_batch_whose_users_were_written_over_since_is_still_a_replay(store_url):
+    with open_store(store_url) as store:
+        batch = [Write(make_record("a"), 0), Write(make_record("b"), 0)]
+        store.put_many(batch)
+        later = make_record("b", 2, fill=2.0)  # another writer, after the batch landed
+        store.put_many([Write(later, 1)])
+        replay = store.put_many(batch)  # the first writer never saw its acknowledgement
+        assert replay.written == [] and replay.unchanged == ["a"] and replay.superseded == ["b"]
+        assert store.get("b") == later  # not written back over
+        # Without a replayed record in it, a batch that finds a later version is a conflict.
+        stale = [Write(make_record("b", 2, fill=3.0), 1)]
+        with pytest.raises(VersionConflict, match="'b' expected version 1, stored 2") as info:
+            store.put_many(stale)
+        assert info.value.users == ["b"] and store.get("b") == later
+        # A replayed record proves nothing for a user stored below the write's version.
+        store.put_many([Write(make_record("c"), 0)])
+        mixed = [Write(make_record("a"), 0), Write(make_record("c", 3, fill=3.0), 2)]
+        with pytest.raises(VersionConflict, match="'c'"):
+            store.put_many(mixed)
+
+
 def test_versions_only_grow():
     with pytest.raises(ValueError, match="versions only grow"):
         Write(make_record("a", 3), 3)
@@ -109,6 +130,21 @@ def test_truncated_blob_is_corrupt():
     blob = make_record("a").encode()
     with pytest.raises(CorruptRecord, match="'a'"):
         decode_record("a", blob[:40])
+
+
+@pytest.mark.parametrize(
+    "offset, value, message",
+    [
+        (0, ord("X"), "has format 1 \\(magic b'X2PM'\\)"),
+        (4, 9, "has format 9"),
+        (5, 7, "has memory dtype code 7; known codes: 1 \\(fp32\\)"),
+    ],
+)
+def test_a_header_this_version_cannot_read_says_which_field(offset, value, message):
+    body = bytearray(make_record("a").encode()[:-CHECKSUM_BYTES])
+    body[offset] = value  # a well-formed record (its checksum matches) of another format or dtype
+    with pytest.raises(CorruptRecord, match=f"user 'a' {message}"):
+        decode_record("a", bytes(body) + _checksum(bytes(body)))
 
 
 def test_sqlite_reopens_with_records(tmp_path):
