@@ -56,9 +56,15 @@ class SQLiteStore(MemoryStore):
         if not self.path.parent.is_dir():
             raise StoreError(f"store URL {url!r}: the folder {str(self.path.parent)!r} does not exist")
         self._local = threading.local()
+        # Every thread's connection, so that close() closes them all (not only its caller's).
+        self._opened: list[tuple[sqlite3.Connection, int]] = []  # with the pid that opened it
+        self._opened_lock = threading.Lock()
+        self._closed = False
         self._connection()  # fail at open, not at the first request
 
     def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError(f"{self.path}: the store was closed")
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
@@ -79,10 +85,19 @@ class SQLiteStore(MemoryStore):
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"{self.path}: cannot open it as a SQLite memory store ({exc})") from None
         self._local.conn, self._local.pid = conn, os.getpid()
+        with self._opened_lock:
+            self._opened.append((conn, os.getpid()))
         return conn
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.options["busy_timeout_ms"] / 1000, isolation_level=None)
+        # check_same_thread=False only so that close() can close it from another thread: each
+        # connection is used by the one thread that opened it (thread-local).
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.options["busy_timeout_ms"] / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
         try:
             conn.execute(f"PRAGMA busy_timeout = {self.options['busy_timeout_ms']}")
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -155,7 +170,12 @@ class SQLiteStore(MemoryStore):
         conn.execute("UPDATE records SET blob = ? WHERE user = ?", (bytes(blob), str(user_id)))
 
     def close(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
+        """Close every thread's connection (call it when no request is in flight); using the
+        store afterwards is a ``StoreError``.  A forked child's copies are left to the child."""
+        self._closed = True
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for conn, pid in opened:
+            if pid == os.getpid():  # never close a parent's connection from a forked child
+                conn.close()
         self._local.conn = None

@@ -1,6 +1,8 @@
 """The memory stores: round trips, batched CAS, replay, refusals; every backend."""
 
 import ast
+import sqlite3
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -145,6 +147,27 @@ def test_a_header_this_version_cannot_read_says_which_field(offset, value, messa
     body[offset] = value  # a well-formed record (its checksum matches) of another format or dtype
     with pytest.raises(CorruptRecord, match=f"user 'a' {message}"):
         decode_record("a", bytes(body) + _checksum(bytes(body)))
+
+
+def test_closing_a_sqlite_store_closes_every_threads_connection(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'm.db'}")
+    store.put_many([Write(make_record("a"), 0)])
+    connections = [store._connection()]
+
+    def read():
+        assert store.get("a") == make_record("a")
+        connections.append(store._connection())
+
+    worker = threading.Thread(target=read)
+    worker.start()
+    worker.join()
+    assert len(set(map(id, connections))) == 2
+    store.close()
+    for conn in connections:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
+    with pytest.raises(StoreError, match="m.db: the store was closed"):
+        store.get("a")
 
 
 def test_sqlite_reopens_with_records(tmp_path):
