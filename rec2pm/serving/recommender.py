@@ -130,7 +130,8 @@ class Recommender:
         self.memory_dtype, self.seen_limit, self.max_retries = memory_dtype, seen_limit, max_retries
         config = self.model.config
         self.num_items, self.segment_len = config.num_items, config.segment_len
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model and the session cache
+        self._write_lock = threading.Lock()  # this process's writers, one at a time
 
     # -- inputs --------------------------------------------------------------------------------
     def _user_keys(self, user_ids) -> list[str]:
@@ -203,12 +204,15 @@ class Recommender:
         runs = self._events(keys, items, cu_seqlens)
         active = [(k, run) for k, run in zip(keys, runs, strict=True) if run]
         segments: dict[str, int] = {}
-        with self._lock, torch.no_grad():
+        # Writers of this process take turns (no compare-and-swap conflicts among them); the
+        # model lock is held only for the compute, so requests are not held up by store waits.
+        with self._write_lock:
             for attempt in range(self.max_retries):
                 records = self.store.get_many([k for k, _ in active], fingerprint=self.fingerprint)
-                states = {k: self._state(records.get(k), run) for k, run in active}
-                self._archive(states)
-                writes = [Write(self._record(k, s), s.version) for k, s in states.items()]
+                with self._lock, torch.no_grad():
+                    states = {k: self._state(records.get(k), run) for k, run in active}
+                    self._archive(states)
+                    writes = [Write(self._record(k, s), s.version) for k, s in states.items()]
                 try:
                     self._put(writes)
                     break
@@ -223,7 +227,7 @@ class Recommender:
                     time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
             for k, s in states.items():
                 segments[k] = s.segments
-                if s.segments:
+                if s.segments:  # (a request checks its entry against the record anyway)
                     self.cache.invalidate(k)
         return ObserveResult(keys, [len(r) for r in runs], [segments.get(k, 0) for k in keys])
 
@@ -341,7 +345,7 @@ class Recommender:
     def commit_backfill(self, batch: BackfillBatch) -> ObserveResult:
         """The store half of ``backfill``: write ``batch``'s records with CAS on the stored
         versions (retried up to ``max_retries`` times), replacing whatever is stored."""
-        with self._lock:
+        with self._write_lock:
             for attempt in range(self.max_retries):
                 versions = self.store.versions(batch.keys)
                 writes = []

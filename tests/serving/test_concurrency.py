@@ -1,6 +1,7 @@
 """Several threads and processes observing the same users through one store: nothing lost."""
 
 import multiprocessing
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -78,3 +79,25 @@ def test_two_writers_appending_the_same_event_keep_both(tmp_path):
     second = Recommender(model, Interleaved(open_store(url), lambda: first.observe(["u"], [[7]])), device="cpu")
     second.observe(["u"], [[7]])  # read version 1, then the first writer committed the same event
     assert first.store.get("u").recent == (3, 7, 7)
+
+
+def test_a_request_is_not_held_up_by_a_writer_waiting_on_the_store(tmp_path):
+    rec = Recommender(small_model("rec2pm-o"), f"sqlite:///{tmp_path / 'm.db'}", device="cpu")
+    rec.observe(["a", "b"], [[1, 2], [3]])
+    waiting, release = threading.Event(), threading.Event()
+    put_many = rec.store.put_many
+
+    def slow_put_many(writes):  # as a writer queued on another process's write lock
+        waiting.set()
+        assert release.wait(30)
+        return put_many(writes)
+
+    rec.store.put_many = slow_put_many
+    with ThreadPoolExecutor(1) as pool:
+        writer = pool.submit(rec.observe, ["a"], [[4]])
+        assert waiting.wait(30)
+        items, _ = rec.recommend(["b"], 3)  # answered while the write waits
+        assert items.shape == (1, 3) and not writer.done()
+        release.set()
+        assert writer.result(30).stored == [1]
+    assert rec.store.get("a").recent == (1, 2, 4)
