@@ -3,7 +3,7 @@
 The stores need no torch; ``Recommender`` (which does) is imported on first use.
 """
 
-from .errors import CorruptRecord, FingerprintMismatch, StoreError, VersionConflict
+from .errors import CorruptRecord, FingerprintMismatch, StoreError, UnknownUser, VersionConflict
 from .record import UserRecord
 from .store import MemoryStore, PutResult, Write, open_store
 
@@ -24,6 +24,7 @@ __all__ = [
     "PutResult",
     "Recommender",
     "StoreError",
+    "UnknownUser",
     "UserRecord",
     "VersionConflict",
     "Write",

@@ -24,3 +24,11 @@ class VersionConflict(StoreError):
             "nothing in the batch was written (re-read the records and retry)"
         )
         self.users = users
+
+
+class UnknownUser(KeyError):
+    """A request named users the store holds no events for (a ``KeyError``: a lookup that
+    found nothing; the HTTP endpoint answers 404 for it and for nothing else)."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else "unknown user"

@@ -22,7 +22,7 @@ import json
 import math
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import StoreError, VersionConflict
+from .errors import StoreError, UnknownUser, VersionConflict
 
 MAX_BODY_BYTES = 16 << 20
 MAX_USERS_PER_REQUEST = 1024
@@ -103,8 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise TypeError(f"the body must be a JSON object, got {type(body).__name__}")
             self._reply(200, routes[self.path](body))
-        except KeyError as exc:
-            self._reply(404, {"error": str(exc.args[0]) if exc.args else "unknown user"})
+        except UnknownUser as exc:
+            self._reply(404, {"error": str(exc)})
         except VersionConflict as exc:
             self._reply(409, {"error": str(exc)})
         except RequestTooLarge as exc:

@@ -25,7 +25,7 @@ import torch
 
 from ..backbones.decoder import UserCaches
 from .engines import engine_for
-from .errors import FingerprintMismatch, StoreError, VersionConflict
+from .errors import FingerprintMismatch, StoreError, UnknownUser, VersionConflict
 from .fingerprint import model_fingerprint
 from .record import UserRecord, user_key
 from .session_cache import SessionCache, SessionEntry
@@ -371,7 +371,7 @@ class Recommender:
         found = self.store.get_many(keys, fingerprint=self.fingerprint)
         missing = [k for k in keys if k not in found or not found[k].recent]
         if missing:
-            raise KeyError(f"no events stored for user(s) {missing[:8]} in {self.store.url}; observe some first")
+            raise UnknownUser(f"no events stored for user(s) {missing[:8]} in {self.store.url}; observe some first")
         return [found[k] for k in keys]
 
     def scores(self, user_ids) -> torch.Tensor:

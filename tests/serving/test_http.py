@@ -183,3 +183,10 @@ def test_an_unexpected_failure_is_a_500_reply_not_a_dropped_connection(server, m
     monkeypatch.setattr(Served, "recommend", broken)
     status, reply = call(connect(server), "POST", "/recommend", {"users": ["a"], "k": 3})
     assert status == 500 and "RuntimeError: boom" in reply["error"]
+
+    def lookup_failed(self, *args, **kwargs):  # a bug's KeyError is not an unknown user
+        return {}["missing"]
+
+    monkeypatch.setattr(Served, "recommend", lookup_failed)
+    status, reply = call(connect(server), "POST", "/recommend", {"users": ["a"], "k": 3})
+    assert status == 500 and "KeyError" in reply["error"]

@@ -5,7 +5,7 @@ import torch
 
 from rec2pm.config import named_config
 from rec2pm.methods import build_model
-from rec2pm.serving import Recommender
+from rec2pm.serving import Recommender, UnknownUser
 
 from .models import N_ITEMS, S, history, small_model
 
@@ -18,7 +18,7 @@ def rec():
 
 def test_unknown_users_are_named(rec):
     rec.observe(["known"], [[1, 2]])
-    with pytest.raises(KeyError, match="'stranger'"):
+    with pytest.raises(UnknownUser, match=r"no events stored for user\(s\) \['stranger'\]"):
         rec.recommend(["known", "stranger"], 3)
 
 
