@@ -67,6 +67,11 @@ class BackfillBatch:
     states: list[_UserState]
 
 
+def _back_off(attempt: int) -> None:
+    """A random, growing pause after a conflict: writers that collided do not collide again in step."""
+    time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+
+
 def load_model(checkpoint_or_model) -> torch.nn.Module:
     if isinstance(checkpoint_or_model, torch.nn.Module):
         return checkpoint_or_model
@@ -223,8 +228,7 @@ class Recommender:
                             f"still conflicting after {self.max_retries} "
                             "attempts (raise max_retries, or write fewer users per batch)",
                         ) from None
-                    # Random, growing back-off: writers that collided do not collide again in step.
-                    time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+                    _back_off(attempt)
             for k, s in states.items():
                 segments[k] = s.segments
                 if s.segments:  # (a request checks its entry against the record anyway)
@@ -360,6 +364,7 @@ class Recommender:
                         raise VersionConflict(
                             conflict.users, f"still conflicting after {self.max_retries} attempts (raise max_retries)"
                         ) from None
+                    _back_off(attempt)
             for key in batch.keys:
                 self.cache.invalidate(key)
         return ObserveResult(batch.keys, batch.events, batch.archived)
