@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             summary = run_training(run, resume=not args.no_resume)
-        except OSError as exc:  # a data file or folder that is missing or unreadable: a message, no traceback
+        except (OSError, ValueError) as exc:  # a data file missing, unreadable or malformed: a message
             parser.exit(2, f"rec2pm train: error: {exc}\n")
         return 3 if summary.get("interrupted") else 0
 

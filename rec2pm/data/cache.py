@@ -29,7 +29,7 @@ import torch
 from .interactions import InteractionData
 from .textio import require_file
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: quoted text never takes the fast path; exact float times; item ids >= 1 (S3-Rec)
 CACHE_NOTE = "from cache"
 
 

@@ -1,12 +1,14 @@
 """Reading integer id columns and a numeric time column from a delimited text file.
 
 ``read_columns`` returns ``{role: (rows,) array}`` for the roles asked for (ids as int64, the
-``"time"`` role as int64, or float64 when a value is not an integer) and the skip counts.
+``"time"`` role as int64, or float64 when a value is not an integer) and the skip counts.  A
+float64 time column refuses integers beyond 2^53 (epoch nanoseconds), which it would round into
+ties and reorder.
 
 The file is read in blocks of whole lines.  Each block first takes a fast path: the text is split
 on the separator in one go, with a marker token at every line end, and the markers must sit every
 ``k + 1`` tokens; that proves every line has exactly ``k`` fields without a Python loop per line.
-Any block that fails (wrong field count, blank line, quoting, a value that is not a number) is
+Any block that fails or holds a quote (wrong field count, blank line, a value that is not a number) is
 parsed again line by line, which either counts the skip (blank lines) or raises a ``ValueError``
 naming the file, the line and what was expected.  Quoted fields (``"a, b"``) are understood for
 one-character separators; a quoted field may not span lines.
@@ -23,6 +25,7 @@ from .textio import open_text
 
 BLOCK_CHARS = 1 << 24  # ~16 M characters per block: bounds the token lists to a few hundred MB
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT_EXACT = 1 << 53  # integers float64 holds exactly: a time column turned float must keep them
 
 
 def read_columns(
@@ -78,9 +81,22 @@ def read_columns(
     out = {}
     for role, arrays in parts.items():
         if any(a.dtype.kind == "f" for a in arrays):  # one float time anywhere makes the column float
+            _check_exact_as_float(path, [a for a in arrays if a.dtype.kind != "f"])
             arrays = [a.astype(np.float64) for a in arrays]
         out[role] = np.concatenate(arrays)
     return out, skipped
+
+
+def _check_exact_as_float(where, integer_arrays) -> None:
+    """A time column with a fractional value becomes float64; integer times beyond 2^53 (epoch
+    nanoseconds) would then round into ties and reorder events, so that is an error."""
+    for values in integer_arrays:
+        if len(values) and int(np.abs(values).max()) > FLOAT_EXACT:
+            big = int(values[np.argmax(np.abs(values))])
+            raise ValueError(
+                f"{where}: the time column mixes fractional values with integers beyond 2^53 (e.g. {big}), "
+                "which float64 cannot hold exactly; write every time as an integer or every time as a float"
+            )
 
 
 def _column_indices(path, names: list[str], roles: dict[str, str | int]) -> dict[str, int]:
@@ -117,6 +133,8 @@ class _BlockParser:
 
     def _fast(self, chunk: str) -> dict[str, np.ndarray] | None:
         n, k, sep = chunk.count("\n"), self.k, self.sep
+        if len(sep) == 1 and '"' in chunk:  # quoted fields may hold the separator: line by line
+            return None
         tokens = chunk.replace("\n", sep + "\n" + sep).split(sep)
         tokens.pop()  # the empty token after the last marker
         if len(tokens) != n * (k + 1) or tokens[k :: k + 1].count("\n") != n:
@@ -144,10 +162,15 @@ class _BlockParser:
             for role, i in self.index.items():
                 values[role].append(self._value(fields[i], role, i, line_no))
         # Values are Python numbers here: a float time makes its column float64 (never truncated).
-        return {
-            role: np.array(v, dtype=np.float64 if any(isinstance(x, float) for x in v) else np.int64)
-            for role, v in values.items()
-        }
+        out = {}
+        for role, v in values.items():
+            if any(isinstance(x, float) for x in v):
+                line_of = f"{self.path}, lines {first_line}-{first_line + len(lines) - 1}"
+                _check_exact_as_float(line_of, [np.array([x for x in v if isinstance(x, int)], dtype=np.int64)])
+                out[role] = np.array(v, dtype=np.float64)
+            else:
+                out[role] = np.array(v, dtype=np.int64)
+        return out
 
     def _value(self, text: str, role: str, i: int, line_no: int):
         column = repr(self.names[i]) if self.names else f"{i + 1}"
@@ -175,10 +198,15 @@ def _ints(tokens) -> np.ndarray:
 
 
 def _times(tokens) -> np.ndarray:
+    """Integer times, or float64 when a value is fractional; anything the line-by-line parser
+    would refuse (an integer outside int64, a non-finite value) or that float64 would round
+    (an integer beyond 2^53 beside a fraction) raises, sending the block to it."""
     try:
         return _ints(tokens)
     except (ValueError, OverflowError):
         times = np.array(list(map(float, tokens)), dtype=np.float64)
         if not np.isfinite(times).all():
             raise ValueError("non-finite time") from None
+        if (np.abs(times) > FLOAT_EXACT).any():  # an integer out of int64, or beyond float64's
+            raise ValueError("a time beyond 2^53 in a float column") from None
         return times

@@ -32,7 +32,12 @@ def parse_movielens(path) -> InteractionData:
     """Parse without the cache; ``source`` is the format description only."""
     with open_text(path) as f:
         first = f.readline()
-    if not first.strip():
+    if first and not first.strip():
+        raise ValueError(
+            f"{path}, line 1: blank, expected MovieLens ratings to start with a 'userId,movieId,rating,timestamp' "
+            "header or a 'UserID::MovieID::Rating::Timestamp' line"
+        )
+    if not first:
         raise ValueError(
             f"{path}: empty file, expected MovieLens ratings "
             "(a 'userId,movieId,rating,timestamp' header, or 'UserID::MovieID::Rating::Timestamp' lines)"

@@ -40,6 +40,12 @@ def parse_s3rec(path) -> InteractionData:
                 continue
             ids = _integers(tokens, path, line_no)
             user, items = ids[0], ids[1:]
+            if min(items, default=1) < 1:  # ids run from 1; 0 is the format's padding
+                field = next(i for i, item in enumerate(items, 2) if item < 1)
+                raise ValueError(
+                    f"{path}, line {line_no}: field {field} (item {field - 1}) is {items[field - 2]}; "
+                    "item ids start at 1 in this format (0 is padding)"
+                )
             if not items:
                 skipped["users without items"] = skipped.get("users without items", 0) + 1
                 continue

@@ -80,6 +80,8 @@ def _parquet_column(pd, column, path, name: str, role: str) -> np.ndarray:
     values = None
     if bad.any():
         pass
+    elif types.is_unsigned_integer_dtype(column) and len(column) and int(column.max()) > np.iinfo(np.int64).max:
+        bad = np.array(column > np.iinfo(np.int64).max, dtype=bool)  # to_numpy(int64) would wrap them
     elif role == "time" and types.is_datetime64_any_dtype(column):
         values = column.astype("datetime64[ns]").astype("int64").to_numpy(dtype=np.int64)
     elif role == "time" and types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
@@ -94,6 +96,7 @@ def _parquet_column(pd, column, path, name: str, role: str) -> np.ndarray:
         return values
     row = int(np.flatnonzero(bad)[0])
     expected = "a finite number or a datetime (the time)" if role == "time" else f"an integer id (the {role})"
+    expected += " within int64" if types.is_unsigned_integer_dtype(column) else ""
     raise ValueError(
         f"{path}, row {row}: column {name!r} must be {expected}, got {column.iloc[row]!r} (dtype {column.dtype})"
     )

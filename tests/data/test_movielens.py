@@ -78,7 +78,8 @@ def test_blank_lines_are_counted(tmp_path):
     "text, message",
     [
         ("", "empty file"),
-        ("\n", "empty file"),
+        ("\n", "line 1: blank, expected MovieLens ratings"),
+        ("\n" + HEADER + "1,2,3,4\n", "line 1: blank, expected MovieLens ratings"),
         (HEADER, "no data rows after the header"),
         ("userId,movieId,rating\n1,2,3\n", "missing column 'timestamp'"),
         ("user,movieId,rating,timestamp\n1,2,3,4\n", "missing column 'userId'"),

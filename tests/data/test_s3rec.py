@@ -38,6 +38,8 @@ def test_skips_are_counted(tmp_path):
         ("u1 2 3\n", r"line 1: field 1 \(the user id\) must be an integer id"),
         ("1 2.5\n", r"line 1: field 2 \(item 1\)"),
         ("1 2 3\n2 4\n1 3 2\n", r"line 3: user 1 already has a different history on line 1"),
+        ("1 0 5\n", r"line 1: field 2 \(item 1\) is 0; item ids start at 1 in this format \(0 is padding\)"),
+        ("1 5 6\n2 5 -3\n", r"line 2: field 3 \(item 2\) is -3"),
     ],
 )
 def test_malformed_input(tmp_path, text, message):

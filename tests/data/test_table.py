@@ -38,6 +38,11 @@ def test_tab_separated_gzip_with_duplicates(tmp_path):
         ("uid,iid,ts\n1,2,3\n1,two,4\n", r"line 3: column 'iid' must be an integer id \(the item\), got 'two'"),
         ("uid,iid,ts\n", "no data rows"),
         ("", "empty file"),
+        # A quoted field holding the separator: never split as two fields (the fast path is skipped).
+        ('uid,a,b,iid,ts\n1,"x,y",5,6\n', r"line 2: expected 5 fields .*, got 4: '1,\"x,y\",5,6'"),
+        # Times float64 would round into ties: integers beyond 2^53 beside a fractional time.
+        ("uid,iid,ts\n1,5,1700000000000000001\n1,3,1700000000000000002\n1,4,1.5\n", "integers beyond 2\\^53"),
+        ("uid,iid,ts\n1,5,99999999999999999999\n1,3,2\n", "column 'ts' must be a finite number"),
     ],
 )
 def test_malformed_tables(tmp_path, text, message):
@@ -112,6 +117,8 @@ def test_parquet_time_types(tmp_path):
         ("ts", ["a", "b", "c"], "row 0: column 'ts' must be a finite number"),
         ("ts", [1.0, float("nan"), 2.0], "row 1: column 'ts'"),
         ("iid", [1.5, 2.0, 3.0], r"row 0: column 'iid' must be an integer id"),
+        ("iid", np.array([5, 2**63 + 5, 2**64 - 1], dtype=np.uint64), r"row 1: column 'iid' .* within int64"),
+        ("ts", np.array([1, 2, 2**64 - 1], dtype=np.uint64), r"row 2: column 'ts' .* within int64"),
     ]:
         frame = pd.DataFrame({**base, "ts": [1, 2, 3]})
         frame[column] = value

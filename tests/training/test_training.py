@@ -326,7 +326,13 @@ def test_a_malformed_toml_file_is_named(tmp_path, capsys):
     assert f"{path}: not a valid TOML file" in capsys.readouterr().err
 
 
-def test_a_missing_data_file_is_a_message_not_a_traceback(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name, text, message",
+    [("absent.txt", None, "absent.txt: no such file"), ("bad.txt", "1 2 x\n", "bad.txt, line 1: field 3 (item 2)")],
+)
+def test_a_missing_or_malformed_data_file_is_a_message_not_a_traceback(tmp_path, capsys, name, text, message):
+    if text is not None:
+        (tmp_path / name).write_text(text)
     with pytest.raises(SystemExit) as code:
         main(
             [
@@ -334,14 +340,14 @@ def test_a_missing_data_file_is_a_message_not_a_traceback(tmp_path, capsys):
                 "--set",
                 'data.kind="s3rec"',
                 "--set",
-                f'data.path="{tmp_path / "absent.txt"}"',
+                f'data.path="{tmp_path / name}"',
                 "--set",
                 f'train.out_dir="{tmp_path / "out"}"',
                 "--set",
                 "train.progress=false",
             ]
         )
-    assert code.value.code == 2 and "absent.txt: no such file" in capsys.readouterr().err
+    assert code.value.code == 2 and message in capsys.readouterr().err
 
 
 def _table_with_times(path, users=30, length=14, items=40):
