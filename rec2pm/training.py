@@ -28,6 +28,7 @@ from .evaluation import evaluate, format_metrics, metrics_from_ranks, recording_
 from .layout import packed_rows
 from .methods import build_model
 from .methods.base import TrainingOptions
+from .run_config import DEFAULTS as RUN_DEFAULTS
 from .run_config import validate as validate_run
 
 SELECTION_METRIC = "NDCG@10"
@@ -168,6 +169,37 @@ CHECKPOINT_KEYS = {
 }
 
 
+# Settings a resumed run may change: where and how it runs, and how long (not what it learns).
+RESUMABLE_CHANGES = {
+    "train": {
+        "epochs",
+        "threads",
+        "device",
+        "out_dir",
+        "progress",
+        "stop_after_steps",
+        "eval_batch_size",
+        "checkpoint_every",
+    },
+}
+
+
+def check_resumable(path: Path, saved: dict, run: dict) -> None:
+    """Resuming continues the saved run's epoch, optimiser and schedule: refuse when the data,
+    model, method or training settings changed since (other than ``RESUMABLE_CHANGES``)."""
+    changed = [
+        f"{table}.{key}: {saved.get(table, {}).get(key)!r} -> {run[table].get(key)!r}"
+        for table in run
+        for key in sorted(set(run[table]) | set(saved.get(table, {})))
+        if key not in RESUMABLE_CHANGES.get(table, set()) and saved.get(table, {}).get(key) != run[table].get(key)
+    ]
+    if changed:
+        raise ValueError(
+            f"{path}: cannot resume: the run config changed since this checkpoint ({'; '.join(changed[:6])}); "
+            "train into another train.out_dir, or pass --no-resume to start over"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location="cpu", kind: str = "best") -> dict:
     """Read a checkpoint that ``train`` wrote, with ``torch.load(weights_only=True)``.
 
@@ -191,9 +223,14 @@ def load_checkpoint(path: str | Path, map_location="cpu", kind: str = "best") ->
         raise ValueError(f"{path}: not a rec2pm {kind} checkpoint; expected the entries {list(needed)}, found {found}")
     if not isinstance(ckpt["run"], dict) or not isinstance(ckpt["num_items"], int):
         raise ValueError(f"{path}: damaged checkpoint: 'run' must be a table and 'num_items' an int")
+    run = ckpt["run"]
+    for table in ("data", "train"):
+        if not isinstance(run.get(table), dict):
+            raise ValueError(f"{path}: damaged checkpoint: run.{table} must be a table, got {run.get(table)!r}")
+        run[table] = {**RUN_DEFAULTS[table], **run[table]}  # settings added since it was written: their defaults
     try:
-        validate_run(ckpt["run"])
-    except (ValueError, TypeError, KeyError) as exc:
+        validate_run(run)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{path}: the checkpoint's run config is invalid: {exc}") from None
     return ckpt
 
@@ -304,6 +341,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path, kind="last")
+        check_resumable(last_path, ckpt["run"], run)
         load_weights(model, ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

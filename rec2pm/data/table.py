@@ -83,6 +83,8 @@ def _parquet_column(pd, column, path, name: str, role: str) -> np.ndarray:
     elif types.is_unsigned_integer_dtype(column) and len(column) and int(column.max()) > np.iinfo(np.int64).max:
         bad = np.array(column > np.iinfo(np.int64).max, dtype=bool)  # to_numpy(int64) would wrap them
     elif role == "time" and types.is_datetime64_any_dtype(column):
+        if getattr(column.dt, "tz", None) is not None:  # an instant with a zone: the same instant in UTC
+            column = column.dt.tz_convert("UTC").dt.tz_localize(None)
         values = column.astype("datetime64[ns]").astype("int64").to_numpy(dtype=np.int64)
     elif role == "time" and types.is_numeric_dtype(column) and not types.is_bool_dtype(column):
         integer = types.is_integer_dtype(column)

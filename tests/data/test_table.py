@@ -109,7 +109,10 @@ def test_parquet_time_types(tmp_path):
     pytest.importorskip("pyarrow")
     base = {"uid": [1, 1, 1], "iid": [5, 6, 7]}
     when = pd.to_datetime(["2020-01-02", "2020-01-01", "2020-01-03"])
-    for ts, order in [(when, [6, 5, 7]), ([0.5, 0.25, 1.0], [6, 5, 7])]:
+    # With a zone, by the instants (stored as Berlin times, ordered as the UTC ones).
+    utc = ["2020-01-01 08:00", "2020-01-01 07:00", "2020-01-02 00:00"]
+    zoned = pd.Series(pd.to_datetime(utc)).dt.tz_localize("UTC").dt.tz_convert("Europe/Berlin")
+    for ts, order in [(when, [6, 5, 7]), ([0.5, 0.25, 1.0], [6, 5, 7]), (zoned, [6, 5, 7])]:
         pd.DataFrame({**base, "ts": ts}).to_parquet(tmp_path / "t.parquet")
         data = load_interactions_table(tmp_path / "t.parquet", **COLS, cache_dir=False)
         assert original(data, 0) == order

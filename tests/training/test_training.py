@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,6 +66,16 @@ STOCHASTIC = (
     'train.schedule="cosine"',
     "train.warmup_steps=4",
 )
+
+
+def test_a_run_resumes_only_with_the_settings_it_was_saved_with(tmp_path):
+    stopped = ("train.checkpoint_every=2", "train.stop_after_steps=3")
+    assert train(run_config(tmp_path, *stopped))["interrupted"]
+    for changed, text in [("train.lr=0.5", "train.lr: 0.001 -> 0.5"), ("model.dropout=0.3", "model.dropout")]:
+        with pytest.raises(ValueError, match=rf"last.pt: cannot resume: .*{re.escape(text)}"):
+            train(run_config(tmp_path, *stopped, changed))
+    # Where it runs and for how long may change.
+    assert "interrupted" not in train(run_config(tmp_path, "train.checkpoint_every=2", "train.progress=false"))
 
 
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
@@ -252,7 +263,16 @@ def damaged_checkpoints(tmp_path, trained_run):
     junk = {**ckpt, "run": {**ckpt["run"], "train": {**ckpt["run"]["train"], "batch_size": "many"}}}
     torch.save(junk, tmp_path / "junk.pt")
     cases["junk.pt"] = "the checkpoint's run config is invalid: train.batch_size must be an int"
+    torch.save({**ckpt, "run": {**ckpt["run"], "data": [1]}}, tmp_path / "list.pt")
+    cases["list.pt"] = "damaged checkpoint: run.data must be a table, got [1]"
     return cases
+
+
+def test_a_checkpoint_without_a_setting_added_since_takes_its_default(tmp_path, trained_run):
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    data = {key: value for key, value in ckpt["run"]["data"].items() if key != "user_limit"}
+    torch.save({**ckpt, "run": {**ckpt["run"], "data": data}}, tmp_path / "older.pt")
+    assert load_checkpoint(tmp_path / "older.pt")["run"]["data"]["user_limit"] == 0
 
 
 def test_evaluate_names_the_file_and_what_is_wrong_with_it(tmp_path, trained_run, capsys):
