@@ -142,7 +142,8 @@ def segment_attention(
             A table as long as the longest sequence gives one weight per distance.
         silu_norm: the divisor of ``"silu"``: a number for every sequence (HSTU: its maximum
             sequence length, which production HSTU takes per batch), or a ``(batch,)`` float
-            tensor, one per sequence; required for ``"silu"``, rejected for ``"softmax"``.
+            tensor, one per sequence (with ``"causal"`` only, as HSTU's masks); required for
+            ``"silu"``, rejected for ``"softmax"``.
         num_targets, contextual_seq_len, max_attn_len, min_full_attn_seq_len: HSTU's masks,
             refinements of ``"causal"`` defined in ``rec2pm_kernels.hstu_masks``:
             ``num_targets`` (``(batch,)`` int) candidates at the end of each sequence see the
@@ -180,9 +181,10 @@ def segment_attention(
             but ``cuda``, dropout on ``torch`` and ``triton`` (the same draws for one seed;
             ``auto`` does not pick ``cpp`` for it).
         validate: which checks read tensor contents.  Always, whatever ``validate`` says:
-            shapes, dtypes, devices, options and ranges of the Python arguments; and, when
-            ``cu_seqlens`` is on the host (CPU), its first and last entry, its order,
-            ``max_seqlen`` and complete write blocks (O(batch), no device sync).
+            shapes, dtypes, devices, options and ranges of the Python arguments, the shape
+            of a per-sequence ``silu_norm``; and, for CPU inputs (``cu_seqlens`` lives on
+            ``q``'s device), its first and last entry, its order, ``max_seqlen`` and complete
+            write blocks (O(batch), no device sync).
             ``validate=True``: also those index checks for CUDA tensors (one device sync) and
             a scan for NaN or Inf in ``q``, ``k``, ``v``, ``rel_bias``.  Default ``None``:
             the NaN scan on CPU only, everything on CUDA when ``REC2PM_VALIDATE=1``.
@@ -210,6 +212,7 @@ def segment_attention(
     hstu_mask = HSTUMask(contextual_seq_len, max_attn_len, min_full_attn_seq_len, causal)
     check.check_hstu_options(spec, hstu_mask, num_targets, batch, q.device, rel_bias=rel_bias)
     scale, silu_norm = check.check_score_options(score, scale, silu_norm, rel_bias, q.shape[1], q)
+    check.check_per_sequence_silu_norm(spec, silu_norm, batch)
     check.check_time_bias(ts_bias, timestamps, query_timestamps, q.shape[1], q.shape[0], q.device)
     check.check_dropout(dropout_p, dropout_seed)
     differentiable = (q, k, v, rel_bias, ts_bias)

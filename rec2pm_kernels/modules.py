@@ -119,6 +119,8 @@ class SegmentAttention(nn.Module):
             q, k, v = (x.unflatten(-1, (self.num_heads, -1)) for x in (q, k, v))
         if self.ts_bias is None and timestamps is not None:
             raise ValueError("timestamps were given, but the module has no timestamp table (num_time_buckets=None)")
+        if self.ts_bias is not None and timestamps is None:  # the table would be silently unused
+            raise ValueError("this module has a timestamp table (num_time_buckets): pass timestamps= to forward")
         norm = self.silu_norm if silu_norm is None else silu_norm
         if norm is None and self.options["score"] == "silu":
             raise ValueError("this module was built without silu_norm: pass silu_norm= to forward")
@@ -131,7 +133,7 @@ class SegmentAttention(nn.Module):
             rel_bias=self.rel_bias,
             silu_norm=norm,
             num_targets=num_targets,
-            ts_bias=self.ts_bias if timestamps is not None else None,
+            ts_bias=self.ts_bias,
             timestamps=timestamps,
             query_timestamps=query_timestamps,
             dropout_p=self.dropout if self.training else 0.0,

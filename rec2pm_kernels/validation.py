@@ -156,6 +156,21 @@ def check_bias_table(name: str, table: torch.Tensor | None, heads: int, device: 
         raise ValueError(f"{name} must be on {device}, got {table.device}")
 
 
+def check_per_sequence_silu_norm(pattern: PatternSpec, silu_norm, batch: int) -> None:
+    """A ``silu_norm`` tensor (after ``check_score_options``) holds one divisor per sequence,
+    HSTU's: like its masks it refines ``causal``, and the Triton kernels run it as their
+    ``HSTU_CAUSAL`` pattern.  Its shape is checked on every call (no values are read)."""
+    if not isinstance(silu_norm, torch.Tensor):
+        return
+    if silu_norm.shape != (batch,):
+        raise ValueError(f"silu_norm must have shape (batch={batch},), got {tuple(silu_norm.shape)}")
+    if pattern.interleaved:
+        raise ValueError(
+            f"a per-sequence silu_norm (a tensor) refines pattern='causal', as HSTU's masks do; "
+            f"pattern={pattern.name!r} takes one silu_norm for every sequence (a number)"
+        )
+
+
 def check_silu_norm_values(silu_norm, batch: int) -> None:
     """A per-sequence ``silu_norm`` has one finite entry > 0 per sequence."""
     if not isinstance(silu_norm, torch.Tensor):
@@ -253,6 +268,8 @@ def check_dropout(dropout_p, dropout_seed) -> None:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
         raise TypeError(f"dropout_seed must be an int or None, got {type(dropout_seed).__name__}")
+    if dropout_seed is not None and not -(1 << 63) <= dropout_seed < 1 << 63:  # an int64 on every backend
+        raise ValueError(f"dropout_seed must fit in int64 ([-2**63, 2**63)), got {dropout_seed}")
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
@@ -263,31 +280,30 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name} must have shape (batch + 1,) with at least one entry, got shape (0,)")
 
 
-# The host cu_seqlens checked last, with its version counter, the token count and its lengths:
-# a decoder passes one cu_seqlens to every layer, and the check's handful of small tensor
-# ops measured about 45 us a call, 0.7 ms of a 16-layer serving request.  A weak reference,
-# so that a new tensor at a freed one's address is never taken for it; an in-place write
-# bumps the version.
+# The host cu_seqlens checked last, with a copy of its values, the token count and its
+# lengths: a decoder passes one cu_seqlens to every layer, and the check's handful of small
+# tensor ops measured about 45 us a call, 0.7 ms of a 16-layer serving request.  A weak
+# reference, so that a new tensor at a freed one's address is never taken for it; the values
+# are compared, not the version counter, which writes through numpy or ``.data`` do not bump.
 _LAST_CHECKED: list = [None]
 
 
 def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name: str) -> torch.Tensor:
     """Returns the sequence lengths (on ``cu``'s device)."""
     last = _LAST_CHECKED[0]
-    if last is not None and last[0]() is cu and last[1] == cu._version and last[2] == total:
+    if last is not None and last[0]() is cu and last[2] == total and torch.equal(last[1], cu):
         return last[3]
     lengths = _checked_lengths(name, cu, total, tensor_name)
-    # Inference tensors (made under torch.inference_mode) have no version counter, so an
-    # in-place write to one could not be noticed: they are checked on every call.
-    if cu.device.type == "cpu" and not cu.is_inference():
-        _LAST_CHECKED[0] = (weakref.ref(cu), cu._version, total, lengths)
+    if cu.device.type == "cpu":
+        _LAST_CHECKED[0] = (weakref.ref(cu), cu.clone(), total, lengths)
     return lengths
 
 
 def _checked_lengths(name: str, cu: torch.Tensor, total: int, tensor_name: str) -> torch.Tensor:
     if int(cu[0]) != 0:
         raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
-    lengths = cu[1:] - cu[:-1]
+    wide = cu.long()  # int32 differences could wrap around and look non-decreasing
+    lengths = wide[1:] - wide[:-1]
     if lengths.numel() and bool((lengths < 0).any()):
         bad = int(torch.nonzero(lengths < 0)[0, 0])
         raise ValueError(f"{name} must be non-decreasing, but {name}[{bad + 1}] < {name}[{bad}]")

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,6 +322,30 @@ def test_a_checked_cu_seqlens_is_checked_again_after_an_in_place_write():
     fresh = torch.tensor([0, 12, 10], dtype=torch.int32)  # equal values, another tensor
     with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
         segment_attention(q, q, q, fresh, 12)
+
+
+def test_a_write_the_version_counter_misses_is_still_caught():
+    """Writes through a numpy view (a data loader's reused buffer) or ``.data`` do not bump
+    the version counter: the reused check compares the values themselves."""
+    q = torch.randn(5, 2, 8)
+    buffer = np.array([0, 2, 5], dtype=np.int64)
+    cu = torch.from_numpy(buffer)
+    segment_attention(q, q, q, cu, 3)
+    version = cu._version
+    buffer[:] = [0, 6, 5]
+    assert cu._version == version
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        segment_attention(q, q, q, cu, 6, backend="cpp")
+    buffer[:] = [0, 1, 5]
+    with pytest.raises(ValueError, match="max_seqlen"):
+        segment_attention(q, q, q, cu, 3)  # the longest sequence is 4 now
+
+
+def test_int32_offsets_that_wrap_around_are_not_taken_for_lengths():
+    q = torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 1431655765, -1431655766, 5], dtype=torch.int32)  # int32 differences all > 0
+    with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing, but cu_seqlens\[2\] < cu_seqlens\[1\]"):
+        segment_attention(q, q, q, cu, 2**31 - 1)
 
 
 def test_inference_mode_tensors_are_checked_on_every_call():

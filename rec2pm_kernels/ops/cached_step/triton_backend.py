@@ -203,7 +203,16 @@ def cached_step_triton(
     """Arguments as ``rec2pm_kernels.cached_step_attention`` after validation."""
     if q_new.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q_new of dtype torch.float64")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        # Appended in place, so never copied: the kernel steps over the head dim one element at a time.
+        if cache.shape[-1] > 1 and cache.stride(-1) != 1:
+            raise ValueError(
+                f"backend='triton' needs {name}'s last (head_dim) dim contiguous (stride 1), got strides "
+                f"{tuple(cache.stride())}; any other strides are fine (backend='torch' takes any)"
+            )
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
+    # The kernel reads both by raw pointer, element after element.
+    cu_seqlens_new, cache_seqlens = cu_seqlens_new.contiguous(), cache_seqlens.contiguous()
     return cached_step_op(
         q_new,
         k_new,

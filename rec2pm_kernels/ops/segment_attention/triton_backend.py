@@ -554,6 +554,7 @@ def segment_attention_triton(
     if q.dtype == torch.float64:
         raise ValueError("backend='triton' supports fp32, fp16 and bf16 inputs, got q of dtype torch.float64")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cu_seqlens = cu_seqlens.contiguous()  # read by raw pointer, element after element
     rel_bias = rel_bias.contiguous() if rel_bias is not None else None
     if ts_bias is not None:
         ts_bias = ts_bias.contiguous()

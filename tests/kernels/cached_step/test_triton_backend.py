@@ -79,3 +79,18 @@ def test_every_config_and_head_dim(key, dim, dim_v):
         config=CONFIGS[key],
     )
     assert_within_budget("out", out, ref, base)
+
+
+def test_strided_offsets_are_read_by_value_and_a_strided_head_dim_is_refused():
+    from rec2pm_kernels import cached_step_attention
+
+    torch.manual_seed(4)
+    q, k, v, cu, k_cache, v_cache, seqlens, bias = cached_step_case(FILLED, NEW, capacity=64)
+    kw = dict(rel_bias=bias, backend="triton")
+    want = cached_step_attention(q, k, v, cu, max(NEW), k_cache.clone(), v_cache.clone(), seqlens, **kw)
+    every_other = [torch.stack([t, torch.full_like(t, 77)], 1)[:, 0] for t in (cu, seqlens)]
+    got = cached_step_attention(q, k, v, every_other[0], max(NEW), k_cache, v_cache, every_other[1], **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    transposed = k_cache.transpose(2, 3).contiguous().transpose(2, 3)  # head dim with stride = heads
+    with pytest.raises(ValueError, match="needs k_cache's last \\(head_dim\\) dim contiguous"):
+        cached_step_attention(q, k, v, cu, max(NEW), transposed, v_cache, seqlens, **kw)

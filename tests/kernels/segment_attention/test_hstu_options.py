@@ -498,9 +498,20 @@ BAD_OPTIONS = [
     (dict(score="silu", silu_norm=torch.ones(3)), "silu_norm must have shape \\(batch=2,\\)"),
     (dict(score="silu", silu_norm=torch.tensor([1.0, 0.0])), "silu_norm must be finite and > 0"),
     (dict(score="silu", silu_norm=torch.tensor([1, 2])), "silu_norm must have dtype"),
+    (
+        dict(score="silu", silu_norm=torch.ones(2), pattern="global", segment_len=2, num_memory_tokens=1),
+        "a per-sequence silu_norm \\(a tensor\\) refines pattern='causal'",
+    ),
     (dict(dropout_p=1.0), "dropout_p must be a number in \\[0, 1\\)"),
     (dict(dropout_p=0.1, dropout_seed=1.5), "dropout_seed must be an int"),
+    (dict(dropout_p=0.1, dropout_seed=2**63), "dropout_seed must fit in int64"),
 ]
+
+
+def test_the_shape_of_a_per_sequence_silu_norm_is_checked_even_without_value_checks():
+    q, k, v, cu = _inputs([5, 3], dtype=torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="silu_norm must have shape \\(batch=2,\\), got \\(3,\\)"):
+        segment_attention(q, k, v, cu, 5, score="silu", silu_norm=torch.ones(3), validate=False)
 
 
 @pytest.mark.parametrize("options,message", BAD_OPTIONS, ids=[m for _, m in BAD_OPTIONS])
@@ -560,6 +571,8 @@ def test_module_takes_the_per_batch_options_in_forward():
     assert not torch.equal(attn(q, k, v, cu, 6, silu_norm=norm, dropout_seed=0, **kw), out)
     with pytest.raises(ValueError, match="no timestamp table"):
         SegmentAttention(2)(q, k, v, cu, 6, timestamps=times)
+    with pytest.raises(ValueError, match="has a timestamp table .*: pass timestamps= to forward"):
+        attn(q, k, v, cu, 6, silu_norm=norm, num_targets=kw["num_targets"])  # the table is never dropped
 
 
 def test_module_builds_bidirectional_masks():

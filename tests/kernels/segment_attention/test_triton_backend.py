@@ -153,3 +153,14 @@ def test_large_write_block_skips_write_only_tiles():
     lengths = [3 * (segment_len + memory) + 2, segment_len + memory]
     for pattern in ("global", "kv_memory_append"):
         TARGET.check(lengths, pattern, "softmax", segment_len=segment_len, num_memory_tokens=memory)
+
+
+def test_a_strided_cu_seqlens_is_read_by_value():
+    """The kernels read cu_seqlens element after element by pointer: a strided view (every
+    other entry of a buffer) gives the result of its contiguous copy."""
+    lengths = [5, 3, 4]
+    q, k, v, cu, _ = random_inputs(lengths)
+    strided = torch.stack([cu, torch.full_like(cu, 99)], 1)[:, 0]
+    assert strided.stride(0) == 2
+    a = segment_attention(q, k, v, strided, max(lengths), backend="triton")
+    torch.testing.assert_close(a, segment_attention(q, k, v, cu, max(lengths), backend="triton"), rtol=0, atol=0)
