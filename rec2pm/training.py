@@ -10,6 +10,7 @@ was never interrupted (``tests/training/test_training.py`` checks it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -167,6 +168,25 @@ CHECKPOINT_KEYS = {
     "best": ("model", "run", "num_items"),
     "last": ("model", "optimizer", "scheduler", "rng", "state", "run", "num_items"),
 }
+
+
+def catalogue_digest(item_ids) -> str:
+    """SHA-256 of the original item ids in remapped order: what a checkpoint's item rows mean."""
+    return hashlib.sha256(",".join(map(str, item_ids)).encode()).hexdigest()
+
+
+def check_catalogue(path: Path, ckpt: dict, data: InteractionData, data_settings: dict) -> None:
+    """The data's items are the ones the checkpoint's item rows were trained on: the same count
+    and (for checkpoints that record it) the same original ids in the same order."""
+    source = data_settings.get("path") or f"the {data_settings.get('kind', '?')} data"
+    if data.num_items != ckpt["num_items"]:
+        raise ValueError(f"{source} has {data.num_items} items, but {path} was trained on {ckpt['num_items']}")
+    saved = ckpt.get("catalogue")
+    if saved is not None and saved != catalogue_digest(data.item_ids):
+        raise ValueError(
+            f"{source} has the {data.num_items} items {path} was trained on, but not the same ones (other "
+            "original ids, or another order): its scores would rank the wrong items; use the training data"
+        )
 
 
 # Settings a resumed run may change: where and how it runs, and how long (not what it learns).
@@ -367,6 +387,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
                     "state": dict(state),
                     "run": run,
                     "num_items": data.num_items,
+                    "catalogue": catalogue_digest(data.item_ids),
                 },
                 path,
             )
@@ -454,6 +475,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
                             "model": model.state_dict(),
                             "run": run,
                             "num_items": data.num_items,
+                            "catalogue": catalogue_digest(data.item_ids),
                             "epoch": epoch,
                             "valid": metrics,
                         },
@@ -544,8 +566,7 @@ def load_evaluation(path: str | Path, *, data_path: str | None = None, split_nam
     if data_path is not None:
         run = {**run, "data": {**run["data"], "path": data_path}}
     data = load_data(run["data"])
-    if data.num_items != ckpt["num_items"]:
-        raise ValueError(f"--data has {data.num_items} items but the checkpoint was trained on {ckpt['num_items']}")
+    check_catalogue(path, ckpt, data, run["data"])
     model = build(run, data.num_items)
     load_weights(model, ckpt["model"], path)
     model.eval()

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -89,7 +90,7 @@ def encode_histories(
 def main_encode(args, parser) -> int:
     import json
 
-    from ..training import load_checkpoint, load_data
+    from ..training import check_catalogue, load_checkpoint, load_data
     from .errors import StoreError
     from .recommender import Recommender
     from .sqlite_store import SQLiteStore
@@ -100,8 +101,7 @@ def main_encode(args, parser) -> int:
         if args.data is not None:
             run = {**run, "data": {**run["data"], "path": args.data}}
         data = load_data(run["data"])
-        if data.num_items != ckpt["num_items"]:
-            raise ValueError(f"--data has {data.num_items} items but the checkpoint was trained on {ckpt['num_items']}")
+        check_catalogue(Path(args.checkpoint), ckpt, data, run["data"])
         recommender = Recommender(
             args.checkpoint,
             args.store,

@@ -268,6 +268,22 @@ def damaged_checkpoints(tmp_path, trained_run):
     return cases
 
 
+def test_evaluating_on_another_catalogue_of_the_same_size_is_refused(tmp_path, trained_run):
+    from rec2pm.training import load_evaluation
+
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    assert load_evaluation(trained_run / "best.pt").data.num_items == ckpt["num_items"]
+    torch.save({**ckpt, "catalogue": "0" * 64}, tmp_path / "other.pt")  # trained on other item ids
+    with pytest.raises(ValueError, match=r"has the 60 items .*other.pt was trained on, but not the same ones"):
+        load_evaluation(tmp_path / "other.pt")
+    torch.save({**ckpt, "num_items": 61}, tmp_path / "more.pt")
+    with pytest.raises(ValueError, match=r"the synthetic data has 60 items, but .*more.pt was trained on 61"):
+        load_evaluation(tmp_path / "more.pt")
+    older = {key: value for key, value in ckpt.items() if key != "catalogue"}  # written before it was kept
+    torch.save(older, tmp_path / "older.pt")
+    assert load_evaluation(tmp_path / "older.pt").data.num_items == 60
+
+
 def test_a_checkpoint_without_a_setting_added_since_takes_its_default(tmp_path, trained_run):
     ckpt = torch.load(trained_run / "best.pt", weights_only=True)
     data = {key: value for key, value in ckpt["run"]["data"].items() if key != "user_limit"}
