@@ -308,8 +308,8 @@ def test_good_arguments_pass():
 
 
 def test_a_checked_cu_seqlens_is_checked_again_after_an_in_place_write():
-    """The check of the last host cu_seqlens is reused only while it is the same tensor at the
-    same version and token count."""
+    """The check of the last host cu_seqlens is reused only while it is the same tensor with
+    the same values and token count."""
     q = torch.randn(10, 2, 8)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     segment_attention(q, q, q, cu, 6)
@@ -349,8 +349,8 @@ def test_int32_offsets_that_wrap_around_are_not_taken_for_lengths():
 
 
 def test_inference_mode_tensors_are_checked_on_every_call():
-    """Tensors made under torch.inference_mode have no version counter: the check is not
-    cached for them (it used to raise), and an in-place write to one is still caught."""
+    """Tensors made under torch.inference_mode have no version counter (a check keyed on it
+    used to raise): the reused check compares values, so an in-place write is still caught."""
     with torch.inference_mode():
         q = torch.randn(10, 2, 8)
         cu = torch.tensor([0, 4, 10], dtype=torch.int32)
