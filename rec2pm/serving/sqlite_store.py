@@ -17,6 +17,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -49,6 +50,12 @@ def parse_sqlite_url(url: str) -> tuple[Path, dict]:
     return Path(parts.path[1:]), options
 
 
+class _Connection(sqlite3.Connection):
+    """A connection that can be weakly referenced, and knows the process that opened it."""
+
+    pid: int
+
+
 class SQLiteStore(MemoryStore):
     def __init__(self, url: str):
         self.url = url
@@ -56,8 +63,10 @@ class SQLiteStore(MemoryStore):
         if not self.path.parent.is_dir():
             raise StoreError(f"store URL {url!r}: the folder {str(self.path.parent)!r} does not exist")
         self._local = threading.local()
-        # Every thread's connection, so that close() closes them all (not only its caller's).
-        self._opened: list[tuple[sqlite3.Connection, int]] = []  # with the pid that opened it
+        # Every live thread's connection, so that close() closes them all (not only its
+        # caller's).  Weak: a thread's connection still closes when the thread ends (a
+        # threading HTTP server runs a thread per client connection).
+        self._opened: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._opened_lock = threading.Lock()
         self._closed = False
         self._connection()  # fail at open, not at the first request
@@ -84,9 +93,10 @@ class SQLiteStore(MemoryStore):
                 pause = min(2 * pause, 0.1)
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"{self.path}: cannot open it as a SQLite memory store ({exc})") from None
-        self._local.conn, self._local.pid = conn, os.getpid()
+        conn.pid = self._local.pid = os.getpid()
+        self._local.conn = conn
         with self._opened_lock:
-            self._opened.append((conn, os.getpid()))
+            self._opened.add(conn)
         return conn
 
     def _open(self) -> sqlite3.Connection:
@@ -97,6 +107,7 @@ class SQLiteStore(MemoryStore):
             timeout=self.options["busy_timeout_ms"] / 1000,
             isolation_level=None,
             check_same_thread=False,
+            factory=_Connection,
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {self.options['busy_timeout_ms']}")
@@ -174,8 +185,9 @@ class SQLiteStore(MemoryStore):
         store afterwards is a ``StoreError``.  A forked child's copies are left to the child."""
         self._closed = True
         with self._opened_lock:
-            opened, self._opened = self._opened, []
-        for conn, pid in opened:
-            if pid == os.getpid():  # never close a parent's connection from a forked child
+            opened = list(self._opened)
+            self._opened.clear()
+        for conn in opened:
+            if conn.pid == os.getpid():  # never close a parent's connection from a forked child
                 conn.close()
         self._local.conn = None

@@ -1,6 +1,7 @@
 """The memory stores: round trips, batched CAS, replay, refusals; every backend."""
 
 import ast
+import gc
 import sqlite3
 import threading
 import time
@@ -168,6 +169,19 @@ def test_closing_a_sqlite_store_closes_every_threads_connection(tmp_path):
             conn.execute("SELECT 1")
     with pytest.raises(StoreError, match="m.db: the store was closed"):
         store.get("a")
+
+
+def test_a_sqlite_connection_closes_when_its_thread_ends(tmp_path):
+    """close() can reach every live thread's connection without keeping dead threads' open
+    (a threading HTTP server runs one thread per client connection)."""
+    store = open_store(f"sqlite:///{tmp_path / 'm.db'}")
+    workers = [threading.Thread(target=store.get_many, args=(["a"],)) for _ in range(20)]
+    for worker in workers:
+        worker.start()
+        worker.join()
+    gc.collect()
+    assert len(store._opened) == 1  # the opening thread's
+    store.close()
 
 
 def test_sqlite_reopens_with_records(tmp_path):
