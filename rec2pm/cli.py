@@ -14,6 +14,15 @@ import json
 import sys
 
 
+def add_record_options(command: argparse.ArgumentParser) -> None:
+    """How stored records are written: ``encode`` and ``serve`` take the same two (a server
+    given other values than the encode rewrites what the encode stored)."""
+    command.add_argument(
+        "--memory-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="how new memories are stored"
+    )
+    command.add_argument("--seen-limit", type=int, default=1024, help="archived item ids kept per user")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rec2pm", description="Train and evaluate Rec2PM models and baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         help="one Stage 1 pass per user instead of one memory update per segment (what serving computes)",
     )
     encode.add_argument("--batch-size", type=int, default=64)
-    encode.add_argument("--memory-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    encode.add_argument("--seen-limit", type=int, default=1024, help="archived item ids kept per user")
+    add_record_options(encode)
     encode.add_argument("--device", default="auto")
     encode.add_argument("--no-progress", action="store_true")
     serve = sub.add_parser("serve", help="answer POST /observe, POST /recommend and GET /health over HTTP")
@@ -55,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed at start)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--session-cache-mb", type=int, default=256, help="session K/V cache bound; 0 turns it off")
-    serve.add_argument(
-        "--memory-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="how archives store new memories"
-    )
-    serve.add_argument(
-        "--seen-limit", type=int, default=1024, help="archived item ids kept per user (as encode's, to keep them)"
-    )
+    add_record_options(serve)
     study = sub.add_parser("study", help="the accuracy study: run its grid, redraw docs/results.md, list its runs")
     study.add_argument("action", choices=("run", "report", "list"))
     study.add_argument("--scale", choices=("full", "mini"), default="full", help="mini: a few dozen users, for CI")

@@ -359,6 +359,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
         "wall_s": 0.0,  # training time up to the last checkpoint, so a resumed run reports its whole time
     }
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    catalogue = catalogue_digest(data.item_ids)  # saved with every checkpoint: computed once
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path, kind="last")
         check_resumable(last_path, ckpt["run"], run)
@@ -387,7 +388,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
                     "state": dict(state),
                     "run": run,
                     "num_items": data.num_items,
-                    "catalogue": catalogue_digest(data.item_ids),
+                    "catalogue": catalogue,
                 },
                 path,
             )
@@ -475,7 +476,7 @@ def train(run: dict, *, resume: bool = True) -> dict:
                             "model": model.state_dict(),
                             "run": run,
                             "num_items": data.num_items,
-                            "catalogue": catalogue_digest(data.item_ids),
+                            "catalogue": catalogue,
                             "epoch": epoch,
                             "valid": metrics,
                         },
