@@ -228,7 +228,7 @@ def segment_attention(
         if spec.interleaved:
             check.check_write_blocks(lengths, spec)
         check.check_num_targets_values(num_targets, lengths, hstu_mask)
-        check.check_silu_norm_values(silu_norm, batch)
+        check.check_silu_norm_values(silu_norm)
     check.check_max_seqlen("max_seqlen", max_seqlen, lengths)
     if check_contents:
         check.check_finite(("q", "k", "v", "rel_bias", "ts_bias"), (q, k, v, rel_bias, ts_bias))
