@@ -50,6 +50,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    mode = config.getoption("--bench-mode")
+    if mode not in ROUNDS:  # argparse checks the choices of a flag, not of its default from the environment
+        raise pytest.UsageError(f"REC2PM_BENCH_MODE must be one of {sorted(ROUNDS)}, got {mode!r}")
     kernel_options.configure(
         KernelOptions(
             backend=config.getoption("--kernel-backend"),
@@ -62,6 +65,18 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def bench_mode(request) -> str:
     return request.config.getoption("--bench-mode")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for this case, as it was before afterwards (a case that left it at
+    one ran every later file on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -112,6 +127,7 @@ def measure(benchmark, bench_mode, request):
                 peak_bytes=peak,
                 params=params or {},
                 bytes_moved=bytes_moved,
+                threads=torch.get_num_threads(),
             )
         )
 

@@ -29,6 +29,7 @@ from rec2pm_kernels import _extension
 from rec2pm_kernels.testing import cu_seqlens_of
 
 from .harness.flops import attention_flops
+from .harness.kernel_options import kernel_options
 
 SLOTS = 204  # [M ; 200 recent] at C = 4
 USERS = [1, 64]
@@ -48,7 +49,7 @@ def step_flops(config, users: int) -> float:
 
 def decoder_and_caches(backbone: str, users: int):
     torch.manual_seed(0)
-    config = named_config(backbone, num_items=1000)
+    config = named_config(backbone, num_items=1000, kernels=kernel_options())
     decoder = build_model("full", config).decoder.eval()
     d = config.d_model
     cu = cu_seqlens_of([SLOTS] * users)
@@ -61,57 +62,54 @@ def decoder_and_caches(backbone: str, users: int):
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("users", USERS)
 @pytest.mark.parametrize("row", ROWS)
-def test_decoder_step(measure, backbone, users, row):
+def test_decoder_step(measure, one_thread, backbone, users, row):
     if row == "fused" and _extension.C is None:
         pytest.skip("the C++ extension is not built")
+    if row == "fused" and kernel_options().backend not in ("auto", "cpp"):
+        pytest.skip(f"--kernel-backend {kernel_options().backend}: the fused step runs with auto or cpp only")
     group = f"decoder step {backbone} B={users} one event, {SLOTS} cached, 1 thread"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if row == "fp32 matmul":
-            a, b = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
-            measure(
-                lambda: a @ b,
-                group=group,
-                name=row,
-                device=torch.device("cpu"),
-                flops=2.0 * MATMUL**3,
-                params=dict(backbone=backbone, users=users),
-            )
-            return
-        if row == "memory read":
-            floats = torch.randn(READ_BYTES // 4)
-            measure(
-                lambda: floats.sum(),
-                group=group,
-                name=row,
-                device=torch.device("cpu"),
-                bytes_moved=float(READ_BYTES),
-                params=dict(backbone=backbone, users=users),
-            )
-            return
-        decoder, caches, seqlens = decoder_and_caches(backbone, users)
-        decoder.use_fused_step = row == "fused"
-        x = torch.randn(users, decoder.config.d_model)
-        positions = torch.full((users,), SLOTS)
-        cu = cu_seqlens_of([1] * users)
-        filled = seqlens.clone()
-
-        def step():
-            seqlens.copy_(filled)  # the same slot each time: one event on a fixed history
-            with torch.no_grad():
-                return decoder.step(x, positions, cu, 1, caches, seqlens)
-
+    if row == "fp32 matmul":
+        a, b = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
         measure(
-            step,
+            lambda: a @ b,
             group=group,
             name=row,
-            baseline=row == "block by block",
             device=torch.device("cpu"),
-            flops=step_flops(decoder.config, users),
-            bytes_moved=sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in caches),
-            params=dict(backbone=backbone, users=users, slots=SLOTS),
-            rounds=30,
+            flops=2.0 * MATMUL**3,
+            params=dict(backbone=backbone, users=users),
         )
-    finally:
-        torch.set_num_threads(threads)
+        return
+    if row == "memory read":
+        floats = torch.randn(READ_BYTES // 4)
+        measure(
+            lambda: floats.sum(),
+            group=group,
+            name=row,
+            device=torch.device("cpu"),
+            bytes_moved=float(READ_BYTES),
+            params=dict(backbone=backbone, users=users),
+        )
+        return
+    decoder, caches, seqlens = decoder_and_caches(backbone, users)
+    decoder.use_fused_step = row == "fused"
+    x = torch.randn(users, decoder.config.d_model)
+    positions = torch.full((users,), SLOTS)
+    cu = cu_seqlens_of([1] * users)
+    filled = seqlens.clone()
+
+    def step():
+        seqlens.copy_(filled)  # the same slot each time: one event on a fixed history
+        with torch.no_grad():
+            return decoder.step(x, positions, cu, 1, caches, seqlens)
+
+    measure(
+        step,
+        group=group,
+        name=row,
+        baseline=row == "block by block",
+        device=torch.device("cpu"),
+        flops=step_flops(decoder.config, users),
+        bytes_moved=sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in caches),
+        params=dict(backbone=backbone, users=users, slots=SLOTS),
+        rounds=30,
+    )

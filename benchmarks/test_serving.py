@@ -106,8 +106,7 @@ REQUESTS = [
 
 
 @pytest.mark.parametrize("request_kind", REQUESTS)
-def test_request(measure, bench_mode, serving_case, request_kind):
-    torch.set_num_threads(1)
+def test_request(measure, bench_mode, one_thread, serving_case, request_kind):
     backbone, length, recent, users = serving_case
     group = f"serving request {backbone} L={length} recent={recent} B={users} (cold: store + forward)"
     params = {"backbone": backbone, "length": length, "recent": recent, "users": users, "kind": request_kind}
@@ -146,9 +145,8 @@ def test_request(measure, bench_mode, serving_case, request_kind):
 
 @pytest.mark.parametrize("method", ["rec2pm-o", "kv-mask-o"])
 @pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
-def test_archive_cost(measure, method, backbone):
+def test_archive_cost(measure, one_thread, method, backbone):
     """One segment archived for B = 1 (divide by S for the cost per event)."""
-    torch.set_num_threads(1)
     rec = served(method, backbone, 1000, S, 1, False)
     memory = rec._memory_tensor(rec.store.get(0))
     segment = [list(range(1, S + 1))]

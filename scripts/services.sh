@@ -34,6 +34,7 @@ start() {
   done
   echo "services: redis-server did not answer on 127.0.0.1:$port; log:" >&2
   cat "$dir/redis.log" >&2 || true
+  stop  # a server that did not answer is not left running for the next start to reuse
   return 1
 }
 

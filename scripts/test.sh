@@ -21,10 +21,11 @@ if command -v "${CXX:-c++}" >/dev/null; then export REC2PM_REQUIRE_EXT="${REC2PM
 export REC2PM_REQUIRE_SHARED_DATA="${REC2PM_REQUIRE_SHARED_DATA:-1}"
 # A throwaway redis-server on 127.0.0.1 for the serving integration tests (installed when
 # missing), stopped when this script exits; REC2PM_REQUIRE_REDIS=1 makes those tests fail, not skip.
+# The trap comes first: a start that fails half way still stops what it started.
+trap 'bash scripts/services.sh stop' EXIT
 run_stage "services (redis-server on 127.0.0.1)" bash scripts/services.sh start  # installs it when missing, timed
 # Already running: prints its URL.
 REC2PM_TEST_REDIS_URL="$(bash scripts/services.sh start)"
-trap 'bash scripts/services.sh stop' EXIT
 export REC2PM_TEST_REDIS_URL REC2PM_REQUIRE_REDIS="${REC2PM_REQUIRE_REDIS:-1}"
 run_stage "unit tests" "$py" -m pytest -q -m "not slow and not aot and not gpu and not interpreter"
 # Triton kernels on CPU tensors; the flag must be set before the kernels are defined.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -12,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from rec2pm_kernels.backends import backends
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Result:
     # Bytes the case must move through memory at least (read + written), for the cases whose
     # speed is bound by memory bandwidth rather than arithmetic; None where not counted.
     bytes_moved: float | None = None
+    threads: int | None = None  # torch's intra-op threads while the case ran
 
     @property
     def tflops(self) -> float | None:
@@ -50,30 +54,45 @@ def run_metadata() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),  # at the end of the run; each result has its own
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
-    try:
-        import triton
+    for module in ("triton", "flash_attn"):
+        try:
+            meta[module] = __import__(module).__version__
+        except ImportError:
+            meta[module] = None
+    # Which kernel backends this machine has (the C++ extension built or not, and why not).
+    meta["backends"] = {name: {"available": s.available, "reason": s.reason} for name, s in backends().items()}
+    meta["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("REC2PM_")}
+    meta["git_revision"] = _git("rev-parse", "--short", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    meta["git_dirty"] = None if status is None else bool(status)  # results of uncommitted code
+    return meta
 
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
+
+def _git(*args: str) -> str | None:
     try:
-        meta["git_revision"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        meta["git_revision"] = None
-    return meta
+        return None
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -124,7 +143,14 @@ def ratio_tables(results: list[Result]) -> str:
 def save_run(results: list[Result], meta: dict, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     stamp = meta["time_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = directory / f"run-{stamp}.json"
     rows = [dict(asdict(r), tflops=r.tflops, gbps=r.gbps) for r in results]
-    path.write_text(json.dumps({"metadata": meta, "results": rows}, indent=2))
-    return path
+    text = json.dumps({"metadata": meta, "results": rows}, indent=2)
+    for attempt in itertools.count():  # two runs in one second each keep their own file
+        path = directory / (f"run-{stamp}.json" if attempt == 0 else f"run-{stamp}-{attempt}.json")
+        try:
+            with path.open("x") as handle:
+                handle.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")

@@ -283,7 +283,7 @@ class RecModel(nn.Module):
         """Next-item loss over the item rows of ``layout`` that have a target."""
         on_device = layout.to(hidden.device)
         rows = on_device.target_rows
-        targets = items[on_device.target_index[rows]]
+        targets = items[on_device.target_index[rows]].long()  # int32 ids are accepted; the losses index with int64
         loss = next_item_loss(
             self.options.loss, hidden[rows], targets, self.item_embedding.weight, self.options.num_negatives
         )

@@ -197,8 +197,8 @@ class TokenMemoryModel(RecModel):
     def step(self, state: ServingState, new_items: torch.Tensor, new_cu: torch.Tensor) -> torch.Tensor:
         """New events (packed, 0 or more per user) through the cached step; advances ``state``.
 
-        Returns logits ``(B, N + 1)`` after each user's last new event (rows of users
-        without new events are computed from nothing and should be ignored).
+        Returns logits ``(B, N + 1)`` after each user's last new event; the rows of users
+        without new events are NaN (nothing was computed for them).
         """
         if not isinstance(state, ServingState):
             raise TypeError(f"state must be the ServingState that prefill returned, got {type(state).__name__}")
@@ -242,9 +242,12 @@ class TokenMemoryModel(RecModel):
         )
         state.seqlens += torch.tensor(counts, dtype=torch.int32, device=device)
         if not positions:
-            return h.new_zeros((len(counts), self.config.num_items + 1))
+            return h.new_full((len(counts), self.config.num_items + 1), float("nan"))
         last = list(itertools.accumulate(counts, initial=-1))[1:]  # each user's last new row
-        return self.logits(h[torch.tensor([max(row, 0) for row in last], dtype=torch.long, device=device)])
+        logits = self.logits(h[torch.tensor([max(row, 0) for row in last], dtype=torch.long, device=device)])
+        if 0 in counts:  # such a user's row above is another user's: never let it pass as an answer
+            logits[torch.tensor([n == 0 for n in counts], device=device)] = float("nan")
+        return logits
 
     def score_history(
         self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None, request_times=None, *, iterative=False

@@ -165,8 +165,10 @@ def read_result(path: Path) -> dict:
         record = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable study result ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a study result (a JSON {type(record).__name__}, not an object)")
     missing = [key for key in ("format", "name", "group", "labels", "metrics", "users", "run") if key not in record]
-    if not isinstance(record, dict) or missing:
+    if missing:
         raise ValueError(f"{path}: not a study result (missing {missing})")
     if record["format"] != RESULT_FORMAT:
         raise ValueError(f"{path}: result format {record['format']!r}, this version reads {RESULT_FORMAT}")
@@ -174,23 +176,27 @@ def read_result(path: Path) -> dict:
 
 
 def claim(work_dir: Path) -> bool:
-    """Claim the run in ``work_dir`` for this process; False while another live process holds it."""
+    """Claim the run in ``work_dir`` for this process; False while another live process holds it.
+
+    Every claimant decides under one lock (``claim.lock``, released with its file), and a
+    claim file is written whole (a temporary file renamed into place): an empty claim file,
+    seen between its creation and its pid, read as a dead owner's, and two processes that
+    both found a dead owner's claim both took it over."""
+    import fcntl  # POSIX only, as the study's process pool is
+
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "claim"
-    while True:
+    with open(work_dir / "claim.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(path.read_text() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _alive(owner):
-                return False
-            path.unlink(missing_ok=True)  # a dead owner's claim: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            owner = int(path.read_text())
+        except (OSError, ValueError):  # no claim, or one that names no process
+            owner = 0
+        if owner and owner != os.getpid() and _alive(owner):
+            return False
+        fresh = path.with_name(f"claim.{os.getpid()}.tmp")
+        fresh.write_text(str(os.getpid()))
+        os.replace(fresh, path)  # a dead owner's claim is replaced, never left half written
         return True
 
 

@@ -5,7 +5,7 @@ import torch
 
 from rec2pm.backbones.decoder import LayerCache
 from rec2pm.config import ModelConfig, named_config
-from rec2pm.methods import Memory, ServingState, build_model
+from rec2pm.methods import Memory, ServingState, TrainingOptions, build_model
 from rec2pm_kernels import SegmentAttention, segment_attention
 
 CFG = named_config("sasrec-small", num_items=30, max_positions=64)
@@ -199,3 +199,46 @@ def test_segment_attention_module_names_a_flat_input_that_does_not_split_into_he
     attn = SegmentAttention(2)
     with pytest.raises(ValueError, match=r"v must be \(total_tokens, heads \* dim\) .* got \(9, 7\)"):
         attn(torch.randn(9, 8), torch.randn(9, 8), torch.randn(9, 7), torch.tensor([0, 9]), 9)
+
+
+@pytest.mark.parametrize("method", ["rec2pm-o", "tok-serial-o", "kv-mask-o", "full", "recent"])
+@pytest.mark.parametrize("loss", ["full", "sampled", "bce"])
+def test_int32_item_ids_train_as_int64_ones_do(method, loss):
+    """check_packed_items takes int32 ids; the losses index with them as int64."""
+    torch.manual_seed(0)
+    model = build_model(method, CFG, loss=loss).eval()
+    items, cu = torch.randint(1, 31, (40,)), torch.tensor([0, 25, 40])
+    torch.manual_seed(1)
+    wide = model(items, cu).loss
+    torch.manual_seed(1)  # the same sampled negatives
+    narrow = model(items.int(), cu.int()).loss
+    assert torch.equal(narrow, wide)
+
+
+def test_a_step_gives_users_without_new_events_nan_rows_not_another_users_scores(served):
+    model, state = served
+    logits = model.step(state, torch.tensor([5, 6]), torch.tensor([0, 2, 2]))  # user 1 has no new event
+    assert not logits[0].isnan().any()
+    assert logits[1].isnan().all()
+    nothing = model.step(state, torch.tensor([], dtype=torch.long), torch.tensor([0, 0, 0]))
+    assert nothing.shape == (2, CFG.num_items + 1) and nothing.isnan().all()
+
+
+@pytest.mark.parametrize(
+    "method, options, overrides, text",
+    [
+        ("rec2pm-o", None, {"mode": "append"}, "mode='append' contradicts method 'rec2pm-o'.*use method 'rec2pm-a'"),
+        ("kv-mask-a", None, {"mode": "overwrite"}, "contradicts method 'kv-mask-a'.*use method 'kv-mask-o'"),
+        ("tok-serial-o", TrainingOptions(mode="append"), {}, "options.mode='append' contradicts method 'tok-serial-o'"),
+        ("full", None, {"mode": "append"}, "method 'full' keeps no memory, so it has no mode"),
+    ],
+)
+def test_a_mode_that_contradicts_the_method_name_is_refused_not_replaced(method, options, overrides, text):
+    with pytest.raises(ValueError, match=text):
+        build_model(method, CFG, options, **overrides)
+
+
+def test_the_method_name_sets_the_mode():
+    assert build_model("rec2pm-a", CFG).options.mode == "append"
+    assert build_model("rec2pm-a", CFG, TrainingOptions(con_weight=0.5)).options.mode == "append"
+    assert build_model("rec2pm-o", CFG, mode="overwrite").options.mode == "overwrite"

@@ -2,6 +2,10 @@
 is skipped when done, and the report redraws the same tables and figures from the files."""
 
 import json
+import multiprocessing
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -142,9 +146,6 @@ def test_a_damaged_result_file_is_named(mini_study, tmp_path):
 
 
 def test_a_run_claimed_by_a_live_process_is_passed_by_and_a_dead_claim_is_taken_over(tmp_path):
-    import subprocess
-    import sys
-
     from rec2pm.study.runner import claim, run_study
 
     spec = next(r for r in grid.study_runs("mini") if r.name == "lifelong/noise0.2/sasrec/recent/seed0")
@@ -247,3 +248,55 @@ def test_claims_follow_planted_differences(tmp_path, lead):
     assert claims[("one-shot about iterative", "noise0.4, sasrec")] == "supported"
     grows = next(v for k, v in claims.items() if k[0].startswith("robust to noise"))
     assert grows == ahead
+
+
+def test_a_backbone_without_its_own_full_is_not_compared_with_another_backbones_full(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for backbone, variant in (("sasrec", "full"), ("hstu", "rec2pm-o"), ("count", "popularity")):
+        record = fabricated("real", "ml-1m", variant, 0, [1, 0, 1, 1] * 10)
+        record["labels"]["backbone"] = backbone
+        record["name"] = f"real/ml-1m/{backbone}/{variant}/seed0"
+        (results / (record["name"].replace("/", "__") + ".json")).write_text(json.dumps(record))
+    text = write_report(results, tmp_path / "results.md", scale="full", figures_dir=tmp_path / "figures").read_text()
+    hstu = next(line for line in text.splitlines() if line.startswith("| hstu | rec2pm-o |"))
+    assert hstu.split(" | ")[5:7] == ["–", "–"]  # ΔHR@10 and MDE: no HSTU Full to compare with
+    count = next(line for line in text.splitlines() if line.startswith("| count | popularity |"))
+    assert count.split(" | ")[5] == "+0.00 [+0.00, +0.00]"  # count baselines: against SASRec's Full
+
+
+def _claim_in_a_process(work, start_at, out):
+    from rec2pm.study.runner import claim
+
+    while time.time() < start_at:  # every process asks at the same moment
+        pass
+    out.put(claim(work))
+
+
+def test_processes_that_find_a_dead_claim_at_once_take_it_over_once(tmp_path):
+    """Every claimant decides under one lock: of eight processes that find a dead owner's
+    claim at the same moment, exactly one takes the run."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        work = tmp_path / f"work{attempt}"
+        work.mkdir()
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (work / "claim").write_text(str(dead.pid))  # its owner has exited
+        out = context.Queue()
+        start_at = time.time() + 1.0
+        processes = [context.Process(target=_claim_in_a_process, args=(work, start_at, out)) for _ in range(8)]
+        for p in processes:
+            p.start()
+        won = [out.get(timeout=60) for _ in processes]
+        for p in processes:
+            p.join()
+        assert sum(won) == 1, won
+        assert int((work / "claim").read_text()) in {p.pid for p in processes}
+
+
+def test_a_result_file_that_is_not_a_json_object_is_named(tmp_path):
+    path = tmp_path / "five.json"
+    path.write_text("5")
+    with pytest.raises(ValueError, match=r"five\.json: not a study result \(a JSON int, not an object\)"):
+        read_result(path)
