@@ -60,8 +60,10 @@ class ModelConfig:
         num_items: catalogue size N; item ids are 1..N, 0 is padding.
         num_layers, num_heads, d_model: decoder shape; head dim = d_model / num_heads.
         dropout: dropout rate in every block (0 for exact equivalence tests).
-        max_positions: SASRec position table size, the longest stream a model accepts
-            (a Stage 1 stream of L items has L + K*C tokens).
+        max_positions: SASRec position table size: every stream position λ must be below it.
+            Rec2PM's positions follow the items (the ``global`` pattern's λ: at most
+            max(L - 1, K*S + C - 1) for L items in K archived segments), KV-Mask's count
+            every token (L + K*C).
         num_buckets: HSTU relative-bias buckets (distances past the last share it).
         num_time_buckets: HSTU's timestamp bias (``rec2pm_kernels.time_bias``): a learned
             weight per log-spaced bucket ``0..num_time_buckets`` of the time between a row's

@@ -307,6 +307,7 @@ def _layout(counts: torch.Tensor, **per_token: torch.Tensor) -> PackedLayout:
 
 def history_shape(lengths, segment_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(K, tail)`` per history: archived segments ``(L - 1) // S`` and tail ``L - K*S``."""
+    _check_sizes(segment_len, 1)
     lengths = _as_counts("lengths", lengths, 1)
     archived = torch.div(lengths - 1, segment_len, rounding_mode="floor")
     return archived, lengths - archived * segment_len
@@ -445,7 +446,10 @@ def block_layout(
     users = torch.arange(n) if users is None else _as_counts("users", users, 0)
     item_first = torch.zeros_like(item_counts) if item_first is None else _as_counts("item_first", item_first, 0)
     history = item_counts if history_lengths is None else _as_counts("history_lengths", history_lengths, 1)
-    writes = torch.as_tensor(with_write, dtype=torch.bool).expand(n) if n else torch.zeros(0, dtype=torch.bool)
+    writes = torch.as_tensor(with_write, dtype=torch.bool)
+    if writes.dim() > 1 or (writes.dim() == 1 and writes.numel() != n):
+        raise ValueError(f"with_write must be one bool, or one per block ({n}), got shape {tuple(writes.shape)}")
+    writes = writes.expand(n) if n else torch.zeros(0, dtype=torch.bool)
     for name, t in (("users", users), ("item_first", item_first)):
         if t.numel() != n:
             raise ValueError(f"{name} must have one entry per block ({n}), got {t.numel()}")

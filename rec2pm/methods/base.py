@@ -248,7 +248,11 @@ class RecModel(nn.Module):
             raise TypeError(
                 f"memory must be {ref.dtype} on {ref.device} like the model, got {memory.dtype} on {memory.device}"
             )
-        counts = torch.as_tensor(counts)
+        if not isinstance(counts, torch.Tensor) or counts.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"memory_counts must be an int32/int64 tensor ({batch},), got "
+                f"{getattr(counts, 'dtype', type(counts).__name__)}"
+            )
         if counts.shape != (batch,):
             raise ValueError(f"memory_counts must have shape ({batch},), got {tuple(counts.shape)}")
         if int(counts.sum()) != memory.shape[0]:

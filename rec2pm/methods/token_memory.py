@@ -66,7 +66,8 @@ class TokenMemoryModel(RecModel):
     # -- memory ------------------------------------------------------------------------------
     def empty_memory(self, batch: int) -> Memory:
         w = self.item_embedding.weight
-        return Memory(w.new_zeros((0, self.config.d_model)), torch.zeros(batch, dtype=torch.long))
+        times = torch.zeros(0, dtype=torch.long, device=w.device) if self.config.num_time_buckets else None
+        return Memory(w.new_zeros((0, self.config.d_model)), torch.zeros(batch, dtype=torch.long), times)
 
     def stage1(self, items: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor | None = None):
         """The Stage 1 pass (``global`` pattern): ``(layout, outputs)``."""
@@ -104,10 +105,15 @@ class TokenMemoryModel(RecModel):
         return Memory(out[rows.to(out.device)], counts, memory_times), tail_items, tail_cu
 
     def update(self, memory: Memory, segment_items: torch.Tensor, segment_cu: torch.Tensor) -> Memory:
-        """Archive one segment per user: ``[M ; S_h ; w]`` -> the new memory."""
+        """Archive one segment per user: ``[M ; S_h ; w]`` -> the new memory (each segment
+        exactly ``segment_len`` items, as training wrote every memory)."""
         self.require_no_time_bias("update")
         lengths = self.check_history(segment_items, segment_cu, "segment_items")
+        S = self.config.segment_len
+        if bool((lengths != S).any()):
+            raise ValueError(f"segment_items: every segment must hold segment_len={S} items, got {lengths.tolist()}")
         self.check_memory(memory.vectors, memory.counts, lengths.numel())
+        self.check_times(memory.times, memory.vectors[:, 0], "memory.times")  # refused: update has no time bias
         return self._update(memory, segment_items, lengths)
 
     def update_some(self, memory: Memory, users: torch.Tensor, segment_items: torch.Tensor) -> Memory:
@@ -149,6 +155,7 @@ class TokenMemoryModel(RecModel):
         embeddings and token times (``None`` without a timestamp bias)."""
         lengths = self.check_history(recent_items, recent_cu, "recent_items")
         self.check_memory(memory.vectors, memory.counts, lengths.numel())
+        self.check_times(memory.times, memory.vectors[:, 0], "memory.times")  # one time per memory row
         recent_times = self.check_times(recent_times, recent_items, "recent_times")
         request_times = self.check_request_times(request_times, lengths.numel())
         layout = cached_layout(serving_layout, memory.counts, lengths, self.config.num_memory_tokens)

@@ -8,6 +8,7 @@ from rec2pm.layout import (
     MEMORY,
     MODES,
     WRITE,
+    block_layout,
     history_shape,
     serving_layout,
     stage1_layout,
@@ -165,6 +166,18 @@ def test_stage1_streams_are_valid_global_inputs():
         (lambda: update_layout([C], [S, S], C), ValueError, "memory_counts and item_counts"),
         (lambda: serving_layout([-1], [2], C), ValueError, "memory_counts[0] must be >= 0"),
         (lambda: serving_layout([C], [0], C), ValueError, "recent_lengths[0] must be >= 1"),
+        (lambda: history_shape([3], 0), ValueError, "segment_len must be an int >= 1, got 0"),
+        (lambda: history_shape([3], True), ValueError, "segment_len must be an int >= 1, got True"),
+        (
+            lambda: block_layout([0, 0], [2, 2], C, with_write=[True]),
+            ValueError,
+            "with_write must be one bool, or one per block (2), got shape (1,)",
+        ),
+        (
+            lambda: block_layout([0, 0], [2, 2], C, with_write=[True, False, True]),
+            ValueError,
+            "with_write must be one bool, or one per block (2), got shape (3,)",
+        ),
         (
             lambda: stage2_layout([S + 1], S, C).embed(torch.randn(S + 1, 3), torch.randn(C, 3)),
             ValueError,

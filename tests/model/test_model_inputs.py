@@ -242,3 +242,16 @@ def test_the_method_name_sets_the_mode():
     assert build_model("rec2pm-a", CFG).options.mode == "append"
     assert build_model("rec2pm-a", CFG, TrainingOptions(con_weight=0.5)).options.mode == "append"
     assert build_model("rec2pm-o", CFG, mode="overwrite").options.mode == "overwrite"
+
+
+def test_update_takes_whole_segments_only(rec2pm_o):
+    """A memory is written from S items, as training wrote every one; a shorter segment
+    would give a memory no model was trained to read."""
+    S = CFG.segment_len
+    memory = rec2pm_o.empty_memory(2)
+    text = f"every segment must hold segment_len={S} items, got \\[{S}, 3\\]"
+    with torch.no_grad(), pytest.raises(ValueError, match=text):
+        rec2pm_o.update(memory, torch.ones(S + 3, dtype=torch.long), torch.tensor([0, S, S + 3]))
+    with torch.no_grad():
+        new = rec2pm_o.update(memory, torch.ones(2 * S, dtype=torch.long), torch.tensor([0, S, 2 * S]))
+    assert new.counts.tolist() == [CFG.num_memory_tokens] * 2

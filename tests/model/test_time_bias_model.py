@@ -131,3 +131,34 @@ def test_times_are_required_checked_and_never_dropped():
     memory, tail, tail_cu = r.encode(items, cu, timestamps=times)
     with pytest.raises(ValueError, match="prefill"):
         r.prefill(memory, tail, tail_cu, capacity=16)
+
+
+def test_memory_times_are_checked_like_every_other_time():
+    lengths = [2 * S + 3, S + 1]
+    items, cu, times = histories(lengths)
+    r = model("rec2pm-o").eval()
+    memory, tail, tail_cu = r.encode(items, cu, timestamps=times)
+    tails = tail_cu.diff().tolist()
+    tail_times = torch.cat([times[int(end) - n : int(end)] for end, n in zip(cu[1:], tails, strict=True)])
+    with torch.no_grad():
+        r.score(memory, tail, tail_cu, tail_times)  # as encode gave them
+        for times_of_memory, error, text in [
+            (None, ValueError, "pass memory.times"),
+            (memory.times.double(), TypeError, "memory.times must be an int32 or int64 tensor"),
+            (torch.cat([memory.times, memory.times[:1]]), ValueError, "memory.times must have the items' shape"),
+            (memory.times[:-1], ValueError, "memory.times must have the items' shape"),
+        ]:
+            with pytest.raises(error, match=text):
+                r.score(Memory(memory.vectors, memory.counts, times_of_memory), tail, tail_cu, tail_times)
+        # No memory yet: the empty memory carries its (empty) times.
+        r.score(r.empty_memory(1), items[:5], torch.tensor([0, 5]), times[:5])
+    # A model without the bias refuses memory times rather than ignoring them.
+    plain = build_model("rec2pm-o", named_config("hstu-small", num_items=N_ITEMS)).double().eval()
+    vectors = torch.zeros(C, plain.config.d_model, dtype=torch.float64)
+    timed = Memory(vectors, torch.tensor([C]), torch.zeros(C, dtype=torch.long))
+    with torch.no_grad(), pytest.raises(ValueError, match="memory.times given, but this model has no timestamp bias"):
+        plain.score(timed, items[:3], torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="memory.times given"):
+        plain.update(timed, items[:S], torch.tensor([0, S]))
+    with pytest.raises(TypeError, match=r"memory_counts must be an int32/int64 tensor \(1,\), got list"):
+        plain.update(Memory(vectors, [C]), items[:S], torch.tensor([0, S]))
