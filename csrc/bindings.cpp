@@ -5,6 +5,7 @@
 #include "cpu/attention_ops.h"
 #include "cpu/causal_lanes.h"
 #include "cpu/decoder_step_ops.h"
+#include "cpu/input_checks.h"
 #include "cpu/patterns_ops.h"
 #ifdef REC2PM_WITH_CUDA
 #include "cuda/attention_cuda_ops.h"
@@ -16,6 +17,8 @@ namespace {
 
 // The visible keys of one row as [begin, end) spans, for tests of the shared rule.
 std::vector<std::pair<int64_t, int64_t>> key_spans(int64_t pattern, int64_t row, int64_t S, int64_t C) {
+  rec2pm::check_pattern_codes(pattern, 0, S, C);
+  TORCH_CHECK(row >= 0, "row must be >= 0, got ", row);
   const auto pat = static_cast<rec2pm::Pattern>(pattern);
   std::vector<std::pair<int64_t, int64_t>> spans;
   for (int64_t i = 0; i < rec2pm::key_span_count(pat, row, S, C); ++i) {

@@ -25,6 +25,7 @@
 
 #include "attention_ops.h"
 #include "causal_lanes.h"
+#include "input_checks.h"
 #include "rec2pm/attention_math.h"
 #include "vector_math.h"
 #include "rec2pm/hstu_masks.h"
@@ -880,10 +881,24 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
     TORCH_CHECK(t->is_contiguous() && t->dim() == 3 && t->scalar_type() == q.scalar_type(), name,
                 " must be a contiguous (tokens, heads, dim) tensor of q's dtype");
   }
-  TORCH_CHECK(cu_seqlens.scalar_type() == torch::kLong && cu_seqlens.is_contiguous(), "cu_seqlens must be int64");
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1), "v must have q's tokens and heads (",
+              q.size(0), ", ", q.size(1), ", dim_v), got ", v.sizes());
+  for (const auto& [t, name] : {std::pair{&rel_bias, "rel_bias"}, {&num_targets, "num_targets"},
+                                {&silu_norms, "silu_norms"}, {&ts_bias, "ts_bias"}, {&timestamps, "timestamps"},
+                                {&query_timestamps, "query_timestamps"}}) {
+    if (t->has_value()) check_cpu(**t, name);
+  }
+  check_cpu(cu_seqlens, "cu_seqlens");
+  TORCH_CHECK(cu_seqlens.scalar_type() == torch::kLong && cu_seqlens.is_contiguous() && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.numel() >= 1,
+              "cu_seqlens must be a contiguous int64 (batch + 1,) tensor");
+  check_pattern_codes(pattern, score, segment_len, num_memory_tokens);
+  check_bias_table(rel_bias, q.size(1), "rel_bias");
+  const int64_t batch = cu_seqlens.numel() - 1;
+  check_offsets(cu_seqlens.data_ptr<int64_t>(), batch, q.size(0), "cu_seqlens");
   auto out = torch::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   if (q.size(0) == 0) return out;
-  const int64_t batch = cu_seqlens.numel() - 1;
   TORCH_CHECK(!num_targets || (num_targets->scalar_type() == torch::kLong && num_targets->is_contiguous() &&
                                num_targets->numel() == batch),
               "num_targets must be a contiguous int64 (batch,) tensor");
@@ -897,6 +912,7 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
                            timestamps->is_contiguous() && query_timestamps->is_contiguous() &&
                            timestamps->numel() == q.size(0) && query_timestamps->numel() == q.size(0)),
               "ts_bias must be (heads, buckets + 1) with contiguous int64 timestamps and query_timestamps, one per token");
+  check_bias_table(ts_bias, q.size(1), "ts_bias");
   SegmentProblem problem{q.size(0),
                                q.size(1),
                                q.size(2),
@@ -943,6 +959,19 @@ torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::T
     TORCH_CHECK(t->is_contiguous() && t->dim() == 3 && t->scalar_type() == q_new.scalar_type(), name,
                 " must be a contiguous (tokens, heads, dim) tensor of q_new's dtype");
   }
+  TORCH_CHECK(k_new.sizes() == q_new.sizes(), "k_new must have q_new's shape ", q_new.sizes(), ", got ",
+              k_new.sizes());
+  TORCH_CHECK(v_new.size(0) == q_new.size(0) && v_new.size(1) == q_new.size(1), "v_new must have q_new's tokens ",
+              "and heads (", q_new.size(0), ", ", q_new.size(1), ", dim_v), got ", v_new.sizes());
+  for (const auto& [t, name] : {std::pair<const torch::Tensor*, const char*>{&k_cache, "k_cache"},
+                                {&v_cache, "v_cache"},
+                                {&cu_seqlens_new, "cu_seqlens_new"},
+                                {&cache_seqlens, "cache_seqlens"}}) {
+    check_cpu(*t, name);
+  }
+  if (rel_bias) check_cpu(*rel_bias, "rel_bias");
+  check_pattern_codes(0, score, 1, 0);
+  check_bias_table(rel_bias, q_new.size(1), "rel_bias");
   TORCH_CHECK(k_cache.scalar_type() == q_new.scalar_type() && v_cache.scalar_type() == q_new.scalar_type(),
               "k_cache and v_cache must have q_new's dtype");
   TORCH_CHECK(cu_seqlens_new.scalar_type() == torch::kLong && cache_seqlens.scalar_type() == torch::kLong &&

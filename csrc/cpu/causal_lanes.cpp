@@ -77,6 +77,16 @@ __attribute__((always_inline)) inline void add_values(const CausalLanesHead& p, 
   for (int64_t d = 0; d < kDim; ++d) acc[d] += w * value[d];
 }
 
+// add_values in the lanes that see key j only: the others keep their sums as they are (a
+// zero weight times an infinite value would be NaN, and a later key must not touch a row).
+template <int64_t kDim>
+__attribute__((always_inline)) inline void add_values_seen(const CausalLanesHead& p, int64_t j, const Lanes& w,
+                                                           const IntLanes& seen, Lanes (&acc)[kDim]) {
+  const float* value = p.values + j * kDim;
+#pragma GCC unroll 16
+  for (int64_t d = 0; d < kDim; ++d) acc[d] = seen ? acc[d] + w * value[d] : acc[d];
+}
+
 // Rows [r0, r0 + rows) (rows <= kPortableLanes), whose queries are the tile's columns from
 // `first` on; their outputs replace those columns.
 template <int64_t kDim, Score kScore>
@@ -97,9 +107,12 @@ __attribute__((always_inline)) inline void attend_lanes_portable(const CausalLan
       Lanes s, e;
       key_scores<kDim>(p, qt, r0, j, s);
       exp_lanes(-s, e);
-      Lanes w = s / (1.0f + e);
-      if (j > r0) w = lane >= static_cast<float>(j - r0) ? w : Lanes{};
-      add_values<kDim>(p, j, w, acc);
+      const Lanes w = s / (1.0f + e);
+      if (j > r0) {
+        add_values_seen<kDim>(p, j, w, lane >= static_cast<float>(j - r0), acc);
+      } else {
+        add_values<kDim>(p, j, w, acc);
+      }
     }
     finish = Lanes{} + p.inv_norm;
   } else {
@@ -121,7 +134,11 @@ __attribute__((always_inline)) inline void attend_lanes_portable(const CausalLan
         Lanes w;
         exp_lanes(s[i] - top, w);
         sum += w;
-        add_values<kDim>(p, c + i, w, acc);
+        if (c + i > r0) {
+          add_values_seen<kDim>(p, c + i, w, lane >= static_cast<float>(c + i - r0), acc);
+        } else {
+          add_values<kDim>(p, c + i, w, acc);
+        }
       }
     }
     finish = 1.0f / sum;
@@ -212,6 +229,15 @@ __attribute__((always_inline)) inline void add_values_512(const CausalLanesHead&
   for (int64_t d = 0; d < kDim; ++d) acc[d] = _mm512_fmadd_ps(w, _mm512_set1_ps(value[d]), acc[d]);
 }
 
+// add_values_512 in the lanes of `seen` only (the portable build's add_values_seen).
+template <int64_t kDim>
+__attribute__((always_inline)) inline void add_values_seen_512(const CausalLanesHead& p, int64_t j, __m512 w,
+                                                               __mmask16 seen, __m512 (&acc)[kDim]) {
+  const float* value = p.values + j * kDim;
+#pragma GCC unroll 16
+  for (int64_t d = 0; d < kDim; ++d) acc[d] = _mm512_mask3_fmadd_ps(w, _mm512_set1_ps(value[d]), acc[d], seen);
+}
+
 // Lanes i of rows r0 + i that see key j > r0.
 inline __mmask16 rows_seeing(int64_t r0, int64_t j) { return static_cast<__mmask16>(0xFFFFu << (j - r0)); }
 
@@ -232,9 +258,12 @@ __attribute__((always_inline)) inline void attend_block_avx512(const CausalLanes
     for (int64_t j = 0; j < keys; ++j) {
       const __m512 s = key_scores_512<kDim>(p, qt, r0, j);
       const __m512 e = exp_negated_512(s);
-      __m512 w = _mm512_div_ps(s, _mm512_add_ps(one, e));
-      if (j > r0) w = _mm512_maskz_mov_ps(rows_seeing(r0, j), w);
-      add_values_512<kDim>(p, j, w, acc);
+      const __m512 w = _mm512_div_ps(s, _mm512_add_ps(one, e));
+      if (j > r0) {
+        add_values_seen_512<kDim>(p, j, w, rows_seeing(r0, j), acc);
+      } else {
+        add_values_512<kDim>(p, j, w, acc);
+      }
     }
     finish = _mm512_set1_ps(p.inv_norm);
   } else {
@@ -260,7 +289,11 @@ __attribute__((always_inline)) inline void attend_block_avx512(const CausalLanes
         if (i < n) {
           const __m512 w = exp_512(_mm512_sub_ps(s[i], top));
           sum = _mm512_add_ps(sum, w);
-          add_values_512<kDim>(p, c + i, w, acc);
+          if (c + i > r0) {
+            add_values_seen_512<kDim>(p, c + i, w, rows_seeing(r0, c + i), acc);
+          } else {
+            add_values_512<kDim>(p, c + i, w, acc);
+          }
         }
       }
     }

@@ -14,6 +14,7 @@
 
 #include "decoder_step_math.h"
 #include "decoder_step_ops.h"
+#include "input_checks.h"
 
 namespace rec2pm {
 namespace {
@@ -37,6 +38,49 @@ void zero_unused_slots(const torch::Tensor& cache, const int64_t* cu, int64_t ba
   }
 }
 
+// Every weight has the shape and device the loops read it with (through raw pointers on the
+// row path): a block's weights in the order of rec2pm/backbones/fused_step.py.
+void check_weights(Backbone kind, const std::vector<std::vector<torch::Tensor>>& layers, int64_t d, int64_t heads) {
+  const auto vector = [&](const torch::Tensor& t, const char* name) { check_shape(t, {d}, name); };
+  const auto square = [&](const torch::Tensor& t, const char* name) { check_shape(t, {d, d}, name); };
+  for (const auto& w : layers) {
+    for (const auto& t : w) TORCH_CHECK(t.device().is_cpu(), "every layer weight must be a CPU tensor");
+    if (kind == Backbone::kHstu) {
+      for (const int i : {kInputNormW, kInputNormB, kOutputNormW, kOutputNormB, kF2B}) vector(w[i], "an HSTU norm or f2 bias");
+      check_shape(w[kF1W], {4 * d, d}, "HSTU's f1 weight");
+      check_shape(w[kF1B], {4 * d}, "HSTU's f1 bias");
+      square(w[kF2W], "HSTU's f2 weight");
+      check_bias_table(w[kRelBias], heads, "HSTU's rel_bias");
+    } else {
+      for (const int i : {kAttnNormW, kAttnNormB, kQueryB, kValueB, kAttnOutB, kFfnNormW, kFfnNormB, kFfnInB, kFfnOutB}) {
+        vector(w[i], "a SASRec norm or bias");
+      }
+      for (const int i : {kQueryW, kKeyW, kValueW, kAttnOutW, kFfnInW, kFfnOutW}) square(w[i], "a SASRec weight");
+    }
+  }
+}
+
+// A batch of caches (batch, capacity, heads, head_dim) per layer, on the CPU in x's dtype,
+// with room for each user's new rows after its filled ones.
+void check_batch_caches(const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                        const torch::Tensor& x, const int64_t* cu, const int64_t* filled, int64_t batch, int64_t heads,
+                        int64_t head_dim) {
+  for (size_t l = 0; l < k_caches.size(); ++l) {
+    for (const auto& [cache, name] : {std::pair{&k_caches[l], "K"}, {&v_caches[l], "V"}}) {
+      TORCH_CHECK(cache->device().is_cpu() && cache->dim() == 4 && cache->scalar_type() == x.scalar_type() &&
+                      cache->size(0) == batch && cache->size(1) == k_caches[l].size(1) && cache->size(2) == heads &&
+                      cache->size(3) == head_dim,
+                  "layer ", l, ": the ", name, " cache must be a (batch = ", batch, ", capacity, ", heads, ", ", head_dim,
+                  ") CPU tensor of x's dtype, K and V of one capacity; got ", cache->sizes());
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK(filled[b] >= 0 && filled[b] + cu[b + 1] - cu[b] <= k_caches[l].size(1), "user ", b, ": its ",
+                  filled[b], " filled slots and ", cu[b + 1] - cu[b], " new rows must fit the caches (capacity ",
+                  k_caches[l].size(1), ")");
+    }
+  }
+}
+
 // The decoder over `x`'s rows (cu: each user's rows) after filled[b] rows in user b's
 // caches; without caches (k_caches empty: a forward pass) every user starts empty.
 torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
@@ -53,6 +97,8 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
               "backbone must be 0 (SASRec) or 1 (HSTU), got ", backbone);
   TORCH_CHECK(input_norm_weight.has_value() == input_norm_bias.has_value(),
               "input_norm_weight and input_norm_bias go together");
+  TORCH_CHECK(num_heads >= 1 && x.size(1) % num_heads == 0, "num_heads must be >= 1 and divide d_model = ",
+              x.size(1), ", got ", num_heads);
   c10::InferenceMode guard;
   const int64_t tokens = x.size(0), d = x.size(1), head_dim = d / num_heads;
   const auto kind = static_cast<Backbone>(backbone);
@@ -65,8 +111,23 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
   }
   const auto cu = cu_seqlens.to(torch::kLong).contiguous();
   const auto filled = filled_rows.to(torch::kLong).contiguous();
+  TORCH_CHECK(cu_seqlens.device().is_cpu() && filled_rows.device().is_cpu(), "cu_seqlens and the filled rows must ",
+              "be CPU tensors");
   TORCH_CHECK(cu.dim() == 1 && filled.dim() == 1 && cu.numel() == filled.numel() + 1,
               "cu_seqlens must have one more entry than there are users");
+  check_offsets(cu.data_ptr<int64_t>(), filled.numel(), tokens, "cu_seqlens");
+  check_weights(kind, layers, d, num_heads);
+  for (const auto* t : {&final_norm_weight, &final_norm_bias}) check_shape(*t, {d}, "final_norm's weight and bias");
+  TORCH_CHECK(final_norm_weight.device().is_cpu() && final_norm_bias.device().is_cpu(), "final_norm must be on the CPU");
+  if (position_rows) check_shape(*position_rows, {tokens, d}, "position_rows");
+  if (input_norm_weight) {
+    check_shape(*input_norm_weight, {d}, "input_norm_weight");
+    check_shape(*input_norm_bias, {d}, "input_norm_bias");
+  }
+  if (k_users == nullptr) {  // caches held per user were checked by decoder_step_users_cpu
+    check_batch_caches(k_caches, v_caches, x, cu.data_ptr<int64_t>(), filled.data_ptr<int64_t>(), filled.numel(),
+                       num_heads, head_dim);
+  }
   if (position_rows) x = x + *position_rows;
   if (input_norm_weight) x = at::layer_norm(x, {d}, *input_norm_weight, *input_norm_bias, eps);
   x = x.contiguous().clone();  // the residual stream, updated in place

@@ -3,11 +3,15 @@
 // against the Python one that the oracle uses.
 #include "patterns_ops.h"
 
+#include "input_checks.h"
+
 #include "rec2pm/patterns.h"
 
 namespace rec2pm {
 
 torch::Tensor visibility_mask_cpu(int64_t pattern, int64_t n, int64_t S, int64_t C) {
+  check_pattern_codes(pattern, 0, S, C);
+  TORCH_CHECK(n >= 0, "n must be >= 0, got ", n);
   auto mask = torch::empty({n, n}, torch::dtype(torch::kBool));
   bool* out = mask.data_ptr<bool>();
   const auto pat = static_cast<Pattern>(pattern);
@@ -19,6 +23,8 @@ torch::Tensor visibility_mask_cpu(int64_t pattern, int64_t n, int64_t S, int64_t
 }
 
 torch::Tensor bias_positions_cpu(int64_t pattern, int64_t n, int64_t S, int64_t C) {
+  check_pattern_codes(pattern, 0, S, C);
+  TORCH_CHECK(n >= 0, "n must be >= 0, got ", n);
   auto lam = torch::empty({n}, torch::dtype(torch::kLong));
   int64_t* out = lam.data_ptr<int64_t>();
   const auto pat = static_cast<Pattern>(pattern);

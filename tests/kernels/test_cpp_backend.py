@@ -121,6 +121,23 @@ def test_softmax_row_lanes_keep_large_scores(lanes_build):
 
 
 @pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("dim", [8, 16])
+def test_row_lanes_keep_a_later_keys_infinity_out_of_earlier_rows(lanes_build, score, dim):
+    """A row never reads a key it cannot see: an infinite value at token 10 leaves rows 0..9
+    bit for bit as they were, in both builds (the lanes that do not see a key keep their sums;
+    adding zero times the key's value made them NaN, in the AVX-512 build rows 0..9 and in the
+    portable one rows 8..9)."""
+    q, k, v = random_qkv(16, heads=2, dim=dim)
+    cu = cu_seqlens_of([16])
+    kw = dict(backend="cpp", validate=False, **pattern_kwargs("causal"), **score_kwargs(score))
+    assert cpp_row_lanes("causal", dim, dim, torch.float32)
+    clean = segment_attention(q, k, v, cu, 16, **kw)
+    v[10] = float("inf")
+    out = segment_attention(q, k, v, cu, 16, **kw)
+    assert torch.equal(out[:10], clean[:10])
+
+
+@pytest.mark.parametrize("score", SCORES)
 def test_row_lanes_builds_agree(score):
     """The AVX-512 and portable builds compute the same math in the same order; only the
     exp's last steps differ (vscalefps against integer exponent bits), so they agree to a
