@@ -524,18 +524,27 @@ def _compile_class(spec: Specialisation) -> tuple:
     return (spec.kernel, spec.arch, spec.dtype, spec.head_dim, spec.config)
 
 
+def _read_report(path: str, read):
+    """``read(report)`` of one ``--json`` report; a file that is not one, or lacks what
+    ``read`` takes from it, is a ``ValueError`` naming the file."""
+    try:
+        with open(path) as handle:
+            return read(json.load(handle))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a report of `python -m rec2pm_kernels.aot --json` ({error})") from error
+
+
 def measured_costs(paths: list[str]) -> dict[tuple, float]:
     """Median compile seconds per compile class in earlier ``--json`` reports (any shard,
     any product). Raises ``ValueError`` naming a file that is not such a report."""
     seconds: dict[tuple, list[float]] = defaultdict(list)
+
+    def timed(report: dict) -> list[tuple[tuple, float]]:
+        return [(_compile_class(_spec_of(row)), float(row["seconds"])) for row in report["results"]]
+
     for path in paths:
-        try:
-            with open(path) as handle:
-                rows = json.load(handle)["results"]
-            for row in rows:
-                seconds[_compile_class(_spec_of(row))].append(float(row["seconds"]))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a report of `python -m rec2pm_kernels.aot --json` ({error})") from error
+        for compile_class, spent in _read_report(path, timed):
+            seconds[compile_class].append(spent)
     # The median: a compile that ran while the machine was busy or paused reads far too long.
     return {key: statistics.median(values) for key, values in seconds.items()}
 
@@ -647,18 +656,13 @@ def merge_reports(paths: list[str]) -> tuple[dict, list[str]]:
     Raises ``ValueError`` naming the file when a report is unreadable, comes from another
     product (architectures, subset) or shard count, repeats a shard, or when shards are
     missing or do not hold the specialisations their shard should."""
-    reports = []
-    for path in paths:
-        try:
-            with open(path) as handle:
-                report = json.load(handle)
-            run = report["run"]
-            key = (tuple(run["archs"]), bool(run["subset"]), tuple(run["shard"]))
-            rows = report["results"]
-            wall = float(report["summary"]["wall_seconds"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a report of `python -m rec2pm_kernels.aot --json` ({error})") from error
-        reports.append((path, key, rows, wall))
+
+    def shard_fields(report: dict) -> tuple[tuple, list[dict], float]:
+        run = report["run"]
+        key = (tuple(run["archs"]), bool(run["subset"]), tuple(run["shard"]))
+        return key, report["results"], float(report["summary"]["wall_seconds"])
+
+    reports = [(path, *_read_report(path, shard_fields)) for path in paths]
     (first, (archs, subset, (_, count)), _, _) = reports[0]
     seen: dict[int, str] = {}
     for path, (other_archs, other_subset, (index, other_count)), _, _ in reports:
