@@ -902,6 +902,20 @@ torch::Tensor segment_attention_forward_cpu(const torch::Tensor& q, const torch:
   TORCH_CHECK(!num_targets || (num_targets->scalar_type() == torch::kLong && num_targets->is_contiguous() &&
                                num_targets->numel() == batch),
               "num_targets must be a contiguous int64 (batch,) tensor");
+  TORCH_CHECK(contextual_seq_len >= 0 && max_attn_len >= 0 && min_full_attn_seq_len >= 0,
+              "contextual_seq_len, max_attn_len and min_full_attn_seq_len must be >= 0");
+  if (num_targets || contextual_seq_len > 0) {  // HSTU's spans trust them (hstu_masks.h)
+    const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+    const int64_t* targets = num_targets ? num_targets->data_ptr<int64_t>() : nullptr;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t length = cu[b + 1] - cu[b];
+      TORCH_CHECK(length == 0 || length >= contextual_seq_len, "sequence ", b, " has ", length,
+                  " tokens, fewer than contextual_seq_len=", contextual_seq_len);
+      const int64_t room = length > 0 ? length - contextual_seq_len : 0;
+      TORCH_CHECK(targets == nullptr || (targets[b] >= 0 && targets[b] <= room), "num_targets[", b, "]=",
+                  targets == nullptr ? 0 : targets[b], " must be in [0, ", room, "]");
+    }
+  }
   TORCH_CHECK(!silu_norms || (silu_norms->dim() == 1 && silu_norms->numel() == batch),
               "silu_norms must be a (batch,) tensor");
   const bool uses_hstu = num_targets.has_value() || contextual_seq_len > 0 || max_attn_len > 0 || !causal;

@@ -4,8 +4,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../cpu/input_checks.h"
 #include "attention_cuda_ops.h"
 #include "attention_kernels.h"
+#include "rec2pm/split_keys.h"
 
 namespace rec2pm {
 namespace {
@@ -56,6 +58,16 @@ ScoreOptions score_options(int64_t score, double scale, const std::optional<torc
           rel_bias ? table.data_ptr<float>() : nullptr, rel_bias ? table.size(1) : 1};
 }
 
+// The launch grids (rows, heads, chunks): CUDA takes at most 2^31 - 1 blocks in x and 65,535
+// in y and z; a grid past them fails to launch (after the cached step has appended).
+void check_grid(int64_t rows, int64_t heads, int64_t max_keys) {
+  TORCH_CHECK(rows <= 2147483647 && heads <= 65535, "the CUDA kernels take at most 2^31 - 1 rows and 65,535 heads, ",
+              "got ", rows, " and ", heads);
+  const int64_t chunks = chunk_count(max_keys, kCudaKeyChunk);
+  TORCH_CHECK(chunks <= 65535, "the CUDA kernels split a row's keys into at most 65,535 chunks of ", kCudaKeyChunk,
+              ": ", max_keys, " keys is too many");
+}
+
 torch::Tensor partials_for(int64_t rows, int64_t heads, int64_t dim_v, int64_t max_keys, const torch::Tensor& like) {
   return torch::empty({split_partial_floats(rows, heads, dim_v, max_keys)}, like.options().dtype(torch::kFloat));
 }
@@ -83,6 +95,7 @@ torch::Tensor cached_step_forward_cuda(const torch::Tensor& q_new, const torch::
   check_offsets(cache_seqlens, q_new, "cache_seqlens");
   p.batch = cache_seqlens.numel();
   TORCH_CHECK(cu_seqlens_new.numel() == p.batch + 1, "cu_seqlens_new must have batch + 1 entries");
+  TORCH_CHECK(p.batch >= 1 || q_new.size(0) == 0, "new rows need cache_seqlens of at least one user");
   p.total_new = q_new.size(0);
   p.heads = q_new.size(1);
   p.dim = q_new.size(2);
@@ -97,6 +110,7 @@ torch::Tensor cached_step_forward_cuda(const torch::Tensor& q_new, const torch::
               "k_cache / v_cache must be (batch, capacity, heads, head_dim) matching the new rows");
   TORCH_CHECK(p.dim <= kCudaMaxHeadDim && p.dim_v <= kCudaMaxHeadDim, "the CUDA kernels take head dims up to ",
               kCudaMaxHeadDim);
+  check_grid(p.total_new, p.heads, p.capacity);
   torch::Tensor table;
   p.options = score_options(score, scale, rel_bias, silu_norm, p.heads, q_new, table);
   p.cu_new = cu_seqlens_new.data_ptr<int64_t>();
@@ -125,6 +139,7 @@ torch::Tensor segment_attention_forward_cuda(const torch::Tensor& q, const torch
   p.k = rows_view(k, q, "k");
   p.v = rows_view(v, q, "v");
   check_offsets(cu_seqlens, q, "cu_seqlens");
+  TORCH_CHECK(cu_seqlens.numel() >= 1, "cu_seqlens must hold batch + 1 >= 1 offsets");
   p.batch = cu_seqlens.numel() - 1;
   p.tokens = q.size(0);
   p.heads = q.size(1);
@@ -135,9 +150,10 @@ torch::Tensor segment_attention_forward_cuda(const torch::Tensor& q, const torch
               "q, k and v must agree in tokens, heads and head_dim");
   TORCH_CHECK(p.dim <= kCudaMaxHeadDim && p.dim_v <= kCudaMaxHeadDim, "the CUDA kernels take head dims up to ",
               kCudaMaxHeadDim);
-  TORCH_CHECK(pattern >= 0 && pattern <= 3, "pattern must be a code of rec2pm_kernels.patterns.PATTERNS, got ",
-              pattern);
+  check_pattern_codes(pattern, score, segment_len, num_memory_tokens);
+  TORCH_CHECK(max_seqlen >= 0, "max_seqlen must be >= 0, got ", max_seqlen);
   p.max_seqlen = max_seqlen < p.tokens ? max_seqlen : p.tokens;
+  check_grid(p.tokens, p.heads, p.max_seqlen);
   p.pattern = static_cast<Pattern>(pattern);
   p.segment_len = segment_len;
   p.memory_tokens = num_memory_tokens;

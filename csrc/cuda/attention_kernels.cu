@@ -215,6 +215,14 @@ __device__ void write_chunk(Score score, const float* acc, float max, float sum,
   }
 }
 
+// A row whose keys run past what the launch was sized for (a max_seqlen below its
+// sequence's length, a cache filled past its capacity: checked on CUDA only with
+// validate=True, which costs a device sync) gets NaN, never a write outside its buffers.
+template <typename T>
+__device__ void mark_unsized_row(T* out_row, int64_t dim_v) {
+  for (int64_t e = threadIdx.x; e < dim_v; e += kCudaThreads) out_row[e] = from_float<T>(__int_as_float(0x7fc00000));
+}
+
 // A row's chunks, merged in order (split_keys.h) into its output.
 template <typename T>
 __device__ void merge_row(Score score, const float* partial, int64_t chunks, int64_t dim_v, T* out_row) {
@@ -276,6 +284,7 @@ __global__ void cached_step_append_kernel(CachedStepProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y;
   const int64_t b = owner_of(p.cu_new, p.batch, t);
   const int64_t slot = p.cache_seqlens[b] + t - p.cu_new[b];
+  if (slot < 0 || slot >= p.capacity) return;  // past the cache: the chunk kernel marks the row
   const T* k_row = static_cast<const T*>(p.k_new.data) + t * p.k_new.token_stride + head * p.k_new.head_stride;
   const T* v_row = static_cast<const T*>(p.v_new.data) + t * p.v_new.token_stride + head * p.v_new.head_stride;
   T* key = static_cast<T*>(p.k_cache.data) + b * p.k_cache.batch_stride + slot * p.k_cache.slot_stride +
@@ -305,6 +314,10 @@ template <typename T>
 __global__ void __launch_bounds__(kCudaThreads) cached_step_chunk_kernel(CachedStepProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y, chunk = blockIdx.z;
   const CachedRow row = cached_row(p, t);
+  if (row.position < 0 || row.position >= p.capacity) {
+    if (chunk == 0) mark_unsized_row(cached_results(p).out_row<T>(t, head), p.dim_v);
+    return;
+  }
   if (chunk >= row.chunks) return;
   const int64_t first = chunk * kCudaKeyChunk;
   const int64_t last = first + kCudaKeyChunk < row.position + 1 ? first + kCudaKeyChunk : row.position + 1;
@@ -322,7 +335,7 @@ __global__ void cached_step_merge_kernel(CachedStepProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y;
   const CachedRow row = cached_row(p, t);
   const RowResults results = cached_results(p);
-  if (row.chunks > 1) merge_row<T>(p.options.score, results.partial(t, head), row.chunks, p.dim_v, results.out_row<T>(t, head));
+  if (row.chunks > 1 && row.position < p.capacity) merge_row<T>(p.options.score, results.partial(t, head), row.chunks, p.dim_v, results.out_row<T>(t, head));
 }
 
 // ---- segment attention over short blocks --------------------------------------------------
@@ -352,6 +365,10 @@ template <typename T>
 __global__ void __launch_bounds__(kCudaThreads) segment_block_chunk_kernel(SegmentBlockProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y, chunk = blockIdx.z;
   const BlockRow row = block_row(p, t);
+  if (row.chunks > block_results(p).most_chunks) {  // partial() would be null or too short
+    if (chunk == 0) mark_unsized_row(block_results(p).out_row<T>(t, head), p.dim_v);
+    return;
+  }
   if (chunk >= row.chunks) return;
   const int64_t first = chunk * kCudaKeyChunk;
   const int64_t last = first + kCudaKeyChunk < row.visible ? first + kCudaKeyChunk : row.visible;
@@ -368,7 +385,7 @@ __global__ void segment_block_merge_kernel(SegmentBlockProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y;
   const BlockRow row = block_row(p, t);
   const RowResults results = block_results(p);
-  if (row.chunks > 1) merge_row<T>(p.options.score, results.partial(t, head), row.chunks, p.dim_v, results.out_row<T>(t, head));
+  if (row.chunks > 1 && row.chunks <= results.most_chunks) merge_row<T>(p.options.score, results.partial(t, head), row.chunks, p.dim_v, results.out_row<T>(t, head));
 }
 
 // ---- launchers ------------------------------------------------------------------------------

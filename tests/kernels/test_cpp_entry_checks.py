@@ -54,6 +54,9 @@ def segment_args(**changes):
         (dict(pattern=1, segment_len=0, num_memory_tokens=0), "an interleaved pattern needs segment_len >= 1"),
         (dict(pattern=7), "pattern must be a code 0..3"),
         (dict(score=5), "score must be 0 (softmax) or 1 (silu), got 5"),
+        (dict(num_targets=torch.tensor([2, -3])), "num_targets[1]=-3 must be in [0, 15]"),
+        (dict(num_targets=torch.tensor([26, 0])), "num_targets[0]=26 must be in [0, 25]"),
+        (dict(contextual_seq_len=20), "sequence 1 has 15 tokens, fewer than contextual_seq_len=20"),
     ],
 )
 def test_segment_attention_forward_checks_its_inputs(C, changes, text):

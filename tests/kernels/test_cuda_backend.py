@@ -96,3 +96,38 @@ def test_cuda_kernels_are_bit_identical_across_runs_and_match_triton():
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
     triton = segment_attention(q, k, v, cu, 700, backend="triton", **kw)
     torch.testing.assert_close(outs[0], triton, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_kernels
+@needs_cuda_kernels
+def test_rows_past_what_the_launch_was_sized_for_are_nan_not_written_out_of_bounds():
+    """Unvalidated bounds that are too small (no device sync checks them): a sequence longer
+    than max_seqlen, a step that appends past the caches' capacity.  The rows that break
+    them are NaN; the rows that keep them are still right; nothing past a buffer changes."""
+    lengths = [600, 100]
+    cu = cu_seqlens_of(lengths, device="cuda")
+    q, k, v = random_qkv(sum(lengths), 2, 16, device="cuda")
+    right = segment_attention(q, k, v, cu, 600, backend="cuda", validate=False)
+    short = segment_attention(q, k, v, cu, 200, backend="cuda", validate=False)  # one chunk of 256 keys
+    assert short[256:600].isnan().all()  # rows of sequence 0 with more than 256 keys
+    torch.testing.assert_close(short[:256], right[:256])
+    torch.testing.assert_close(short[600:], right[600:])
+    k_cache, v_cache = make_cache(2, 8, 2, 16, 16, [8, 3], device="cuda")
+    before = k_cache[1, :3].clone(), v_cache[1, :3].clone()  # user 0's slot 8 would be user 1's slot 0
+    q_new, k_new, v_new = random_qkv(2, 2, 16, device="cuda")
+    seqlens = torch.tensor([8, 3], device="cuda")  # user 0's cache is full
+    out = cached_step_attention(
+        q_new,
+        k_new,
+        v_new,
+        cu_seqlens_of([1, 1], device="cuda"),
+        1,
+        k_cache,
+        v_cache,
+        seqlens,
+        backend="cuda",
+        validate=False,
+    )
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    assert torch.equal(k_cache[1, :3], before[0]) and torch.equal(v_cache[1, :3], before[1])
