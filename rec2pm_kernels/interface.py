@@ -315,7 +315,8 @@ def cached_step_attention(
             (buffers are sized by the actual counts, grids by ``min(max_new, total_new)``).
         k_cache: ``(batch, capacity, heads, head_dim)``, one layer's keys; slots
             ``[0, cache_seqlens[b])`` hold ``[M ; earlier items of the current block]``.
-            Any strides, as long as no two slots share memory (an expanded view is refused).
+            Any strides, as long as no two slots share memory (an expanded view is refused);
+            the ``triton`` and ``cuda`` backends also need the head dim contiguous (stride 1).
         v_cache: ``(batch, capacity, heads, head_dim_v)``, sharing no memory with ``k_cache``.
         cache_seqlens: ``(batch,)`` int32 (or int64) filled lengths; read, never modified
             (the caller advances it by the number of new rows).

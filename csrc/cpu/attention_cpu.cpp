@@ -1001,11 +1001,9 @@ torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::T
               "k_cache / v_cache must be (batch, capacity, heads, head_dim) matching the new rows");
   const int64_t* cu_ptr = cu_seqlens_new.data_ptr<int64_t>();
   const int64_t* filled_ptr = cache_seqlens.data_ptr<int64_t>();
-  TORCH_CHECK(batch == 0 || (cu_ptr[0] == 0 && cu_ptr[batch] == q_new.size(0)),
-              "cu_seqlens_new must start at 0 and end at the number of new rows");
+  check_offsets(cu_ptr, batch, q_new.size(0), "cu_seqlens_new");  // no users: no new rows either
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(cu_ptr[b + 1] >= cu_ptr[b] && filled_ptr[b] >= 0 &&
-                    filled_ptr[b] + cu_ptr[b + 1] - cu_ptr[b] <= k_cache.size(1),
+    TORCH_CHECK(filled_ptr[b] >= 0 && filled_ptr[b] + cu_ptr[b + 1] - cu_ptr[b] <= k_cache.size(1),
                 "user ", b, ": cache_seqlens plus new rows must fit the cache capacity ", k_cache.size(1));
   }
   auto out = torch::empty({q_new.size(0), q_new.size(1), v_new.size(2)}, q_new.options());

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <tuple>
 #include <utility>
 
@@ -91,7 +92,8 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
                           int64_t backbone, int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
                           const torch::Tensor& final_norm_bias, double eps,
                           const std::vector<std::vector<void*>>* k_users = nullptr,
-                          const std::vector<std::vector<void*>>* v_users = nullptr) {
+                          const std::vector<std::vector<void*>>* v_users = nullptr,
+                          const std::function<void()>& prepare_caches = {}) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a (tokens, d_model) CPU tensor");
   TORCH_CHECK(backbone == static_cast<int64_t>(Backbone::kSasrec) || backbone == static_cast<int64_t>(Backbone::kHstu),
               "backbone must be 0 (SASRec) or 1 (HSTU), got ", backbone);
@@ -152,7 +154,9 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
                          &final_norm_bias,
                          k_users,
                          v_users};
-  if (step.prefill && k_users == nullptr) {  // caches held per user are zeroed by their caller
+  // Every check has passed: only now are the caches written (a refused call leaves them).
+  if (prepare_caches) prepare_caches();
+  if (step.prefill && k_users == nullptr) {  // caches held per user are zeroed by prepare_caches
     for (size_t l = 0; l < k_caches.size(); ++l) {
       zero_unused_slots(k_caches[l], step.cu, step.batch);
       zero_unused_slots(v_caches[l], step.cu, step.batch);
@@ -203,8 +207,7 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
   const auto filled = cache_seqlens.to(torch::kLong).contiguous();
   TORCH_CHECK(cu.dim() == 1 && cu.numel() == batch + 1, "cu_seqlens_new must have one more entry than there are users");
   const int64_t *cu_ptr = cu.data_ptr<int64_t>(), *filled_ptr = filled.data_ptr<int64_t>();
-  TORCH_CHECK(cu_ptr[0] == 0 && cu_ptr[batch] == x.size(0), "cu_seqlens_new must start at 0 and end at the ",
-              x.size(0), " new rows");
+  check_offsets(cu_ptr, batch, x.size(0), "cu_seqlens_new");
   // The caches are written through raw pointers: every one is checked here.
   std::vector<std::vector<void*>> k_users(num_layers, std::vector<void*>(batch)),
       v_users(num_layers, std::vector<void*>(batch));
@@ -213,8 +216,7 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
     TORCH_CHECK(user_k_caches[b].size() == num_layers && user_v_caches[b].size() == num_layers, "user ", b,
                 " needs one K and one V cache per layer (", num_layers, ")");
     const int64_t rows = cu_ptr[b + 1] - cu_ptr[b];
-    TORCH_CHECK(rows >= 0 && filled_ptr[b] >= 0, "user ", b, ": cu_seqlens_new must not decrease and cache_seqlens ",
-                "must be >= 0, got ", rows, " new rows after ", filled_ptr[b], " filled slots");
+    TORCH_CHECK(filled_ptr[b] >= 0, "user ", b, ": cache_seqlens must be >= 0, got ", filled_ptr[b]);
     all_empty &= filled_ptr[b] == 0;
     for (size_t l = 0; l < num_layers; ++l) {
       const auto &k = user_k_caches[b][l], &v = user_v_caches[b][l];
@@ -250,7 +252,10 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
                   ": two of the users' K and V caches share memory; each needs its own");
     }
   }
-  if (all_empty) {  // as a prefill of a batch leaves them: the slots after each user's rows are zeros
+  // As a prefill of a batch leaves them: the slots after each user's rows are zeros (done by
+  // run_decoder once its own checks have passed).
+  const auto zero_after_rows = [&] {
+    if (!all_empty) return;
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t rows = cu_ptr[b + 1] - cu_ptr[b];
       for (size_t l = 0; l < num_layers; ++l) {
@@ -259,14 +264,15 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
         }
       }
     }
-  }
+  };
   std::vector<torch::Tensor> k_first(num_layers), v_first(num_layers);
   for (size_t l = 0; l < num_layers; ++l) {
     k_first[l] = user_k_caches[0][l];
     v_first[l] = user_v_caches[0][l];
   }
   return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu, k_first, v_first, filled, layers,
-                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps, &k_users, &v_users);
+                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps, &k_users, &v_users,
+                     zero_after_rows);
 }
 
 torch::Tensor decoder_forward_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,

@@ -37,7 +37,7 @@ CacheView cache_view(torch::Tensor& t, const torch::Tensor& like, const char* na
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-void check_offsets(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
+void check_index_vector(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
   check_on(t, like, name);
   TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous() && t.dim() == 1, name,
               " must be a contiguous int64 vector");
@@ -50,8 +50,7 @@ ScoreOptions score_options(int64_t score, double scale, const std::optional<torc
   TORCH_CHECK(score == 0 || score == 1, "score must be 0 (softmax) or 1 (silu), got ", score);
   if (rel_bias) {
     check_on(*rel_bias, like, "rel_bias");
-    TORCH_CHECK(rel_bias->dim() == 2 && rel_bias->size(0) == heads && rel_bias->size(1) >= 1,
-                "rel_bias must be (heads, buckets)");
+    check_bias_table(rel_bias, heads, "rel_bias");
     table = rel_bias->to(torch::kFloat).contiguous();
   }
   return {static_cast<Score>(score), static_cast<float>(scale), static_cast<float>(silu_norm),
@@ -91,8 +90,8 @@ torch::Tensor cached_step_forward_cuda(const torch::Tensor& q_new, const torch::
   p.v_new = rows_view(v_new, q_new, "v_new");
   p.k_cache = cache_view(k_cache, q_new, "k_cache");
   p.v_cache = cache_view(v_cache, q_new, "v_cache");
-  check_offsets(cu_seqlens_new, q_new, "cu_seqlens_new");
-  check_offsets(cache_seqlens, q_new, "cache_seqlens");
+  check_index_vector(cu_seqlens_new, q_new, "cu_seqlens_new");
+  check_index_vector(cache_seqlens, q_new, "cache_seqlens");
   p.batch = cache_seqlens.numel();
   TORCH_CHECK(cu_seqlens_new.numel() == p.batch + 1, "cu_seqlens_new must have batch + 1 entries");
   TORCH_CHECK(p.batch >= 1 || q_new.size(0) == 0, "new rows need cache_seqlens of at least one user");
@@ -138,7 +137,7 @@ torch::Tensor segment_attention_forward_cuda(const torch::Tensor& q, const torch
   p.q = rows_view(q, q, "q");
   p.k = rows_view(k, q, "k");
   p.v = rows_view(v, q, "v");
-  check_offsets(cu_seqlens, q, "cu_seqlens");
+  check_index_vector(cu_seqlens, q, "cu_seqlens");
   TORCH_CHECK(cu_seqlens.numel() >= 1, "cu_seqlens must hold batch + 1 >= 1 offsets");
   p.batch = cu_seqlens.numel() - 1;
   p.tokens = q.size(0);

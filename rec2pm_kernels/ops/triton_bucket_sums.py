@@ -7,8 +7,9 @@ same buckets, possibly from other threads of the program.
 
 * ``add_windowed_bucket_sums``: a one-hot reduction over a window of ``WINDOW`` buckets
   starting at the tile's smallest; right when the tile's buckets span at most ``WINDOW``
-  (the relative bias: a 16 x 16 tile holds at most 31).
-* ``add_sorted_bucket_sums``: no bound on the span (the timestamp bias).  The (bucket, ds)
+  (the relative bias where λ(p) = p: a 16 x 16 tile holds at most 31).
+* ``add_sorted_bucket_sums``: no bound on the span (the timestamp bias, and the relative
+  bias under ``global``, whose λ steps back by C - 1 at each unit boundary).  The (bucket, ds)
   pairs are sorted by bucket (packed into one int64 key, the bucket in the high word),
   summed per run of equal buckets by a segmented scan, and each run's sum is added at its
   last entry, so every bucket is stored once.  It also holds fewer values per thread than

@@ -7,7 +7,8 @@ index, the key position and the head, each step mixed with the seed; a weight is
 the hash is at least ``threshold = floor(dropout_p * 2**32)``.  The kernels hash in uint32,
 whose products wrap to the same low 32 bits the PyTorch version keeps from int64 (and hold
 half the registers an int64 tile would).  Kernels take the draw's inputs as ``dropout =
-(seed_step, seed_high, threshold, scale)`` (``dropout_args`` on the host).
+(seed_step, seed_high, threshold, scale)`` (``dropout_args`` on the host: the three words
+as int32 of the same bits, one binary for every seed).
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ MIX_1 = tl.constexpr(torch_math.MIX_1)
 MIX_2 = tl.constexpr(torch_math.MIX_2)
 
 
+def _int32_bits(word: int) -> int:
+    """A 32-bit word as the int32 of the same bits.  Triton types a Python int by its value
+    (int32 below 2**31, int64 above), so words passed as they are compiled a second binary of
+    every kernel for half the seeds; the kernels read the words' bits as uint32 either way."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def dropout_args(dropout_p: float, seed: int) -> dict:
-    """The kernels' runtime dropout scalars, by parameter name (all zero without dropout)."""
+    """The kernels' runtime dropout scalars, by parameter name (all zero without dropout);
+    the three words are int32 (``_int32_bits``) for every seed and rate."""
     if dropout_p <= 0:
         return dict(dropout_seed_step=0, dropout_seed_high=0, dropout_threshold=0, dropout_scale=1.0)
     step, high = torch_math.dropout_seed_words(seed)
     return dict(
-        dropout_seed_step=step,
-        dropout_seed_high=high,
-        dropout_threshold=torch_math.dropout_threshold(dropout_p),
+        dropout_seed_step=_int32_bits(step),
+        dropout_seed_high=_int32_bits(high),
+        dropout_threshold=_int32_bits(torch_math.dropout_threshold(dropout_p)),
         dropout_scale=1.0 / (1.0 - dropout_p),
     )
 

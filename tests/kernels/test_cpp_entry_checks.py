@@ -109,6 +109,15 @@ def cached_args(**changes):
         (dict(k_new=torch.randn(1, HEADS, DIM)), "k_new must have q_new's shape"),
         (dict(rel_bias=torch.randn(1, 5)), "rel_bias must be (heads = 4, buckets >= 1)"),
         (dict(score=2), "score must be 0 (softmax) or 1 (silu), got 2"),
+        (
+            dict(
+                cu_seqlens_new=torch.tensor([0]),
+                cache_seqlens=torch.zeros(0, dtype=torch.long),
+                k_cache=torch.zeros(0, 16, HEADS, DIM),
+                v_cache=torch.zeros(0, 16, HEADS, DIM),
+            ),
+            "cu_seqlens_new must start at 0 and end at the 3 rows, got 0 and 0",
+        ),
     ],
 )
 def test_cached_step_forward_checks_its_inputs(C, changes, text):
@@ -178,16 +187,19 @@ def test_decoder_forward_refuses_offsets_past_its_rows(C, hstu):
         C.decoder_forward(**decoder_args(hstu, 4), cu_seqlens=torch.tensor([0, 64]))
 
 
-def test_decoder_step_users_refuses_a_weight_of_another_shape(C, hstu):
+def test_decoder_step_users_refuses_a_weight_of_another_shape_and_leaves_the_caches(C, hstu):
     args = decoder_args(hstu, 2)
     layers = [list(w) for w in args["layers"]]
     layers[1][2] = layers[1][2][: hstu.config.d_model]  # f1's weight (4d, d) cut to (d, d)
     shape = (8, hstu.config.num_heads, hstu.config.head_dim)
+    k, v = [torch.ones(shape) for _ in hstu.blocks], [torch.ones(shape) for _ in hstu.blocks]
     with pytest.raises(RuntimeError, match="HSTU's f1 weight must have shape \\[64, 16\\], got \\[16, 16\\]"):
         C.decoder_step_users(
             **dict(args, layers=layers),
             cu_seqlens_new=torch.tensor([0, 2]),
-            user_k_caches=[[torch.zeros(shape) for _ in hstu.blocks]],
-            user_v_caches=[[torch.zeros(shape) for _ in hstu.blocks]],
+            user_k_caches=[k],
+            user_v_caches=[v],
             cache_seqlens=torch.tensor([0], dtype=torch.int32),
         )
+    # A prefill zeroes the slots after its rows, but only once every check has passed.
+    assert all(bool((cache == 1).all()) for cache in k + v)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from rec2pm_kernels.ops import torch_math
 from rec2pm_kernels.ops.triton_args import MODEL_SIZES, TUPLE_ARGS, pack
+from rec2pm_kernels.ops.triton_dropout import dropout_args
 
 
 def test_groups_flat_values_into_the_kernels_tuples():
@@ -30,3 +32,16 @@ def test_tuples_hold_no_batch_sizes():
     members = {member for names in TUPLE_ARGS.values() for member in names}
     assert not members & (set(SEGMENT_RUNTIME_INTS) | set(CACHED_STEP_RUNTIME_INTS))
     assert MODEL_SIZES <= members
+
+
+def test_dropout_words_are_int32_of_the_same_bits_for_every_seed_and_rate():
+    """Triton types a Python int by its value (int32 below 2**31, int64 above): words passed as
+    they are compiled a second binary of every kernel for half the seeds, and for rates from
+    0.5 on, and the int64 one was the only one the AOT check compiled."""
+    for seed in (0, 1, 7, 12345678901, 2**63 - 1):
+        for p in (0.1, 0.5, 0.9):
+            args = dropout_args(p, seed)
+            got = (args["dropout_seed_step"], args["dropout_seed_high"], args["dropout_threshold"])
+            words = (*torch_math.dropout_seed_words(seed), torch_math.dropout_threshold(p))
+            assert all(-(2**31) <= w < 2**31 for w in got), (seed, p, got)
+            assert [w & 0xFFFFFFFF for w in got] == list(words)  # the kernels read the bits as uint32

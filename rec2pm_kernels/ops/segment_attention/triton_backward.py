@@ -15,12 +15,15 @@
     H, NUM_BUCKETS)``, and the launcher sums the rows in a fixed order.  float64 because a
     softmax's score gradients cancel (every row sums to 0): fp32 running sums over tiles
     and programs lost up to 4x what the oracle's fp32 sum loses.  The per-bucket sums
-    (``ops/triton_bucket_sums.py``): a 16 x 16 tile holds at most 31 distinct relative
-    buckets (λ moves by at most one per position), so the relative bias alone takes a
-    one-hot reduction over a window of ``BIAS_WINDOW = 32`` buckets; the timestamp bias has
-    no such bound and sorts the tile's (bucket, gradient) pairs, and with both tables the
-    relative one is summed that way too (the one-hot tile beside the sort spilled
-    registers).  The sums, and so the gradients, come out bit-identical from run to run.
+    (``ops/triton_bucket_sums.py``): where λ moves by one per position (``causal`` and the
+    kv-memory patterns, λ(p) = p) a 16 x 16 tile holds at most 31 distinct relative
+    buckets, so the relative bias alone takes a one-hot reduction over a window of
+    ``BIAS_WINDOW = 32`` buckets.  ``global``'s λ steps back by C - 1 at every unit
+    boundary, so its tiles span up to C + 14 buckets (past the window from C = 18 on, where
+    the window dropped them), and the timestamp bias has no bound at all: both sort the
+    tile's (bucket, gradient) pairs, and with both tables the relative one is summed that
+    way too (the one-hot tile beside the sort spilled registers).  The sums, and so the
+    gradients, come out bit-identical from run to run.
 
   One kernel for both because they differ only in the reduction of each tile; the two
   launches compile two binaries (``WRITES`` is a compile-time switch).
@@ -36,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..triton_bucket_sums import add_sorted_bucket_sums, add_windowed_bucket_sums
-from ..triton_codes import WRITES_BIAS_SUMS, WRITES_DQ
+from ..triton_codes import GLOBAL, WRITES_BIAS_SUMS, WRITES_DQ
 from ..triton_dropout import dropout_weights
 from ..triton_launch import SEGMENT_RUNTIME_INTS
 from ..triton_patterns import key_pass_bounds, key_tile_in_pass, row_range_end, row_range_start, row_tile_visible
@@ -165,7 +168,9 @@ def segment_bwd_rows_kernel(
                     dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
                 if WRITES == WRITES_BIAS_SUMS:
                     if HAS_BIAS:
-                        if HAS_TIME_BIAS:  # the one-hot tile beside the time sums spilled registers (16-bit d128)
+                        # Sorted: global's tiles span more buckets than the window; beside the
+                        # time sums the one-hot tile spilled registers (16-bit d128).
+                        if HAS_TIME_BIAS or PATTERN == GLOBAL:
                             add_sorted_bucket_sums(partial_row, ds, mask, bucket)
                         else:
                             add_windowed_bucket_sums(partial_row, ds, mask, bucket, NUM_BUCKETS, WINDOW)

@@ -27,6 +27,16 @@ def test_deterministic_bias_gradient_matches_oracle(pattern, score):
     TARGET.check(TARGET.ragged, pattern, score, with_bias=True, deterministic=True)
 
 
+@pytest.mark.parametrize("score", SCORES)
+def test_deterministic_bias_gradient_of_global_with_many_memory_tokens(score):
+    """``global``'s λ steps back by C - 1 at each unit boundary, so a 16 x 16 tile spans up to
+    C + 14 buckets: at C = 20 more than the one-hot window of 32 held (it dropped them)."""
+    TARGET.check(
+        [3 * 36 + 5, 40], "global", score, with_bias=True, deterministic=True, segment_len=16,
+        num_memory_tokens=20, heads=1, dim=16, num_buckets=64,
+    )  # fmt: skip
+
+
 def test_atomic_bias_gradient_stays_within_budget_on_long_sequences():
     """The atomics add one score gradient at a time: an fp32 running sum lost 4x the budget
     at 1k tokens, the float64 one stays within it."""
