@@ -372,8 +372,7 @@ def _argument_type(name: str, pointers: dict, aligned_strides: bool) -> tuple[st
         return pointers[name], [["tt.divisibility", 16]]
     if name in ("scale", "silu_norm", "dropout_scale"):
         return "fp32", None
-    if name.startswith("dropout_"):  # 32-bit words passed as the int32 of their bits (ops/triton_dropout.py)
-        return "i32", None
+    # Every other value is an int32; the dropout words too (ops/triton_dropout.py passes them as int32 bits).
     return "i32", ([["tt.divisibility", 16]] if name.startswith("stride_") and aligned_strides else None)
 
 

@@ -984,7 +984,7 @@ torch::Tensor cached_step_forward_cpu(const torch::Tensor& q_new, const torch::T
     check_cpu(*t, name);
   }
   if (rel_bias) check_cpu(*rel_bias, "rel_bias");
-  check_pattern_codes(0, score, 1, 0);
+  check_score_code(score);
   check_bias_table(rel_bias, q_new.size(1), "rel_bias");
   TORCH_CHECK(k_cache.scalar_type() == q_new.scalar_type() && v_cache.scalar_type() == q_new.scalar_type(),
               "k_cache and v_cache must have q_new's dtype");

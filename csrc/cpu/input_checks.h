@@ -27,12 +27,17 @@ inline void check_bias_table(const std::optional<torch::Tensor>& table, int64_t 
               ", buckets >= 1), got ", table->sizes());
 }
 
+// The codes of rec2pm_kernels.patterns.SCORES (Score).
+inline void check_score_code(int64_t score) {
+  TORCH_CHECK(score == 0 || score == 1, "score must be 0 (softmax) or 1 (silu), got ", score);
+}
+
 // The codes of rec2pm_kernels.patterns (Pattern, Score); an interleaved pattern divides by
 // segment_len + num_memory_tokens.
 inline void check_pattern_codes(int64_t pattern, int64_t score, int64_t segment_len, int64_t num_memory_tokens) {
   TORCH_CHECK(pattern >= 0 && pattern <= 3, "pattern must be a code 0..3 (causal, global, kv_memory_overwrite, ",
               "kv_memory_append), got ", pattern);
-  TORCH_CHECK(score == 0 || score == 1, "score must be 0 (softmax) or 1 (silu), got ", score);
+  check_score_code(score);
   TORCH_CHECK(pattern == 0 || (segment_len >= 1 && num_memory_tokens >= 0), "an interleaved pattern needs ",
               "segment_len >= 1 and num_memory_tokens >= 0, got ", segment_len, " and ", num_memory_tokens);
 }

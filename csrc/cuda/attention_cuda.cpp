@@ -47,7 +47,7 @@ void check_index_vector(const torch::Tensor& t, const torch::Tensor& like, const
 // `table` keeps the converted tensor alive.
 ScoreOptions score_options(int64_t score, double scale, const std::optional<torch::Tensor>& rel_bias,
                            double silu_norm, int64_t heads, const torch::Tensor& like, torch::Tensor& table) {
-  TORCH_CHECK(score == 0 || score == 1, "score must be 0 (softmax) or 1 (silu), got ", score);
+  check_score_code(score);
   if (rel_bias) {
     check_on(*rel_bias, like, "rel_bias");
     check_bias_table(rel_bias, heads, "rel_bias");

@@ -314,8 +314,9 @@ template <typename T>
 __global__ void __launch_bounds__(kCudaThreads) cached_step_chunk_kernel(CachedStepProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y, chunk = blockIdx.z;
   const CachedRow row = cached_row(p, t);
+  const RowResults results = cached_results(p);
   if (row.position < 0 || row.position >= p.capacity) {
-    if (chunk == 0) mark_unsized_row(cached_results(p).out_row<T>(t, head), p.dim_v);
+    if (chunk == 0) mark_unsized_row(results.out_row<T>(t, head), p.dim_v);
     return;
   }
   if (chunk >= row.chunks) return;
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(kCudaThreads) cached_step_chunk_kernel(CachedS
       static_cast<const T*>(p.v_cache.data) + row.user * p.v_cache.batch_stride + head * p.v_cache.head_stride,
       p.k_cache.slot_stride, p.v_cache.slot_stride};
   attend_program<T>(p.q, t, head, kv, CacheRanges{row.position, first, last}, last - first, chunk, row.chunks, p.dim,
-                    p.options, cached_results(p));
+                    p.options, results);
 }
 
 // grid (total_new, heads): merges the rows that were split.
@@ -365,8 +366,9 @@ template <typename T>
 __global__ void __launch_bounds__(kCudaThreads) segment_block_chunk_kernel(SegmentBlockProblem p) {
   const int64_t t = blockIdx.x, head = blockIdx.y, chunk = blockIdx.z;
   const BlockRow row = block_row(p, t);
-  if (row.chunks > block_results(p).most_chunks) {  // partial() would be null or too short
-    if (chunk == 0) mark_unsized_row(block_results(p).out_row<T>(t, head), p.dim_v);
+  const RowResults results = block_results(p);
+  if (row.chunks > results.most_chunks) {  // partial() would be null or too short
+    if (chunk == 0) mark_unsized_row(results.out_row<T>(t, head), p.dim_v);
     return;
   }
   if (chunk >= row.chunks) return;
@@ -377,7 +379,7 @@ __global__ void __launch_bounds__(kCudaThreads) segment_block_chunk_kernel(Segme
       static_cast<const T*>(p.v.data) + row.token0 * p.v.token_stride + head * p.v.head_stride, p.k.token_stride,
       p.v.token_stride};
   const SpanRanges ranges{p.pattern, row.row, p.segment_len, p.memory_tokens, first, last};
-  attend_program<T>(p.q, t, head, kv, ranges, last - first, chunk, row.chunks, p.dim, p.options, block_results(p));
+  attend_program<T>(p.q, t, head, kv, ranges, last - first, chunk, row.chunks, p.dim, p.options, results);
 }
 
 template <typename T>

@@ -152,7 +152,7 @@ def _evaluate(spec: StudyRun, evaluation, modes: dict) -> dict:
     return record
 
 
-def write_json_atomically(record: dict, path: Path) -> None:
+def write_json_atomically(record: dict | int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")
@@ -194,9 +194,7 @@ def claim(work_dir: Path) -> bool:
             owner = 0
         if owner and owner != os.getpid() and _alive(owner):
             return False
-        fresh = path.with_name(f"claim.{os.getpid()}.tmp")
-        fresh.write_text(str(os.getpid()))
-        os.replace(fresh, path)  # a dead owner's claim is replaced, never left half written
+        write_json_atomically(os.getpid(), path)  # a dead owner's claim is replaced, never left half written
         return True
 
 

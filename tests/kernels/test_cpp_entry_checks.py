@@ -22,6 +22,11 @@ def C():
     return require_extension()
 
 
+def score_args():
+    """What both attention entry points take for the scores: SiLU with a relative bias."""
+    return dict(score=1, scale=0.3, rel_bias=torch.randn(HEADS, 16), silu_norm=1.0)
+
+
 def segment_args(**changes):
     torch.manual_seed(0)
     args = dict(
@@ -32,10 +37,7 @@ def segment_args(**changes):
         pattern=0,
         segment_len=1,
         num_memory_tokens=0,
-        score=1,
-        scale=0.3,
-        rel_bias=torch.randn(HEADS, 16),
-        silu_norm=1.0,
+        **score_args(),
     )
     args.update(changes)
     return args
@@ -90,10 +92,7 @@ def cached_args(**changes):
         v_cache=torch.zeros(1, capacity, HEADS, DIM),
         cache_seqlens=torch.tensor([5]),
         append=True,
-        score=1,
-        scale=0.3,
-        rel_bias=torch.randn(HEADS, 16),
-        silu_norm=1.0,
+        **score_args(),
     )
     args.update(changes)
     return args
