@@ -89,7 +89,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("input_norm_bias"), pybind11::arg("cu_seqlens_new"),
         pybind11::arg("k_caches"), pybind11::arg("v_caches"), pybind11::arg("cache_seqlens"), pybind11::arg("layers"),
         pybind11::arg("backbone"), pybind11::arg("num_heads"), pybind11::arg("silu_norm"),
-        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"));
+        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"),
+        pybind11::arg("last_rows_only") = false);
   m.def("decoder_step_users", &rec2pm::decoder_step_users_cpu,
         "decoder_step over caches held per user: user_k_caches[b][l] is user b's layer-l K cache "
         "(capacity_b, heads, head_dim); no stacking into one batch (CPU, in place)",
@@ -97,13 +98,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("input_norm_bias"), pybind11::arg("cu_seqlens_new"), pybind11::arg("user_k_caches"),
         pybind11::arg("user_v_caches"), pybind11::arg("cache_seqlens"), pybind11::arg("layers"),
         pybind11::arg("backbone"), pybind11::arg("num_heads"), pybind11::arg("silu_norm"),
-        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"));
+        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"),
+        pybind11::arg("last_rows_only") = false);
   m.def("decoder_forward", &rec2pm::decoder_forward_cpu,
         "A whole SASRec or HSTU decoder as a causal forward pass over packed sequences (CPU, inference)",
         pybind11::arg("x"), pybind11::arg("position_rows"), pybind11::arg("input_norm_weight"),
         pybind11::arg("input_norm_bias"), pybind11::arg("cu_seqlens"), pybind11::arg("layers"),
         pybind11::arg("backbone"), pybind11::arg("num_heads"), pybind11::arg("silu_norm"),
-        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"));
+        pybind11::arg("final_norm_weight"), pybind11::arg("final_norm_bias"), pybind11::arg("eps"),
+        pybind11::arg("last_rows_only") = false);
 #ifdef REC2PM_WITH_CUDA
   m.def("visibility_mask_cuda", &rec2pm::visibility_mask_cuda, "Dense (n, n) bool mask of a pattern on a GPU",
         pybind11::arg("pattern"), pybind11::arg("n"), pybind11::arg("segment_len"),

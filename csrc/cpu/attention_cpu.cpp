@@ -317,12 +317,19 @@ struct RowBlockTasks {
   };
   std::vector<int64_t> first_task;
   int64_t heads, longest = 0;
+  const int64_t* cu;
+  // One block per sequence and head, the one holding its last row (what a decoder's last
+  // layer needs when only the last rows are read): a row's block, and so its bits, are those
+  // of the full set of tasks.
+  bool last_block_only;
 
-  RowBlockTasks(const int64_t* cu, int64_t batch, int64_t num_heads) : first_task(batch + 1, 0), heads(num_heads) {
+  RowBlockTasks(const int64_t* offsets, int64_t batch, int64_t num_heads, bool last_block = false)
+      : first_task(batch + 1, 0), heads(num_heads), cu(offsets), last_block_only(last_block) {
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t length = cu[b + 1] - cu[b];
       longest = std::max(longest, length);
-      first_task[b + 1] = first_task[b] + (length + kRowBlock - 1) / kRowBlock * heads;
+      const int64_t blocks = last_block_only ? (length > 0 ? 1 : 0) : (length + kRowBlock - 1) / kRowBlock;
+      first_task[b + 1] = first_task[b] + blocks * heads;
     }
   }
   int64_t count() const { return first_task.back(); }
@@ -331,6 +338,7 @@ struct RowBlockTasks {
   Task operator[](int64_t task) const {
     const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
     const int64_t local = task - first_task[b], blocks = (first_task[b + 1] - first_task[b]) / heads;
+    if (last_block_only) return {b, local, (cu[b + 1] - cu[b] - 1) / kRowBlock};
     return {b, local / blocks, local % blocks};
   }
 };
@@ -362,11 +370,11 @@ bool takes_row_lanes(const SegmentProblem& p) {
 
 void causal_lanes_forward(const SegmentProblem& p, const float* q, const float* k, const float* v, const int64_t* cu,
                           int64_t batch, const float* bias, float scale, float silu_norm, const float* silu_norms,
-                          float* out) {
+                          float* out, bool last_block_only) {
   std::vector<float> keys_by_head(p.tokens * p.heads * p.dim), values_by_head(p.tokens * p.heads * p.dim_v);
   group_by_head(k, p.tokens, p.heads, p.dim, keys_by_head.data());
   group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
-  const RowBlockTasks tasks(cu, batch, p.heads);
+  const RowBlockTasks tasks(cu, batch, p.heads, last_block_only);
   const int64_t run = bias_run_length(tasks.longest);
   const std::vector<float> bias_runs = lane_bias_runs(bias, p.heads, p.buckets, run);
   at::parallel_for(0, tasks.count(), tasks.grain(p.dim, p.dim_v), [&](int64_t first, int64_t last) {
@@ -392,17 +400,18 @@ void causal_lanes_forward(const SegmentProblem& p, const float* q, const float* 
 
 template <typename T>
 void segment_forward(const SegmentProblem& p, const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch,
-                     const T* bias, T scale, T silu_norm, const int64_t* num_targets, const T* silu_norms, T* out) {
+                     const T* bias, T scale, T silu_norm, const int64_t* num_targets, const T* silu_norms, T* out,
+                     bool last_block_only = false) {
   if constexpr (std::is_same_v<T, float>) {
     if (takes_row_lanes(p)) {
-      return causal_lanes_forward(p, q, k, v, cu, batch, bias, scale, silu_norm, silu_norms, out);
+      return causal_lanes_forward(p, q, k, v, cu, batch, bias, scale, silu_norm, silu_norms, out, last_block_only);
     }
   }
   std::vector<T> keys_t(p.tokens * p.heads * p.dim + kKeyTile);  // a tile of room: see attend_row
   transpose_heads(k, p.tokens, p.heads, p.dim, keys_t.data());
   std::vector<T> values_by_head(p.tokens * p.heads * p.dim_v);
   group_by_head(v, p.tokens, p.heads, p.dim_v, values_by_head.data());
-  const RowBlockTasks tasks(cu, batch, p.heads);
+  const RowBlockTasks tasks(cu, batch, p.heads, last_block_only);
   at::parallel_for(0, tasks.count(), tasks.grain(p.dim, p.dim_v), [&](int64_t first, int64_t last) {
     std::vector<T> scores(tasks.longest + kKeyTile), acc(p.dim_v);  // a tile of room: see attend_row
     for (int64_t task = first; task < last; ++task) {
@@ -836,17 +845,17 @@ void append_cache_rows(const double* k_new, const double* v_new, const int64_t* 
 
 void causal_attention_rows(const float* q, const float* k, const float* v, const int64_t* cu, int64_t batch,
                            int64_t tokens, int64_t heads, int64_t dim, int64_t dim_v, Score score, float scale,
-                           const float* bias, int64_t buckets, float silu_norm, float* out) {
+                           const float* bias, int64_t buckets, float silu_norm, float* out, bool last_block_only) {
   if (tokens == 0) return;
   segment_forward<float>(causal_problem(tokens, heads, dim, dim_v, score, buckets), q, k, v, cu, batch, bias, scale,
-                         silu_norm, nullptr, nullptr, out);
+                         silu_norm, nullptr, nullptr, out, last_block_only);
 }
 void causal_attention_rows(const double* q, const double* k, const double* v, const int64_t* cu, int64_t batch,
                            int64_t tokens, int64_t heads, int64_t dim, int64_t dim_v, Score score, double scale,
-                           const double* bias, int64_t buckets, double silu_norm, double* out) {
+                           const double* bias, int64_t buckets, double silu_norm, double* out, bool last_block_only) {
   if (tokens == 0) return;
   segment_forward<double>(causal_problem(tokens, heads, dim, dim_v, score, buckets), q, k, v, cu, batch, bias, scale,
-                          silu_norm, nullptr, nullptr, out);
+                          silu_norm, nullptr, nullptr, out, last_block_only);
 }
 
 void cached_step_rows(const float* q, const float* k_new, const float* v_new, const int64_t* cu, const int64_t* cached,

@@ -68,12 +68,14 @@ void append_cache_rows(const double* k_new, const double* v_new, const int64_t* 
 // segment_attention's causal pattern (plain causal attention within each sequence) on raw
 // contiguous (tokens, heads, dim) pointers, for a caller that has checked them (the fused
 // decoder step's prefill); bias is a (heads, buckets) relative-bias table or null.
+// `last_block_only`: only the block of kRowBlock rows holding each sequence's last row is
+// written (with the bits the full call gives it); the other rows of `out` are left as they were.
 void causal_attention_rows(const float* q, const float* k, const float* v, const int64_t* cu, int64_t batch,
                            int64_t tokens, int64_t heads, int64_t dim, int64_t dim_v, Score score, float scale,
-                           const float* bias, int64_t buckets, float silu_norm, float* out);
+                           const float* bias, int64_t buckets, float silu_norm, float* out, bool last_block_only);
 void causal_attention_rows(const double* q, const double* k, const double* v, const int64_t* cu, int64_t batch,
                            int64_t tokens, int64_t heads, int64_t dim, int64_t dim_v, Score score, double scale,
-                           const double* bias, int64_t buckets, double silu_norm, double* out);
+                           const double* bias, int64_t buckets, double silu_norm, double* out, bool last_block_only);
 
 // cached_step_attention on the CPU: appends k_new / v_new into the caches in place (unless
 // `append` is false: the caller appended already), then returns (total_new, H, Dv).

@@ -91,7 +91,7 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
                           const torch::Tensor& filled_rows, const std::vector<std::vector<torch::Tensor>>& layers,
                           int64_t backbone, int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
                           const torch::Tensor& final_norm_bias, double eps,
-                          const std::vector<std::vector<void*>>* k_users = nullptr,
+                          bool last_rows_only, const std::vector<std::vector<void*>>* k_users = nullptr,
                           const std::vector<std::vector<void*>>* v_users = nullptr,
                           const std::function<void()>& prepare_caches = {}) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a (tokens, d_model) CPU tensor");
@@ -126,6 +126,12 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
     check_shape(*input_norm_weight, {d}, "input_norm_weight");
     check_shape(*input_norm_bias, {d}, "input_norm_bias");
   }
+  if (last_rows_only) {
+    for (int64_t b = 0; b < filled.numel(); ++b) {
+      TORCH_CHECK(cu.data_ptr<int64_t>()[b + 1] > cu.data_ptr<int64_t>()[b], "last_rows_only: user ", b,
+                  " has no new rows, so no last row to return");
+    }
+  }
   if (k_users == nullptr) {  // caches held per user were checked by decoder_step_users_cpu
     check_batch_caches(k_caches, v_caches, x, cu.data_ptr<int64_t>(), filled.data_ptr<int64_t>(), filled.numel(),
                        num_heads, head_dim);
@@ -133,9 +139,8 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
   if (position_rows) x = x + *position_rows;
   if (input_norm_weight) x = at::layer_norm(x, {d}, *input_norm_weight, *input_norm_bias, eps);
   x = x.contiguous().clone();  // the residual stream, updated in place
-  auto out = torch::empty_like(x);
   const int64_t* filled_counts = filled.data_ptr<int64_t>();
-  const DecoderStep step{kind,
+  DecoderStep step{kind,
                          tokens,
                          d,
                          num_heads,
@@ -154,6 +159,7 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
                          &final_norm_bias,
                          k_users,
                          v_users};
+  step.last_rows_only = last_rows_only;
   // Every check has passed: only now are the caches written (a refused call leaves them).
   if (prepare_caches) prepare_caches();
   if (step.prefill && k_users == nullptr) {  // caches held per user are zeroed by prepare_caches
@@ -162,11 +168,15 @@ torch::Tensor run_decoder(torch::Tensor x, const std::optional<torch::Tensor>& p
       zero_unused_slots(v_caches[l], step.cu, step.batch);
     }
   }
-  if (rows_path_applies(step, x)) {
+  if (rows_path_applies(step, x)) {  // a few rows: the loops run them all, and the last are picked
+    auto out = torch::empty_like(x);
     decoder_step_rows(step, x, out);
-  } else {
-    decoder_step_matrices(step, x, out);
+    if (!last_rows_only) return out;
+    auto last = cu.narrow(0, 1, step.batch) - 1;
+    return out.index_select(0, last);
   }
+  auto out = last_rows_only ? torch::empty({step.batch, d}, x.options()) : torch::empty_like(x);
+  decoder_step_matrices(step, x, out);
   return out;
 }
 
@@ -179,11 +189,12 @@ torch::Tensor decoder_step_cpu(torch::Tensor x, const std::optional<torch::Tenso
                                const std::vector<torch::Tensor>& v_caches, const torch::Tensor& cache_seqlens,
                                const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
                                int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
-                               const torch::Tensor& final_norm_bias, double eps) {
+                               const torch::Tensor& final_norm_bias, double eps, bool last_rows_only) {
   TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(),
               "one K and one V cache per layer are required");
   return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu_seqlens_new, k_caches, v_caches,
-                     cache_seqlens, layers, backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps);
+                     cache_seqlens, layers, backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps,
+                     last_rows_only);
 }
 
 torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
@@ -195,7 +206,7 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
                                      const torch::Tensor& cache_seqlens,
                                      const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
                                      int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
-                                     const torch::Tensor& final_norm_bias, double eps) {
+                                     const torch::Tensor& final_norm_bias, double eps, bool last_rows_only) {
   const int64_t batch = cache_seqlens.numel();
   const size_t num_layers = layers.size();
   TORCH_CHECK(batch >= 1 && static_cast<int64_t>(user_k_caches.size()) == batch &&
@@ -271,8 +282,8 @@ torch::Tensor decoder_step_users_cpu(torch::Tensor x, const std::optional<torch:
     v_first[l] = user_v_caches[0][l];
   }
   return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu, k_first, v_first, filled, layers,
-                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps, &k_users, &v_users,
-                     zero_after_rows);
+                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps, last_rows_only, &k_users,
+                     &v_users, zero_after_rows);
 }
 
 torch::Tensor decoder_forward_cpu(torch::Tensor x, const std::optional<torch::Tensor>& position_rows,
@@ -281,11 +292,11 @@ torch::Tensor decoder_forward_cpu(torch::Tensor x, const std::optional<torch::Te
                                   const torch::Tensor& cu_seqlens,
                                   const std::vector<std::vector<torch::Tensor>>& layers, int64_t backbone,
                                   int64_t num_heads, double silu_norm, const torch::Tensor& final_norm_weight,
-                                  const torch::Tensor& final_norm_bias, double eps) {
+                                  const torch::Tensor& final_norm_bias, double eps, bool last_rows_only) {
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "cu_seqlens must be a (batch + 1,) tensor");
   const auto no_rows_before = torch::zeros({cu_seqlens.numel() - 1}, cu_seqlens.options().dtype(torch::kLong));
   return run_decoder(x, position_rows, input_norm_weight, input_norm_bias, cu_seqlens, {}, {}, no_rows_before, layers,
-                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps);
+                     backbone, num_heads, silu_norm, final_norm_weight, final_norm_bias, eps, last_rows_only);
 }
 
 }  // namespace rec2pm

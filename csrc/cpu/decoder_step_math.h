@@ -47,6 +47,10 @@ struct DecoderStep {
   // user 0's.  Null for a batch of caches.
   const std::vector<std::vector<void*>>* k_users = nullptr;
   const std::vector<std::vector<void*>>* v_users = nullptr;
+  // Only each user's last new row is read (every user has one): the last layer's work after
+  // attention, and a prefill's last-layer attention, run for those rows only, and the output
+  // is (batch, d).  The caches still receive every row's K and V.
+  bool last_rows_only = false;
 };
 
 // Layer `layer`'s K or V caches as the attention loops take them: a pointer and strides.

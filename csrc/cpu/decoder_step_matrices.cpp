@@ -113,10 +113,12 @@ void add_bias(const DecoderStep& s, const torch::Tensor& bias, T* x) {
 // the empty caches (a forward pass has none) and attends over the rows themselves (the
 // segment kernel reads them where they are; the cached step would gather them back from the
 // caches); a step attends over each user's cache, appending first (with many rows per user,
-// through the same lane kernel: cached_step in attention_cpu.cpp).
+// through the same lane kernel: cached_step in attention_cpu.cpp).  `last_block_only`: a
+// prefill's attention writes only the block holding each user's last row (the last layer
+// when only the last rows are read); a step computes every new row.
 template <typename T>
 __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t layer, Buffers& b, Score score,
-                                                  const T* bias, int64_t buckets, T silu_norm) {
+                                                  const T* bias, int64_t buckets, T silu_norm, bool last_block_only) {
   const T *q = ptr<T>(b.q), *k = ptr<T>(b.k), *v = ptr<T>(b.v);
   if (s.prefill) {
     if (!s.k_caches->empty()) {  // a forward pass has none
@@ -126,7 +128,7 @@ __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t l
                         vc.layout);
     }
     causal_attention_rows(q, k, v, s.cu, s.batch, s.rows, s.heads, s.head_dim, s.head_dim, score, T(s.scale), bias,
-                          buckets, silu_norm, b.a.data_ptr<T>());
+                          buckets, silu_norm, b.a.data_ptr<T>(), last_block_only);
   } else {
     const auto kc = cache_arg<T>(*s.k_caches, s.k_users, layer);
     const auto vc = cache_arg<T>(*s.v_caches, s.v_users, layer);
@@ -135,12 +137,35 @@ __attribute__((always_inline)) inline void attend(const DecoderStep& s, size_t l
   }
 }
 
-// One HSTU layer: x += f2(LN(A V) * U) with U, V, Q, K = split(silu(f1(LN(x)))).
+// The rows a layer's work after attention runs over: all of them, or (the last layer when
+// only the last rows are read) each user's last row, gathered into their own tensors.
 template <typename T>
-void hstu_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Tensor>& w, Buffers& b,
-                torch::Tensor& x) {
-  T* residual = x.data_ptr<T>();
-  layer_norm<T>(s, residual, w[kInputNormW], w[kInputNormB], b.h.data_ptr<T>());
+struct TailRows {
+  DecoderStep step;  // `rows` is the tail's row count
+  torch::Tensor a, wide, h, residual;
+};
+
+// The tail's rows of `b` and of the residual stream `x`: every row in place, or each user's
+// last row copied out (`out` then receives them, final-normed, in user order); `wide_in`:
+// the tail reads `wide` (HSTU's U) rather than only writing it (SASRec's hidden layer).
+template <typename T>
+TailRows<T> tail_rows(const DecoderStep& s, Buffers& b, torch::Tensor& x, bool last_rows, bool wide_in) {
+  if (!last_rows) return {s, b.a, b.wide, b.h, x};
+  auto last = at::empty({s.batch}, x.options().dtype(at::kLong));
+  for (int64_t u = 0; u < s.batch; ++u) last.data_ptr<int64_t>()[u] = s.cu[u + 1] - 1;
+  DecoderStep step = s;
+  step.rows = s.batch;
+  const auto rows = [&](int64_t width) { return at::empty({s.batch, width}, x.options()); };
+  return {step, b.a.index_select(0, last), wide_in ? b.wide.index_select(0, last) : rows(b.wide.size(1)), rows(s.d),
+          x.index_select(0, last)};
+}
+
+// One HSTU layer: x += f2(LN(A V) * U) with U, V, Q, K = split(silu(f1(LN(x)))).  Returns the
+// rows its tail ran over (the last rows' residual stream when `last_rows`).
+template <typename T>
+torch::Tensor hstu_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Tensor>& w, Buffers& b,
+                         torch::Tensor& x, bool last_rows) {
+  layer_norm<T>(s, x.data_ptr<T>(), w[kInputNormW], w[kInputNormB], b.h.data_ptr<T>());
   at::addmm_out(b.wide, w[kF1B], b.h, w[kF1W].t());
   RowArgs split{s.d};
   split.uvqk = b.wide.data_ptr<T>();
@@ -149,31 +174,36 @@ void hstu_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Ten
   split.k = b.k.data_ptr<T>();
   for_rows<T>(RowOp::kSplitSilu, split, s.rows);
   const auto& rel = w[kRelBias];
-  attend<T>(s, layer, b, Score::kSilu, ptr<T>(rel), rel.size(1), T(s.silu_norm));
-  RowArgs gate{s.d, ptr<T>(b.a), b.h.data_ptr<T>(), ptr<T>(w[kOutputNormW]), ptr<T>(w[kOutputNormB]), s.eps};
-  gate.uvqk = split.uvqk;
-  for_rows<T>(RowOp::kGate, gate, s.rows);
-  add_bias<T>(s, w[kF2B], residual);
-  x.addmm_(b.h, w[kF2W].t());
+  attend<T>(s, layer, b, Score::kSilu, ptr<T>(rel), rel.size(1), T(s.silu_norm), last_rows);
+  auto t = tail_rows<T>(s, b, x, last_rows, /*wide_in=*/true);
+  RowArgs gate{s.d, ptr<T>(t.a), t.h.template data_ptr<T>(), ptr<T>(w[kOutputNormW]), ptr<T>(w[kOutputNormB]), s.eps};
+  gate.uvqk = t.wide.template data_ptr<T>();
+  for_rows<T>(RowOp::kGate, gate, t.step.rows);
+  add_bias<T>(t.step, w[kF2B], t.residual.template data_ptr<T>());
+  t.residual.addmm_(t.h, w[kF2W].t());
+  return t.residual;
 }
 
 // One SASRec layer: x += out(attention(LN(x))); x += ffn(LN(x)) with a GELU (erf) between.
 template <typename T>
-void sasrec_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Tensor>& w, Buffers& b,
-                  torch::Tensor& x) {
-  T* residual = x.data_ptr<T>();
-  layer_norm<T>(s, residual, w[kAttnNormW], w[kAttnNormB], b.h.data_ptr<T>());
+torch::Tensor sasrec_layer(const DecoderStep& s, size_t layer, const std::vector<torch::Tensor>& w, Buffers& b,
+                           torch::Tensor& x, bool last_rows) {
+  layer_norm<T>(s, x.data_ptr<T>(), w[kAttnNormW], w[kAttnNormB], b.h.data_ptr<T>());
   at::addmm_out(b.q, w[kQueryB], b.h, w[kQueryW].t());
   at::mm_out(b.k, b.h, w[kKeyW].t());
   at::addmm_out(b.v, w[kValueB], b.h, w[kValueW].t());
-  attend<T>(s, layer, b, Score::kSoftmax, static_cast<const T*>(nullptr), 1, T(1));
-  add_bias<T>(s, w[kAttnOutB], residual);
-  x.addmm_(b.a, w[kAttnOutW].t());
-  layer_norm<T>(s, residual, w[kFfnNormW], w[kFfnNormB], b.h.data_ptr<T>());
-  at::addmm_out(b.wide, w[kFfnInB], b.h, w[kFfnInW].t());
-  at::gelu_(b.wide);  // ATen's erf vectorises; std::erf per value does not
-  add_bias<T>(s, w[kFfnOutB], residual);
-  x.addmm_(b.wide, w[kFfnOutW].t());
+  attend<T>(s, layer, b, Score::kSoftmax, static_cast<const T*>(nullptr), 1, T(1), last_rows);
+  auto t = tail_rows<T>(s, b, x, last_rows, /*wide_in=*/false);
+  T* residual = t.residual.template data_ptr<T>();
+  add_bias<T>(t.step, w[kAttnOutB], residual);
+  t.residual.addmm_(t.a, w[kAttnOutW].t());
+  layer_norm<T>(t.step, residual, w[kFfnNormW], w[kFfnNormB], t.h.template data_ptr<T>());
+  // SASRec's hidden layer is d wide: the tail's `wide` rows are (rows, d) too.
+  at::addmm_out(t.wide, w[kFfnInB], t.h, w[kFfnInW].t());
+  at::gelu_(t.wide);  // ATen's erf vectorises; std::erf per value does not
+  add_bias<T>(t.step, w[kFfnOutB], residual);
+  t.residual.addmm_(t.wide, w[kFfnOutW].t());
+  return t.residual;
 }
 
 template <typename T>
@@ -182,14 +212,19 @@ void decoder_matrices(const DecoderStep& s, torch::Tensor& x, torch::Tensor& out
   Buffers b{empty(s.d), empty(s.backbone == Backbone::kHstu ? 4 * s.d : s.d), empty(s.d), empty(s.d), empty(s.d),
             empty(s.d)};
   const auto& layers = *s.layers;
+  torch::Tensor stream = x;  // the last layer's tail may hand back only the last rows
+  DecoderStep final_rows = s;
   for (size_t l = 0; l < layers.size(); ++l) {
-    if (s.backbone == Backbone::kSasrec) {
-      sasrec_layer<T>(s, l, layers[l], b, x);
-    } else {
-      hstu_layer<T>(s, l, layers[l], b, x);
-    }
+    const bool last_rows = s.last_rows_only && l + 1 == layers.size();
+    stream = s.backbone == Backbone::kSasrec ? sasrec_layer<T>(s, l, layers[l], b, x, last_rows)
+                                             : hstu_layer<T>(s, l, layers[l], b, x, last_rows);
+    if (last_rows) final_rows.rows = s.batch;
   }
-  layer_norm<T>(s, ptr<T>(x), *s.final_weight, *s.final_bias, out.data_ptr<T>());
+  if (s.last_rows_only && layers.empty()) {  // no layer to trim: the final norm of the last rows
+    stream = tail_rows<T>(s, b, x, true, false).residual;
+    final_rows.rows = s.batch;
+  }
+  layer_norm<T>(final_rows, ptr<T>(stream), *s.final_weight, *s.final_bias, out.data_ptr<T>());
 }
 
 }  // namespace

@@ -99,6 +99,7 @@ def fused_step(
     *,
     fresh_caches: bool = False,
     validate: bool = True,
+    last_rows_only: bool = False,
 ) -> torch.Tensor:
     """``Decoder.step`` in one call (positions already checked by the caller).
 
@@ -106,7 +107,8 @@ def fused_step(
     the C++ step writes the caches in place and must never write past their capacity.
     ``fresh_caches``: the caller has just allocated the caches for these rows
     (``Decoder.prefill``), so only ``cu_seqlens_new`` is checked.  ``validate=False``: the
-    caller has made these checks itself (``Decoder.step``).
+    caller has made these checks itself (``Decoder.step``).  ``last_rows_only``: each user's
+    last new row alone, ``(batch, d)`` (see ``Decoder.forward``; every user needs a new row).
     """
     if validate:
         _check_step(decoder, x_new, cu_seqlens_new, caches, cache_seqlens, fresh_caches)
@@ -116,6 +118,7 @@ def fused_step(
         k_caches=[cache.k for cache in caches],
         v_caches=[cache.v for cache in caches],
         cache_seqlens=cache_seqlens,
+        last_rows_only=last_rows_only,
     )
 
 
@@ -146,7 +149,9 @@ def applies_to_new_users(decoder, x_new: torch.Tensor) -> bool:
     return hasattr(_extension.C, "decoder_step_users") and applies(decoder, x_new, [])
 
 
-def fused_step_users(decoder, x_new, positions_new, cu_seqlens_new, user_layers, cache_seqlens) -> torch.Tensor:
+def fused_step_users(
+    decoder, x_new, positions_new, cu_seqlens_new, user_layers, cache_seqlens, *, last_rows_only: bool = False
+) -> torch.Tensor:
     """``fused_step`` over caches held per user (``user_layers[b][l] = (k, v)``, each
     ``(capacity_b, heads, head_dim)``), appended in place: a batch of session entries is
     stepped without stacking their caches into one (and copying the new slots back)."""
@@ -156,15 +161,21 @@ def fused_step_users(decoder, x_new, positions_new, cu_seqlens_new, user_layers,
         user_k_caches=[[k for k, _ in layers] for layers in user_layers],
         user_v_caches=[[v for _, v in layers] for layers in user_layers],
         cache_seqlens=cache_seqlens,
+        last_rows_only=last_rows_only,
     )
 
 
-def fused_forward(decoder, x, positions, cu_seqlens) -> torch.Tensor:
+def fused_forward(decoder, x, positions, cu_seqlens, *, last_rows_only: bool = False) -> torch.Tensor:
     """``Decoder.forward`` with the causal pattern in one call, without caches (positions
-    already checked by the caller): the serving step's code over empty caches."""
+    already checked by the caller): the serving step's code over empty caches.
+    ``last_rows_only``: each sequence's last row only, ``(batch, d)`` (see ``Decoder.forward``)."""
     check.check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device)
-    check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, x.shape[0], "x")
-    return _extension.C.decoder_forward(**_decoder_arguments(decoder, x, positions), cu_seqlens=cu_seqlens)
+    lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, x.shape[0], "x")
+    if last_rows_only and bool((lengths < 1).any()):
+        raise ValueError(f"last_rows_only needs every sequence non-empty, got lengths {lengths.tolist()[:8]}")
+    return _extension.C.decoder_forward(
+        **_decoder_arguments(decoder, x, positions), cu_seqlens=cu_seqlens, last_rows_only=last_rows_only
+    )
 
 
 def _decoder_arguments(decoder, x, positions) -> dict:

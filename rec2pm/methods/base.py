@@ -264,8 +264,11 @@ class RecModel(nn.Module):
             raise ValueError(f"overwrite mode keeps at most C={C} memory tokens per user, got {counts.tolist()}")
 
     # -- decoding and scoring -----------------------------------------------------------------
-    def run(self, layout: PackedLayout, x: torch.Tensor, *, times=None, **pattern) -> torch.Tensor:
-        """The decoder over ``layout``; ``times``: ``layout.token_times(...)`` with a timestamp bias."""
+    def run(
+        self, layout: PackedLayout, x: torch.Tensor, *, times=None, last_rows_only: bool = False, **pattern
+    ) -> torch.Tensor:
+        """The decoder over ``layout``; ``times``: ``layout.token_times(...)`` with a timestamp
+        bias; ``last_rows_only``: each sequence's last row alone (``Decoder.forward``)."""
         on_device = layout.to(x.device)
         return self.decoder(
             x,
@@ -274,6 +277,7 @@ class RecModel(nn.Module):
             on_device.max_seqlen,
             times=times,
             max_position=on_device.max_position,
+            last_rows_only=last_rows_only,
             **pattern,
         )
 

@@ -29,13 +29,15 @@ class FullAttention(RecModel):
     method = "full"
     supports_time_bias = True
 
-    def hidden(self, items, cu_seqlens, timestamps=None, request_times=None) -> tuple[torch.Tensor, object]:
+    def hidden(
+        self, items, cu_seqlens, timestamps=None, request_times=None, *, last_rows_only: bool = False
+    ) -> tuple[torch.Tensor, object]:
         lengths = self.check_history(items, cu_seqlens)
         timestamps = self.check_times(timestamps, items)
         request_times = self.check_request_times(request_times, lengths.numel())
         layout = cached_layout(_whole_history_layout, lengths)
         times = _times(layout, timestamps, request_times)
-        return self.run(layout, self.item_embedding(items), times=times), layout
+        return self.run(layout, self.item_embedding(items), times=times, last_rows_only=last_rows_only), layout
 
     def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None) -> LossOutput:
         h, layout = self.hidden(items, cu_seqlens, timestamps)
@@ -43,8 +45,8 @@ class FullAttention(RecModel):
         return self.loss_output(ar, None, n)
 
     def score_history(self, items: torch.Tensor, cu_seqlens: torch.Tensor, timestamps=None, request_times=None):
-        h, layout = self.hidden(items, cu_seqlens, timestamps, request_times)
-        return self.logits(h[layout.to(h.device).last_rows])
+        h, _ = self.hidden(items, cu_seqlens, timestamps, request_times, last_rows_only=True)
+        return self.logits(h)
 
 
 class RecentOnly(RecModel):
@@ -76,5 +78,7 @@ class RecentOnly(RecModel):
         tail = recent_cu.diff()
         layout = cached_layout(_whole_history_layout, tail)
         recent_times = None if timestamps is None else split_history(timestamps, lengths, self.config.segment_len)[1]
-        h = self.run(layout, self.item_embedding(recent), times=_times(layout, recent_times, request_times))
-        return self.logits(h[layout.to(h.device).last_rows])
+        h = self.run(
+            layout, self.item_embedding(recent), times=_times(layout, recent_times, request_times), last_rows_only=True
+        )
+        return self.logits(h)

@@ -58,18 +58,19 @@ class TokenMemoryEngine:
 
     def score(self, memories, recents: list[list[int]], archived_segments: list[int]) -> torch.Tensor:
         """``prefill``'s logits without caches (a request whose K/V will not be kept): one
-        forward pass, with no cache slots to allocate, fill and zero."""
+        forward pass, with no cache slots to allocate, fill and zero.  The inputs come from
+        checked records (see ``TokenMemoryModel.score``'s ``validate``)."""
         weight = self.model.item_embedding.weight
         vectors, counts = _packed(memories, self.width, weight)
         items, cu = _packed_items(recents, weight.device)
-        return self.model.score(Memory(vectors, counts), items, cu)
+        return self.model.score(Memory(vectors, counts), items, cu, validate=False)
 
     def prefill(self, memories, recents: list[list[int]], archived_segments: list[int], capacities: list[int]):
         """Logits, and each user's own caches (``UserCaches``) of ``capacities[b]`` slots."""
         weight = self.model.item_embedding.weight
         vectors, counts = _packed(memories, self.width, weight)
         items, cu = _packed_items(recents, weight.device)
-        logits, state = self.model.prefill(Memory(vectors, counts), items, cu, capacities)
+        logits, state = self.model.prefill(Memory(vectors, counts), items, cu, capacities, validate=False)
         return logits, state.caches, state.seqlens
 
     def step(

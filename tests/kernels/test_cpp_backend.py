@@ -13,10 +13,13 @@ from rec2pm_kernels.testing import (
     cached_step_case,
     cached_step_reference,
     cu_seqlens_of,
+    error_budget,
     make_cache,
+    max_abs_error,
     random_bias,
     random_inputs,
     random_qkv,
+    reference_and_baseline,
 )
 
 from ..conftest import require_extension
@@ -105,6 +108,28 @@ def test_causal_row_lanes_match_the_oracle(lanes_build, score, heads, dim, with_
         one = cu_seqlens_of([lengths[b]])
         alone = segment_attention(q[rows], k[rows], v[rows], one, lengths[b], **kw, **silu | {"silu_norm": norm})
         torch.testing.assert_close(out[rows], alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_row_lanes_stay_within_budget_over_long_rows(lanes_build, score):
+    """120 random cases of the lengths above, 3 heads x 16 (seeds 0..59, both bias tables):
+    SiLU's weighted values summed in one chain of adds per row (300 adds for the long
+    sequence) put 3 of them up to 1.24x past the budget; partial sums of 64 keys keep all."""
+    lengths = [0, 1, 15, 16, 17, 40, 300]
+    kw = dict(**pattern_kwargs("causal"), **score_kwargs(score))
+    over = []
+    with torch.random.fork_rng():
+        for seed in range(60):
+            for num_buckets in (13, 400):
+                torch.manual_seed(seed)
+                q, k, v, cu, bias = random_inputs(lengths, 3, 16, 16, torch.float32, "cpu", True, num_buckets)
+                q, k, v, bias = (t.detach() for t in (q, k, v, bias))
+                out = segment_attention(q, k, v, cu, max(lengths), rel_bias=bias, backend="cpp", **kw)
+                reference, baseline = reference_and_baseline(q, k, v, cu, bias, None, **kw)
+                error, budget = max_abs_error(out, reference[0]), error_budget(reference[0], baseline[0], torch.float32)
+                if not error <= budget:
+                    over.append((seed, num_buckets, round(error / budget, 3)))
+    assert not over, f"(seed, buckets, error / budget) past the budget: {over}"
 
 
 def test_softmax_row_lanes_keep_large_scores(lanes_build):

@@ -186,6 +186,12 @@ def test_decoder_forward_refuses_offsets_past_its_rows(C, hstu):
         C.decoder_forward(**decoder_args(hstu, 4), cu_seqlens=torch.tensor([0, 64]))
 
 
+def test_decoder_forward_refuses_last_rows_of_an_empty_sequence(C, hstu):
+    """Its output has one row per user: a user without rows has none to give."""
+    with pytest.raises(RuntimeError, match="last_rows_only: user 1 has no new rows"):
+        C.decoder_forward(**decoder_args(hstu, 4), cu_seqlens=torch.tensor([0, 4, 4]), last_rows_only=True)
+
+
 def test_decoder_step_users_refuses_a_weight_of_another_shape_and_leaves_the_caches(C, hstu):
     args = decoder_args(hstu, 2)
     layers = [list(w) for w in args["layers"]]

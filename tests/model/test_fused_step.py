@@ -217,6 +217,73 @@ def test_the_fused_causal_forward_equals_the_block_by_block_pass(backbone, dtype
     torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "block-by-block"])
+def test_the_last_rows_of_a_forward_are_its_last_rows(backbone, dtype, fused):
+    """``last_rows_only`` returns each sequence's last row of the whole pass: the fused pass
+    computes the last layer after attention, and its attention, for the 16-row block holding
+    each last row only (lengths on, before and past block edges; one row; 100 rows)."""
+    decoder = randomised_decoder(backbone, dtype)
+    lengths = [1, 15, 16, 17, 33, 100, 2]
+    cu = cu_seqlens_of(lengths)
+    x = torch.randn(sum(lengths), decoder.config.d_model, dtype=dtype)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    decoder.use_fused_step = fused
+    try:
+        with torch.no_grad():
+            whole = decoder(x, positions, cu, max(lengths))
+            last = decoder(x, positions, cu, max(lengths), last_rows_only=True)
+    finally:
+        decoder.use_fused_step = True
+    assert last.shape == (len(lengths), decoder.config.d_model)
+    # The same math on the same rows; the products of a few gathered rows may round apart.
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(last, whole[cu[1:] - 1], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "hstu"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "block-by-block"])
+@pytest.mark.parametrize("per_user", [False, True], ids=["batch-caches", "caches-per-user"])
+def test_a_prefill_of_the_last_rows_only_keeps_every_rows_caches(backbone, fused, per_user):
+    decoder = randomised_decoder(backbone, torch.float64)
+    lengths = [17, 1, 40]
+    cu = cu_seqlens_of(lengths)
+    x = torch.randn(sum(lengths), decoder.config.d_model, dtype=torch.float64)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    capacity = [n + 3 for n in lengths] if per_user else 43
+    decoder.use_fused_step = fused
+    try:
+        with torch.no_grad():
+            whole, caches, seqlens = decoder.prefill(x, positions, cu, 40, capacity)
+            last, last_caches, last_seqlens = decoder.prefill(x, positions, cu, 40, capacity, last_rows_only=True)
+    finally:
+        decoder.use_fused_step = True
+    torch.testing.assert_close(last, whole[cu[1:] - 1], rtol=1e-12, atol=1e-12)
+    assert torch.equal(last_seqlens, seqlens)
+    layers = caches.layers if per_user else [[(c.k, c.v) for c in caches]]
+    last_layers = last_caches.layers if per_user else [[(c.k, c.v) for c in last_caches]]
+    for user, last_user in zip(layers, last_layers, strict=True):
+        for (k, v), (last_k, last_v) in zip(user, last_user, strict=True):
+            assert torch.equal(last_k, k) and torch.equal(last_v, v)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "block-by-block"])
+def test_last_rows_only_refuses_an_empty_sequence(fused):
+    decoder = randomised_decoder("hstu", torch.float32)
+    lengths = [3, 0, 2]
+    x = torch.randn(5, decoder.config.d_model)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    decoder.use_fused_step = fused
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="last_rows_only needs every sequence non-empty"):
+            decoder(x, positions, cu_seqlens_of(lengths), 3, last_rows_only=True)
+    finally:
+        decoder.use_fused_step = True
+    with pytest.raises(ValueError, match="collect_kv needs every row"):
+        decoder(x, positions, cu_seqlens_of([3, 2]), 3, collect_kv=True, last_rows_only=True)
+
+
 def test_the_fused_forward_gives_the_same_bits_for_any_thread_count():
     """Past some thousand rows the row-wise loops split over threads; each row is computed alone."""
     decoder = randomised_decoder("hstu", torch.float32)
@@ -238,7 +305,7 @@ def test_the_fused_forward_gives_the_same_bits_for_any_thread_count():
 def test_only_the_causal_pattern_in_inference_takes_the_fused_forward(monkeypatch):
     decoder = randomised_decoder("hstu", torch.float32)
     calls = []
-    monkeypatch.setattr(fused_step, "fused_forward", lambda *args: calls.append(args) or args[1])
+    monkeypatch.setattr(fused_step, "fused_forward", lambda *args, **options: calls.append(args) or args[1])
     x, positions, cu = torch.randn(4, decoder.config.d_model), torch.arange(4), cu_seqlens_of([4])
     with torch.no_grad():
         decoder(x, positions, cu, 4)

@@ -237,6 +237,26 @@ def test_cached_steps_equal_score_on_whole_block(backbone, mode):
                 torch.testing.assert_close(logits[b : b + 1], whole, **TIGHT)
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("mode", ["o", "a"])
+def test_unvalidated_score_and_prefill_equal_the_checked_ones(backbone, mode):
+    """``validate=False`` (the serving engine's inputs) skips the checks, not any of the math:
+    ragged recent blocks over memories of different sizes (append mode) give the same bits."""
+    items, cu = histories([3 * S + 5, S + 2, 2 * S + 1, 5])
+    r = model(f"rec2pm-{mode}", backbone)
+    memory, tail, tail_cu = r.encode(items, cu)
+    with torch.no_grad():
+        checked = r.score(memory, tail, tail_cu)
+        assert torch.equal(r.score(memory, tail, tail_cu, validate=False), checked)
+        capacity = int((memory.counts + tail_cu.diff()).max()) + 2
+        logits, state = r.prefill(memory, tail, tail_cu, capacity)
+        fast_logits, fast_state = r.prefill(memory, tail, tail_cu, capacity, validate=False)
+    assert torch.equal(fast_logits, logits) and torch.equal(logits, checked)
+    assert torch.equal(fast_state.seqlens, state.seqlens)
+    for fast, cache in zip(fast_state.caches, state.caches, strict=True):
+        assert torch.equal(fast.k, cache.k) and torch.equal(fast.v, cache.v)
+
+
 def test_tok_serial_truncation_changes_gradients_not_the_loss():
     items, cu = histories([4 * S + 1, 3 * S])
     whole = model("tok-serial-o", "sasrec-small")
