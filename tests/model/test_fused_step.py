@@ -352,6 +352,32 @@ def test_training_mode_and_gradients_take_the_block_by_block_path():
         assert not fused_step.applies(decoder, x, [])
 
 
+@pytest.mark.parametrize(
+    "validate,error,text",
+    [
+        (True, ValueError, "layer 1's k_cache must have layer 0's shape .* dtype torch.float32"),
+        (False, RuntimeError, "layer 1: the K cache must be a .* CPU tensor of x's dtype"),
+    ],
+)
+def test_a_step_over_caches_of_mixed_dtypes_is_refused_before_anything_is_written(validate, error, text):
+    """The fused step is chosen by the first layer's caches; a later layer's of another dtype
+    is refused by the step's checks or, without them (the serving engine), by the C++ step's,
+    with every cache as it was."""
+    decoder = randomised_decoder("hstu", torch.float32)
+    d = decoder.config.d_model
+    with torch.no_grad():
+        _, kv = decoder(torch.randn(3, d), torch.arange(3), cu_seqlens_of([3]), 3, collect_kv=True)
+        caches, seqlens = caches_from_kv(kv, cu_seqlens_of([3]), capacity=6)
+        caches[1] = type(caches[1])(caches[1].k.double(), caches[1].v.double())
+        before = [(c.k.clone(), c.v.clone()) for c in caches]
+        with pytest.raises(error, match=text):
+            decoder.step(
+                torch.randn(1, d), torch.tensor([3]), cu_seqlens_of([1]), 1, caches, seqlens, validate=validate
+            )
+    assert all(torch.equal(c.k, k) and torch.equal(c.v, v) for c, (k, v) in zip(caches, before, strict=True))
+    assert seqlens.tolist() == [3]
+
+
 def test_the_fused_step_checks_the_cache_shapes_like_every_cached_step():
     """The C++ step writes in place: a cache of another batch or layout is refused, never written past."""
     decoder = randomised_decoder("hstu", torch.float64)
