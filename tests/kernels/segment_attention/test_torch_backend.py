@@ -126,8 +126,10 @@ def test_hypothesis_layouts_match_oracle(pattern, score, seg, mem, heads, dim, d
     gen = torch.Generator().manual_seed(seed)
     lengths = interleaved_lengths(gen, batch, max_units=4, segment_len=seg, num_memory_tokens=mem)
     cu = cu_seqlens_of(lengths, dtype=torch.int64)
-    q, k, v = random_qkv(sum(lengths), heads, dim, dim_v)
-    bias = random_bias(heads, num_buckets=1 + seed % 12) if with_bias else None
+    with torch.random.fork_rng():  # the tensors too follow the drawn seed: a failing example replays
+        torch.manual_seed(seed)
+        q, k, v = random_qkv(sum(lengths), heads, dim, dim_v)
+        bias = random_bias(heads, num_buckets=1 + seed % 12) if with_bias else None
     kw = dict(rel_bias=bias, **pattern_kwargs(pattern, seg, mem), **score_kwargs(score))
     out = segment_attention(q, k, v, cu, max(lengths, default=0), **kw)
     ref = segment_attention_oracle(q, k, v, cu, **kw)
