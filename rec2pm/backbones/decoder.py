@@ -157,9 +157,7 @@ class Decoder(nn.Module):
         if last_rows_only:
             if collect_kv:
                 raise ValueError("last_rows_only returns the last rows alone; collect_kv needs every row's K/V")
-            lengths = cu_seqlens.diff()
-            if bool((lengths < 1).any()):
-                raise ValueError(f"last_rows_only needs every sequence non-empty, got lengths {lengths.tolist()[:8]}")
+            fused_step.check_last_rows(cu_seqlens.diff())
             out = self(
                 x,
                 positions,
@@ -227,8 +225,8 @@ class Decoder(nn.Module):
         row alone, ``(batch, d)``, as in ``forward`` (the caches still hold every row).
         """
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        if last_rows_only and bool((lengths < 1).any()):
-            raise ValueError(f"last_rows_only needs every sequence non-empty, got lengths {lengths.tolist()[:8]}")
+        if last_rows_only:
+            fused_step.check_last_rows(lengths)
         if isinstance(capacity, list):
             return self._prefill_users(
                 x, positions, cu_seqlens, max_seqlen, lengths, capacity, max_position, last_rows_only

@@ -174,11 +174,17 @@ def fused_forward(decoder, x, positions, cu_seqlens, *, last_rows_only: bool = F
     ``last_rows_only``: each sequence's last row only, ``(batch, d)`` (see ``Decoder.forward``)."""
     check.check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device)
     lengths = check.check_cu_seqlens_values("cu_seqlens", cu_seqlens, x.shape[0], "x")
-    if last_rows_only and bool((lengths < 1).any()):
-        raise ValueError(f"last_rows_only needs every sequence non-empty, got lengths {lengths.tolist()[:8]}")
+    if last_rows_only:
+        check_last_rows(lengths)
     return _extension.C.decoder_forward(
         **_decoder_arguments(decoder, x, positions), cu_seqlens=cu_seqlens, last_rows_only=last_rows_only
     )
+
+
+def check_last_rows(lengths: torch.Tensor) -> None:
+    """``last_rows_only`` returns a row per sequence: every one needs rows."""
+    if bool((lengths < 1).any()):
+        raise ValueError(f"last_rows_only needs every sequence non-empty, got lengths {lengths.tolist()[:8]}")
 
 
 def _decoder_arguments(decoder, x, positions) -> dict:
